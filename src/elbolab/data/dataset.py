@@ -1,0 +1,86 @@
+"""An image dataset held as one compact tensor per split, and the binarization transforms.
+
+Images are stored flat, ``[N, D]`` uint8: 0/1 for binary data, 0..255 for grey levels.
+Batches are slices of that tensor, so drawing a batch costs one index operation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class DataError(ValueError):
+    """A dataset file is missing, corrupt or not what its format promises; names the file."""
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    #: split name -> uint8 [N, D]
+    splits: dict[str, Tensor]
+    image_shape: tuple[int, ...]
+    #: True when pixels are already {0, 1}; False for grey levels 0..255
+    binary: bool
+    labels: dict[str, Tensor] = field(default_factory=dict)
+    #: where the data came from (files, checksums, notes)
+    source: str = ""
+
+    @property
+    def data_dim(self) -> int:
+        n = 1
+        for s in self.image_shape:
+            n *= s
+        return n
+
+    def split(self, name: str) -> Tensor:
+        if name not in self.splits:
+            raise DataError(f"{self.name}: no split {name!r}; it has {sorted(self.splits)}")
+        return self.splits[name]
+
+    def as_float(self, name: str, binarization: str = "none", seed: int = 0) -> Tensor:
+        """Float images in [0, 1] for evaluation; binary data is returned as is.
+
+        Grey data with ``binarization`` static or dynamic gets one seeded Bernoulli draw
+        (for evaluation a dynamic model is scored on a fixed draw, as in the IWAE paper).
+        """
+        x = to_unit_float(self.split(name), self.binary)
+        if self.binary or binarization == "none":
+            return x
+        g = torch.Generator().manual_seed(seed)
+        return torch.bernoulli(x, generator=g)
+
+
+def to_unit_float(x: Tensor, binary: bool) -> Tensor:
+    return x.float() if binary else x.float() / 255.0
+
+
+class Batcher:
+    """Turns stored uint8 images into float training batches.
+
+    ``dynamic`` draws a fresh Bernoulli sample of the grey levels each time an image is
+    used (with its own generator, so a resumed run draws the same bits); ``static`` uses
+    one seeded draw made once; ``none`` feeds grey levels in [0, 1].
+    """
+
+    def __init__(self, data: Tensor, binary: bool, binarization: str, seed: int, device: torch.device) -> None:
+        self.binary = binary
+        self.binarization = "none" if binary else binarization
+        self.device = device
+        x = to_unit_float(data, binary)
+        if self.binarization == "static":
+            x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+        # keep uint8 on the device for dynamic (4x less memory), float otherwise
+        self.data = (data if self.binarization == "dynamic" else x).to(device)
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def batch(self, index: Tensor) -> Tensor:
+        x = self.data[index]
+        if self.binarization == "dynamic":
+            return torch.bernoulli(x.float() / 255.0, generator=self.generator)
+        return x

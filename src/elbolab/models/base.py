@@ -1,0 +1,105 @@
+"""The model protocol: anything with ``log_weights(x, k) -> [K, B]`` is a model here.
+
+:class:`LatentVariableModel` adds the named terms behind the log weights, so that
+KL warm-up, gradient estimators and NaN reports can address them, plus the encoder
+and prior that density-based diagnostics need. A user's own model only needs
+``log_weights`` to use the bounds and the importance-sampled likelihood.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from ..distributions import DiagonalGaussian
+
+
+@runtime_checkable
+class HasLogWeights(Protocol):
+    def log_weights(self, x: Tensor, k: int) -> Tensor: ...
+
+
+@dataclass
+class LogWeightTerms:
+    """The pieces of ``log w = log p(x|z) + sum log p(z_l|.) - sum log q(z_l|.)``, each ``[K, B]``.
+
+    ``log_prior`` and ``log_posterior`` are keyed by stochastic layer ("z", or "z1", "z2").
+    ``z`` holds the samples, ``[K, B, D_l]``.
+    """
+
+    log_likelihood: Tensor
+    log_prior: dict[str, Tensor]
+    log_posterior: dict[str, Tensor]
+    z: dict[str, Tensor] = field(default_factory=dict)
+
+    def kl(self) -> Tensor:
+        """Single-sample KL estimate log q(z|x) - log p(z), summed over layers: ``[K, B]``."""
+        return sum(self.log_posterior.values()) - sum(self.log_prior.values())
+
+    def log_weights(self, kl_weight: float = 1.0) -> Tensor:
+        """``log p(x|z) - kl_weight * (log q - log p(z))``; kl_weight < 1 is KL warm-up."""
+        if kl_weight == 1.0:
+            return self.log_likelihood + sum(self.log_prior.values()) - sum(self.log_posterior.values())
+        return self.log_likelihood - kl_weight * self.kl()
+
+    def named(self) -> dict[str, Tensor]:
+        """Every term by a readable name, for fault reports."""
+        out = {"log p(x|z)": self.log_likelihood}
+        out.update({f"log p({n})": v for n, v in self.log_prior.items()})
+        out.update({f"log q({n})": v for n, v in self.log_posterior.items()})
+        return out
+
+
+class LatentVariableModel(nn.Module, ABC):
+    """Base class of elbolab's models.
+
+    Subclasses set ``data_dim`` and ``latent_dims`` (one entry per stochastic layer,
+    bottom layer first) and implement :meth:`log_weight_terms`, :meth:`posterior`,
+    :meth:`decode_mean` and :meth:`sample_latents`.
+    """
+
+    data_dim: int
+    latent_dims: list[int]
+
+    @abstractmethod
+    def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
+        """Draw k reparameterized samples per data point and return every log-density term.
+
+        With ``stop_posterior_grad`` the q densities are evaluated with their parameters
+        detached (the samples still carry the reparameterization gradient): the
+        "sticking the landing" form used by the STL and DReG estimators.
+        """
+
+    def log_weights(self, x: Tensor, k: int) -> Tensor:
+        """``[K, B]`` log importance weights; the one quantity every bound reads."""
+        return self.log_weight_terms(x, k).log_weights()
+
+    @abstractmethod
+    def posterior(self, x: Tensor) -> DiagonalGaussian:
+        """q(z|x) of the first-sampled stochastic layer, ``[B, D]`` parameters."""
+
+    def posterior_means(self, x: Tensor) -> list[Tensor]:
+        """E_q[z_l | x] per stochastic layer (bottom first), for active units."""
+        return [self.posterior(x).mean]
+
+    @abstractmethod
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Ancestral samples of the latent(s) that the decoder reads, ``[n, ...]``."""
+
+    @abstractmethod
+    def decode_mean(self, z: Tensor) -> Tensor:
+        """The expected image E[x | z] in [0, 1] for decoder input z."""
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``[n, data_dim]`` mean images of ancestral samples from the model."""
+        return self.decode_mean(self.sample_latents(n, generator))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Mean image decoded from the posterior mean (one forward pass, no sampling)."""
+        return self.decode_mean(self.posterior(x).mean)

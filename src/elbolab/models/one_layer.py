@@ -1,0 +1,69 @@
+"""One stochastic layer: the IWAE paper's 784-200-200-50 model (and any MLP sizes).
+
+q(z|x) = N(mu(x), diag sigma^2(x)); p(z) = any prior; p(x|z) from the decoder through a
+likelihood (Bernoulli on logits by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..distributions import DiagonalGaussian
+from ..likelihoods import Likelihood
+from ..priors import Prior
+from .base import LatentVariableModel, LogWeightTerms
+from .layers import GaussianHead, mlp
+
+
+class OneLayerVAE(LatentVariableModel):
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        hidden: Sequence[int],
+        activation: str,
+        likelihood: Likelihood,
+        prior: Prior,
+    ) -> None:
+        super().__init__()
+        self.data_dim = data_dim
+        self.latent_dims = [latent_dim]
+        body, width = mlp(data_dim, hidden, activation)
+        self.encoder = body
+        self.encoder_head = GaussianHead(width, latent_dim)
+        dec_body, dec_width = mlp(latent_dim, list(reversed(hidden)), activation)
+        self.decoder = torch.nn.Sequential(
+            *dec_body, torch.nn.Linear(dec_width, data_dim * likelihood.params_per_pixel)
+        )
+        self.likelihood = likelihood
+        self.prior = prior
+        prior.attach(self)
+
+    def init_output_bias(self, pixel_mean: Tensor) -> None:
+        """Set the decoder's last bias so that it starts at the training set's mean image."""
+        self.likelihood.init_output_bias(self.decoder[-1].bias, pixel_mean)
+
+    def posterior(self, x: Tensor) -> DiagonalGaussian:
+        mean, log_var = self.encoder_head(self.encoder(x))
+        return DiagonalGaussian(mean, log_var)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Likelihood parameters for z of shape ``[..., D]``: ``[..., P * data_dim]``."""
+        return self.decoder(z)
+
+    def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
+        q = self.posterior(x)
+        z = q.rsample(k)  # [K, B, D]
+        log_q = (q.detach() if stop_posterior_grad else q).log_prob(z)
+        log_pz = self.prior.log_prob(z)
+        log_px = self.likelihood.log_prob(x, self.decode(z))
+        return LogWeightTerms(log_px, {"z": log_pz}, {"z": log_q}, {"z": z})
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.prior.sample(n, generator)
+
+    def decode_mean(self, z: Tensor) -> Tensor:
+        return self.likelihood.mean(self.decode(z))
