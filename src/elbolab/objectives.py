@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from . import bounds
+from .config import ObjectiveConfig
 from .models.base import LatentVariableModel, LogWeightTerms
 
 
@@ -51,13 +52,21 @@ def iwae_objective(model: LatentVariableModel, x: Tensor, k: int, kl_weight: flo
     return _result(bounds.iwae(terms.log_weights(kl_weight)), bounds.iwae, terms)
 
 
-Objective = Callable[..., ObjectiveResult]
+#: an objective as the trainer calls it: (model, x, kl_weight) -> ObjectiveResult
+Objective = Callable[[LatentVariableModel, Tensor, float], ObjectiveResult]
 
-OBJECTIVES: dict[str, Objective] = {"vae": vae_objective, "iwae": iwae_objective}
+#: name -> objective(model, x, k, kl_weight)
+OBJECTIVES: dict[str, Callable[..., ObjectiveResult]] = {"vae": vae_objective, "iwae": iwae_objective}
 
 
-def get_objective(name: str) -> Objective:
+def make_objective(cfg: ObjectiveConfig) -> Objective:
+    """Bind an objective config (name, k, ...) into the callable the trainer steps with."""
     try:
-        return OBJECTIVES[name]
+        fn = OBJECTIVES[cfg.name]
     except KeyError:
-        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}") from None
+        raise ValueError(f"unknown objective {cfg.name!r}; choose one of {sorted(OBJECTIVES)}") from None
+
+    def objective(model: LatentVariableModel, x: Tensor, kl_weight: float = 1.0) -> ObjectiveResult:
+        return fn(model, x, cfg.k, kl_weight=kl_weight)
+
+    return objective

@@ -23,7 +23,7 @@ from .data import Batcher, ImageDataset, load
 from .diagnostics.likelihood import evaluate_bounds
 from .files import atomic_torch_save, atomic_write_text
 from .models import LatentVariableModel, build_model
-from .objectives import get_objective
+from .objectives import make_objective
 from .runs import RunError, environment_info, read_json, read_metrics, save_weights, write_json
 from .schedules import kl_weight, learning_rate
 
@@ -78,7 +78,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.train.lr, betas=cfg.train.adam_betas, eps=cfg.train.adam_eps
         )
-        self.objective = get_objective(cfg.objective.name)
+        self.objective = make_objective(cfg.objective)
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 7)
         self.epoch = 0
         self.step = 0
@@ -170,7 +170,7 @@ class Trainer:
         for i, idx in enumerate(bar):
             x = self.batcher.batch(idx.to(self.device))
             beta = kl_weight(self.epoch + i / len(batches), cfg.objective.warmup_epochs)
-            res = self.objective(self.model, x, cfg.objective.k, kl_weight=beta)
+            res = self.objective(self.model, x, beta)
             loss = res.loss
             if not torch.isfinite(loss):
                 raise NonFiniteError(_describe_nonfinite(res.terms, f"epoch {self.epoch + 1}, batch {i}"))

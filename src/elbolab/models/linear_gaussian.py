@@ -1,0 +1,99 @@
+"""A linear-Gaussian latent variable model with closed-form log p(x), posterior and ELBO.
+
+p(z) = N(0, I_d), p(x|z) = N(W z + b, s^2 I_D), q(z|x) = N(A x + c, diag exp(log_var)).
+
+It runs through the same ``log_weights`` protocol as every other model, so it is the
+yardstick for bounds, importance sampling, q_EW and gradient estimators: anything
+they estimate, this model knows exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..distributions import LOG_2PI, DiagonalGaussian, log_normal_diag, log_standard_normal
+from ..priors import StandardNormal
+from .base import LatentVariableModel, LogWeightTerms
+
+
+class LinearGaussian(LatentVariableModel):
+    def __init__(self, data_dim: int, latent_dim: int, noise_std: float = 1.0, seed: int = 0,
+                 dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.data_dim = data_dim
+        self.latent_dims = [latent_dim]
+        self.W = nn.Parameter(torch.randn(data_dim, latent_dim, generator=g, dtype=dtype))
+        self.b = nn.Parameter(torch.randn(data_dim, generator=g, dtype=dtype))
+        self.log_noise_var = nn.Parameter(torch.full((), 2 * math.log(noise_std), dtype=dtype))
+        self.A = nn.Parameter(0.1 * torch.randn(latent_dim, data_dim, generator=g, dtype=dtype))
+        self.c = nn.Parameter(torch.zeros(latent_dim, dtype=dtype))
+        self.q_log_var = nn.Parameter(torch.zeros(latent_dim, dtype=dtype))
+        self.prior = StandardNormal(latent_dim).to(dtype)
+
+    # --- closed forms ------------------------------------------------------------
+    def marginal_cov(self) -> Tensor:
+        eye = torch.eye(self.data_dim, dtype=self.W.dtype, device=self.W.device)
+        return self.W @ self.W.T + torch.exp(self.log_noise_var) * eye
+
+    def log_marginal(self, x: Tensor) -> Tensor:
+        """Exact log p(x) = log N(x; b, W W^T + s^2 I), ``[B]``."""
+        dist = torch.distributions.MultivariateNormal(self.b, covariance_matrix=self.marginal_cov())
+        return dist.log_prob(x.to(self.W.dtype))
+
+    def exact_posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean ``[B, d]`` and covariance ``[d, d]`` of p(z | x)."""
+        s2 = torch.exp(self.log_noise_var)
+        eye = torch.eye(self.latent_dims[0], dtype=self.W.dtype, device=self.W.device)
+        cov = torch.linalg.inv(eye + self.W.T @ self.W / s2)
+        mean = (x.to(self.W.dtype) - self.b) @ self.W @ cov / s2
+        return mean, cov
+
+    def set_exact_posterior(self) -> None:
+        """Make q the exact posterior; possible when W^T W is diagonal (orthogonal columns)."""
+        wtw = (self.W.T @ self.W).detach()
+        if not torch.allclose(wtw, torch.diag(torch.diagonal(wtw)), atol=1e-10 * float(wtw.abs().max())):
+            raise ValueError("the exact posterior is diagonal only when W has orthogonal columns")
+        s2 = torch.exp(self.log_noise_var)
+        eye = torch.eye(self.latent_dims[0], dtype=self.W.dtype, device=self.W.device)
+        cov = torch.linalg.inv(eye + wtw / s2)
+        with torch.no_grad():
+            self.A.copy_(cov @ self.W.T / s2)
+            self.c.copy_(-(cov @ self.W.T @ self.b) / s2)
+            self.q_log_var.copy_(torch.log(torch.diagonal(cov)))
+
+    def elbo_closed_form(self, x: Tensor) -> Tensor:
+        """E_q[log p(x, z) - log q(z|x)] exactly, ``[B]``."""
+        x = x.to(self.W.dtype)
+        q = self.posterior(x)
+        var = torch.exp(q.log_var)
+        s2 = torch.exp(self.log_noise_var)
+        resid = x - q.mean @ self.W.T - self.b
+        trace = (self.W.pow(2) * var.unsqueeze(-2)).sum((-1, -2))  # tr(W S W^T)
+        e_log_px = -0.5 * self.data_dim * (LOG_2PI + self.log_noise_var) - (resid.pow(2).sum(-1) + trace) / (2 * s2)
+        e_log_pz = -0.5 * self.latent_dims[0] * LOG_2PI - 0.5 * (q.mean.pow(2).sum(-1) + var.sum(-1))
+        entropy = 0.5 * self.latent_dims[0] * (1 + LOG_2PI) + 0.5 * q.log_var.sum(-1)
+        return e_log_px + e_log_pz + entropy
+
+    # --- the protocol -------------------------------------------------------------
+    def posterior(self, x: Tensor) -> DiagonalGaussian:
+        mean = x.to(self.W.dtype) @ self.A.T + self.c
+        return DiagonalGaussian(mean, self.q_log_var.expand_as(mean))
+
+    def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
+        x = x.to(self.W.dtype)
+        q = self.posterior(x)
+        z = q.rsample(k)
+        log_q = (q.detach() if stop_posterior_grad else q).log_prob(z)
+        log_pz = log_standard_normal(z)
+        log_px = log_normal_diag(x, z @ self.W.T + self.b, self.log_noise_var.expand(self.data_dim))
+        return LogWeightTerms(log_px, {"z": log_pz}, {"z": log_q}, {"z": z})
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randn(n, self.latent_dims[0], generator=generator, dtype=self.W.dtype, device=self.W.device)
+
+    def decode_mean(self, z: Tensor) -> Tensor:
+        return z @ self.W.T + self.b
