@@ -1,7 +1,8 @@
 """The ``elbolab`` command: thin, it parses, validates and calls the library.
 
-Exit codes: 0 ok; 1 unexpected error; 2 bad input (usage, config, data, run folder);
-3 numerical fault (non-finite loss); 130 interrupted (Ctrl-C; a checkpoint is kept).
+Exit codes: 0 ok; 1 unexpected error; 2 bad input (usage, config, data, run folder,
+an output folder that cannot be written); 3 numerical fault (non-finite loss or
+gradient); 130 interrupted (Ctrl-C or SIGTERM; a checkpoint is written first).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"for {cfg.train.epochs} epochs -> {run_dir}", flush=True)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir, dataset)
-    trainer.fit(resume=bool(args.resume))
+    # without --resume, an unfinished run of the same config in --out is continued
+    trainer.fit(resume=True if args.resume else None)
     train_seconds = time.perf_counter() - t0
     if args.no_eval:
         print(f"trained in {train_seconds:.0f} s; run folder: {run_dir}")
@@ -156,16 +158,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     from .config import ConfigError
     from .data import DataError
+    from .files import OutputError
     from .runs import RunError
     from .training import NonFiniteError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunError) as e:
-        print(f"elbolab: error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, RunError, OutputError) as e:
+        print(f"elbolab: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteError as e:
-        print(f"elbolab: numerical fault: {e}", file=sys.stderr)
+        print(f"elbolab: numerical fault: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_NUMERICAL
     except KeyboardInterrupt:
         print("elbolab: interrupted; the last checkpoint is kept (resume with --resume RUN)", file=sys.stderr)
