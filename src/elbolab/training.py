@@ -139,7 +139,7 @@ def describe_fault(loss: Tensor, terms: LogWeightTerms, model: torch.nn.Module, 
     """One line: where it happened, which terms (how many images) and which layers' gradients."""
     parts = []
     if not torch.isfinite(loss):
-        parts.append(f"loss={float(loss)}")
+        parts.append(f"loss={float(loss.detach())}")
     bad_images: set[int] = set()
     for name, t in _term_labels(terms).items():
         bad = ~torch.isfinite(t.detach())
