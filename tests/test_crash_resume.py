@@ -93,7 +93,7 @@ def test_kill_inside_checkpoint_write_keeps_previous_checkpoint(tmp_path, refere
     try:
         wait_until_frozen(proc)
         partial = list(run.glob(".checkpoint.pt.*.tmp"))
-        assert len(partial) == 1 and 0 < partial[0].stat().st_size
+        assert len(partial) == 1 and partial[0].stat().st_size > 0
         with pytest.raises(Exception):  # noqa: B017 - half a zip archive must not load
             torch.load(partial[0], weights_only=True)
         ckpt = load_checkpoint(run / "checkpoint.pt")
