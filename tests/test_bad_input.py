@@ -21,7 +21,7 @@ from elbolab.config import ConfigError, RunConfig, load_config
 from elbolab.runs import RunError, load_run
 
 TINY = ["model.hidden=[8]", "model.latent_dim=2", "train.epochs=2", "train.batch_size=1000",
-        "train.progress=false", "train.checkpoint_minutes=0"]
+        "train.progress=false", "train.checkpoint_minutes=0", "train.threads=1"]
 
 
 def train_args(out: Path, *settings: str) -> list[str]:
@@ -35,6 +35,14 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 
 def snapshot(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """train.threads=1 sets torch's global thread count: give it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 class Crash(Exception):

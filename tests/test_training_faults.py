@@ -28,9 +28,17 @@ def grey_dataset() -> ImageDataset:
 def small_config(**train) -> RunConfig:
     over = {"data.binarization": "dynamic", "model.hidden": [8], "model.latent_dim": 3, "objective.k": 3,
             "objective.warmup_epochs": 1, "train.epochs": 3, "train.batch_size": 20, "train.progress": False,
-            "train.checkpoint_minutes": 0, "train.early_stopping_patience": 2}
+            "train.checkpoint_minutes": 0, "train.early_stopping_patience": 2, "train.threads": 1}
     over.update({f"train.{k}": v for k, v in train.items()})
     return RunConfig().with_overrides(over)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """train.threads=1 (tiny models on busy cores) sets torch's global thread count: give it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 class Crash(Exception):
@@ -168,3 +176,70 @@ def test_cli_exit_code_3_on_numerical_fault(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == cli.EXIT_NUMERICAL == 3
     assert err.count("\n") == 1 and "numerical fault" in err and "step 1" in err and "loss=nan" in err
+
+
+def test_one_host_sync_per_step(tmp_path, monkeypatch):
+    """The NaN check rides on the one transfer that reads the logged bound: count every
+    tensor-to-Python conversion made by training.py during an epoch of 10 steps."""
+    import sys
+
+    t = Trainer(small_config(epochs=1, eval_every=0), tmp_path / "run", grey_dataset())
+    t.prepare_run_dir()
+    calls = []
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            if sys._getframe(1).f_code.co_filename == training.__file__:
+                calls.append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    t.train_epoch()
+    assert calls == ["tolist"] * 10
+
+
+def test_time_based_checkpoints_record_the_position(tmp_path, monkeypatch):
+    class Clock:  # 30 s pass at every look at the clock
+        now = 0.0
+
+        @classmethod
+        def monotonic(cls) -> float:
+            cls.now += 30.0
+            return cls.now
+
+        perf_counter = staticmethod(lambda: 0.0)
+
+    saved = []
+    real_save = Trainer.save_checkpoint
+
+    def save(self):
+        saved.append((self.step, self.next_batch))
+        real_save(self)
+
+    monkeypatch.setattr(training, "time", Clock)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    Trainer(small_config(epochs=1, checkpoint_minutes=1.0), tmp_path / "run", grey_dataset()).fit()
+    assert saved[:2] == [(2, 2), (4, 4)]  # every minute of (fake) time, mid-epoch
+    assert saved[-1] == (10, 0)  # and at the end
+
+
+def test_sigterm_checkpoints_at_the_step_and_restores_handlers(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    steps = {"n": 0}
+
+    def terminate_at_step_5(name: str) -> None:
+        steps["n"] += name == "step"
+        if steps["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(training, "fault_point", terminate_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(small_config(), tmp_path / "run", grey_dataset()).fit()
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert (ckpt["step"], ckpt["position"]["next_batch"]) == (5, 5)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is before

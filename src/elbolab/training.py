@@ -380,7 +380,8 @@ class Trainer:
         if self.order is None:
             self.order = torch.randperm(len(self.batcher), generator=self.shuffle)
             self.next_batch, self.epoch_bound_sum, self.epoch_count = 0, 0.0, 0
-        batches = self.order.split(cfg.train.batch_size)
+        # one host-to-device copy of the permutation per epoch, none per step
+        batches = self.order.to(self.device).split(cfg.train.batch_size)
         lr = learning_rate(cfg.train, self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -389,7 +390,7 @@ class Trainer:
                    leave=False, disable=not cfg.train.progress, unit="batch")
         for i in bar:
             idx = batches[i]
-            x = self.batcher.batch(idx.to(self.device))
+            x = self.batcher.batch(idx)
             beta = kl_weight(self.epoch + i / len(batches), cfg.objective.warmup_epochs)
             bound_sum = self._step(x, beta, f"epoch {self.epoch + 1}, batch {i}", idx)
             if bound_sum is not None:
