@@ -113,7 +113,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="named config: demo, iwae-paper")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
     p.add_argument("--data-dir", help="folder with the dataset files (else $ELBOLAB_DATA, else the user cache)")
-    p.add_argument("--out", help="run folder to create (default: runs/<dataset>-<model>-<objective>-<time>)")
+    p.add_argument("--out", help="run folder to create, or an unfinished run of the same config to continue "
+                   "(default: runs/<dataset>-<model>-<objective>-<time>)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")

@@ -321,7 +321,8 @@ class Trainer:
         # else: killed before the first checkpoint; the freshly seeded state is where it began
         kept = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r.get("epoch", 0) <= self.epoch]
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-        log.info("resuming %s at epoch %d, batch %d (step %d)", self.run_dir, self.epoch, self.next_batch, self.step)
+        log.warning("continuing the unfinished run in %s at epoch %d, batch %d (step %d)",
+                    self.run_dir, self.epoch + 1, self.next_batch, self.step)
         self._write_info("running")
         return True
 
