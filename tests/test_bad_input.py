@@ -177,6 +177,22 @@ def test_truncated_checkpoint_is_refused_on_resume(unfinished, capsys):
     assert snapshot(unfinished) == before
 
 
+def test_checkpoint_of_another_architecture_is_refused_on_resume(unfinished, capsys):
+    ckpt = torch.load(unfinished / "checkpoint.pt", weights_only=True)
+    ckpt["model"]["encoder.0.weight"] = torch.zeros(9, 784)  # a 9-unit layer where the config says 8
+    torch.save(ckpt, unfinished / "checkpoint.pt")
+    before = snapshot(unfinished)
+    code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished)], capsys)
+    assert code == 2 and "checkpoint.pt: does not fit the configured model" in err and err.count("\n") == 1
+    assert snapshot(unfinished) == before
+
+
+def test_resume_and_another_out_folder_conflict(unfinished, tmp_path, capsys):
+    code, err = run_cli(["train", "--resume", str(unfinished), "--out", str(tmp_path / "elsewhere")], capsys)
+    assert code == 2 and "a resumed run stays in its own folder" in err
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_other_config_in_out_folder_is_refused_untouched(unfinished, finished, capsys):
     before = snapshot(unfinished)
     code, err = run_cli(train_args(unfinished, "train.lr=0.002"), capsys)

@@ -46,15 +46,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import Trainer
 
     if args.resume:
-        from .config import load_config
+        from .config import ConfigError, load_config
 
         run_dir = Path(args.resume)
+        if args.out and Path(args.out).resolve() != run_dir.resolve():
+            raise ConfigError(f"--resume {run_dir} and --out {args.out}: a resumed run stays in its own folder")
         cfg = load_config(run_dir / "config.yaml")
         if args.set or args.config or args.preset:
             cfg_new = _config_from_args(args)
             if cfg_new != cfg:
-                from .config import ConfigError
-
                 raise ConfigError(f"--resume {run_dir}: the run has its own config; drop --config/--set/--preset")
     else:
         cfg = _config_from_args(args)
