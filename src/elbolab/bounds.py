@@ -40,6 +40,8 @@ def check_log_weights(log_w: Tensor) -> Tensor:
 
 def log_mean_exp(x: Tensor, dim: int = 0) -> Tensor:
     """log(mean(exp(x))) along ``dim`` without overflow: logsumexp minus log n."""
+    if x.shape[dim] == 0:
+        raise ValueError(f"log_mean_exp: nothing to average along dim {dim} (shape {tuple(x.shape)} is empty)")
     return torch.logsumexp(x, dim=dim) - math.log(x.shape[dim])
 
 
@@ -71,7 +73,9 @@ def normalized_weights(log_w: Tensor) -> Tensor:
 def effective_sample_size(log_w: Tensor) -> Tensor:
     """[K, B] -> [B]: (sum w)^2 / sum w^2, in [1, K]; K means all weights are equal.
 
-    Computed in log space so it stays exact for log weights of any magnitude.
+    Computed in log space after shifting each column by its largest log weight, so the
+    two log-sums are O(log K) and no precision is lost at any magnitude of log w.
     """
     check_log_weights(log_w)
-    return torch.exp(2.0 * torch.logsumexp(log_w, dim=0) - torch.logsumexp(2.0 * log_w, dim=0))
+    shifted = log_w - log_w.max(dim=0, keepdim=True).values
+    return torch.exp(2.0 * torch.logsumexp(shifted, dim=0) - torch.logsumexp(2.0 * shifted, dim=0))

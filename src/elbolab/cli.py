@@ -1,7 +1,8 @@
 """The ``elbolab`` command: thin, it parses, validates and calls the library.
 
-Exit codes: 0 ok; 1 unexpected error; 2 bad input (usage, config, data, run folder);
-3 numerical fault (non-finite loss); 130 interrupted (Ctrl-C; a checkpoint is kept).
+Exit codes: 0 ok; 1 unexpected error; 2 bad input (usage, config, data, run folder,
+an output folder that cannot be written); 3 numerical fault (non-finite loss or
+gradient); 130 interrupted (Ctrl-C or SIGTERM; a checkpoint is written first).
 """
 
 from __future__ import annotations
@@ -45,15 +46,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import Trainer
 
     if args.resume:
-        from .config import load_config
+        from .config import ConfigError, load_config
 
         run_dir = Path(args.resume)
+        if args.out and Path(args.out).resolve() != run_dir.resolve():
+            raise ConfigError(f"--resume {run_dir} and --out {args.out}: a resumed run stays in its own folder")
         cfg = load_config(run_dir / "config.yaml")
         if args.set or args.config or args.preset:
             cfg_new = _config_from_args(args)
             if cfg_new != cfg:
-                from .config import ConfigError
-
                 raise ConfigError(f"--resume {run_dir}: the run has its own config; drop --config/--set/--preset")
     else:
         cfg = _config_from_args(args)
@@ -63,7 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"for {cfg.train.epochs} epochs -> {run_dir}", flush=True)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir, dataset)
-    trainer.fit(resume=bool(args.resume))
+    # without --resume, an unfinished run of the same config in --out is continued
+    trainer.fit(resume=True if args.resume else None)
     train_seconds = time.perf_counter() - t0
     if args.no_eval:
         print(f"trained in {train_seconds:.0f} s; run folder: {run_dir}")
@@ -111,7 +113,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="named config: demo, iwae-paper")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
     p.add_argument("--data-dir", help="folder with the dataset files (else $ELBOLAB_DATA, else the user cache)")
-    p.add_argument("--out", help="run folder to create (default: runs/<dataset>-<model>-<objective>-<time>)")
+    p.add_argument("--out", help="run folder to create, or an unfinished run of the same config to continue "
+                   "(default: runs/<dataset>-<model>-<objective>-<time>)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
@@ -156,16 +159,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     from .config import ConfigError
     from .data import DataError
+    from .files import OutputError
     from .runs import RunError
     from .training import NonFiniteError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunError) as e:
-        print(f"elbolab: error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, RunError, OutputError) as e:
+        print(f"elbolab: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteError as e:
-        print(f"elbolab: numerical fault: {e}", file=sys.stderr)
+        print(f"elbolab: numerical fault: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_NUMERICAL
     except KeyboardInterrupt:
         print("elbolab: interrupted; the last checkpoint is kept (resume with --resume RUN)", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,12 +116,21 @@ class TrainConfig:
     progress: bool = True
     #: also write TensorBoard event files (needs the tensorboard extra)
     tensorboard: bool = False
+    #: also checkpoint mid-epoch every this many minutes (0: only at epoch ends)
+    checkpoint_minutes: float = 10.0
+    #: also checkpoint mid-epoch every this many steps (0: never; deterministic, for tests)
+    checkpoint_steps: int = 0
+    #: on a non-finite loss or gradient: "skip" the step (up to max_nonfinite_skips
+    #: in the whole run, then stop) or "stop" at once; the last checkpoint is kept either way
+    nonfinite: str = "skip"
+    #: skipped steps tolerated by nonfinite="skip" before the run stops
+    max_nonfinite_skips: int = 3
 
     def validate(self, key: str) -> None:
         _require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
-        _require(self.adam_eps > 0, f"{key}.adam_eps", f"must be > 0, got {self.adam_eps}")
+        _require(0 < self.lr < math.inf, f"{key}.lr", f"must be a finite number > 0, got {self.lr}")
+        _require(0 < self.adam_eps < math.inf, f"{key}.adam_eps", f"must be a finite number > 0, got {self.adam_eps}")
         _require(
             all(0 <= b < 1 for b in self.adam_betas), f"{key}.adam_betas", "each must be in [0, 1)"
         )
@@ -136,6 +146,20 @@ class TrainConfig:
             self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
             f"{key}.device",
             f"must be cpu, cuda, cuda:N or auto, got {self.device!r}",
+        )
+        _require(
+            0 <= self.checkpoint_minutes < math.inf,
+            f"{key}.checkpoint_minutes",
+            f"must be a finite number >= 0, got {self.checkpoint_minutes}",
+        )
+        _require(self.checkpoint_steps >= 0, f"{key}.checkpoint_steps", f"must be >= 0, got {self.checkpoint_steps}")
+        _require(
+            self.nonfinite in ("skip", "stop"), f"{key}.nonfinite", f"must be 'skip' or 'stop', got {self.nonfinite!r}"
+        )
+        _require(
+            self.max_nonfinite_skips >= 0,
+            f"{key}.max_nonfinite_skips",
+            f"must be >= 0, got {self.max_nonfinite_skips}",
         )
 
 

@@ -58,12 +58,13 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise RunError(f"{path}: unreadable weights ({e}); the file is truncated or not safetensors") from None
+        why = " ".join(str(e).split())[:200]
+        raise RunError(f"{path}: unreadable weights ({why}); the file is truncated or not safetensors") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
-        raise RunError(f"{path}: weights do not fit the configured model: {' '.join(first)}") from None
+        why = " ".join(str(e).split())[:300]
+        raise RunError(f"{path}: weights do not fit the configured model (another architecture?): {why}") from None
 
 
 def environment_info() -> dict[str, Any]:
@@ -130,6 +131,8 @@ def load_run(path: str | Path, device: str = "cpu", weights: str = "final") -> R
     if not path.is_dir():
         raise RunError(f"{path}: no such run folder")
     info = read_json(path / "run.json")
+    if not isinstance(info, dict) or "data_dim" not in info:
+        raise RunError(f"{path / 'run.json'}: not an elbolab run description")
     major = str(info.get("elbolab", "?")).split(".")[0]
     if major != __version__.split(".")[0]:
         raise RunError(f"{path / 'run.json'}: written by elbolab {info.get('elbolab')}, this is {__version__}")
@@ -137,7 +140,10 @@ def load_run(path: str | Path, device: str = "cpu", weights: str = "final") -> R
         cfg = load_config(path / "config.yaml")
     except ConfigError as e:
         raise RunError(str(e)) from None
-    model = build_model(cfg.model, int(info["data_dim"]))
+    try:
+        model = build_model(cfg.model, int(info["data_dim"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise RunError(f"{path / 'config.yaml'}: describes a model this elbolab cannot build ({e})") from None
     if weights == "last":
         from .training import load_checkpoint
 
@@ -145,7 +151,8 @@ def load_run(path: str | Path, device: str = "cpu", weights: str = "final") -> R
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise RunError(f"{path / 'checkpoint.pt'}: does not fit the configured model ({e})") from None
+            why = " ".join(str(e).split())[:300]
+            raise RunError(f"{path / 'checkpoint.pt'}: does not fit the configured model ({why})") from None
     else:
         name = {"final": "model.safetensors", "best": "best.safetensors"}.get(weights)
         if name is None:

@@ -1,0 +1,123 @@
+"""No lost training: real processes are SIGKILLed mid-epoch, killed inside a checkpoint
+write and interrupted with Ctrl-C; each resumed run must end bit-identical (weights and
+metrics) to one that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from elbolab.files import TEST_STOP_ENV
+from elbolab.training import load_checkpoint
+
+#: 2 epochs x 50 batches of the embedded data; checkpoints at steps 20, 40, 50 (epoch end), 60, ...
+SETTINGS = [
+    "model.hidden=[50]", "model.latent_dim=10", "objective.k=2", "objective.warmup_epochs=2",
+    "train.epochs=2", "train.batch_size=200", "train.schedule=iwae", "train.early_stopping_patience=5",
+    "train.threads=1", "train.progress=false", "train.checkpoint_minutes=0", "train.checkpoint_steps=20",
+]
+
+
+def elbolab_train(*args: str, stop_at: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "elbolab.cli", "train", "--no-eval", *args]
+    env = dict(os.environ)
+    env.pop(TEST_STOP_ENV, None)
+    if stop_at:
+        env[TEST_STOP_ENV] = stop_at
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def fresh_args(out: Path) -> list[str]:
+    return ["--out", str(out), *(a for s in SETTINGS for a in ("--set", s))]
+
+
+def finish(proc: subprocess.Popen, expect: int = 0) -> str:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == expect, f"exit {proc.returncode}\n{out}\n{err}"
+    return err
+
+
+def wait_until_frozen(proc: subprocess.Popen) -> None:
+    """Block until the child froze itself at its fault point (SIGSTOP)."""
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f"child ended before its fault point: status {status}"
+
+
+def outcome(run: Path) -> tuple[bytes, bytes, list[dict]]:
+    """Final weights, best weights and metrics (minus wall-clock seconds) of a run folder."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("seconds")
+    return (run / "model.safetensors").read_bytes(), (run / "best.safetensors").read_bytes(), rows
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[bytes, bytes, list[dict]]:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    finish(elbolab_train(*fresh_args(run)))
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    return outcome(run)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference):
+    run = tmp_path / "run"
+    proc = elbolab_train(*fresh_args(run), stop_at="step#75")  # epoch 2, batch 25
+    try:
+        wait_until_frozen(proc)
+        ckpt = load_checkpoint(run / "checkpoint.pt")  # the mid-epoch one from step 60
+        assert (ckpt["step"], ckpt["epoch"], ckpt["position"]["next_batch"]) == (60, 1, 10)
+        assert ckpt["position"]["order"].shape == (10_000,)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    finish(elbolab_train("--resume", str(run)))
+    got = outcome(run)
+    assert got[0] == reference[0], "final weights differ from the uninterrupted run"
+    assert got[1] == reference[1], "best-on-validation weights differ"
+    assert got[2] == reference[2], "metrics differ"
+
+
+def test_kill_inside_checkpoint_write_keeps_previous_checkpoint(tmp_path, reference):
+    run = tmp_path / "run"
+    # the 3rd checkpoint write is the end of epoch 1 (step 50); it freezes half-written
+    proc = elbolab_train(*fresh_args(run), stop_at="write:checkpoint.pt#3")
+    try:
+        wait_until_frozen(proc)
+        partial = list(run.glob(".checkpoint.pt.*.tmp"))
+        assert len(partial) == 1 and partial[0].stat().st_size > 0
+        with pytest.raises(Exception):  # noqa: B017 - half a zip archive must not load
+            torch.load(partial[0], weights_only=True)
+        ckpt = load_checkpoint(run / "checkpoint.pt")
+        assert ckpt["step"] == 40 and ckpt["epoch"] == 0
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 40  # intact after the kill
+    # same command again: the unfinished run of the same config is continued automatically
+    err = finish(elbolab_train(*fresh_args(run)))
+    assert not list(run.glob(".*.tmp")), "stale temp file left behind"
+    assert outcome(run) == reference, err
+
+
+def test_ctrl_c_writes_checkpoint_exits_130_and_resumes_exactly(tmp_path, reference):
+    run = tmp_path / "run"
+    proc = elbolab_train(*fresh_args(run), stop_at="step#65")
+    wait_until_frozen(proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    err = finish(proc, expect=130)
+    assert "interrupted" in err and "Traceback" not in err
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert (ckpt["step"], ckpt["position"]["next_batch"]) == (65, 15)  # written at the Ctrl-C, not at step 60
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    finish(elbolab_train("--resume", str(run)))
+    assert outcome(run) == reference
