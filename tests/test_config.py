@@ -23,7 +23,7 @@ def test_json_and_yaml_round_trip(tmp_path) -> None:
     [
         ("train.lrr=1e-3", r"train\.lrr: unknown key \(did you mean 'lr'\?\)"),
         ("objective.k=0", r"objective\.k: must be >= 1"),
-        ("train.lr=-1", r"train\.lr: must be > 0"),
+        ("train.lr=-1", r"train\.lr: must be a finite number > 0"),
         ("model.latent_dim=0", r"model\.latent_dim: must be >= 1"),
         ("train.epochs=ten", r"train\.epochs: expected an integer"),
         ("modle.latent_dim=3", r"modle: unknown section \(did you mean 'model'\?\)"),

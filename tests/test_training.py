@@ -53,7 +53,8 @@ def test_existing_run_folder_is_not_overwritten(trained_run, capsys) -> None:
     before = (trained_run / "model.safetensors").read_bytes()
     code = main(["train", "--out", str(trained_run), "--set", "train.epochs=1"])
     assert code == 2
-    assert "already holds a run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a run of another config" in err and "nothing was changed" in err
     assert (trained_run / "model.safetensors").read_bytes() == before
 
 
