@@ -108,7 +108,7 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 80
     batch_size: int = 100
     lr: float = 1e-3
     adam_eps: float = 1e-8

@@ -1,0 +1,68 @@
+"""Configs round-trip and reject bad input naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from elbolab.config import ConfigError, RunConfig, load_config, preset, save_config
+
+
+def test_json_and_yaml_round_trip(tmp_path) -> None:
+    cfg = RunConfig().with_overrides({"train.lr": 3e-4, "model.hidden": [100, 50], "objective.k": 50})
+    for name in ("c.json", "c.yaml"):
+        save_config(cfg, tmp_path / name)
+        assert load_config(tmp_path / name) == cfg
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert cfg.model.hidden == (100, 50)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1e-3", r"train\.lrr: unknown key \(did you mean 'lr'\?\)"),
+        ("objective.k=0", r"objective\.k: must be >= 1"),
+        ("train.lr=-1", r"train\.lr: must be > 0"),
+        ("model.latent_dim=0", r"model\.latent_dim: must be >= 1"),
+        ("train.epochs=ten", r"train\.epochs: expected an integer"),
+        ("modle.latent_dim=3", r"modle: unknown section \(did you mean 'model'\?\)"),
+        ("data.binarization=sometimes", r"data\.binarization: must be"),
+        ("train.device=tpu", r"train\.device"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunConfig().with_overrides([override])
+
+
+def test_override_parsing_accepts_scientific_notation_and_lists() -> None:
+    cfg = RunConfig().with_overrides(["train.lr=1e-3", "model.hidden=[64, 32]", "train.progress=false"])
+    assert cfg.train.lr == 1e-3 and cfg.model.hidden == (64, 32) and cfg.train.progress is False
+
+
+def test_config_file_errors_name_the_file(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_sise: 20\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train\.batch_sise: unknown key \(did you mean 'batch_size'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_configs_are_frozen_and_overrides_return_new_objects() -> None:
+    cfg = RunConfig()
+    new = cfg.with_overrides({"objective.k": 50})
+    assert cfg.objective.k == 5 and new.objective.k == 50
+    with pytest.raises(AttributeError):
+        cfg.objective.k = 3  # type: ignore[misc]
+
+
+def test_iwae_paper_preset_matches_the_paper() -> None:
+    t = preset("iwae-paper").train
+    assert (t.batch_size, t.adam_eps, t.schedule, t.epochs) == (20, 1e-4, "iwae", 3280)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("iwea-paper")
