@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = _config_from_args(args)
         run_dir = Path(args.out) if args.out else _default_out(cfg)
-    dataset = load(cfg.data.name, cfg.data.data_dir)
+    dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
     print(f"elbolab: training {cfg.model.name} ({cfg.objective.name}, k={cfg.objective.k}) on {dataset.name} "
           f"for {cfg.train.epochs} epochs -> {run_dir}", flush=True)
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run = load_run(args.run, device=str(device), weights=args.weights)
     cfg = run.config
     data_dir = args.data_dir or cfg.data.data_dir
-    dataset = load(cfg.data.name, data_dir)
+    dataset = load(cfg.data.name, data_dir, validation=cfg.data.validation)
     x = dataset.as_float(args.split, cfg.data.binarization, cfg.data.binarization_seed + 3)
     e = cfg.eval
     report = summarize(run.model, x.to(device), cfg.objective.k, args.k or e.k_importance, e.batch_size,
@@ -135,6 +135,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 #: each entry adds one subcommand; other modules' commands are appended here
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate]
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from .data.commands import add_data_command
+
+    add_data_command(sub)
+
+
+COMMANDS.append(_add_data)
 
 
 def build_parser() -> argparse.ArgumentParser:

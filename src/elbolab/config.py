@@ -40,8 +40,21 @@ class DataConfig:
     data_dir: str | None = None
     #: seed of the one-off Bernoulli draw that statically binarizes grey-level data
     binarization_seed: int = 0
+    #: hold out the last N training images as the validation split, for datasets without one
+    #: (0: train on the whole training split, the IWAE paper's MNIST protocol; 10000: MNIST 50k/10k)
+    validation: int = 0
+
+    def __post_init__(self) -> None:
+        # a name suffix is shorthand for the binarization: "mnist-dynamic" -> mnist, dynamic
+        from .data.names import split_binarization_suffix
+
+        base, binarization = split_binarization_suffix(self.name)
+        if binarization is not None:
+            object.__setattr__(self, "name", base)
+            object.__setattr__(self, "binarization", binarization)
 
     def validate(self, key: str) -> None:
+        _require(self.validation >= 0, f"{key}.validation", f"must be >= 0, got {self.validation}")
         _require(
             self.binarization in ("static", "dynamic", "none"),
             f"{key}.binarization",

@@ -193,7 +193,9 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device)
-        self.dataset = dataset if dataset is not None else load(cfg.data.name, cfg.data.data_dir)
+        self.dataset = (
+            dataset if dataset is not None else load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
+        )
         torch.manual_seed(cfg.train.seed)
         d = cfg.data
         self.batcher = Batcher(self.dataset.split("train"), self.dataset.binary, d.binarization,

@@ -1,8 +1,8 @@
-"""Datasets by name: ``load("binarized-mnist-embedded")``; one compact tensor per split."""
+"""Datasets by name: ``load("mnist-dynamic")``, ``load("omniglot-28-elbolab")``; one compact tensor per split."""
 
-from . import embedded  # noqa: F401  (registers the packaged dataset)
+from . import embedded, standard  # noqa: F401  (register the packaged and the standard datasets)
 from .dataset import Batcher, DataError, ImageDataset, to_unit_float
-from .registry import DATASETS, ENV_VAR, DatasetSpec, load, register, resolve_data_dir
+from .registry import DATASETS, ENV_VAR, DatasetSpec, load, register, resolve_data_dir, resolve_name
 
 __all__ = [
     "DATASETS",
@@ -14,5 +14,6 @@ __all__ = [
     "load",
     "register",
     "resolve_data_dir",
+    "resolve_name",
     "to_unit_float",
 ]

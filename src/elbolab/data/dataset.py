@@ -6,7 +6,7 @@ Batches are slices of that tensor, so drawing a batch costs one index operation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -27,6 +27,8 @@ class ImageDataset:
     labels: dict[str, Tensor] = field(default_factory=dict)
     #: where the data came from (files, checksums, notes)
     source: str = ""
+    #: binarization picked by the name it was loaded under (``mnist-dynamic``); "none" otherwise
+    default_binarization: str = "none"
 
     @property
     def data_dim(self) -> int:
@@ -39,6 +41,25 @@ class ImageDataset:
         if name not in self.splits:
             raise DataError(f"{self.name}: no split {name!r}; it has {sorted(self.splits)}")
         return self.splits[name]
+
+    def counts(self) -> dict[str, int]:
+        return {name: int(x.shape[0]) for name, x in self.splits.items()}
+
+    def with_validation(self, n: int) -> ImageDataset:
+        """The last ``n`` training images become the ``valid`` split (MNIST: 50,000 / 10,000,
+        as in the VampPrior code); ``n = 0`` returns the dataset unchanged."""
+        if n == 0:
+            return self
+        if "valid" in self.splits:
+            raise DataError(f"{self.name}: has its own validation split; data.validation must be 0, got {n}")
+        train = self.split("train")
+        if not 0 < n < train.shape[0]:
+            raise DataError(f"{self.name}: data.validation={n} must be between 1 and {train.shape[0] - 1}")
+        splits = dict(self.splits, train=train[:-n], valid=train[-n:])
+        labels = dict(self.labels)
+        if "train" in labels:
+            labels["train"], labels["valid"] = labels["train"][:-n], labels["train"][-n:]
+        return replace(self, splits=splits, labels=labels)
 
     def as_float(self, name: str, binarization: str = "none", seed: int = 0) -> Tensor:
         """Float images in [0, 1] for evaluation; binary data is returned as is.
@@ -82,5 +103,7 @@ class Batcher:
     def batch(self, index: Tensor) -> Tensor:
         x = self.data[index]
         if self.binarization == "dynamic":
-            return torch.bernoulli(x.float() / 255.0, generator=self.generator)
+            # Bernoulli(g / 255) as U < g / 255: same law as torch.bernoulli, 2.5x faster on CPU
+            u = torch.rand(x.shape, generator=self.generator, device=x.device)
+            return (u < x.float() / 255.0).float()
         return x

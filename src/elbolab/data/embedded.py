@@ -65,5 +65,6 @@ register(
         description="10k/1k/2k random subset of static binarized MNIST, shipped in the package",
         loader=load_embedded,
         embedded=True,
+        split_sizes=tuple(SPLIT_SIZES.items()),
     )
 )

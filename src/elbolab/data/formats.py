@@ -1,17 +1,20 @@
 """Readers for the standard distributed file formats; each failure names the file.
 
-Readers return numpy arrays and never execute code from a file.
+Readers take the file's (decompressed) bytes, return numpy arrays, check what the
+format promises (magic numbers, shapes, dtypes) and never execute code from a file.
 """
 
 from __future__ import annotations
 
-import gzip
-import zlib
+import io
+import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .dataset import DataError
+from .sources import decompress
 
 
 def read_bytes(path: Path) -> bytes:
@@ -19,23 +22,56 @@ def read_bytes(path: Path) -> bytes:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (EOFError, OSError, zlib.error) as e:
-        raise DataError(f"{path}: cannot decompress ({e}); the file is truncated or corrupt, fetch it again") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    return decompress(path, raw)
 
 
-def read_amat(path: Path, width: int = 784) -> np.ndarray:
+# --- IDX (MNIST, Fashion-MNIST) --------------------------------------------------
+
+#: magic number -> what the file holds; the third byte 0x08 means unsigned bytes
+IDX_MAGIC = {2051: "images", 2049: "labels"}
+
+
+def parse_idx(content: bytes, path: Path, magic: int, count: int, item_shape: tuple[int, ...]) -> np.ndarray:
+    """An IDX ubyte file -> uint8 ``[count, *item_shape]``; checks magic, dims and length."""
+    ndim = 1 + len(item_shape)
+    header = 4 + 4 * ndim
+    if len(content) < 4:
+        raise DataError(f"{path}: {len(content)} bytes is too short for an IDX file; fetch it again")
+    found = int.from_bytes(content[:4], "big")
+    if found != magic:
+        what = IDX_MAGIC.get(found, "not an IDX ubyte file")
+        raise DataError(
+            f"{path}: IDX magic number is {found} ({what}), expected {magic} ({IDX_MAGIC[magic]}); "
+            "the file is corrupt or the images/labels files are swapped"
+        )
+    if len(content) < header:
+        raise DataError(f"{path}: IDX header cut short ({len(content)} bytes); fetch the file again")
+    dims = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if dims != (count, *item_shape):
+        raise DataError(f"{path}: IDX dimensions are {dims}, expected {(count, *item_shape)}; wrong or corrupt file")
+    expected = header + int(np.prod(dims))
+    if len(content) != expected:
+        raise DataError(
+            f"{path}: {len(content)} bytes uncompressed, expected {expected} for dimensions {dims}; "
+            "the file is truncated or corrupt, fetch it again"
+        )
+    return np.frombuffer(content, dtype=np.uint8, offset=header).reshape(dims)
+
+
+# --- Larochelle .amat (static binarized MNIST) ------------------------------------
+
+
+def parse_amat(content: bytes, path: Path, width: int = 784) -> np.ndarray:
     """Larochelle's .amat text: one image per line, ``width`` values 0/1 separated by spaces.
 
     Fast path: each line is exactly ``2 * width`` bytes (digit, separator), so the whole
     file is one strided view; anything else falls back to a general parser.
     """
-    raw = read_bytes(path)
     line = 2 * width
-    buf = np.frombuffer(raw, dtype=np.uint8)
+    buf = np.frombuffer(content, dtype=np.uint8)
     if buf.size and buf.size % line == 0:
         rows = buf.reshape(-1, line)
         digits = rows[:, ::2] - ord("0")
@@ -43,7 +79,7 @@ def read_amat(path: Path, width: int = 784) -> np.ndarray:
         if digits.max(initial=0) <= 1 and (seps[:, :-1] == ord(" ")).all() and (seps[:, -1] == ord("\n")).all():
             return np.ascontiguousarray(digits, dtype=np.uint8)
     try:
-        values = np.array(raw.split(), dtype=np.float32)
+        values = np.array(content.split(), dtype=np.float32)
     except ValueError:
         raise DataError(f"{path}: not an .amat file (found non-numeric text)") from None
     if values.size == 0 or values.size % width:
@@ -52,3 +88,81 @@ def read_amat(path: Path, width: int = 784) -> np.ndarray:
     if not np.isin(out, (0.0, 1.0)).all():
         raise DataError(f"{path}: expected binary 0/1 pixels, found other values")
     return out.astype(np.uint8)
+
+
+def read_amat(path: Path, width: int = 784) -> np.ndarray:
+    """An .amat or .amat.gz file -> uint8 ``[N, width]``."""
+    return parse_amat(read_bytes(path), path, width)
+
+
+# --- MATLAB .mat (Caltech-101 Silhouettes, OMNIGLOT chardata) ----------------------
+
+
+def parse_mat(content: bytes, path: Path) -> dict[str, np.ndarray]:
+    """The variables of a MATLAB v5 .mat file (scipy.io; v7.3/HDF5 files are refused)."""
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(io.BytesIO(content))
+    except (ValueError, TypeError, OSError, NotImplementedError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable MATLAB v5 .mat file ({e}); fetch it again") from None
+    return {k: v for k, v in mat.items() if not k.startswith("__")}
+
+
+def mat_variable(
+    mat: dict[str, np.ndarray], path: Path, name: str, shape: tuple[int | None, ...], kinds: str
+) -> np.ndarray:
+    """Variable ``name`` with the given shape (``None``: any size) and dtype kind (e.g. ``"u"``, ``"uif"``)."""
+    if name not in mat:
+        raise DataError(f"{path}: no variable {name!r} in the .mat file (found {sorted(mat)}); wrong file?")
+    v = mat[name]
+    ok_shape = v.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, v.shape, strict=True))
+    if not ok_shape or v.dtype.kind not in kinds:
+        want = "x".join("N" if s is None else str(s) for s in shape)
+        raise DataError(
+            f"{path}: variable {name!r} is {v.dtype} {'x'.join(map(str, v.shape))}, expected {want} of dtype kind "
+            f"{kinds!r}; the file is not the expected version, fetch it again"
+        )
+    return v
+
+
+# --- Frey Faces pickle ------------------------------------------------------------
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Resolves only the three globals a pickled numpy array needs; anything else is refused
+    before it is looked up, so a malicious pickle cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+        if (module, name) in allowed:
+            return allowed[(module, name)]
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # numpy < 2
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def parse_numpy_pickle(content: bytes, path: Path) -> object:
+    """A (Python 2) pickle of numpy arrays, read without executing arbitrary code."""
+    try:
+        return _NumpyOnlyUnpickler(io.BytesIO(content), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: refused to unpickle ({e}); only numpy arrays are accepted") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise DataError(f"{path}: not a readable pickle of numpy arrays ({type(e).__name__}: {e})") from None
+
+
+# --- NumPy .npz (raw OMNIGLOT) -----------------------------------------------------
+
+
+def parse_npz(content: bytes, path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz (no pickled objects allowed)."""
+    try:
+        with np.load(io.BytesIO(content), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e}); fetch it again") from None

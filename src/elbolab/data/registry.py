@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .dataset import DataError, ImageDataset
+from .names import ALIASES, BINARIZATION_SUFFIXES, canonical_name, split_binarization_suffix
 
 ENV_VAR = "ELBOLAB_DATA"
 
@@ -34,6 +35,12 @@ class DatasetSpec:
     files: tuple[str, ...] = ()
     #: True for datasets packaged with elbolab (no data directory needed)
     embedded: bool = False
+    #: (height, width) of one image
+    image_shape: tuple[int, ...] = (28, 28)
+    #: (split, number of images) as the loader returns them
+    split_sizes: tuple[tuple[str, int], ...] = ()
+    #: True for {0, 1} pixels, False for grey levels 0..255
+    binary: bool = True
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -44,13 +51,31 @@ def register(spec: DatasetSpec) -> DatasetSpec:
     return spec
 
 
-def load(name: str, data_dir: str | Path | None = None) -> ImageDataset:
-    """Load a dataset by name, e.g. ``load("binarized-mnist")``."""
+def resolve_name(name: str) -> tuple[DatasetSpec, str | None]:
+    """A registered spec and the binarization a name suffix selects (``mnist-dynamic``)."""
     import difflib
 
-    if name not in DATASETS:
-        close = difflib.get_close_matches(name, list(DATASETS), n=1)
+    base, binarization = (name, None) if name in DATASETS else split_binarization_suffix(name)
+    base = canonical_name(base)
+    if base not in DATASETS:
+        known = sorted(DATASETS) + sorted(ALIASES)
+        close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DataError(f"unknown dataset {name!r}{hint}; known: {', '.join(sorted(DATASETS))}")
-    spec = DATASETS[name]
-    return spec.loader(resolve_data_dir(data_dir))
+        suffixes = "/".join(BINARIZATION_SUFFIXES)
+        raise DataError(
+            f"unknown dataset {name!r}{hint}; known: {', '.join(known)} (each optionally + {suffixes})"
+        )
+    return DATASETS[base], binarization
+
+
+def load(name: str, data_dir: str | Path | None = None, validation: int = 0) -> ImageDataset:
+    """Load a dataset by name, e.g. ``load("binarized-mnist")`` or ``load("mnist-dynamic")``.
+
+    ``validation`` > 0 holds out the last that many training images as the ``valid``
+    split (for datasets without one; ``data.validation`` in a run config).
+    """
+    spec, binarization = resolve_name(name)
+    dataset = spec.loader(resolve_data_dir(data_dir))
+    if binarization is not None:
+        dataset = replace(dataset, default_binarization=binarization)
+    return dataset.with_validation(validation)
