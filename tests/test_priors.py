@@ -15,6 +15,15 @@ from elbolab.models import HierarchicalVAE, OneLayerVAE, TwoLayerVAE, build_mode
 from elbolab.priors import MixtureOfGaussians, StandardNormal, VampPrior, VampPriorData
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny GEMMs: one thread is fastest, and it does not fight other jobs for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def direct_mixture(z, means, log_vars, log_mix):
     """float64 reference: a loop over components and a logsumexp."""
     z = z.double()

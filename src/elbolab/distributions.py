@@ -127,11 +127,13 @@ def log_discretized_logistic(x: Tensor, loc: Tensor, log_scale: Tensor, levels: 
     step = 1.0 / (levels - 1)
     level = torch.round(x / step)
     inv_s = torch.exp(-log_scale)
-    upper = (level * step + 0.5 * step - loc) * inv_s  # b'
-    lower = (level * step - 0.5 * step - loc) * inv_s  # a'
+    # edges as (i +- 1/2) * step: bin i's upper edge is bitwise bin i+1's lower edge, and
+    # the width term uses the computed b' - a', so the bin masses telescope to one
+    upper = ((level + 0.5) * step - loc) * inv_s  # b'
+    lower = ((level - 0.5) * step - loc) * inv_s  # a'
     log_cdf_upper = F.logsigmoid(upper)
     log_sf_lower = F.logsigmoid(-lower)
-    interior = log_cdf_upper + log_sf_lower + _log1mexp(step * inv_s)
+    interior = log_cdf_upper + log_sf_lower + _log1mexp(upper - lower)
     first = level <= 0
     last = level >= levels - 1
     log_p = torch.where(first, log_cdf_upper, torch.where(last, log_sf_lower, interior))
