@@ -128,3 +128,35 @@ def test_learned_pseudo_inputs_move_and_data_ones_do_not(mnist):
     _, _, model = train_steps(cfg, mnist, steps=10)
     assert torch.equal(model.prior.images, start)
     assert set(start.unique().tolist()) <= {0.0, 1.0}  # real training images, not noise
+
+
+@pytest.mark.parametrize("prior", ["vampprior", "vampprior-data", "mog"])
+def test_run_with_mixture_prior_reloads_and_draws_its_components(mnist, tmp_path, prior):
+    from elbolab.data.dataset import ImageDataset
+    from elbolab.diagnostics.prior_figures import component_grid, plot_components
+    from elbolab.runs import load_run
+    from elbolab.training import Trainer
+
+    data = ImageDataset("mnist-subset", {"train": mnist[:600].to(torch.uint8), "valid": mnist[600:].to(torch.uint8)},
+                        (28, 28), binary=True)
+    cfg = RunConfig().with_overrides({**TINY, "model.name": "hierarchical", "model.prior.name": prior,
+                                      "objective.warmup_epochs": 1, "train.epochs": 2, "train.progress": False})
+    trainer = Trainer(cfg, tmp_path / "run", data)
+    trainer.fit()
+    run = load_run(tmp_path / "run")
+    x = mnist[600:650]
+    torch.manual_seed(3)
+    want = trainer.model.eval().log_weights(x, 4)
+    torch.manual_seed(3)
+    torch.testing.assert_close(run.model.log_weights(x, 4), want)
+
+    grid = component_grid(run.model, n_components=4, samples_per=3)
+    if prior == "mog":
+        assert grid.shape == (4, 3, 784)
+    else:
+        assert grid.shape == (4, 4, 784)
+        torch.testing.assert_close(grid[:, 0], run.model.prior.pseudo_inputs()[:4].detach().clamp(0, 1))
+        if prior == "vampprior-data":
+            assert torch.equal(run.model.prior.images, trainer.model.prior.images)
+    png = plot_components(run.model, (28, 28), tmp_path / "components.png", n_components=4, samples_per=3)
+    assert png.stat().st_size > 1000
