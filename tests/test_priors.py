@@ -221,3 +221,15 @@ def test_vampprior_paper_preset():
     assert (cfg.model.name, cfg.model.prior.name, cfg.model.prior.components) == ("hierarchical", "vampprior", 500)
     assert cfg.model.hierarchical.latent_dims == (40, 40) and cfg.model.hierarchical.width == 300
     assert preset("iwae-paper-two-layer").model.two_layer.latent_dims == (100, 50)
+
+
+def test_copied_model_keeps_its_own_vampprior_encoder():
+    import copy
+
+    model = tiny_hierarchical(VampPrior(2, 6, 3))
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.q_z2.parameters():
+            p.add_(0.5)
+    z = torch.randn(4, 2)
+    assert not torch.allclose(clone.prior.log_prob(z), model.prior.log_prob(z))
