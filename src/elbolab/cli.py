@@ -110,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (default: one-layer IWAE, k=5, on the embedded data)")
     p.add_argument("--config", help="YAML or JSON config file")
-    p.add_argument("--preset", help="named config: demo, iwae-paper")
+    p.add_argument("--preset", help="named config: demo, iwae-paper, iwae-paper-two-layer, vampprior-paper")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
     p.add_argument("--data-dir", help="folder with the dataset files (else $ELBOLAB_DATA, else the user cache)")
     p.add_argument("--out", help="run folder to create, or an unfinished run of the same config to continue "

@@ -64,33 +64,108 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PriorConfig:
-    #: standard | mog | vampprior | vampprior-data
+    #: standard | mog | vampprior | vampprior-data (see elbolab.priors.PRIORS)
     name: str = "standard"
     #: mixture components or pseudo-inputs
     components: int = 500
     #: learn the mixing weights of a mixture of Gaussians (else uniform)
     learn_weights: bool = False
+    #: how learned VampPrior pseudo-inputs start: "normal" (N(mean, std) before the
+    #: hardtanh, as in Tomczak & Welling's code) or "data" (random training images)
+    pseudo_inputs_init: str = "normal"
+    #: mean of the normal init; their code's -0.05 sits where hardtanh has no gradient
+    pseudo_inputs_mean: float = 0.05
+    #: std of the normal init (their code: 0.01)
+    pseudo_inputs_std: float = 0.01
+    #: seed choosing the training images of vampprior-data and of the "data" init
+    data_seed: int = 0
 
     def validate(self, key: str) -> None:
         _require(self.components >= 1, f"{key}.components", f"must be >= 1, got {self.components}")
+        from .priors import PRIORS  # lazily: the registry module imports this one
+
+        hint = _did_you_mean(self.name, sorted(PRIORS))
+        _require(self.name in PRIORS, f"{key}.name", f"unknown prior {self.name!r}{hint}")
+        _require(
+            self.pseudo_inputs_init in ("normal", "data"),
+            f"{key}.pseudo_inputs_init",
+            f"must be 'normal' or 'data', got {self.pseudo_inputs_init!r}",
+        )
+        _require(self.pseudo_inputs_std >= 0, f"{key}.pseudo_inputs_std", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TwoLayerConfig:
+    """Sizes of the IWAE paper's two-stochastic-layer model (its section 5 defaults)."""
+
+    #: units of z1 (bottom) and z2 (top)
+    latent_dims: tuple[int, int] = (100, 50)
+    #: deterministic tanh layers between x and z1
+    hidden1: tuple[int, ...] = (100, 100)
+    #: deterministic tanh layers between z1 and z2
+    hidden2: tuple[int, ...] = (50, 50)
+
+    def validate(self, key: str) -> None:
+        _require(all(d >= 1 for d in self.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
+        for name in ("hidden1", "hidden2"):
+            _require(all(h >= 1 for h in getattr(self, name)), f"{key}.{name}", "sizes must be >= 1")
+
+
+@dataclass(frozen=True)
+class HierarchicalConfig:
+    """Sizes of the VampPrior paper's two-level model (their code's defaults)."""
+
+    #: units of z1 (bottom) and z2 (top)
+    latent_dims: tuple[int, int] = (40, 40)
+    #: width of every gated dense layer
+    width: int = 300
+    #: hardtanh range of the Gaussian log-variances (their code: [-6, 2])
+    log_var_range: tuple[float, float] = (-6.0, 2.0)
+
+    def validate(self, key: str) -> None:
+        _require(all(d >= 1 for d in self.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
+        _require(self.width >= 1, f"{key}.width", f"must be >= 1, got {self.width}")
+        lo, hi = self.log_var_range
+        _require(lo < hi, f"{key}.log_var_range", f"needs min < max, got [{lo}, {hi}]")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    #: a name from elbolab.models.MODELS
+    #: one-layer | two-layer | hierarchical (elbolab.models.MODELS)
     name: str = "one-layer"
+    #: one-layer: units of z
     latent_dim: int = 50
+    #: one-layer: deterministic layers of the encoder (the decoder mirrors them)
     hidden: tuple[int, ...] = (200, 200)
+    #: activation of the MLP models (one-layer, two-layer)
     activation: str = "tanh"
-    #: bernoulli (binary images)
+    #: bernoulli (binary images) | discretized-logistic (256 grey levels) |
+    #: gaussian (per-pixel variance from the decoder) | gaussian-pixel-var (learned per-pixel variance)
     likelihood: str = "bernoulli"
     prior: PriorConfig = field(default_factory=PriorConfig)
+    #: sizes of model "two-layer"
+    two_layer: TwoLayerConfig = field(default_factory=TwoLayerConfig)
+    #: sizes of model "hierarchical"
+    hierarchical: HierarchicalConfig = field(default_factory=HierarchicalConfig)
 
     def validate(self, key: str) -> None:
         _require(self.latent_dim >= 1, f"{key}.latent_dim", f"must be >= 1, got {self.latent_dim}")
         _require(
             all(h >= 1 for h in self.hidden), f"{key}.hidden", f"sizes must be >= 1, got {list(self.hidden)}"
         )
+        from .likelihoods import LIKELIHOODS  # lazily: the registries import this module
+        from .models import MODELS
+
+        hint = _did_you_mean(self.name, sorted(MODELS))
+        _require(self.name in MODELS, f"{key}.name", f"unknown model {self.name!r}{hint}")
+        _require(
+            self.likelihood in LIKELIHOODS,
+            f"{key}.likelihood",
+            f"unknown likelihood {self.likelihood!r}{_did_you_mean(self.likelihood, sorted(LIKELIHOODS))}",
+        )
+        self.prior.validate(f"{key}.prior")
+        self.two_layer.validate(f"{key}.two_layer")
+        self.hierarchical.validate(f"{key}.hierarchical")
 
 
 @dataclass(frozen=True)
@@ -385,7 +460,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.epochs": 3280,
         "data.binarization": "dynamic",
     },
+    # the IWAE paper's second architecture (two stochastic layers of 100 and 50 units)
+    "iwae-paper-two-layer": {
+        "train.batch_size": 20,
+        "train.adam_eps": 1e-4,
+        "train.adam_betas": [0.9, 0.999],
+        "train.lr": 1e-3,
+        "train.schedule": "iwae",
+        "train.epochs": 3280,
+        "data.binarization": "dynamic",
+        "model.name": "two-layer",
+    },
+    # Tomczak & Welling (2018), section 5 and their code's defaults: the two-level
+    # hierarchical VAE with a 500-pseudo-input VampPrior on z2, single-sample ELBO, Adam
+    # lr 5e-4, batch 100, KL warm-up over 100 epochs, early stopping after 50 epochs
+    # without a better validation bound, at most 2,000 epochs, 5,000 importance samples
+    "vampprior-paper": {
+        "train.lr": 5e-4,
+        "train.batch_size": 100,
+        "train.epochs": 2000,
+        "train.early_stopping_patience": 50,
+        "objective.name": "vae",
+        "objective.k": 1,
+        "objective.warmup_epochs": 100,
+        "model.name": "hierarchical",
+        "model.prior.name": "vampprior",
+        "model.prior.components": 500,
+        "eval.k_importance": 5000,
+    },
 }
+
 
 
 def preset(name: str) -> RunConfig:

@@ -70,3 +70,71 @@ class DiagonalGaussian:
 
     def kl_standard(self) -> Tensor:
         return kl_normal_standard(self.mean, self.log_var)
+
+
+def log_normal_diag_mixture(
+    z: Tensor, means: Tensor, log_vars: Tensor, log_mix: Tensor, max_elements: int = 1 << 24
+) -> Tensor:
+    """log sum_c pi_c N(z; m_c, diag exp(lv_c)) for z ``[..., D]`` against C components ``[C, D]``.
+
+    ``log_mix`` ``[C]`` holds log pi_c (log-softmax'd, or -log C for uniform weights).
+    Each component's quadratic form is expanded as
+    ``sum_d z_d^2 / v_cd - 2 z_d m_cd / v_cd + m_cd^2 / v_cd``, so the whole
+    ``[N, C]`` table is two GEMMs instead of an ``[N, C, D]`` broadcast. The expansion
+    cancels badly in float32 when variances are small (errors ~ eps * |z|^2 / v), so it
+    runs in float64 and returns ``z.dtype``; rows are processed in chunks of at most
+    ``max_elements`` table entries to bound memory.
+    """
+    out_dtype = z.dtype
+    lead = z.shape[:-1]
+    zf = z.reshape(-1, z.shape[-1]).double()
+    prec = torch.exp(-log_vars.double())  # [C, D]
+    mp = means.double() * prec  # [C, D]
+    # per-component constant: log pi_c - 0.5 (D log 2 pi + sum lv_c + sum m_c^2 / v_c)
+    const = log_mix.double() - 0.5 * (
+        means.shape[-1] * LOG_2PI + log_vars.double().sum(-1) + (means.double() * mp).sum(-1)
+    )  # [C]
+    rows = max(1, max_elements // max(1, means.shape[0]))
+    outs = []
+    for start in range(0, zf.shape[0], rows):
+        zc = zf[start : start + rows]
+        quad = -0.5 * (zc * zc) @ prec.T + zc @ mp.T  # [n, C]
+        outs.append(torch.logsumexp(quad + const, dim=-1))
+    out = torch.cat(outs) if outs else zf.new_zeros(0)
+    return out.reshape(lead).to(out_dtype)
+
+
+def _log1mexp(d: Tensor) -> Tensor:
+    """log(1 - exp(-d)) for d > 0, accurate for small and large d (Maechler 2012)."""
+    ln2 = math.log(2.0)
+    # each branch sees only inputs where it is accurate, so neither leaks inf/NaN gradients
+    small = torch.log(-torch.expm1(-d.clamp(max=ln2)))
+    large = torch.log1p(-torch.exp(-d.clamp(min=ln2)))
+    return torch.where(d < ln2, small, large)
+
+
+def log_discretized_logistic(x: Tensor, loc: Tensor, log_scale: Tensor, levels: int = 256) -> Tensor:
+    """log P(x) for ``levels`` grey levels under a logistic(loc, scale) discretized into bins.
+
+    Convention: x in [0, 1] is level ``i = round(x * (levels - 1))``; bin i is
+    ``[(i - 1/2) / (levels - 1), (i + 1/2) / (levels - 1)]`` with the first bin extended
+    to -inf and the last to +inf, so the probabilities of all levels sum to one.
+    The mass of an interior bin [a, b] is computed as
+    ``log sigmoid(b') + log sigmoid(-a') + log(1 - exp(-(b' - a')))`` with
+    a' = (a - loc) / s, b' = (b - loc) / s: no subtraction of nearly equal CDFs, exact
+    in the tails. Summed over the last axis; x ``[B, D]`` broadcasts against ``[..., B, D]``.
+    """
+    step = 1.0 / (levels - 1)
+    level = torch.round(x / step)
+    inv_s = torch.exp(-log_scale)
+    # edges as (i +- 1/2) * step: bin i's upper edge is bitwise bin i+1's lower edge, and
+    # the width term uses the computed b' - a', so the bin masses telescope to one
+    upper = ((level + 0.5) * step - loc) * inv_s  # b'
+    lower = ((level - 0.5) * step - loc) * inv_s  # a'
+    log_cdf_upper = F.logsigmoid(upper)
+    log_sf_lower = F.logsigmoid(-lower)
+    interior = log_cdf_upper + log_sf_lower + _log1mexp(upper - lower)
+    first = level <= 0
+    last = level >= levels - 1
+    log_p = torch.where(first, log_cdf_upper, torch.where(last, log_sf_lower, interior))
+    return log_p.sum(-1)

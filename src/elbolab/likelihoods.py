@@ -1,17 +1,25 @@
 """Observation models p(x | z): turn decoder outputs into log-densities and images.
 
-A decoder emits ``params_per_pixel * D`` numbers per image; the likelihood says how
-to read them. Registered by name so a config line picks one.
+A decoder emits ``params_per_pixel * D`` numbers per image, laid out as
+``params_per_pixel`` consecutive blocks of D (block 0: the location, block 1: the
+log-scale or log-variance); the likelihood says how to read them. Registered by
+name so a config line picks one (``model.likelihood``).
+
+Grey-level data enters as floats in [0, 1] (``data.binarization: none``), level
+``i`` of 256 being ``i / 255``.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributions import log_bernoulli_logits
+from .distributions import log_bernoulli_logits, log_discretized_logistic, log_normal_diag
 
 
 class Likelihood(nn.Module, ABC):
@@ -31,6 +39,15 @@ class Likelihood(nn.Module, ABC):
     def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         """Start the decoder at the data's average image, as the IWAE paper does."""
 
+    def split(self, params: Tensor) -> list[Tensor]:
+        """``[..., P*D]`` -> P tensors ``[..., D]``."""
+        return list(params.chunk(self.params_per_pixel, dim=-1))
+
+
+def _logit(p: Tensor) -> Tensor:
+    p = p.clamp(1e-3, 1 - 1e-3)
+    return torch.log(p) - torch.log1p(-p)
+
 
 class BernoulliLikelihood(Likelihood):
     """Bernoulli on logits: exact for any logit, never log(sigmoid)."""
@@ -45,18 +62,120 @@ class BernoulliLikelihood(Likelihood):
         return torch.sigmoid(params)
 
     def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
-        p = pixel_mean.clamp(1e-3, 1 - 1e-3)
         with torch.no_grad():
-            bias.copy_(torch.log(p) - torch.log1p(-p))
+            bias.copy_(_logit(pixel_mean))
 
 
-LIKELIHOODS: dict[str, type[Likelihood]] = {"bernoulli": BernoulliLikelihood}
+class DiscretizedLogisticLikelihood(Likelihood):
+    """256 grey levels: a logistic(loc, s) per pixel, discretized into bins (VampPrior paper).
+
+    As in Tomczak & Welling's code, ``loc = sigmoid(a)`` clamped to [1/512, 1 - 1/512]
+    and ``log s = hardtanh(b, -4.5, 0)``. The bins differ from their code in two
+    documented ways (see :func:`~elbolab.distributions.log_discretized_logistic`):
+    bins are centred on the levels i/255 rather than [i/256, (i+1)/256), and the edge
+    bins reach to -inf / +inf, so the 256 probabilities sum to exactly one (theirs
+    leave the tails' mass out, a sub-probability). Values are log-probabilities in
+    nats of the discrete image, comparable to any other 256-level model.
+    """
+
+    params_per_pixel = 2
+    levels = 256
+    log_scale_range = (-4.5, 0.0)
+    #: initial log-scale (inside the hardtanh range so its gradient flows): s ~ 0.14
+    init_log_scale = -2.0
+
+    def _params(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self.split(params)
+        loc = torch.sigmoid(a).clamp(1.0 / 512, 1.0 - 1.0 / 512)
+        return loc, F.hardtanh(b, *self.log_scale_range)
+
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        loc, log_scale = self._params(params)
+        return log_discretized_logistic(x, loc, log_scale, self.levels)
+
+    def mean(self, params: Tensor) -> Tensor:
+        """The location (the logistic's mean before discretization)."""
+        return self._params(params)[0]
+
+    def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
+        d = pixel_mean.numel()
+        with torch.no_grad():
+            bias[:d].copy_(_logit(pixel_mean))
+            bias[d:].fill_(self.init_log_scale)
 
 
-def make_likelihood(name: str) -> Likelihood:
+#: floor of Gaussian log-variances: without one, pixels that are constant in the data
+#: (MNIST's black border) drive the variance to 0 and the density to +inf
+GAUSSIAN_MIN_LOG_VAR = math.log(1e-4)
+
+
+def _floored_log_var(raw: Tensor) -> Tensor:
+    """A smooth floor: ``min + softplus(raw - min)`` is ~raw above the floor, never below."""
+    return GAUSSIAN_MIN_LOG_VAR + F.softplus(raw - GAUSSIAN_MIN_LOG_VAR)
+
+
+class GaussianLikelihood(Likelihood):
+    """N(x; mu(z), diag sigma^2(z)): the decoder outputs a mean and a log-variance per pixel.
+
+    A density on R^D, not a probability of 256 levels: its values are not comparable
+    with the Bernoulli's or the discretized logistic's. The log-variance is floored at
+    log 1e-4 (smoothly) so constant pixels cannot make it unbounded.
+    """
+
+    params_per_pixel = 2
+    init_log_var = math.log(0.1)
+
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        mean, raw = self.split(params)
+        return log_normal_diag(x, mean, _floored_log_var(raw))
+
+    def mean(self, params: Tensor) -> Tensor:
+        return self.split(params)[0].clamp(0.0, 1.0)
+
+    def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
+        d = pixel_mean.numel()
+        with torch.no_grad():
+            bias[:d].copy_(pixel_mean)
+            bias[d:].fill_(self.init_log_var)
+
+
+class GaussianPixelVarianceLikelihood(Likelihood):
+    """N(x; mu(z), diag sigma^2): one learned log-variance per pixel, shared by all z.
+
+    The decoder outputs only the mean; the variance is a parameter of the likelihood
+    (floored like :class:`GaussianLikelihood`). A density, as for ``gaussian``.
+    """
+
+    params_per_pixel = 1
+
+    def __init__(self, data_dim: int) -> None:
+        super().__init__()
+        self.raw_log_var = nn.Parameter(torch.full((data_dim,), GaussianLikelihood.init_log_var))
+
+    def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
+        return log_normal_diag(x, params, _floored_log_var(self.raw_log_var))
+
+    def mean(self, params: Tensor) -> Tensor:
+        return params.clamp(0.0, 1.0)
+
+    def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
+        with torch.no_grad():
+            bias.copy_(pixel_mean)
+
+
+#: name -> builder(data dimension)
+LIKELIHOODS: dict[str, Callable[[int], Likelihood]] = {
+    "bernoulli": lambda data_dim: BernoulliLikelihood(),
+    "discretized-logistic": lambda data_dim: DiscretizedLogisticLikelihood(),
+    "gaussian": lambda data_dim: GaussianLikelihood(),
+    "gaussian-pixel-var": GaussianPixelVarianceLikelihood,
+}
+
+
+def make_likelihood(name: str, data_dim: int = 0) -> Likelihood:
     try:
-        return LIKELIHOODS[name]()
+        builder = LIKELIHOODS[name]
     except KeyError:
-        raise ValueError(f"unknown likelihood {name!r}; choose one of {sorted(LIKELIHOODS)}") from None
-
-
+        known = sorted(LIKELIHOODS)
+        raise ValueError(f"model.likelihood: unknown likelihood {name!r}; choose one of {known}") from None
+    return builder(data_dim)

@@ -2,17 +2,24 @@
 
 Priors are modules so that learnable ones (mixtures, VampPrior) train with the model.
 Priors that depend on the model's own encoder (VampPrior) receive it through
-:meth:`Prior.attach`, called once when the model is built.
+:meth:`Prior.attach`, called once when the model is built. In a model with several
+stochastic layers the prior is the distribution of the top layer (the one nothing
+else generates); see ``LatentVariableModel.prior_layer``.
+
+Names (``model.prior.name``): ``standard``, ``mog``, ``vampprior``, ``vampprior-data``.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributions import log_standard_normal
+from .distributions import DiagonalGaussian, log_normal_diag_mixture, log_standard_normal
 
 
 class Prior(nn.Module, ABC):
@@ -54,11 +61,191 @@ class StandardNormal(Prior):
         return True
 
 
-PRIORS: dict[str, type[Prior]] = {"standard": StandardNormal}
+class GaussianMixturePrior(Prior, ABC):
+    """A prior whose density is a mixture of C diagonal Gaussians (given by :meth:`components`)."""
+
+    @abstractmethod
+    def components(self) -> tuple[DiagonalGaussian, Tensor]:
+        """The C components ``[C, D]`` and the log mixing weights ``[C]``."""
+
+    @property
+    def num_components(self) -> int:
+        return self.components()[1].shape[0]
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """``[..., D] -> [...]``: two GEMMs and a logsumexp over C (float64 inside)."""
+        comp, log_mix = self.components()
+        return log_normal_diag_mixture(z, comp.mean, comp.log_var, log_mix)
+
+    def sample_components(self, index: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One draw from each listed component: ``index`` ``[n]`` -> ``[n, D]``."""
+        comp, _ = self.components()
+        mean, std = comp.mean[index], comp.std[index]
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return mean + std * eps
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        _, log_mix = self.components()
+        probs = torch.exp(log_mix.detach().float()).cpu()
+        index = torch.multinomial(probs, n, replacement=True, generator=_cpu(generator))
+        return self.sample_components(index.to(log_mix.device), generator)
+
+
+def _cpu(generator: torch.Generator | None) -> torch.Generator | None:
+    """torch.multinomial on CPU probabilities needs a CPU generator (or none)."""
+    return generator if generator is None or generator.device.type == "cpu" else None
+
+
+class MixtureOfGaussians(GaussianMixturePrior):
+    """p(z) = sum_c pi_c N(z; m_c, diag exp(lv_c)) with learnable means and log-variances.
+
+    Means start as draws from N(0, I) and variances at 1; mixing weights are uniform,
+    or learnable through a softmax over logits (``learn_weights``).
+    """
+
+    def __init__(self, latent_dim: int, components: int, learn_weights: bool = False) -> None:
+        super().__init__(latent_dim)
+        self.means = nn.Parameter(torch.randn(components, latent_dim))
+        self.log_vars = nn.Parameter(torch.zeros(components, latent_dim))
+        logits = torch.zeros(components)
+        if learn_weights:
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", logits)
+
+    def components(self) -> tuple[DiagonalGaussian, Tensor]:
+        return DiagonalGaussian(self.means, self.log_vars), F.log_softmax(self.logits, dim=0)
+
+
+#: the model hook a VampPrior calls: inputs [C, data_dim] -> q(z_top | u) with [C, D] parameters
+TopPosterior = Callable[[Tensor], DiagonalGaussian]
+
+
+class VampPriorBase(GaussianMixturePrior, ABC):
+    """p(z) = (1/C) sum_c q(z | u_c): the model's own encoder evaluated at C pseudo-inputs.
+
+    The encoder is reached through ``model.top_posterior`` (set by :meth:`attach`), which
+    gives the Gaussian over the prior's latent for an input; for a two-level model that
+    is the top layer (Tomczak & Welling 2018, section 3.2).
+    """
+
+    def __init__(self, latent_dim: int, data_dim: int) -> None:
+        super().__init__(latent_dim)
+        self.data_dim = data_dim
+        self._top_posterior: TopPosterior | None = None
+
+    @abstractmethod
+    def pseudo_inputs(self) -> Tensor:
+        """``[C, data_dim]`` pseudo-inputs in the data range."""
+
+    def attach(self, model: nn.Module) -> None:
+        # a plain attribute (a bound method), not a submodule: the model owns the prior,
+        # so registering the model here would make the module tree cyclic
+        self._top_posterior = model.top_posterior
+
+    def components(self) -> tuple[DiagonalGaussian, Tensor]:
+        if self._top_posterior is None:
+            raise RuntimeError("VampPrior is not attached to a model; call prior.attach(model) first")
+        u = self.pseudo_inputs()
+        q = self._top_posterior(u)
+        c = u.shape[0]
+        return q, torch.full((c,), -math.log(c), dtype=q.mean.dtype, device=q.mean.device)
+
+
+class VampPrior(VampPriorBase):
+    """Learned pseudo-inputs, parameterized as in Tomczak & Welling's code.
+
+    Their pseudo-inputs are ``hardtanh_[0,1](W e_c)``: a bias-free linear map of C
+    units applied to the fixed one-hot input e_c, squashed to the data range. As
+    ``W e_c`` is column c of W, we store those columns directly (``pre_activation``,
+    ``[C, data_dim]``), the same function and the same Adam updates without the C x C
+    identity GEMM. Initialization: N(mean, std) (their code: std 0.01), or C random
+    training images (their ``--use_training_data_init``).
+
+    The mean defaults to +0.05, not their code's -0.05: hardtanh has zero gradient
+    outside (0, 1), so a pre-activation near -0.05 starts every pseudo-input at the
+    black image with no gradient to leave it. Set ``pseudo_inputs_mean=-0.05`` to
+    reproduce their setting exactly.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        data_dim: int,
+        components: int,
+        init_mean: float = 0.05,
+        init_std: float = 0.01,
+        init_images: Tensor | None = None,
+    ) -> None:
+        super().__init__(latent_dim, data_dim)
+        if init_images is not None:
+            pre = init_images.detach().float().clone()
+        else:
+            pre = torch.randn(components, data_dim) * init_std + init_mean
+        self.pre_activation = nn.Parameter(pre)
+
+    def pseudo_inputs(self) -> Tensor:
+        return F.hardtanh(self.pre_activation, 0.0, 1.0)
+
+
+class VampPriorData(VampPriorBase):
+    """The VampPrior's "data" variant: C fixed training images as pseudo-inputs (buffers).
+
+    Without training data (rebuilding a saved run) the buffer starts at zeros and the
+    saved images arrive with the state dict.
+    """
+
+    def __init__(self, latent_dim: int, data_dim: int, components: int, images: Tensor | None = None) -> None:
+        super().__init__(latent_dim, data_dim)
+        fixed = images.detach().float().clone() if images is not None else torch.zeros(components, data_dim)
+        self.register_buffer("images", fixed)
+
+    def pseudo_inputs(self) -> Tensor:
+        return self.images
+
+
+def random_images(train_data: Tensor | None, count: int, seed: int, key: str) -> Tensor | None:
+    """``count`` distinct training images chosen with ``seed`` (None without data)."""
+    if train_data is None:
+        return None
+    n = train_data.shape[0]
+    if count > n:
+        raise ValueError(f"{key}: asks for {count} training images but the training set has {n}")
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
+    return train_data[index].float()
+
+
+def _standard(cfg, latent_dim: int, data_dim: int, train_data: Tensor | None) -> Prior:
+    return StandardNormal(latent_dim)
+
+
+def _mog(cfg, latent_dim: int, data_dim: int, train_data: Tensor | None) -> Prior:
+    return MixtureOfGaussians(latent_dim, cfg.components, cfg.learn_weights)
+
+
+def _vampprior(cfg, latent_dim: int, data_dim: int, train_data: Tensor | None) -> Prior:
+    images = None
+    if cfg.pseudo_inputs_init == "data":
+        images = random_images(train_data, cfg.components, cfg.data_seed, "model.prior.components")
+    return VampPrior(latent_dim, data_dim, cfg.components, cfg.pseudo_inputs_mean, cfg.pseudo_inputs_std, images)
+
+
+def _vampprior_data(cfg, latent_dim: int, data_dim: int, train_data: Tensor | None) -> Prior:
+    images = random_images(train_data, cfg.components, cfg.data_seed, "model.prior.components")
+    return VampPriorData(latent_dim, data_dim, cfg.components, images)
+
+
+#: name -> builder(prior config, latent dim of the prior's layer, data dim, float train data [N, D] or None)
+PRIORS: dict[str, Callable[..., Prior]] = {
+    "standard": _standard,
+    "mog": _mog,
+    "vampprior": _vampprior,
+    "vampprior-data": _vampprior_data,
+}
 
 
 def make_prior(cfg, latent_dim: int, data_dim: int, train_data: Tensor | None = None) -> Prior:
     """Build the prior a :class:`~elbolab.config.PriorConfig` names."""
     if cfg.name not in PRIORS:
-        raise ValueError(f"unknown prior {cfg.name!r}; choose one of {sorted(PRIORS)}")
-    return PRIORS[cfg.name](latent_dim)
+        raise ValueError(f"model.prior.name: unknown prior {cfg.name!r}; choose one of {sorted(PRIORS)}")
+    return PRIORS[cfg.name](cfg, latent_dim, data_dim, train_data)

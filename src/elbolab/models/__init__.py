@@ -1,4 +1,4 @@
-"""Models, registered by the name a config uses."""
+"""Models, registered by the name a config uses (``model.name``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,20 @@ from ..config import ModelConfig
 from ..likelihoods import make_likelihood
 from ..priors import make_prior
 from .base import HasLogWeights, LatentVariableModel, LogWeightTerms
+from .hierarchical import HierarchicalVAE
 from .one_layer import OneLayerVAE
+from .two_layer import TwoLayerVAE
 
-__all__ = ["HasLogWeights", "LatentVariableModel", "LogWeightTerms", "OneLayerVAE", "build_model", "MODELS"]
+__all__ = [
+    "HasLogWeights",
+    "HierarchicalVAE",
+    "LatentVariableModel",
+    "LogWeightTerms",
+    "MODELS",
+    "OneLayerVAE",
+    "TwoLayerVAE",
+    "build_model",
+]
 
 
 def _one_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
@@ -21,20 +32,49 @@ def _one_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> La
         latent_dim=cfg.latent_dim,
         hidden=cfg.hidden,
         activation=cfg.activation,
-        likelihood=make_likelihood(cfg.likelihood),
+        likelihood=make_likelihood(cfg.likelihood, data_dim),
         prior=make_prior(cfg.prior, cfg.latent_dim, data_dim, train_data),
+    )
+
+
+def _two_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
+    sizes = cfg.two_layer
+    return TwoLayerVAE(
+        data_dim=data_dim,
+        latent_dims=sizes.latent_dims,
+        hidden1=sizes.hidden1,
+        hidden2=sizes.hidden2,
+        activation=cfg.activation,
+        likelihood=make_likelihood(cfg.likelihood, data_dim),
+        prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
+    )
+
+
+def _hierarchical(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
+    sizes = cfg.hierarchical
+    return HierarchicalVAE(
+        data_dim=data_dim,
+        latent_dims=sizes.latent_dims,
+        width=sizes.width,
+        log_var_range=sizes.log_var_range,
+        likelihood=make_likelihood(cfg.likelihood, data_dim),
+        prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
     )
 
 
 #: name -> builder(model config, data dimension, float training data [N, D] or None)
 MODELS: dict[str, Callable[[ModelConfig, int, Tensor | None], LatentVariableModel]] = {
     "one-layer": _one_layer,
+    "two-layer": _two_layer,
+    "hierarchical": _hierarchical,
 }
 
 
 def build_model(cfg: ModelConfig, data_dim: int, train_data: Tensor | None = None) -> LatentVariableModel:
     """Build the model a config names; ``train_data`` (float, [N, D]) sets the output bias
     to the data's mean image and provides images for data-initialized priors."""
+    if cfg.name not in MODELS:
+        raise ValueError(f"model.name: unknown model {cfg.name!r}; choose one of {sorted(MODELS)}")
     model = MODELS[cfg.name](cfg, data_dim, train_data)
     if train_data is not None and hasattr(model, "init_output_bias"):
         model.init_output_bias(train_data.float().mean(0))

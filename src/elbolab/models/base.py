@@ -64,6 +64,8 @@ class LatentVariableModel(nn.Module, ABC):
 
     data_dim: int
     latent_dims: list[int]
+    #: the stochastic layer whose distribution is ``self.prior`` (the top one)
+    prior_layer: str = "z"
 
     @abstractmethod
     def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
@@ -81,6 +83,18 @@ class LatentVariableModel(nn.Module, ABC):
     @abstractmethod
     def posterior(self, x: Tensor) -> DiagonalGaussian:
         """q(z|x) of the first-sampled stochastic layer, ``[B, D]`` parameters."""
+
+    def top_posterior(self, x: Tensor) -> DiagonalGaussian:
+        """The Gaussian over the prior's layer given an input, ``[B, D_top]`` parameters.
+
+        A VampPrior mixes these at its pseudo-inputs. For one stochastic layer it is
+        q(z|x); multi-layer models say how they reach their top layer.
+        """
+        return self.posterior(x)
+
+    def latents_given_top(self, z_top: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Ancestral samples of the decoder's input given the prior's layer, ``[n, ...]``."""
+        return z_top
 
     def posterior_means(self, x: Tensor) -> list[Tensor]:
         """E_q[z_l | x] per stochastic layer (bottom first), for active units."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -18,7 +21,8 @@ def activation(name: str) -> nn.Module:
     try:
         return ACTIVATIONS[name]()
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+        known = sorted(ACTIVATIONS)
+        raise ValueError(f"model.activation: unknown activation {name!r}; choose one of {known}") from None
 
 
 def mlp(in_dim: int, hidden: Sequence[int], act: str) -> tuple[nn.Sequential, int]:
@@ -31,14 +35,55 @@ def mlp(in_dim: int, hidden: Sequence[int], act: str) -> tuple[nn.Sequential, in
     return nn.Sequential(*layers), d
 
 
-class GaussianHead(nn.Module):
-    """Maps features to (mean, log-variance) of a diagonal Gaussian with one GEMM."""
+def draw(mean: Tensor, log_var: Tensor, generator=None) -> Tensor:
+    """One reparameterized draw per parameter row (the sample axis is already in ``mean``)."""
+    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    return mean + torch.exp(0.5 * log_var) * eps
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+
+def with_detached_params(module: nn.Module, *inputs: Tensor):
+    """``module(*inputs)`` with its own parameters cut from the graph but not its inputs.
+
+    "Sticking the landing" for a conditional q(z2 | z1): the density's parameters must
+    not carry the score gradient, while the path through the sampled z1 must stay.
+    """
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, params, inputs)
+
+
+class GaussianHead(nn.Module):
+    """Maps features to (mean, log-variance) of a diagonal Gaussian with one GEMM.
+
+    ``log_var_range`` clamps the log-variance with a hardtanh, as the VampPrior code does.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, log_var_range: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.out_dim = out_dim
+        self.log_var_range = log_var_range
         self.linear = nn.Linear(in_dim, 2 * out_dim)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         mean, log_var = self.linear(h).split(self.out_dim, dim=-1)
+        if self.log_var_range is not None:
+            log_var = F.hardtanh(log_var, *self.log_var_range)
         return mean, log_var
+
+
+class GatedDense(nn.Module):
+    """h(x) * sigmoid(g(x)) with two linear maps (Dauphin et al. 2017; the VampPrior models)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.h = nn.Linear(in_dim, out_dim)
+        self.g = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.h(x) * self.g(x).sigmoid()
+
+
+def he_init_(module: nn.Module) -> None:
+    """Weights of every Linear ~ N(0, 2 / fan_in), as the VampPrior code initializes."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / m.in_features))

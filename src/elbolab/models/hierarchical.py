@@ -1,0 +1,143 @@
+"""The VampPrior paper's two-level hierarchical VAE (Tomczak & Welling 2018, section 3.2).
+
+    q(z2 | x) q(z1 | x, z2),    p(z2) p(z1 | z2) p(x | z1, z2)
+
+Both levels have 40 units. Every deterministic layer is a gated dense layer of 300
+units (h(x) * sigmoid(g(x))); branches that read two inputs run one gated layer on
+each and one on their concatenation, as in the authors' code. Gaussian
+log-variances pass through hardtanh(-6, 2) and weights start He-normal, also as in
+their code. The prior (a VampPrior in the paper) is on z2. Not to be confused with the
+Hamiltonian VAE, which is also abbreviated HVAE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..distributions import DiagonalGaussian
+from ..likelihoods import Likelihood
+from ..priors import Prior
+from .base import LatentVariableModel, LogWeightTerms
+from .layers import GatedDense, GaussianHead, draw, he_init_, with_detached_params
+
+
+class GatedGaussian(nn.Module):
+    """input -> gated dense layers -> (mean, clamped log-variance)."""
+
+    def __init__(self, in_dim: int, width: int, depth: int, out_dim: int, log_var_range: tuple[float, float]) -> None:
+        super().__init__()
+        dims = [in_dim] + [width] * depth
+        self.body = nn.Sequential(*(GatedDense(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)))
+        self.head = GaussianHead(width, out_dim, log_var_range)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return self.head(self.body(h))
+
+
+class TwoInputGated(nn.Module):
+    """(a, b) -> gated(a) ++ gated(b) -> gated -> features; a broadcasts against b's sample axis."""
+
+    def __init__(self, a_dim: int, b_dim: int, width: int) -> None:
+        super().__init__()
+        self.a = GatedDense(a_dim, width)
+        self.b = GatedDense(b_dim, width)
+        self.joint = GatedDense(2 * width, width)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        ha, hb = self.a(a), self.b(b)
+        ha = ha.expand(*hb.shape[:-1], ha.shape[-1])
+        return self.joint(torch.cat([ha, hb], dim=-1))
+
+
+class ConditionalGaussian(nn.Module):
+    """q(z1 | x, z2): two-input gated features -> (mean, clamped log-variance)."""
+
+    def __init__(self, a_dim: int, b_dim: int, width: int, out_dim: int, log_var_range: tuple[float, float]) -> None:
+        super().__init__()
+        self.features = TwoInputGated(a_dim, b_dim, width)
+        self.head = GaussianHead(width, out_dim, log_var_range)
+
+    def forward(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        return self.head(self.features(a, b))
+
+
+class HierarchicalVAE(LatentVariableModel):
+    prior_layer = "z2"
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dims: Sequence[int],
+        width: int,
+        log_var_range: tuple[float, float],
+        likelihood: Likelihood,
+        prior: Prior,
+    ) -> None:
+        super().__init__()
+        d1, d2 = latent_dims
+        self.data_dim = data_dim
+        self.latent_dims = [d1, d2]
+        self.q_z2 = GatedGaussian(data_dim, width, 2, d2, log_var_range)
+        self.q_z1 = ConditionalGaussian(data_dim, d2, width, d1, log_var_range)
+        self.p_z1 = GatedGaussian(d2, width, 2, d1, log_var_range)
+        self.p_x_features = TwoInputGated(d1, d2, width)
+        self.p_x_out = nn.Linear(width, data_dim * likelihood.params_per_pixel)
+        he_init_(self)
+        self.likelihood = likelihood
+        self.prior = prior
+        prior.attach(self)
+
+    def init_output_bias(self, pixel_mean: Tensor) -> None:
+        self.likelihood.init_output_bias(self.p_x_out.bias, pixel_mean)
+
+    def decode(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """Likelihood parameters of p(x | z1, z2), ``[..., P * data_dim]``."""
+        return self.p_x_out(self.p_x_features(z1, z2))
+
+    # --- the protocol -------------------------------------------------------------
+    def posterior(self, x: Tensor) -> DiagonalGaussian:
+        """q(z2 | x), the first-sampled (and top) layer."""
+        return DiagonalGaussian(*self.q_z2(x))
+
+    def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
+        q2 = self.posterior(x)
+        z2 = q2.rsample(k)  # [K, B, D2]
+        m1, lv1 = self.q_z1(x, z2)
+        z1 = draw(m1, lv1)  # [K, B, D1]
+        if stop_posterior_grad:
+            q2 = q2.detach()
+            m1, lv1 = with_detached_params(self.q_z1, x, z2)
+        log_q2 = q2.log_prob(z2)
+        log_q1 = DiagonalGaussian(m1, lv1).log_prob(z1)
+        log_p2 = self.prior.log_prob(z2)
+        log_p1 = DiagonalGaussian(*self.p_z1(z2)).log_prob(z1)
+        log_px = self.likelihood.log_prob(x, self.decode(z1, z2))
+        return LogWeightTerms(log_px, {"z1": log_p1, "z2": log_p2}, {"z1": log_q1, "z2": log_q2}, {"z1": z1, "z2": z2})
+
+    def posterior_means(self, x: Tensor) -> list[Tensor]:
+        """[mu1(x, E_q[z2|x]), E_q[z2|x]]: z2's mean is exact; z1's is taken at z2's mean
+        (a plug-in; E_q[z1|x] = E_q(z2|x)[mu1(x, z2)] has no closed form)."""
+        m2 = self.posterior(x).mean
+        return [self.q_z1(x, m2)[0], m2]
+
+    def latents_given_top(self, z_top: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z1 ~ p(z1 | z2); the decoder reads both, returned as ``[..., D1 + D2]``."""
+        z1 = draw(*self.p_z1(z_top), generator=generator)
+        return torch.cat([z1, z_top], dim=-1)
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.latents_given_top(self.prior.sample(n, generator), generator)
+
+    def decode_mean(self, z: Tensor) -> Tensor:
+        """``z`` is ``[..., D1 + D2]`` (z1 then z2), as :meth:`sample_latents` returns."""
+        z1, z2 = z.split(self.latent_dims, dim=-1)
+        return self.likelihood.mean(self.decode(z1, z2))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        m2 = self.posterior(x).mean
+        m1 = self.q_z1(x, m2)[0]
+        return self.likelihood.mean(self.decode(m1, m2))

@@ -1,0 +1,107 @@
+"""The IWAE paper's two-stochastic-layer model (Burda et al. 2016, section 5).
+
+    q(z1 | x) q(z2 | z1),    p(z2) p(z1 | z2) p(x | z1)
+
+with z1 of 100 units and z2 of 50. Between x and z1 sit two deterministic tanh
+layers of 100 units, between z1 and z2 two of 50; the generative networks mirror the
+recognition ones (z2 -> 50 -> 50 -> z1, z1 -> 100 -> 100 -> x). Every Gaussian is
+diagonal, its mean and log-variance a linear map of the last deterministic layer.
+The prior p(z2) is any prior of elbolab.priors (standard in the paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..distributions import DiagonalGaussian
+from ..likelihoods import Likelihood
+from ..priors import Prior
+from .base import LatentVariableModel, LogWeightTerms
+from .layers import GaussianHead, draw, mlp, with_detached_params
+
+
+class GaussianMLP(nn.Module):
+    """input -> tanh MLP -> (mean, log-variance) of a diagonal Gaussian."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, act: str) -> None:
+        super().__init__()
+        body, width = mlp(in_dim, hidden, act)
+        self.body = body
+        self.head = GaussianHead(width, out_dim)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return self.head(self.body(h))
+
+
+class TwoLayerVAE(LatentVariableModel):
+    prior_layer = "z2"
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dims: Sequence[int],
+        hidden1: Sequence[int],
+        hidden2: Sequence[int],
+        activation: str,
+        likelihood: Likelihood,
+        prior: Prior,
+    ) -> None:
+        super().__init__()
+        d1, d2 = latent_dims
+        self.data_dim = data_dim
+        self.latent_dims = [d1, d2]
+        self.q_z1 = GaussianMLP(data_dim, hidden1, d1, activation)
+        self.q_z2 = GaussianMLP(d1, hidden2, d2, activation)
+        self.p_z1 = GaussianMLP(d2, list(reversed(hidden2)), d1, activation)
+        body, width = mlp(d1, list(reversed(hidden1)), activation)
+        self.p_x = nn.Sequential(*body, nn.Linear(width, data_dim * likelihood.params_per_pixel))
+        self.likelihood = likelihood
+        self.prior = prior
+        prior.attach(self)
+
+    def init_output_bias(self, pixel_mean: Tensor) -> None:
+        self.likelihood.init_output_bias(self.p_x[-1].bias, pixel_mean)
+
+    # --- the protocol -------------------------------------------------------------
+    def posterior(self, x: Tensor) -> DiagonalGaussian:
+        """q(z1 | x), the first-sampled layer."""
+        return DiagonalGaussian(*self.q_z1(x))
+
+    def top_posterior(self, x: Tensor) -> DiagonalGaussian:
+        """q(z2 | z1 = E_q[z1 | x]): q(z2 | x) itself is a continuous mixture with no
+        closed form, so a VampPrior on z2 mixes these Gaussians at its pseudo-inputs."""
+        return DiagonalGaussian(*self.q_z2(self.posterior(x).mean))
+
+    def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
+        q1 = self.posterior(x)
+        z1 = q1.rsample(k)  # [K, B, D1]
+        m2, lv2 = self.q_z2(z1)
+        z2 = draw(m2, lv2)  # [K, B, D2]
+        if stop_posterior_grad:
+            q1 = q1.detach()
+            m2, lv2 = with_detached_params(self.q_z2, z1)
+        log_q1 = q1.log_prob(z1)
+        log_q2 = DiagonalGaussian(m2, lv2).log_prob(z2)
+        log_p2 = self.prior.log_prob(z2)
+        log_p1 = DiagonalGaussian(*self.p_z1(z2)).log_prob(z1)
+        log_px = self.likelihood.log_prob(x, self.p_x(z1))
+        return LogWeightTerms(log_px, {"z1": log_p1, "z2": log_p2}, {"z1": log_q1, "z2": log_q2}, {"z1": z1, "z2": z2})
+
+    def posterior_means(self, x: Tensor) -> list[Tensor]:
+        """[E_q[z1|x], mu2(E_q[z1|x])]: the upper mean is taken at the lower layer's mean
+        (a plug-in; E_q[z2|x] = E_q(z1|x)[mu2(z1)] has no closed form)."""
+        m1 = self.posterior(x).mean
+        return [m1, self.q_z2(m1)[0]]
+
+    def latents_given_top(self, z_top: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z1 ~ p(z1 | z2): the decoder reads z1 only."""
+        return draw(*self.p_z1(z_top), generator=generator)
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.latents_given_top(self.prior.sample(n, generator), generator)
+
+    def decode_mean(self, z: Tensor) -> Tensor:
+        return self.likelihood.mean(self.p_x(z))

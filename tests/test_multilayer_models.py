@@ -1,0 +1,197 @@
+"""Two-layer (IWAE paper) and hierarchical (VampPrior paper) models: exact assembly of the
+log weights from their component densities, and IS log p(x) against quadrature."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Categorical, Independent, MixtureSameFamily, Normal
+
+from elbolab.diagnostics import active_units
+from elbolab.likelihoods import BernoulliLikelihood
+from elbolab.models import HierarchicalVAE, OneLayerVAE, TwoLayerVAE
+from elbolab.priors import MixtureOfGaussians, StandardNormal, VampPriorData
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny GEMMs: one thread is fastest, and it does not fight other jobs for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def normal(mean, log_var):
+    return Independent(Normal(mean, torch.exp(0.5 * log_var)), 1)
+
+
+def mixture(prior: MixtureOfGaussians):
+    return MixtureSameFamily(Categorical(logits=prior.logits), normal(prior.means, prior.log_vars))
+
+
+def bernoulli(logits):
+    return Independent(Bernoulli(logits=logits), 1)
+
+
+@pytest.fixture
+def x():
+    return torch.bernoulli(torch.full((5, 6), 0.4, dtype=torch.float64))
+
+
+def test_two_layer_log_weights_equal_hand_assembly(x):
+    prior = MixtureOfGaussians(2, 3, learn_weights=True)
+    model = TwoLayerVAE(6, (3, 2), (5, 4), (4,), "tanh", BernoulliLikelihood(), prior).double()
+    with torch.no_grad():
+        prior.logits.normal_()
+    terms = model.log_weight_terms(x, 4)
+    z1, z2 = terms.z["z1"], terms.z["z2"]
+    assert z1.shape == (4, 5, 3) and z2.shape == (4, 5, 2)
+    by_hand = (
+        bernoulli(model.p_x(z1)).log_prob(x)  # log p(x | z1)
+        + normal(*model.p_z1(z2)).log_prob(z1)  # log p(z1 | z2)
+        + mixture(prior).log_prob(z2)  # log p(z2)
+        - normal(*model.q_z1(x)).log_prob(z1)  # log q(z1 | x)
+        - normal(*model.q_z2(z1)).log_prob(z2)  # log q(z2 | z1)
+    )
+    torch.testing.assert_close(terms.log_weights(), by_hand, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(model.log_weights(x, 4).shape, by_hand.shape)
+    # warm-up scales every layer's KL term
+    kl = terms.kl()
+    torch.testing.assert_close(terms.log_weights(0.25), terms.log_likelihood - 0.25 * kl)
+
+
+def test_hierarchical_log_weights_equal_hand_assembly(x):
+    prior = VampPriorData(2, 6, 4, torch.rand(4, 6))
+    model = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), BernoulliLikelihood(), prior).double()
+    terms = model.log_weight_terms(x, 4)
+    z1, z2 = terms.z["z1"], terms.z["z2"]
+    u = prior.images.double()
+    q_u = model.q_z2(u)  # the VampPrior: (1/C) sum_c q(z2 | u_c)
+    log_p2 = torch.logsumexp(torch.stack([normal(q_u[0][c], q_u[1][c]).log_prob(z2) for c in range(4)]), 0) \
+        - math.log(4)
+    hx = model.q_z1.features
+    h = hx.joint(torch.cat([hx.a(x).expand(4, 5, -1), hx.b(z2)], -1))
+    m1, lv1 = model.q_z1.head(h)
+    by_hand = (
+        bernoulli(model.decode(z1, z2)).log_prob(x)  # log p(x | z1, z2)
+        + normal(*model.p_z1(z2)).log_prob(z1)  # log p(z1 | z2)
+        + log_p2  # log p(z2)
+        - normal(*model.q_z2(x)).log_prob(z2)  # log q(z2 | x)
+        - normal(m1, lv1).log_prob(z1)  # log q(z1 | x, z2)
+    )
+    torch.testing.assert_close(terms.log_weights(), by_hand, rtol=1e-12, atol=1e-10)
+
+
+def test_hierarchical_clamps_log_variances_like_the_paper_code():
+    model = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), BernoulliLikelihood(), StandardNormal(2)).double()
+    with torch.no_grad():
+        model.q_z2.head.linear.bias.fill_(50.0)
+    q = model.posterior(torch.rand(3, 6, dtype=torch.float64))
+    assert float(q.log_var.detach().max()) == 2.0
+
+
+def test_stop_posterior_grad_keeps_the_path_through_lower_samples(x):
+    """STL: q's parameters carry no score gradient, but the sample paths stay.
+
+    For log N(m + s eps; m, s) the full gradient w.r.t. the mean m is exactly 0 (path and
+    score cancel); with the parameters stopped only the path -eps / s remains.
+    """
+    model = TwoLayerVAE(6, (3, 2), (5,), (4,), "tanh", BernoulliLikelihood(), StandardNormal(2)).double()
+    bias = model.q_z2.head.linear.bias  # [mean (2), log-var (2)]
+    torch.manual_seed(1)
+    full = model.log_weight_terms(x, 3)
+    (g_full,) = torch.autograd.grad(full.log_posterior["z2"].sum(), bias)
+    torch.testing.assert_close(g_full[:2], torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.manual_seed(1)
+    stl = model.log_weight_terms(x, 3, stop_posterior_grad=True)
+    torch.testing.assert_close(stl.log_weights(), full.log_weights())
+    z1, z2 = stl.z["z1"], stl.z["z2"]
+    m2, lv2 = model.q_z2(z1)
+    (g_stl,) = torch.autograd.grad(stl.log_posterior["z2"].sum(), bias, retain_graph=True)
+    want = (-(z2 - m2) * torch.exp(-lv2)).sum((0, 1))
+    torch.testing.assert_close(g_stl[:2], want.detach())
+    (g_q1,) = torch.autograd.grad(stl.log_posterior["z2"].sum(), model.q_z1.head.linear.weight)
+    assert g_q1.abs().sum() > 0  # through z1 = mu1 + s1 * eps into q(z2 | z1)
+
+
+GRID = torch.linspace(-9, 9, 481, dtype=torch.float64)
+STEP = float(GRID[1] - GRID[0])
+
+
+def is_estimate(model, x, k=16_000, chunk=4_000):
+    """L_K and its delta-method standard error: sqrt(Var(w) / K) / mean(w)."""
+    torch.manual_seed(0)
+    lw = torch.cat([model.log_weights(x, chunk) for _ in range(k // chunk)]).double()
+    est = torch.logsumexp(lw, 0) - math.log(k)
+    w = torch.exp(lw - est)
+    return est, w.std(0) / math.sqrt(k)
+
+
+@torch.no_grad()
+def test_one_layer_is_estimate_matches_quadrature(x):
+    model = OneLayerVAE(6, 1, (4,), "tanh", BernoulliLikelihood(), MixtureOfGaussians(1, 3)).double()
+    z = GRID[:, None, None]  # [G, 1, 1] -> broadcast over the batch
+    log_joint = model.likelihood.log_prob(x, model.decode(z.expand(-1, x.shape[0], 1))) + model.prior.log_prob(z)
+    exact = torch.logsumexp(log_joint, 0) + math.log(STEP)
+    est, se = is_estimate(model, x)
+    assert ((est - exact).abs() < 5 * se + 1e-3).all(), (est, exact, se)
+
+
+@torch.no_grad()
+def test_two_layer_is_estimate_matches_2d_quadrature(x):
+    model = TwoLayerVAE(6, (1, 1), (4,), (3,), "tanh", BernoulliLikelihood(), StandardNormal(1)).double()
+    g1, g2 = torch.meshgrid(GRID, GRID, indexing="ij")
+    z1, z2 = g1.reshape(-1, 1, 1), g2.reshape(-1, 1, 1)  # [G^2, 1, 1]
+    log_joint = (
+        model.likelihood.log_prob(x, model.p_x(z1).expand(-1, x.shape[0], -1))
+        + normal(*model.p_z1(z2)).log_prob(z1)
+        + model.prior.log_prob(z2)
+    )
+    exact = torch.logsumexp(log_joint, 0) + 2 * math.log(STEP)
+    est, se = is_estimate(model, x)
+    assert ((est - exact).abs() < 5 * se + 1e-3).all(), (est, exact, se)
+
+
+@torch.no_grad()
+def test_hierarchical_is_estimate_matches_2d_quadrature(x):
+    prior = VampPriorData(1, 6, 3, torch.rand(3, 6))
+    # variances floored at e^-2 so the grid resolves p(z1 | z2)
+    model = HierarchicalVAE(6, (1, 1), 4, (-2.0, 2.0), BernoulliLikelihood(), prior).double()
+    g1, g2 = torch.meshgrid(GRID, GRID, indexing="ij")
+    z1, z2 = g1.reshape(-1, 1, 1), g2.reshape(-1, 1, 1)
+    log_joint = (
+        model.likelihood.log_prob(x, model.decode(z1, z2).expand(-1, x.shape[0], -1))
+        + normal(*model.p_z1(z2)).log_prob(z1)
+        + model.prior.log_prob(z2)
+    )
+    exact = torch.logsumexp(log_joint, 0) + 2 * math.log(STEP)
+    est, se = is_estimate(model, x)
+    assert ((est - exact).abs() < 5 * se + 1e-3).all(), (est, exact, se)
+
+
+def test_posterior_means_and_active_units_per_layer(x):
+    two = TwoLayerVAE(6, (3, 2), (5,), (4,), "tanh", BernoulliLikelihood(), StandardNormal(2)).double()
+    m1, m2 = two.posterior_means(x)
+    torch.testing.assert_close(m1, two.q_z1(x)[0])
+    torch.testing.assert_close(m2, two.q_z2(m1)[0])  # the plug-in upper mean
+    hier = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), BernoulliLikelihood(), StandardNormal(2)).double()
+    h1, h2 = hier.posterior_means(x)
+    torch.testing.assert_close(h2, hier.q_z2(x)[0])
+    torch.testing.assert_close(h1, hier.q_z1(x, h2)[0])
+    au = active_units(two, x, threshold=1e-12)
+    assert [a.numel() for a in au.activity] == [3, 2]
+
+
+def test_ancestral_samples_start_from_the_prior():
+    prior = VampPriorData(2, 6, 1, torch.rand(1, 6))
+    model = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), BernoulliLikelihood(), prior).double()
+    z = model.sample_latents(7, torch.Generator().manual_seed(0))
+    assert z.shape == (7, 5)
+    images = model.sample(7, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(images, model.decode_mean(z))
+    assert images.shape == (7, 6) and images.min() >= 0 and images.max() <= 1
+    two = TwoLayerVAE(6, (3, 2), (5,), (4,), "tanh", BernoulliLikelihood(), StandardNormal(2))
+    assert two.sample_latents(4).shape == (4, 3)
