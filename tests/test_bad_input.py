@@ -91,7 +91,7 @@ def finished(runs, tmp_path) -> Path:
     ("model.latent_dim=0", "model.latent_dim: must be >= 1"),
     ("train.epochs=many", "train.epochs: expected an integer"),
     ("model.hidden=7", "model.hidden: expected a list"),
-    ("model.prior.name=vamprior", "model.prior.name: unknown 'vamprior'"),
+    ("model.prior.name=vamprior", "model.prior.name: unknown prior 'vamprior' (did you mean 'vampprior'?)"),
     ("objective.name=iwea", "objective.name: unknown 'iwea' (did you mean 'iwae'?)"),
     ("train.nonfinite=ignore", "train.nonfinite: must be 'skip' or 'stop'"),
     ("train.checkpoint_minutes=-1", "train.checkpoint_minutes: must be a finite number >= 0"),
@@ -114,11 +114,10 @@ def test_unknown_key_in_a_file_gets_did_you_mean(tmp_path, capsys):
 def test_a_prior_the_model_cannot_take_is_a_config_error(tmp_path, monkeypatch, capsys):
     from elbolab import priors
 
-    class NeedsTwoLayers(priors.StandardNormal):
-        def __init__(self, latent_dim: int) -> None:
-            raise ValueError("this prior needs a two-layer model")
+    def needs_two_layers(cfg, latent_dim, data_dim, train_data):
+        raise ValueError("this prior needs a two-layer model")
 
-    monkeypatch.setitem(priors.PRIORS, "two-layer-only", NeedsTwoLayers)
+    monkeypatch.setitem(priors.PRIORS, "two-layer-only", needs_two_layers)
     code, err = run_cli(train_args(tmp_path / "run", "model.prior.name=two-layer-only"), capsys)
     assert code == 2 and "model: cannot build 'one-layer'" in err and "needs a two-layer model" in err
     assert not (tmp_path / "run").exists()
