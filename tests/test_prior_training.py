@@ -17,14 +17,7 @@ from elbolab.diagnostics import evaluate_bounds
 from elbolab.models import build_model
 from elbolab.objectives import make_objective
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny GEMMs: one thread is fastest, and it does not fight other jobs for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = {

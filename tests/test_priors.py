@@ -14,14 +14,7 @@ from elbolab.likelihoods import BernoulliLikelihood
 from elbolab.models import HierarchicalVAE, OneLayerVAE, TwoLayerVAE, build_model
 from elbolab.priors import MixtureOfGaussians, StandardNormal, VampPrior, VampPriorData
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny GEMMs: one thread is fastest, and it does not fight other jobs for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def direct_mixture(z, means, log_vars, log_mix):
