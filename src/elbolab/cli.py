@@ -134,6 +134,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate]
 
 
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from .reproduce.command import _add_reproduce as add
+
+    add(sub)
+
+
+COMMANDS.append(_add_reproduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
