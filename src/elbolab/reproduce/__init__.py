@@ -96,6 +96,7 @@ def reproduce(
 def _ordered(spec, plans, done: dict[str, Entry], by_row) -> list[Entry]:
     """Entries in table order; rows not finished yet appear as 'not run'."""
     return [
-        done[p.row.id] if p.row.id in done else make_entry(spec, p.row.id, p.data_label, None, None, str(by_row[p.row.id][1]))
+        done[p.row.id] if p.row.id in done
+        else make_entry(spec, p.row.id, p.data_label, None, None, str(by_row[p.row.id][1]))
         for p in plans
     ]

@@ -37,6 +37,10 @@ class RowTask:
 # --- what a row needs that another piece of elbolab provides -------------------------
 
 
+def surgery_available() -> bool:
+    return importlib.util.find_spec("elbolab.diagnostics.surgery") is not None
+
+
 def missing_pieces(cfg: RunConfig, evaluation: str) -> list[str]:
     """Names of the datasets, models, priors, likelihoods or diagnostics this row needs
     and this install lacks, each with the issue that provides it."""
@@ -54,7 +58,7 @@ def missing_pieces(cfg: RunConfig, evaluation: str) -> list[str]:
         missing.append(f"prior {cfg.model.prior.name!r} (priors, issue 5)")
     if cfg.model.likelihood not in LIKELIHOODS:
         missing.append(f"likelihood {cfg.model.likelihood!r} (likelihoods, issue 5)")
-    if evaluation == "surgery" and importlib.util.find_spec("elbolab.diagnostics.surgery") is None:
+    if evaluation == "surgery" and not surgery_available():
         missing.append("ELBO surgery, elbolab/diagnostics/surgery.py (diagnostics, issue 6)")
     return missing
 
@@ -91,7 +95,7 @@ def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any
 
 def evaluate_surgery(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
     """ELBO surgery over the whole training split (N = 60,000 for MNIST: log N = 11.0021)."""
-    if importlib.util.find_spec("elbolab.diagnostics.surgery") is None:
+    if not surgery_available():
         raise MissingPieceError("ELBO surgery, elbolab/diagnostics/surgery.py (diagnostics, issue 6), is not installed")
     from ..diagnostics.surgery import elbo_surgery
 

@@ -92,7 +92,8 @@ class TableSpec:
         for r in self.rows:
             if r.id == row_id:
                 return r
-        raise ConfigError(f"--only {row_id}: no such row in {self.name}{_did_you_mean(row_id, [r.id for r in self.rows])}")
+        hint = _did_you_mean(row_id, [r.id for r in self.rows])
+        raise ConfigError(f"--only {row_id}: no such row in {self.name}{hint}")
 
 
 #: The protocols. Epochs per budget are stated here and in docs/reproduce.md.
