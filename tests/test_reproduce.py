@@ -289,3 +289,19 @@ def test_ray_executor_without_ray_says_how_to_get_it(monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(ConfigError, match=r"pip install 'elbolab\[ray\]'"):
         list(RayExecutor(1).run(_tasks(["a"]), echo_row))
+
+
+def test_tiny_surgery_table(tiny_data, tmp_path) -> None:
+    """Surgery over the training split: N = 500 here, so ours' log N is ln 500 beside the paper's ln 60000."""
+    if not rows.surgery_available():
+        pytest.skip("ELBO surgery (elbolab/diagnostics/surgery.py, issue 6) not in this install")
+    rep = reproduce("surgery-table", budget="quick", only=["mnist-vae-2latents"], results=tmp_path,
+                    overrides={"data.name": "tiny-embedded", "train.epochs": 1})
+    assert rep.trained == ["mnist-vae-2latents"] and not rep.failed
+    cells = json.loads(rep.outputs["json"].read_text())["rows"][0]["cells"]
+    assert cells["log_n"]["ours"] == pytest.approx(math.log(500)) and cells["log_n"]["paper"] == 11.0021
+    assert 0 <= cells["mutual_information"]["ours"] <= math.log(500) + 1e-9
+    result = json.loads(next((tmp_path / "surgery-table" / "quick" / "rows").glob("*/result.json")).read_text())
+    m = result["metrics"]
+    assert abs(m["identity_error"]) <= 4 * m["identity_stderr"] + 1e-6
+    assert "| mnist-vae-2latents | tiny-embedded | -129.63 |" in rep.outputs["markdown"].read_text()

@@ -62,9 +62,10 @@ def reproduce(
     threads = max(1, (os.cpu_count() or 1) // workers)
     tasks, by_row = [], {}
     for p in plans:
-        cfg = p.config
-        if cfg.train.threads == 0:
-            cfg = cfg.with_overrides({"train.threads": threads, "train.progress": False})
+        # rows report when they finish; per-batch progress bars of parallel rows would interleave
+        cfg = p.config.with_overrides({"train.progress": False})
+        if cfg.train.threads == 0:  # share the cores between the workers
+            cfg = cfg.with_overrides({"train.threads": threads})
         row_dir = out / "rows" / f"{p.row.id}-{p.key}"
         task = RowTask(table=spec.name, row_id=p.row.id, config=cfg.to_dict(), row_dir=str(row_dir),
                        evaluation=spec.protocol.evaluation, data_label=p.data_label)

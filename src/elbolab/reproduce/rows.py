@@ -121,21 +121,29 @@ def hardware() -> str:
     return f"{info['processor'] or 'cpu'}, {info['cpu_count']} cores"
 
 
+def _weights(cfg: RunConfig) -> str:
+    """Early-stopped protocols (VampPrior) report the weights best on validation."""
+    return "best" if cfg.train.early_stopping_patience > 0 else "final"
+
+
 def _train(cfg: RunConfig, run_dir: Path, dataset):
-    """Train, resuming an interrupted run; returns the trained model in eval mode."""
+    """Train, resuming an interrupted run; returns the model to evaluate, in eval mode."""
     from ..runs import load_run
     from ..training import Trainer
 
     info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else None
-    if info is not None and info.get("status") == "finished" and (run_dir / "model.safetensors").exists():
-        return load_run(run_dir, device=cfg.train.device if cfg.train.device != "auto" else "cpu").model
-    resume = info is not None and (run_dir / "checkpoint.pt").exists()
-    if info is not None and not resume:  # killed before its first checkpoint: start again
-        shutil.rmtree(run_dir)
-    trainer = Trainer(cfg, run_dir, dataset)
-    trainer.fit(resume=resume)
-    trainer.model.eval()
-    return trainer.model
+    finished = info is not None and info.get("status") == "finished" and (run_dir / "model.safetensors").exists()
+    if not finished:
+        resume = info is not None and (run_dir / "checkpoint.pt").exists()
+        if info is not None and not resume:  # killed before its first checkpoint: start again
+            shutil.rmtree(run_dir)
+        Trainer(cfg, run_dir, dataset).fit(resume=resume)
+    device = cfg.train.device
+    if device == "auto":
+        from ..training import resolve_device
+
+        device = str(resolve_device(device))
+    return load_run(run_dir, device=device, weights=_weights(cfg)).model
 
 
 def run_row(task: RowTask) -> dict[str, Any]:
@@ -167,6 +175,7 @@ def run_row(task: RowTask) -> dict[str, Any]:
         "metrics": metrics,
         "epochs": len(metrics_rows),
         "epochs_planned": cfg.train.epochs,
+        "weights": _weights(cfg),
         # summed over every epoch actually run, so a resumed row counts its earlier sessions
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in metrics_rows), 1),
         "eval_seconds": round(time.perf_counter() - t1, 1),
