@@ -144,7 +144,8 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
             ours = _num(c.ours, _digits(m))
             if c.ours_stderr is not None and c.ours is not None and not isinstance(c.ours, str):
                 ours += f" ± {c.ours_stderr:.2f}"
-            diff = "" if c.difference is None else f"{c.difference:+.{0 if m.kind == 'active_units' else 2}f}"
+            digits = 0 if m.kind == "active_units" else _digits(m)
+            diff = "" if c.difference is None else f"{c.difference:+.{digits}f}"
             cells += [paper, ours if e.status in ("trained", "cached") else e.status, diff]
         cells += [str(e.epochs) if e.epochs is not None else "", _duration(e.wall_seconds), e.hardware or ""]
         lines.append("| " + " | ".join(cells) + " |")
