@@ -146,6 +146,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 COMMANDS.append(_add_data)
 
 
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from .reproduce.command import _add_reproduce as add
+
+    add(sub)
+
+
+COMMANDS.append(_add_reproduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

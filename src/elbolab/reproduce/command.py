@@ -1,0 +1,55 @@
+"""``elbolab reproduce TABLE``: the command line of :func:`elbolab.reproduce.reproduce`."""
+
+from __future__ import annotations
+
+import argparse
+
+TABLE_NAMES = ("iwae-table", "surgery-table", "vampprior-table")
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from . import reproduce
+    from .tables import get_table, plan_rows
+
+    if args.list:
+        spec = get_table(args.table)
+        print(f"{spec.title} ({spec.citation}, {spec.table})")
+        for budget in ("quick", "medium", "paper"):
+            print(f"  budget {budget}: {spec.protocol.budget_notes[budget]}")
+        for p in plan_rows(spec, args.budget, args.only, args.data_dir, args.set or []):
+            c = p.config
+            print(f"  {p.row.id:38s} {p.data_label}, {c.model.name}, prior {c.model.prior.name}, "
+                  f"{c.objective.name} k={c.objective.k}, {c.train.epochs} epochs")
+        return 0
+
+    def progress(entry) -> None:
+        note = f" ({entry.error})" if entry.error else ""
+        print(f"  {entry.row}: {entry.status}{note}", flush=True)
+
+    print(f"elbolab: reproducing {args.table} at budget {args.budget} "
+          f"({args.executor}, {args.workers} worker{'s' if args.workers > 1 else ''}) -> {args.results}", flush=True)
+    rep = reproduce(args.table, budget=args.budget, only=args.only, executor=args.executor, workers=args.workers,
+                    results=args.results, data_dir=args.data_dir, overrides=args.set or [], on_row=progress)
+    print()
+    print(rep.outputs["markdown"].read_text())
+    print(f"trained {len(rep.trained)}, from cache {len(rep.cached)}, failed {len(rep.failed)}; "
+          f"table: {rep.outputs['markdown']} and {rep.outputs['json']}"
+          + (f"; curve: {rep.outputs['curve']}" if "curve" in rep.outputs else ""))
+    return 1 if rep.failed else 0
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="rerun a paper's table and print ours beside theirs")
+    p.add_argument("table", choices=TABLE_NAMES, help="which paper table")
+    p.add_argument("--budget", default="quick", choices=["quick", "medium", "paper"],
+                   help="training length: quick, medium, or paper (the full published protocol)")
+    p.add_argument("--only", nargs="+", metavar="ROW", help="run only these rows (see --list)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: worker processes on this machine; ray: Ray tasks (pip install 'elbolab[ray]')")
+    p.add_argument("--workers", type=int, default=1, help="rows trained at once (default 1)")
+    p.add_argument("--results", default="results", help="results folder; finished rows are cached there")
+    p.add_argument("--data-dir", help="folder with the dataset files (else $ELBOLAB_DATA, else the user cache)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key in every row, e.g. train.device=cuda")
+    p.add_argument("--list", action="store_true", help="list the rows and budgets, train nothing")
+    p.set_defaults(func=cmd_reproduce)

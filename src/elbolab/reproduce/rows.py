@@ -1,0 +1,187 @@
+"""One row of a reproduction: train (or resume), evaluate the paper's way, write result.json.
+
+A row lives in ``<table folder>/rows/<row id>-<config hash>/``: ``run/`` is an ordinary
+run folder, ``result.json`` is written last and atomically, so its presence means the
+row is finished. A killed row resumes from its run folder's checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..runs import environment_info, read_json, read_metrics, write_json
+from .tables import MissingPieceError, RowPlan
+
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class RowTask:
+    """Everything a worker process needs, as plain picklable data."""
+
+    table: str
+    row_id: str
+    config: dict[str, Any]
+    row_dir: str
+    evaluation: str
+    data_label: str
+
+
+# --- what a row needs that another piece of elbolab provides -------------------------
+
+
+def surgery_available() -> bool:
+    return importlib.util.find_spec("elbolab.diagnostics.surgery") is not None
+
+
+def missing_pieces(cfg: RunConfig, evaluation: str) -> list[str]:
+    """Names of the datasets, models, priors, likelihoods or diagnostics this row needs
+    and this install lacks, each with the issue that provides it."""
+    from ..data import DATASETS
+    from ..likelihoods import LIKELIHOODS
+    from ..models import MODELS
+    from ..priors import PRIORS
+
+    missing = []
+    if cfg.data.name not in DATASETS:
+        missing.append(f"dataset {cfg.data.name!r} (data loaders, issue 4)")
+    if cfg.model.name not in MODELS:
+        missing.append(f"model {cfg.model.name!r} (models, issue 5)")
+    if cfg.model.prior.name not in PRIORS:
+        missing.append(f"prior {cfg.model.prior.name!r} (priors, issue 5)")
+    if cfg.model.likelihood not in LIKELIHOODS:
+        missing.append(f"likelihood {cfg.model.likelihood!r} (likelihoods, issue 5)")
+    if evaluation == "surgery" and not surgery_available():
+        missing.append("ELBO surgery, elbolab/diagnostics/surgery.py (diagnostics, issue 6)")
+    return missing
+
+
+def check_available(plans: list[RowPlan], evaluation: str, table: str) -> None:
+    """Fail before any training, naming every missing piece and the rows that need it."""
+    needs: dict[str, list[str]] = {}
+    for p in plans:
+        for piece in missing_pieces(p.config, evaluation):
+            needs.setdefault(piece, []).append(p.row.id)
+    if needs:
+        parts = [f"{piece} for {', '.join(rows)}" for piece, rows in needs.items()]
+        raise MissingPieceError(f"{table}: this install lacks " + "; ".join(parts)
+                                + " (pick other rows with --only, or install the missing piece)")
+
+
+# --- evaluations: run folder + data -> the paper's metrics ---------------------------
+
+
+def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
+    """IS log-likelihood (K = eval.k_importance) and active units on the test set."""
+    from ..diagnostics import active_units, log_likelihood
+
+    x = dataset.as_float("test", cfg.data.binarization, cfg.data.binarization_seed + 3).to(device)
+    e = cfg.eval
+    ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_size, seed=e.seed)
+    au = active_units(model, x, threshold=e.active_unit_threshold)
+    return {
+        "log_likelihood": ll.mean, "log_likelihood_stderr": ll.stderr,
+        "nll": -ll.mean, "nll_stderr": ll.stderr, "k_importance": e.k_importance, "n_test": int(x.shape[0]),
+        "active_units": str(au), "active_units_counts": au.counts,
+    }
+
+
+def evaluate_surgery(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
+    """ELBO surgery over the whole training split (N = 60,000 for MNIST: log N = 11.0021)."""
+    if not surgery_available():
+        raise MissingPieceError("ELBO surgery, elbolab/diagnostics/surgery.py (diagnostics, issue 6), is not installed")
+    from ..diagnostics.surgery import elbo_surgery
+
+    x = dataset.as_float("train", cfg.data.binarization, cfg.data.binarization_seed + 4).to(device)
+    s = elbo_surgery(model, x, seed=cfg.eval.seed)
+    out = s.to_dict()
+    out["n_surgery"] = out.pop("n")
+    return out
+
+
+#: evaluation name -> fn(model, dataset, config, device) -> metrics
+EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {
+    "likelihood": evaluate_likelihood,
+    "surgery": evaluate_surgery,
+}
+
+
+def hardware() -> str:
+    """One line: the GPU if training used one, else the CPU and core count."""
+    info = environment_info()
+    if info.get("gpu"):
+        return str(info["gpu"])
+    return f"{info['processor'] or 'cpu'}, {info['cpu_count']} cores"
+
+
+def _weights(cfg: RunConfig) -> str:
+    """Early-stopped protocols (VampPrior) report the weights best on validation."""
+    return "best" if cfg.train.early_stopping_patience > 0 else "final"
+
+
+def _train(cfg: RunConfig, run_dir: Path, dataset):
+    """Train, resuming an interrupted run; returns the model to evaluate, in eval mode."""
+    from ..runs import load_run
+    from ..training import Trainer
+
+    info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else None
+    finished = info is not None and info.get("status") == "finished" and (run_dir / "model.safetensors").exists()
+    if not finished:
+        resume = info is not None and (run_dir / "checkpoint.pt").exists()
+        if info is not None and not resume:  # killed before its first checkpoint: start again
+            shutil.rmtree(run_dir)
+        Trainer(cfg, run_dir, dataset).fit(resume=resume)
+    device = cfg.train.device
+    if device == "auto":
+        from ..training import resolve_device
+
+        device = str(resolve_device(device))
+    return load_run(run_dir, device=device, weights=_weights(cfg)).model
+
+
+def run_row(task: RowTask) -> dict[str, Any]:
+    """Train and evaluate one row (or return its cached result)."""
+    import torch
+
+    from ..data import load
+
+    row_dir = Path(task.row_dir)
+    result_path = row_dir / RESULT_FILE
+    if result_path.exists():
+        return {**read_json(result_path), "cached": True}
+    cfg = RunConfig.from_dict(task.config)
+    row_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    dataset = load(cfg.data.name, cfg.data.data_dir)
+    run_dir = row_dir / "run"
+    model = _train(cfg, run_dir, dataset)
+    device = next(model.parameters()).device
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        metrics = EVALUATORS[task.evaluation](model, dataset, cfg, device)
+    metrics_rows = read_metrics(run_dir / "metrics.jsonl")
+    result = {
+        "table": task.table,
+        "row": task.row_id,
+        "data": task.data_label,
+        "dataset_source": dataset.source,
+        "metrics": metrics,
+        "epochs": len(metrics_rows),
+        "epochs_planned": cfg.train.epochs,
+        "weights": _weights(cfg),
+        # summed over every epoch actually run, so a resumed row counts its earlier sessions
+        "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in metrics_rows), 1),
+        "eval_seconds": round(time.perf_counter() - t1, 1),
+        "session_seconds": round(time.perf_counter() - t0, 1),
+        "hardware": hardware(),
+        "config": task.config,
+    }
+    write_json(result_path, result)
+    return {**result, "cached": False}

@@ -1,0 +1,292 @@
+"""Paper tables -> rows -> one RunConfig per row, with the paper's protocol scaled by a budget.
+
+The published numbers and each row's defining keys live in ``papers.yaml``; this module
+adds what a table's rows share: the base protocol (a preset or a dict of keys), the
+budgets (how many epochs quick, medium and paper mean), and the evaluation each row
+gets ("likelihood": IS log-likelihood and active units on the test set; "surgery":
+ELBO surgery over the training set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, RunConfig, _did_you_mean, parse_overrides, preset
+from ..schedules import iwae_epochs
+
+PAPERS_FILE = Path(__file__).with_name("papers.yaml")
+
+#: the budgets every table knows, smallest first
+BUDGETS = ("quick", "medium", "paper")
+
+
+class MissingPieceError(ConfigError):
+    """A row needs a dataset, model, prior, preset or diagnostic this install lacks."""
+
+
+@dataclass(frozen=True)
+class PaperValue:
+    #: as printed in the paper (a number, or a string such as "26+7" for active units)
+    value: float | str | None
+    #: where it sits in the paper's table
+    column: str
+    #: how it was checked (see papers.yaml); None: not verified against any source
+    checked: str | None
+
+    @property
+    def verified(self) -> bool:
+        return self.checked is not None
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    #: nll | higher | plain | active_units: how ours is compared with the paper's
+    kind: str
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    id: str
+    #: dotted config keys that make this row (model, objective, k, dataset, prior...)
+    setup: dict[str, Any]
+    values: dict[str, PaperValue]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What a table's rows share, and what each budget changes."""
+
+    #: a preset name from config.PRESETS, or None for RunConfig defaults
+    preset: str | None
+    #: keys set on top of the preset for every row
+    base: dict[str, Any]
+    #: budget name -> keys it sets (epochs, schedule lengths, K of the estimator)
+    budgets: dict[str, dict[str, Any]]
+    #: likelihood | surgery (see rows.EVALUATORS)
+    evaluation: str
+    #: one line per budget for the docs and the table header
+    budget_notes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    title: str
+    source: str
+    citation: str
+    table: str
+    metrics: tuple[Metric, ...]
+    rows: tuple[RowSpec, ...]
+    protocol: Protocol
+
+    def row(self, row_id: str) -> RowSpec:
+        for r in self.rows:
+            if r.id == row_id:
+                return r
+        hint = _did_you_mean(row_id, [r.id for r in self.rows])
+        raise ConfigError(f"--only {row_id}: no such row in {self.name}{hint}")
+
+
+#: The protocols. Epochs per budget are stated here and in docs/reproduce.md.
+PROTOCOLS: dict[str, Protocol] = {
+    # Burda et al. section 5 (the iwae-paper preset: Adam eps 1e-4, batch 20, dynamic
+    # binarization, the 3^i schedule); budgets cut the schedule after fewer passes, so
+    # the learning rate follows the paper's decay as far as the run goes.
+    "iwae-table": Protocol(
+        preset="iwae-paper",
+        base={"train.eval_every": 0},
+        budgets={
+            "quick": {"train.epochs": iwae_epochs(3), "eval.k_importance": 1000},
+            "medium": {"train.epochs": iwae_epochs(5), "eval.k_importance": 5000},
+            "paper": {"train.epochs": iwae_epochs(8), "eval.k_importance": 5000},
+        },
+        evaluation="likelihood",
+        budget_notes={
+            "quick": f"{iwae_epochs(3)} epochs (3^i passes i = 0..2), test NLL from K = 1000",
+            "medium": f"{iwae_epochs(5)} epochs (passes i = 0..4), test NLL from K = 5000",
+            "paper": f"{iwae_epochs(8)} epochs (passes i = 0..7, the paper), test NLL from K = 5000",
+        },
+    ),
+    # Hoffman & Johnson do not state the training protocol; ours: the IWAE paper's
+    # one-layer MLP (200-200 tanh), single-sample ELBO, Adam lr 1e-3, batch 100,
+    # dynamic binarization; surgery over all 60,000 training images.
+    "surgery-table": Protocol(
+        preset=None,
+        base={
+            "objective.name": "vae", "objective.k": 1, "data.binarization": "dynamic",
+            "model.hidden": [200, 200], "train.batch_size": 100, "train.lr": 1e-3, "train.eval_every": 0,
+        },
+        budgets={
+            "quick": {"train.epochs": 10},
+            "medium": {"train.epochs": 100},
+            "paper": {"train.epochs": 1000},
+        },
+        evaluation="surgery",
+        budget_notes={
+            "quick": "10 epochs",
+            "medium": "100 epochs",
+            "paper": "1000 epochs (the note states none; our choice, long enough for the ELBO to settle)",
+        },
+    ),
+    # Tomczak & Welling: the vampprior-paper preset (hierarchical VAE, lr 5e-4, batch 100,
+    # warm-up 100 epochs, early stopping 50, at most 2,000 epochs, K = 5000).
+    "vampprior-table": Protocol(
+        preset="vampprior-paper",
+        base={},
+        budgets={
+            "quick": {"train.epochs": 10, "objective.warmup_epochs": 5, "train.early_stopping_patience": 0,
+                      "eval.k_importance": 1000},
+            "medium": {"train.epochs": 200, "eval.k_importance": 5000},
+            "paper": {},
+        },
+        evaluation="likelihood",
+        budget_notes={
+            "quick": "10 epochs, KL warm-up over 5, no early stopping, test LL from K = 1000",
+            "medium": "at most 200 epochs, warm-up 100, early stopping 50, K = 5000",
+            "paper": "at most 2000 epochs, warm-up 100, early stopping 50, K = 5000 (the paper)",
+        },
+    ),
+}
+
+
+def _paper_value(raw: Any, where: str) -> PaperValue:
+    if not isinstance(raw, dict) or "column" not in raw or "checked" not in raw or "value" not in raw:
+        raise ConfigError(f"{PAPERS_FILE}: {where}: a cell needs value, column and checked")
+    return PaperValue(value=raw["value"], column=str(raw["column"]), checked=raw["checked"])
+
+
+@cache
+def load_tables(path: Path = PAPERS_FILE) -> dict[str, TableSpec]:
+    """Read papers.yaml into table specs (strictly: a malformed cell names its row)."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from None
+    sources = doc["sources"]
+    tables: dict[str, TableSpec] = {}
+    for name, t in doc["tables"].items():
+        if name not in PROTOCOLS:
+            raise ConfigError(f"{path}: table {name!r} has no protocol in tables.PROTOCOLS")
+        metrics = tuple(Metric(m, v["label"], v["kind"]) for m, v in t["metrics"].items())
+        rows = []
+        for r in t["rows"]:
+            values = {m: _paper_value(v, f"{name}/{r['id']}/{m}") for m, v in r["values"].items()}
+            unknown = set(values) - {m.name for m in metrics}
+            if unknown:
+                raise ConfigError(f"{path}: {name}/{r['id']}: unknown metrics {sorted(unknown)}")
+            rows.append(RowSpec(id=r["id"], setup=dict(r["setup"]), values=values))
+        ids = [r.id for r in rows]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"{path}: {name}: duplicate row ids")
+        src = sources[t["source"]]
+        tables[name] = TableSpec(
+            name=name, title=t["title"], source=t["source"], citation=src["citation"], table=t["table"],
+            metrics=metrics, rows=tuple(rows), protocol=PROTOCOLS[name],
+        )
+    return tables
+
+
+def get_table(name: str) -> TableSpec:
+    tables = load_tables()
+    if name not in tables:
+        raise ConfigError(f"table: unknown table {name!r}{_did_you_mean(name, sorted(tables))}")
+    return tables[name]
+
+
+def select_rows(table: TableSpec, only: list[str] | None) -> list[RowSpec]:
+    """The rows ``--only`` names (in table order), or all of them."""
+    if not only:
+        return list(table.rows)
+    wanted = {table.row(r).id for r in only}
+    return [r for r in table.rows if r.id in wanted]
+
+
+# --- OMNIGLOT: the paper's file if the user has it, else our own 28x28 version -----
+
+CHARDATA_RELPATH = "omniglot/chardata.mat"
+
+
+def resolve_omniglot(data_dir: str | None) -> tuple[str, str]:
+    """(dataset name, label): Burda et al.'s chardata.mat when present in the data
+    directory, else elbolab's own 28x28 build, labelled so no one mistakes it for theirs."""
+    from ..data import resolve_data_dir
+
+    if (resolve_data_dir(data_dir) / CHARDATA_RELPATH).is_file():
+        return "omniglot-chardata", "omniglot-chardata (Burda et al.'s chardata.mat)"
+    return "omniglot-28-elbolab", "omniglot-28-elbolab (not the Burda split)"
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    row: RowSpec
+    config: RunConfig
+    #: the dataset as printed in the table
+    data_label: str
+
+    @property
+    def key(self) -> str:
+        return config_key(self.config)
+
+
+#: keys that do not change what a row computes, left out of its cache key
+_KEY_IGNORED = {("train", "threads"), ("train", "progress"), ("train", "device"), ("data", "data_dir")}
+
+
+def config_key(cfg: RunConfig) -> str:
+    """Short hash of everything that defines a row's result (not threads, device, paths)."""
+    d = cfg.to_dict()
+    for section, key in _KEY_IGNORED:
+        d.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def row_config(
+    table: TableSpec, row: RowSpec, budget: str, data_dir: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RowPlan:
+    """The RunConfig of one row: preset, shared keys, the row's keys, the budget, then
+    the user's ``--set`` overrides; a missing preset or config key names the piece."""
+    protocol = table.protocol
+    if budget not in protocol.budgets:
+        raise ConfigError(f"--budget: unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    keys: dict[str, Any] = dict(protocol.base)
+    keys.update(row.setup)
+    keys.update(protocol.budgets[budget])
+    data_label = str(keys.get("data.name", ""))
+    if keys.get("data.name") == "omniglot":
+        keys["data.name"], data_label = resolve_omniglot(data_dir)
+    if data_dir:
+        keys["data.data_dir"] = data_dir
+    keys.update(overrides or {})
+    if "data.name" in (overrides or {}):
+        data_label = str(keys["data.name"])
+    try:
+        base = preset(protocol.preset) if protocol.preset else RunConfig()
+    except ConfigError:
+        raise MissingPieceError(
+            f"{table.name}/{row.id}: needs the config preset {protocol.preset!r}, not in this install "
+            "(presets of the priors and models work, issue 5)"
+        ) from None
+    try:
+        cfg = base.with_overrides(keys)
+    except ConfigError as e:
+        raise MissingPieceError(f"{table.name}/{row.id}: this install's config cannot express the row: {e}") from None
+    return RowPlan(row=row, config=cfg, data_label=data_label)
+
+
+def plan_rows(
+    table: TableSpec, budget: str, only: list[str] | None = None, data_dir: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> list[RowPlan]:
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return [row_config(table, r, budget, data_dir, overrides) for r in select_rows(table, only)]
