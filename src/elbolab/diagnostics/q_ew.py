@@ -69,7 +69,7 @@ def sample_q_ew(model, x: Tensor, k: int, n: int, seed: int | None = 0, max_samp
 # --- numerical integration on a grid (latent dimension <= 2) ----------------------
 
 
-def log_ratio_by_integration(log_w_hat: Tensor, log_pi: Tensor, k: int, nodes: int = 2000,
+def log_ratio_by_integration(log_w_hat: Tensor, log_pi: Tensor, k: int, nodes: int = 600,
                              chunk: int = 1 << 22) -> Tensor:
     """log r_K at every grid point, ``[G]`` float64.
 
@@ -77,14 +77,15 @@ def log_ratio_by_integration(log_w_hat: Tensor, log_pi: Tensor, k: int, nodes: i
     invariant to scaling all weights); ``log_pi`` ``[G]``: log q-probability of each
     grid cell (summing to one), so phi(t) = sum_g pi_g exp(-t w_g).
     With t = e^u / K the integral runs over u in [u_lo, u_hi] with ``nodes`` trapezoid
-    nodes; the ends are where the integrand is below e^-15 of its scale.
+    nodes. Below u_lo = log(K / w_max) - 30 the integrand is 1 to within e^-30, so that
+    head is added exactly as e^u_lo; above u_hi, phi^(K-1) < e^-60 (or exp(-t w_min) is).
     """
     if k == 1:
         return torch.zeros_like(log_w_hat)
     lw = log_w_hat.double()
     log_pi = log_pi.double()
     log_k = math.log(k)
-    u_lo = log_k - float(lw.max()) - 15.0
+    u_lo = log_k - float(lw.max()) - 30.0
 
     def log_phi(u: Tensor) -> Tensor:  # [J] -> [J]: log E_q exp(-e^u w / K)
         out = torch.empty_like(u)
@@ -104,7 +105,8 @@ def log_ratio_by_integration(log_w_hat: Tensor, log_pi: Tensor, k: int, nodes: i
     rows = max(1, chunk // nodes)
     for sl in _batches(lw.numel(), rows):
         integrand = base[:, None] - torch.exp(u[:, None] + lw[None, sl] - log_k)  # [J, g]
-        out[sl] = lw[sl] + torch.logsumexp(integrand, dim=0) + math.log(du)
+        body = torch.logsumexp(integrand, dim=0) + math.log(du)
+        out[sl] = lw[sl] + torch.logaddexp(body, torch.full_like(body, u_lo))
     return out
 
 
@@ -166,7 +168,7 @@ def q_ew_on_grid(model, x: Tensor, ks: tuple[int, ...] = (1, 10, 100), points_pe
         d = q.mean.shape[-1]
         if d > 2:
             raise ValueError(f"numerical integration of q_EW needs a latent of dimension <= 2, got {d}")
-        points_per_dim = points_per_dim or (4001 if d == 1 else 301)
+        points_per_dim = points_per_dim or (2001 if d == 1 else 201)
         terms = model.log_weight_terms(x, 4000)
         (z,) = terms.z.values()
         w = torch.softmax(terms.log_weights().double()[:, 0], 0)[:, None]  # [S, 1]
