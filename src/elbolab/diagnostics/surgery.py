@@ -87,7 +87,13 @@ def mutual_information_terms(z: Tensor, mean: Tensor, log_var: Tensor) -> tuple[
 
 @dataclass
 class Surgery:
-    """All values are per-data-point averages in nats; ``*_stderr`` are Monte Carlo."""
+    """All values are per-data-point averages in nats.
+
+    ``*_stderr`` is the standard error of the mean of the N * S per-draw terms. The
+    quantities are defined on this fixed data set, so their only randomness is over z;
+    this standard error also contains the spread between points, so it bounds the
+    Monte Carlo error from above (conservative, exact when S is large).
+    """
 
     n: int
     samples_per_point: int
@@ -121,7 +127,7 @@ class Surgery:
     def table(self) -> str:
         kl_how = "analytic" if self.average_kl_analytic else "Monte Carlo"
         rows = [
-            "| term | nats | ± MC stderr |",
+            "| term | nats | ± stderr (conservative) |",
             "|---|---:|---:|",
             f"| ELBO = reconstruction − average KL | {self.elbo:.2f} | {self.reconstruction_stderr:.2f} |",
             f"| reconstruction E_q[log p(x\\|z)] | {self.reconstruction:.2f} | {self.reconstruction_stderr:.2f} |",
