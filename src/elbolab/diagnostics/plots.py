@@ -163,7 +163,8 @@ def plot_q_ew(grids: Sequence[QEWGrid], ks: Sequence[int], path: Path, elbos: Se
                 name += f"\nELBO(q_EW) = {elbos[r][k]:.2f} nats"
             ax.set_title(name, fontsize=9)
         # zoom on where the posterior or q has mass
-        mass = np.maximum(post / post.max(), g.density(g.log_q).numpy().T / g.density(g.log_q).max()) > 1e-4
+        q = g.density(g.log_q).numpy().T
+        mass = np.maximum(post / post.max(), q / q.max()) > 1e-4
         cols_on, rows_on = mass.any(0).nonzero()[0], mass.any(1).nonzero()[0]
         for ax in axes[r]:
             ax.set_xlim(z1[cols_on[0]], z1[cols_on[-1]])
