@@ -142,9 +142,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     dataset = load(cfg.data.name, args.data_dir or cfg.data.data_dir)
     x = dataset.as_float(args.data, cfg.data.binarization, cfg.data.binarization_seed + 3)
     labels = dataset.labels.get(args.data)
-    if args.points:
-        x = x[: args.points]
-        labels = labels[: args.points] if labels is not None else None
+    if args.points:  # a seeded random subset: stored splits may be sorted by class
+        import torch
+
+        keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: args.points].sort().values
+        x = x[keep]
+        labels = labels[keep] if labels is not None else None
     if args.k is not None and args.k < 1:
         from .config import ConfigError
 
@@ -162,7 +165,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, help="importance samples for log p(x), the largest k of the curve "
                                          "(default: the largest of eval.bound_ks, 5000)")
     p.add_argument("--data", default="test", help="data split to diagnose (default: test)")
-    p.add_argument("--points", type=int, help="use only the first N points of the split")
+    p.add_argument("--points", type=int, help="use a random subset of N points of the split (seeded)")
     p.add_argument("--out", help="folder for the report (default: the run folder)")
     p.add_argument("--weights", default="final", choices=["final", "best", "last"])
     p.add_argument("--data-dir", help="folder with the dataset files")
