@@ -46,3 +46,14 @@ def test_diagnose_reports_bad_input_in_one_line(tiny_run, tmp_path, capsys):
     assert main(["diagnose", str(tiny_run), "--k", "0"]) == 2
     err = capsys.readouterr().err
     assert "no such run folder" in err and "--k" in err
+
+
+def test_eval_config_checks_the_diagnose_keys():
+    from elbolab.config import ConfigError, RunConfig
+
+    cfg = RunConfig().with_overrides({"eval.bound_ks": [1, 10, 100], "eval.surgery_samples": 4})
+    assert cfg.eval.bound_ks == (1, 10, 100) and RunConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="eval.bound_ks"):
+        RunConfig().with_overrides({"eval.bound_ks": [0, 5]})
+    with pytest.raises(ConfigError, match="eval.surgery_samples"):
+        RunConfig().with_overrides({"eval.surgery_samples": 0})

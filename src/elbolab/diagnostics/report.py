@@ -107,22 +107,19 @@ def _q_ew_section(model, x, bvk, ks, seed, labels, log_p, out_dir: Path, figures
         means = model.posterior(x).mean
     color, label = (labels, "label") if labels is not None else (log_p, "log p(x), IS estimate (nats)")
     figures["latent_space"] = plots.plot_latent_space(means, out_dir / "diag-latent-space.png", color, label).name
-    points = []
-    grids = []
+    points, grids, titles = [], [], []
     for i in range(min(3, x.shape[0])):
         g = q_ew_on_grid(model, x[i], ks=tuple(ks), seed=seed)
         grids.append(g)
-        row: dict[str, Any] = {"index": i, "log_p": g.log_marginal}
-        for kk in ks:
-            row[kk] = g.elbo(kk)
-        row["elbo_q_ew"] = {str(kk): g.elbo(kk) for kk in ks}
-        row["normalization"] = {str(kk): g.normalization(kk) for kk in ks}
-        row["l_k"] = {str(kk): float(bvk.per_point[i, bvk.ks.index(kk)]) for kk in ks if kk in bvk.ks}
-        points.append(row)
-    figures["q_ew"] = plots.plot_q_ew(grids, ks, out_dir / "diag-q-ew.png", points).name
-    for row in points:
-        for kk in ks:
-            row.pop(kk)
+        titles.append({"log_p": g.log_marginal, **{kk: g.elbo(kk) for kk in ks}})
+        points.append({
+            "index": i,
+            "log_p": g.log_marginal,
+            "elbo_q_ew": {str(kk): g.elbo(kk) for kk in ks},
+            "normalization": {str(kk): g.normalization(kk) for kk in ks},
+            "l_k": {str(kk): float(bvk.per_point[i, bvk.ks.index(kk)]) for kk in ks if kk in bvk.ks},
+        })
+    figures["q_ew"] = plots.plot_q_ew(grids, ks, out_dir / "diag-q-ew.png", titles).name
     return {"ks": list(ks), "method": "numerical integration on a grid", "points": points}
 
 
