@@ -67,7 +67,7 @@ def test_resampled_points_follow_the_integrated_density(setup):
     # and it is not q: the same test rejects q itself
     with torch.no_grad():
         q = model.posterior(x)
-    assert stats.kstest(draws, "norm", args=(float(q.mean), float(q.std))).pvalue < 1e-6
+    assert stats.kstest(draws, "norm", args=(float(q.mean.detach()), float(q.std.detach()))).pvalue < 1e-6
 
 
 def test_resample_picks_the_only_finite_weight():
