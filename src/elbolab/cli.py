@@ -133,8 +133,51 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .data import load
+    from .diagnostics.report import REPORT_MD, diagnose
+    from .runs import load_run
+    from .training import resolve_device
+
+    device = resolve_device(args.device or "cpu")
+    run = load_run(args.run, device=str(device), weights=args.weights)
+    cfg = run.config
+    dataset = load(cfg.data.name, args.data_dir or cfg.data.data_dir)
+    x = dataset.as_float(args.data, cfg.data.binarization, cfg.data.binarization_seed + 3)
+    labels = dataset.labels.get(args.data)
+    if args.points:  # a seeded random subset: stored splits may be sorted by class
+        import torch
+
+        keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: args.points].sort().values
+        x = x[keep]
+        labels = labels[keep] if labels is not None else None
+    if args.k is not None and args.k < 1:
+        from .config import ConfigError
+
+        raise ConfigError(f"--k: must be >= 1, got {args.k}")
+    out = Path(args.out) if args.out else run.path
+    diagnose(run, x.to(device), dataset.image_shape, out, k=args.k, split=args.data, labels=labels)
+    print(f"report: {out / REPORT_MD}")
+    return EXIT_OK
+
+
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose", help="IS log-likelihood, bound vs k, active units, ELBO surgery, q_EW; "
+                                        "writes diagnostics.md/.json and PNG figures")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--k", type=int, help="importance samples for log p(x), the largest k of the curve "
+                                         "(default: the largest of eval.bound_ks, 5000)")
+    p.add_argument("--data", default="test", help="data split to diagnose (default: test)")
+    p.add_argument("--points", type=int, help="use a random subset of N points of the split (seeded)")
+    p.add_argument("--out", help="folder for the report (default: the run folder)")
+    p.add_argument("--weights", default="final", choices=["final", "best", "last"])
+    p.add_argument("--data-dir", help="folder with the dataset files")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    p.set_defaults(func=cmd_diagnose)
+
+
 #: each entry adds one subcommand; other modules' commands are appended here
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate, _add_diagnose]
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:

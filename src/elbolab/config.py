@@ -262,12 +262,21 @@ class EvalConfig:
     #: threshold on Cov_x(E_q[z_i]) for an active unit (IWAE paper: 0.01)
     active_unit_threshold: float = 0.01
     seed: int = 1
+    #: `elbolab diagnose`: the k of the bound-versus-k curve; the largest is the IS sample count
+    bound_ks: tuple[int, ...] = (1, 2, 5, 10, 50, 100, 500, 1000, 5000)
+    #: `elbolab diagnose`: draws z ~ q(z|x_i) per point for ELBO surgery (each scored against all N)
+    surgery_samples: int = 1
+    #: `elbolab diagnose`: K of the q_EW panels (2-D latents)
+    q_ew_ks: tuple[int, ...] = (1, 10, 100)
 
     def validate(self, key: str) -> None:
-        for name in ("k_importance", "batch_size", "chunk_size"):
+        for name in ("k_importance", "batch_size", "chunk_size", "surgery_samples"):
             v = getattr(self, name)
             _require(v >= 1, f"{key}.{name}", f"must be >= 1, got {v}")
         _require(self.active_unit_threshold > 0, f"{key}.active_unit_threshold", "must be > 0")
+        for name in ("bound_ks", "q_ew_ks"):
+            v = getattr(self, name)
+            _require(len(v) > 0 and all(k >= 1 for k in v), f"{key}.{name}", f"must be k >= 1 values, got {list(v)}")
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,12 @@ class LinearGaussian(LatentVariableModel):
         mean = x.to(self.W.dtype) @ self.A.T + self.c
         return DiagonalGaussian(mean, self.q_log_var.expand_as(mean))
 
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x, z) at given z ``[..., B, d]``: ``[..., B]``."""
+        x, z = x.to(self.W.dtype), z.to(self.W.dtype)
+        log_px = log_normal_diag(x, z @ self.W.T + self.b, self.log_noise_var.expand(self.data_dim))
+        return log_standard_normal(z) + log_px
+
     def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
         x = x.to(self.W.dtype)
         q = self.posterior(x)

@@ -50,6 +50,10 @@ class OneLayerVAE(LatentVariableModel):
         mean, log_var = self.encoder_head(self.encoder(x))
         return DiagonalGaussian(mean, log_var)
 
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x, z) at given z ``[..., B, D]`` (e.g. a grid, for q_EW densities): ``[..., B]``."""
+        return self.prior.log_prob(z) + self.likelihood.log_prob(x, self.decode(z))
+
     def decode(self, z: Tensor) -> Tensor:
         """Likelihood parameters for z of shape ``[..., D]``: ``[..., P * data_dim]``."""
         return self.decoder(z)

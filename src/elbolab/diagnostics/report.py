@@ -1,0 +1,169 @@
+"""``elbolab diagnose RUN``: every diagnostic of a trained run, as Markdown, JSON and PNG figures.
+
+Writes ``diagnostics.md``, ``diagnostics.json`` and ``diag-*.png`` into the run folder
+(``report.json`` stays the short evaluation written by ``elbolab train``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..files import atomic_write_text
+from . import plots
+from .active_units import active_units
+from .bound_vs_k import bound_vs_k
+from .likelihood import seeded
+from .q_ew import q_ew_on_grid
+from .surgery import SurgeryError, elbo_surgery
+
+REPORT_MD, REPORT_JSON = "diagnostics.md", "diagnostics.json"
+
+
+def _ks_up_to(ks: tuple[int, ...], k: int) -> tuple[int, ...]:
+    return tuple(sorted({q for q in ks if q < k} | {k}))
+
+
+def diagnose(
+    run,
+    x: Tensor,
+    image_shape: tuple[int, ...],
+    out_dir: Path,
+    k: int | None = None,
+    split: str = "test",
+    labels: Tensor | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every diagnostic on ``x`` ``[N, D]`` (already on the model's device) and write the report."""
+    cfg, model = run.config, run.model
+    e = cfg.eval
+    k = k or max(e.bound_ks)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"run": str(run.path), "split": split, "n": int(x.shape[0]), "k": k,
+                              "model": cfg.model.name, "prior": cfg.model.prior.name,
+                              "latent_dims": list(model.latent_dims), "seconds": {}, "figures": {}}
+    figures = report["figures"]
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        value = fn()
+        report["seconds"][name] = round(time.perf_counter() - t, 2)
+        log(f"  {name:<18} {report['seconds'][name]:7.1f} s")
+        return value
+
+    log(f"elbolab diagnose: {x.shape[0]} {split} points, K = {k} -> {out_dir}")
+    bvk = timed("bound_vs_k", lambda: bound_vs_k(model, x, _ks_up_to(e.bound_ks, k), e.batch_size, e.chunk_size,
+                                                 e.seed))
+    ll = bvk.log_likelihood()
+    report["log_likelihood"] = ll.to_dict()
+    report["bound_vs_k"] = bvk.to_dict()
+    figures["bound_vs_k"] = plots.plot_bound_vs_k(bvk, out_dir / "diag-bound-vs-k.png", bvk.mean()[0]).name
+
+    au = timed("active_units", lambda: active_units(model, x, e.active_unit_threshold, e.batch_size))
+    report["active_units"] = {**au.to_dict(), "label": str(au)}
+    figures["active_units"] = plots.plot_active_units(au, out_dir / "diag-active-units.png").name
+
+    try:
+        surgery = timed("surgery", lambda: elbo_surgery(model, x, e.surgery_samples, e.batch_size, e.seed))
+        report["surgery"] = surgery.to_dict()
+        figures["surgery"] = plots.plot_surgery(surgery, out_dir / "diag-surgery.png").name
+    except SurgeryError as err:
+        surgery = None
+        report["surgery"] = {"skipped": str(err)}
+
+    def pictures() -> None:
+        with torch.no_grad(), seeded(e.seed, x.device):
+            figures["samples"] = plots.plot_images(model.sample(50), image_shape, out_dir / "diag-samples.png",
+                                                   "samples from the model: E[x | z], z ~ p(z)").name
+            spread = x[:: max(1, x.shape[0] // 10)][:10]  # across the split (it may be sorted by class)
+            figures["reconstructions"] = plots.plot_reconstructions(
+                spread, model.reconstruct(spread), image_shape, out_dir / "diag-reconstructions.png").name
+
+    timed("images", pictures)
+
+    if model.latent_dims == [2] and hasattr(model, "log_joint"):
+        q_ew = timed("q_ew", lambda: _q_ew_section(model, x, bvk, e.q_ew_ks, e.seed, labels, ll.per_point,
+                                                   out_dir, figures))
+        report["q_ew"] = q_ew
+    else:
+        report["q_ew"] = {"skipped": "q_EW panels and the latent-space plot are drawn for 2-D latents"}
+
+    from ..runs import write_json
+
+    write_json(out_dir / REPORT_JSON, report)
+    atomic_write_text(out_dir / REPORT_MD, format_markdown(report, bvk.table(), surgery.table() if surgery else None))
+    return report
+
+
+def _q_ew_section(model, x, bvk, ks, seed, labels, log_p, out_dir: Path, figures: dict) -> dict[str, Any]:
+    with torch.no_grad():
+        means = model.posterior(x).mean
+    color, label = (labels, "label") if labels is not None else (log_p, "log p(x), IS estimate (nats)")
+    figures["latent_space"] = plots.plot_latent_space(means, out_dir / "diag-latent-space.png", color, label).name
+    points, grids, titles = [], [], []
+    for i in range(min(3, x.shape[0])):
+        g = q_ew_on_grid(model, x[i], ks=tuple(ks), seed=seed)
+        grids.append(g)
+        titles.append({"log_p": g.log_marginal, **{kk: g.elbo(kk) for kk in ks}})
+        points.append({
+            "index": i,
+            "log_p": g.log_marginal,
+            "elbo_q_ew": {str(kk): g.elbo(kk) for kk in ks},
+            "normalization": {str(kk): g.normalization(kk) for kk in ks},
+            "l_k": {str(kk): float(bvk.per_point[i, bvk.ks.index(kk)]) for kk in ks if kk in bvk.ks},
+        })
+    figures["q_ew"] = plots.plot_q_ew(grids, ks, out_dir / "diag-q-ew.png", titles).name
+    return {"ks": list(ks), "method": "numerical integration on a grid", "points": points}
+
+
+def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | None) -> str:
+    ll, au = r["log_likelihood"], r["active_units"]
+    lines = [
+        f"# Diagnostics of `{r['run']}`",
+        "",
+        f"{r['n']} {r['split']} points; model {r['model']} (latent {'+'.join(map(str, r['latent_dims']))}), "
+        f"prior {r['prior']}. All bounds in nats per data point.",
+        "",
+        f"- **log p(x)** (importance sampled, K = {ll['k']}): **{ll['mean']:.2f} ± {ll['stderr']:.2f}** nats",
+        f"- **ELBO** (L_1): {r['bound_vs_k']['mean'][0]:.2f} nats; gap to log p(x): "
+        f"{-r['bound_vs_k']['gap_to_largest'][0]:.2f} ± {r['bound_vs_k']['gap_stderr'][0]:.2f} nats",
+        f"- **active units**: {au['label']} of {'+'.join(str(len(a)) for a in au['activity'])} "
+        f"(threshold {au['threshold']:g})",
+    ]
+    s = r["surgery"]
+    if "skipped" not in s:
+        lines.append(f"- **mutual information** I[i; z] = {s['mutual_information']:.2f} nats (≤ log N = "
+                     f"{s['log_n']:.2f}); **marginal KL** = {s['marginal_kl']:.2f} nats")
+    lines += ["", f"## Bound versus k\n\nOne set of {r['k']} samples per point, split into groups of k "
+              "(each L_k an unbiased group average). stderr: over points; MC stderr: Monte Carlo alone; "
+              "the last column is paired.", "", bound_table, "", "![bound versus k](diag-bound-vs-k.png)", "",
+              "## Active units", "", "![active units](diag-active-units.png)", "", "## ELBO surgery", ""]
+    if surgery_table:
+        lines += ["Hoffman & Johnson (2016): average KL = I[i; z] + KL(q(z) || p(z)), with the aggregate "
+                  f"posterior over all N = {r['n']} points.", "", surgery_table, "", "![surgery](diag-surgery.png)"]
+    else:
+        lines.append(f"Skipped: {s['skipped']}")
+    lines += ["", "## Samples and reconstructions", "", "![samples](diag-samples.png)", "",
+              "![reconstructions](diag-reconstructions.png)", "", "## The implicit posterior q_EW", ""]
+    q = r["q_ew"]
+    if "skipped" in q:
+        lines.append(f"Skipped: {q['skipped']}")
+    else:
+        ks = q["ks"]
+        lines += [f"Densities by {q['method']}. L_K ≤ ELBO(q_EW) ≤ log p(x) (Cremer et al., 2017).", "",
+                  "| point | " + " | ".join(f"L_{k} / ELBO(q_EW), K={k}" for k in ks) + " | log p(x) |",
+                  "|---:|" + "---:|" * (len(ks) + 1)]
+        for p in q["points"]:
+            cells = [f"{p['l_k'].get(str(k), math.nan):.2f} / {p['elbo_q_ew'][str(k)]:.2f}" for k in ks]
+            lines.append(f"| {p['index']} | " + " | ".join(cells) + f" | {p['log_p']:.2f} |")
+        lines += ["", "![latent space](diag-latent-space.png)", "", "![q_EW](diag-q-ew.png)"]
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items())
+    lines += ["", f"_Time: {secs}._", ""]
+    return "\n".join(lines)
