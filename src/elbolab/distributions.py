@@ -83,17 +83,19 @@ def log_normal_diag_mixture(
     ``[N, C]`` table is two GEMMs instead of an ``[N, C, D]`` broadcast. The expansion
     cancels badly in float32 when variances are small (errors ~ eps * |z|^2 / v), so it
     runs in float64 and returns ``z.dtype``; rows are processed in chunks of at most
-    ``max_elements`` table entries to bound memory.
+    ``max_elements`` table entries to bound memory. z and the means are first centred on
+    the means' average (the density is translation invariant), which keeps the expansion
+    accurate to ~1e-10 nats for latents within ~100 component widths of the mixture.
     """
     out_dtype = z.dtype
     lead = z.shape[:-1]
-    zf = z.reshape(-1, z.shape[-1]).double()
+    centre = means.double().mean(0)
+    zf = z.reshape(-1, z.shape[-1]).double() - centre
+    means = means.double() - centre
     prec = torch.exp(-log_vars.double())  # [C, D]
-    mp = means.double() * prec  # [C, D]
+    mp = means * prec  # [C, D]
     # per-component constant: log pi_c - 0.5 (D log 2 pi + sum lv_c + sum m_c^2 / v_c)
-    const = log_mix.double() - 0.5 * (
-        means.shape[-1] * LOG_2PI + log_vars.double().sum(-1) + (means.double() * mp).sum(-1)
-    )  # [C]
+    const = log_mix.double() - 0.5 * (means.shape[-1] * LOG_2PI + log_vars.double().sum(-1) + (means * mp).sum(-1))
     rows = max(1, max_elements // max(1, means.shape[0]))
     outs = []
     for start in range(0, zf.shape[0], rows):
