@@ -48,6 +48,19 @@ class GradientSNR:
         s = s[~torch.isnan(s)]
         return float(s.mean()) if s.numel() else math.nan
 
+    def group_snr(self, group: str) -> float:
+        """One number for the whole group: ||E[g]|| / sqrt(E||g - E[g]||^2).
+
+        ||mean||^2 is corrected for its sampling bias (trace of the covariance / n_draws),
+        so elements with no signal do not add a noise floor of ~1/sqrt(n_draws) as they
+        do to the per-element :meth:`summary`.
+        """
+        var = self.std[group].pow(2).sum()
+        signal = self.mean[group].pow(2).sum() - var / self.n_draws
+        if var == 0:
+            return math.inf if float(signal) > 0 else math.nan
+        return float(signal.clamp_min(0).sqrt() / var.sqrt())
+
     def max_std(self, group: str) -> float:
         return float(self.std[group].max()) if self.std[group].numel() else 0.0
 
@@ -58,6 +71,7 @@ class GradientSNR:
             "k": self.k,
             "n_draws": self.n_draws,
             "snr": {g: self.summary(g) for g in self.mean},
+            "group_snr": {g: self.group_snr(g) for g in self.mean},
             "max_std": {g: self.max_std(g) for g in self.mean},
         }
 
@@ -125,10 +139,13 @@ def snr_sweep(
     return [gradient_snr(model, data, k, est, n_draws, objective, seed=seed) for est in estimators for k in ks]
 
 
-def log_log_slope(results: Sequence[GradientSNR], group: str = "encoder") -> float:
-    """Least-squares slope of log SNR against log k (one estimator's results): -0.5 is 1/sqrt(k)."""
+def log_log_slope(results: Sequence[GradientSNR], group: str = "encoder", whole_group: bool = False) -> float:
+    """Least-squares slope of log SNR against log k (one estimator's results): -0.5 is 1/sqrt(k).
+
+    Fits the mean per-element SNR, or :meth:`GradientSNR.group_snr` with ``whole_group``.
+    """
     ks = np.array([r.k for r in results], dtype=float)
-    snr = np.array([r.summary(group) for r in results], dtype=float)
+    snr = np.array([r.group_snr(group) if whole_group else r.summary(group) for r in results], dtype=float)
     if len(ks) < 2 or not np.all(np.isfinite(snr) & (snr > 0)):
         raise ValueError(f"need at least two finite, positive SNR values to fit a slope, got {snr.tolist()}")
     return float(np.polyfit(np.log(ks), np.log(snr), 1)[0])
@@ -144,16 +161,19 @@ def plot_snr_vs_k(results: Sequence[GradientSNR], path: str | Path, title: str |
     estimators = list(dict.fromkeys(r.estimator for r in results))
     fig, axes = plt.subplots(1, len(GROUPS), figsize=(5 * len(GROUPS), 3.6), squeeze=False)
     for ax, group in zip(axes[0], GROUPS, strict=True):
-        for est in estimators:
+        for i, est in enumerate(estimators):
             rows = sorted((r for r in results if r.estimator == est), key=lambda r: r.k)
-            ax.plot([r.k for r in rows], [r.summary(group) for r in rows], marker="o", label=est)
+            ks = [r.k for r in rows]
+            ax.plot(ks, [r.summary(group) for r in rows], marker="o", color=f"C{i}", label=f"{est}: mean of elements")
+            ax.plot(ks, [r.group_snr(group) for r in rows], marker="s", ls="--", color=f"C{i}",
+                    label=f"{est}: whole group")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("k (samples per data point)")
-        ax.set_ylabel("mean gradient SNR")
+        ax.set_ylabel("gradient SNR")
         ax.set_title(f"{group} parameters")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

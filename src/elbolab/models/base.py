@@ -80,7 +80,11 @@ class LatentVariableModel(nn.Module, ABC):
 
         With ``stop_posterior_grad`` the q densities are evaluated with their parameters
         detached (the samples still carry the reparameterization gradient): the
-        "sticking the landing" form used by the STL and DReG estimators.
+        "sticking the landing" form used by the STL and DReG estimators. For a
+        hierarchical q, "detached" must mean the encoder's *weights* are held fixed while
+        log q(z_2 | z_1) still depends on the sample z_1 (evaluate the layer with detached
+        weights, not by detaching its output mean and variance), or the estimators lose
+        the path through z_1 and become biased.
         """
 
     def log_weights(self, x: Tensor, k: int) -> Tensor:
