@@ -182,3 +182,24 @@ def plot_snr_vs_k(results: Sequence[GradientSNR], path: str | Path, title: str |
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --- command line -------------------------------------------------------------------
+
+
+def cmd_snr(args) -> int:
+    import json
+
+    from ..data import load
+    from ..runs import load_run
+
+    run = load_run(args.run, weights=args.weights)
+    cfg = run.config
+    dataset = load(cfg.data.name, args.data_dir or cfg.data.data_dir)
+    x = dataset.as_float(args.split, cfg.data.binarization, cfg.data.binarization_seed + 3)[: args.batch]
+    results = snr_sweep(run.model, x, args.k, args.estimators, n_draws=args.draws, seed=args.seed)
+    for r in results:
+        print(json.dumps(r.to_dict()))
+    if args.plot:
+        print(f"figure: {plot_snr_vs_k(results, args.plot, title=f'{args.run}: batch {x.shape[0]}')}")
+    return 0
