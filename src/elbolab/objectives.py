@@ -20,10 +20,18 @@ the same number whichever estimator is chosen; Pyro's pattern: the loss is
 - ``dreg``: encoder gradient sum_k w~_k^2 (d log w_k / dz_k)(dz_k / dphi), unbiased
   (Tucker et al. 2018); the decoder gradient is the standard one.
 
-DReG and PIWAE give the two parameter sets different surrogates. They are routed by
-:meth:`LatentVariableModel.encoder_parameters`: each side's gradient is computed with
-``torch.autograd.grad`` and folded into the loss as ``sum(p * grad)``, so the trainer's
-single ``loss.backward()`` still delivers them (about one extra backward pass).
+How DReG is computed: with one stochastic layer (``terms.z`` holds one sample tensor),
+the STL surrogate is used and a hook rescales the gradient reaching each sample z_k by
+w~_k, turning w~_k into w~_k^2 on the path through z only (a prior that reuses encoder
+parameters, like the VampPrior, keeps its correct w~_k weight). With several layers, a
+later sample depends on an earlier one and a per-sample hook would rescale that path
+twice, so the encoder follows sum_k w~_k^2 log w_k instead (exact unless the prior reuses
+encoder parameters, whose direct gradient then also gets w~_k^2).
+
+When encoder and decoder follow different surrogates (PIWAE, multi-layer DReG) they are
+routed by :meth:`LatentVariableModel.encoder_parameters`: each side's gradient is
+computed with ``torch.autograd.grad`` and folded into the loss as ``sum(p * grad)``, so
+the trainer's single ``loss.backward()`` still delivers them (one extra backward pass).
 """
 
 from __future__ import annotations
@@ -108,6 +116,30 @@ def _dreg_surrogate(log_w: Tensor, parts: Sequence[Part]) -> Tensor:
     return out
 
 
+def _dreg_sample_scale(log_w: Tensor, parts: Sequence[Part]) -> Tensor:
+    """[n, B]: the factor that turns the bound's weight on each draw into DReG's.
+
+    The gradient a bound sends into draw k is c_k d log w_k with c_k = sum over parts of
+    weight * w~_k / groups; DReG wants sum of weight * w~_k^2 / groups. Their ratio,
+    applied to the gradient reaching the sample z_k, changes only the path through z.
+    """
+    num = den = 0.0
+    for p in parts:
+        g = _groups(log_w.detach(), p.group)
+        w = torch.softmax(g, dim=1)
+        n_groups = g.shape[0]
+        num = num + (p.weight / n_groups) * w.pow(2).reshape(log_w.shape)
+        den = den + (p.weight / n_groups) * w.reshape(log_w.shape)
+    return num / den
+
+
+def _scale_sample_gradients(terms: LogWeightTerms, scale: Tensor) -> None:
+    """Multiply the gradient reaching each sample z_k ([n, B, ...]) by ``scale`` ([n, B])."""
+    (z,) = terms.z.values()
+    if z.requires_grad:
+        z.register_hook(lambda g: g * scale.reshape(scale.shape + (1,) * (g.dim() - 2)))
+
+
 # --- estimation -------------------------------------------------------------------
 
 
@@ -148,10 +180,16 @@ def estimate(
     log_w = terms.log_weights().detach()
     report = combined_bound(log_w, plan.report)
 
-    if estimator != "dreg" and plan.encoder == plan.decoder:
+    # DReG for one stochastic layer: the STL surrogate, with the gradient reaching z_k
+    # rescaled from w~_k to w~_k^2. Exact with any prior (a prior that reuses encoder
+    # parameters keeps its w~_k weight) and costs no extra backward pass.
+    dreg_by_hook = estimator == "dreg" and len(terms.z) == 1
+    if dreg_by_hook:
+        _scale_sample_gradients(terms, _dreg_sample_scale(log_w_train, plan.encoder))
+    if (estimator != "dreg" or dreg_by_hook) and plan.encoder == plan.decoder:
         return ObjectiveResult(loss=-decoder_value, bound=report, log_w=log_w, terms=terms)
 
-    if estimator == "dreg":
+    if estimator == "dreg" and not dreg_by_hook:
         encoder_target = _dreg_surrogate(log_w_train, plan.encoder).mean()
     else:
         encoder_target = combined_bound(log_w_train, plan.encoder).mean()
