@@ -346,3 +346,20 @@ def test_config_validation_names_the_key(override, key):
 def test_estimator_round_trips_through_config():
     cfg = RunConfig().with_overrides(["objective.name=piwae", "objective.m=4", "objective.estimator=dreg"])
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_routed_objectives_evaluate_under_no_grad_and_name_a_missing_encoder(lg):
+    model, x = lg
+    torch.manual_seed(6)
+    ref = piwae_objective(model, x, 3, m=2, estimator="dreg")
+    torch.manual_seed(6)
+    with torch.no_grad():
+        res = piwae_objective(model, x, 3, m=2, estimator="dreg")
+    assert torch.equal(res.bound, ref.bound)
+    torch.testing.assert_close(res.loss, ref.loss, rtol=0, atol=1e-12)
+
+    class NoEncoderNames(LinearGaussian):
+        encoder_prefixes = ("nothing_matches",)
+
+    with pytest.raises(ValueError, match="encoder_prefixes"):
+        piwae_objective(NoEncoderNames(5, 2), x, 3, m=2)

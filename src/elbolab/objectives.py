@@ -149,15 +149,16 @@ def _routed_surrogate(targets: Sequence[tuple[Tensor, list[torch.nn.Parameter]]]
     Used when encoder and decoder follow different surrogates: each gradient is taken
     here with ``torch.autograd.grad`` and returned as ``sum(p * grad.detach())``.
     """
-    total = torch.zeros(())
+    total: Tensor | None = None
     live = [(v, [p for p in ps if p.requires_grad]) for v, ps in targets]
     live = [(v, ps) for v, ps in live if ps and v.requires_grad]
     for i, (value, params) in enumerate(live):
         grads = torch.autograd.grad(value, params, retain_graph=i < len(live) - 1, allow_unused=True)
         for p, g in zip(params, grads, strict=True):
             if g is not None:
-                total = total + (p * g.detach()).sum()
-    return total
+                term = (p * g.detach()).sum()
+                total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
 
 
 def estimate(
