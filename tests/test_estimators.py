@@ -363,3 +363,13 @@ def test_routed_objectives_evaluate_under_no_grad_and_name_a_missing_encoder(lg)
 
     with pytest.raises(ValueError, match="encoder_prefixes"):
         piwae_objective(NoEncoderNames(5, 2), x, 3, m=2)
+
+
+def test_dreg_sample_scale_is_finite_when_weights_underflow():
+    from elbolab.objectives import Part, _dreg_sample_scale
+
+    log_w = torch.tensor([[0.0, 0.0], [-200.0, 0.0]], dtype=torch.float32)  # softmax -> (1, 0) in float32
+    scale = _dreg_sample_scale(log_w, (Part(1.0, 2),))
+    torch.testing.assert_close(scale, torch.tensor([[1.0, 0.5], [0.0, 0.5]]))
+    scale = _dreg_sample_scale(log_w, (Part(0.5, 1), Part(0.5, 2)))
+    assert torch.isfinite(scale).all()

@@ -130,7 +130,8 @@ def _dreg_sample_scale(log_w: Tensor, parts: Sequence[Part]) -> Tensor:
         n_groups = g.shape[0]
         num = num + (p.weight / n_groups) * w.pow(2).reshape(log_w.shape)
         den = den + (p.weight / n_groups) * w.reshape(log_w.shape)
-    return num / den
+    # a weight that underflows to 0 (float32, large k) gets no gradient either way: 0, not 0/0
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
 
 
 def _scale_sample_gradients(terms: LogWeightTerms, scale: Tensor) -> None:
