@@ -164,16 +164,15 @@ def plot_snr_vs_k(results: Sequence[GradientSNR], path: str | Path, title: str |
         for i, est in enumerate(estimators):
             rows = sorted((r for r in results if r.estimator == est), key=lambda r: r.k)
             ks = [r.k for r in rows]
-            ax.plot(ks, [r.summary(group) for r in rows], marker="o", color=f"C{i}", label=f"{est}: mean of elements")
-            ax.plot(ks, [r.group_snr(group) for r in rows], marker="s", ls="--", color=f"C{i}",
-                    label=f"{est}: whole group")
+            ax.plot(ks, [r.summary(group) for r in rows], marker="o", color=f"C{i}", label=est)
+            ax.plot(ks, [r.group_snr(group) for r in rows], marker="s", ls="--", color=f"C{i}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("k (samples per data point)")
-        ax.set_ylabel("gradient SNR")
+        ax.set_ylabel("SNR (solid: mean of elements, dashed: group)")
         ax.set_title(f"{group} parameters")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8, title="estimator", title_fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
