@@ -198,6 +198,31 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 COMMANDS.append(_add_reproduce)
 
 
+def cmd_snr(args: argparse.Namespace) -> int:
+    from .diagnostics.gradient_snr import cmd_snr as run_snr
+
+    return run_snr(args)
+
+
+def _add_snr(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("snr", help="gradient signal-to-noise ratio against k for each gradient estimator")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 25, 125], help="samples per data point")
+    p.add_argument("--estimators", nargs="+", default=["standard", "stl", "dreg"],
+                   choices=["standard", "stl", "dreg"])
+    p.add_argument("--draws", type=int, default=100, help="gradient draws per (estimator, k)")
+    p.add_argument("--batch", type=int, default=20, help="fixed batch: the first N images of --split")
+    p.add_argument("--split", default="test")
+    p.add_argument("--weights", default="final", choices=["final", "best", "last"])
+    p.add_argument("--data-dir", help="folder with the dataset files")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", help="write the SNR-vs-k figure (PNG) here")
+    p.set_defaults(func=cmd_snr)
+
+
+COMMANDS.append(_add_snr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

@@ -168,18 +168,49 @@ class ModelConfig:
         self.hierarchical.validate(f"{key}.hierarchical")
 
 
+#: objective names (elbolab.objectives.OBJECTIVES) and gradient estimators (ESTIMATORS)
+OBJECTIVE_NAMES = ("vae", "iwae", "miwae", "ciwae", "piwae")
+GRADIENT_ESTIMATORS = ("standard", "stl", "dreg")
+
+
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    #: vae (mean of k ELBOs) or iwae (L_k)
+    #: vae (mean of k ELBOs), iwae (L_k), miwae (mean of m L_k's), ciwae
+    #: (beta * ELBO + (1 - beta) * L_k), piwae (decoder on L_{m k}, encoder on miwae)
     name: str = "iwae"
-    #: samples per data point
+    #: samples per data point (per group for miwae / piwae)
     k: int = 5
     #: epochs over which the KL weight rises linearly from 0 to 1 (0: no warm-up)
     warmup_epochs: int = 0
+    #: gradient estimator: standard (the IWAE paper's), stl (sticking the landing,
+    #: Roeder et al. 2017) or dreg (doubly reparameterized, Tucker et al. 2018); the
+    #: bound's value never depends on it, only the encoder's gradient does
+    estimator: str = "standard"
+    #: groups of k samples for miwae and piwae (m * k draws per data point)
+    m: int = 1
+    #: ciwae's weight on the ELBO, in [0, 1] (0: iwae, 1: vae)
+    beta: float = 0.5
 
     def validate(self, key: str) -> None:
+        _require(
+            self.name in OBJECTIVE_NAMES,
+            f"{key}.name",
+            f"must be one of {', '.join(OBJECTIVE_NAMES)}, got {self.name!r}",
+        )
         _require(self.k >= 1, f"{key}.k", f"must be >= 1, got {self.k}")
         _require(self.warmup_epochs >= 0, f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _require(
+            self.estimator in GRADIENT_ESTIMATORS,
+            f"{key}.estimator",
+            f"must be one of {', '.join(GRADIENT_ESTIMATORS)}, got {self.estimator!r}",
+        )
+        _require(self.m >= 1, f"{key}.m", f"must be >= 1, got {self.m}")
+        _require(
+            self.m == 1 or self.name in ("miwae", "piwae"),
+            f"{key}.m",
+            f"only miwae and piwae use m (objective {self.name!r} draws k samples); got m={self.m}",
+        )
+        _require(0.0 <= self.beta <= 1.0, f"{key}.beta", f"must be in [0, 1], got {self.beta}")
 
 
 @dataclass(frozen=True)

@@ -67,18 +67,43 @@ class LatentVariableModel(nn.Module, ABC):
     #: the stochastic layer whose distribution is ``self.prior`` (the top one)
     prior_layer: str = "z"
 
+    #: Top-level attribute names (or name prefixes) of the modules and parameters that
+    #: make up q(z|x). A parameter belongs to the encoder when the first component of its
+    #: dotted name starts with one of these; everything else (decoder, prior, likelihood)
+    #: is the generative model. The default covers models whose inference modules are
+    #: called ``encoder``, ``encoder_head``, ``encoders``, ``q_...``; a model that names
+    #: them otherwise sets this class attribute. Estimators that treat the two sides
+    #: differently (DReG, PIWAE) and the gradient SNR diagnostic read this split.
+    encoder_prefixes: tuple[str, ...] = ("encoder", "q_")
+
     @abstractmethod
     def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
         """Draw k reparameterized samples per data point and return every log-density term.
 
         With ``stop_posterior_grad`` the q densities are evaluated with their parameters
         detached (the samples still carry the reparameterization gradient): the
-        "sticking the landing" form used by the STL and DReG estimators.
+        "sticking the landing" form used by the STL and DReG estimators. For a
+        hierarchical q, "detached" must mean the encoder's *weights* are held fixed while
+        log q(z_2 | z_1) still depends on the sample z_1 (evaluate the layer with detached
+        weights, not by detaching its output mean and variance), or the estimators lose
+        the path through z_1 and become biased.
         """
 
     def log_weights(self, x: Tensor, k: int) -> Tensor:
         """``[K, B]`` log importance weights; the one quantity every bound reads."""
         return self.log_weight_terms(x, k).log_weights()
+
+    def is_encoder_parameter(self, name: str) -> bool:
+        """Whether the parameter called ``name`` (as in ``named_parameters``) belongs to q(z|x)."""
+        return name.split(".", 1)[0].startswith(self.encoder_prefixes)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The parameters of q(z|x) (the inference network), in ``named_parameters`` order."""
+        return [p for n, p in self.named_parameters() if self.is_encoder_parameter(n)]
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter: decoder, likelihood and prior (the generative model p(x, z))."""
+        return [p for n, p in self.named_parameters() if not self.is_encoder_parameter(n)]
 
     @abstractmethod
     def posterior(self, x: Tensor) -> DiagonalGaussian:

@@ -20,6 +20,9 @@ from .base import LatentVariableModel, LogWeightTerms
 
 
 class LinearGaussian(LatentVariableModel):
+    #: q(z|x) = N(A x + c, diag exp(q_log_var)); W, b and log_noise_var are p(x|z)
+    encoder_prefixes = ("A", "c", "q_log_var")
+
     def __init__(self, data_dim: int, latent_dim: int, noise_std: float = 1.0, seed: int = 0,
                  dtype: torch.dtype = torch.float64) -> None:
         super().__init__()

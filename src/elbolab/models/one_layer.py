@@ -19,6 +19,9 @@ from .layers import GaussianHead, mlp
 
 
 class OneLayerVAE(LatentVariableModel):
+    #: q(z|x) is the MLP ``encoder`` and its ``encoder_head``; the decoder and prior are p
+    encoder_prefixes = ("encoder", "encoder_head")
+
     def __init__(
         self,
         data_dim: int,
