@@ -11,9 +11,9 @@ import torch
 from elbolab.cli import main
 from elbolab.config import PRESETS, ConfigError
 from elbolab.data import DATASETS, DatasetSpec, ImageDataset, load
-from elbolab.reproduce import MissingPieceError, load_tables, reproduce, rows
+from elbolab.reproduce import load_tables, reproduce
 from elbolab.reproduce.executors import LocalExecutor, RayExecutor
-from elbolab.reproduce.rows import RowTask, check_available
+from elbolab.reproduce.rows import RowTask
 from elbolab.reproduce.tables import get_table, plan_rows, row_config, select_rows
 from elbolab.schedules import learning_rate
 from elbolab.training import Trainer
@@ -113,15 +113,9 @@ def test_surgery_rows() -> None:
     assert {(p.config.objective.name, p.config.objective.k, p.config.train.epochs) for p in plans} == {("vae", 1, 1000)}
 
 
-def test_vampprior_rows_use_the_papers_preset(monkeypatch) -> None:
+def test_vampprior_rows_use_the_papers_preset() -> None:
     spec = get_table("vampprior-table")
-    if "vampprior-paper" not in PRESETS:  # the preset arrives with issue 5; its keys exist already
-        with pytest.raises(MissingPieceError, match="vampprior-paper"):
-            plan_rows(spec, "paper")
-        monkeypatch.setitem(PRESETS, "vampprior-paper", {
-            "train.lr": 5e-4, "train.batch_size": 100, "train.epochs": 2000, "train.early_stopping_patience": 50,
-            "objective.name": "vae", "objective.k": 1, "objective.warmup_epochs": 100, "model.name": "hierarchical",
-            "model.prior.name": "vampprior", "model.prior.components": 500, "eval.k_importance": 5000})
+    assert "vampprior-paper" in PRESETS
     plans = {p.row.id: p.config for p in plan_rows(spec, "paper")}
     hier = plans["mnist-hierarchical-mog"]
     assert (hier.model.name, hier.model.prior.name, hier.data.name) == ("hierarchical", "mog", "binarized-mnist")
@@ -139,17 +133,12 @@ def test_only_selects_rows_in_table_order_and_rejects_typos() -> None:
         select_rows(spec, ["mnist-1layer-iwae-k55"])
 
 
-def test_missing_pieces_are_named_before_anything_trains(monkeypatch) -> None:
+def test_a_row_the_config_cannot_express_is_named(monkeypatch) -> None:
     from elbolab.models import MODELS
 
-    monkeypatch.delitem(MODELS, "two-layer", raising=False)
-    monkeypatch.setattr(rows, "surgery_available", lambda: False)
-    plans = plan_rows(get_table("iwae-table"), "quick", only=["mnist-2layer-iwae-k5", "mnist-2layer-vae-k5"])
-    with pytest.raises(MissingPieceError, match=r"model 'two-layer' \(models, issue 5\) for mnist-2layer-vae-k5"):
-        check_available(plans, "likelihood", "iwae-table")
-    plans = plan_rows(get_table("surgery-table"), "quick", overrides={"data.name": "binarized-mnist-embedded"})
-    with pytest.raises(MissingPieceError, match=r"diagnostics/surgery.py \(diagnostics, issue 6\)"):
-        check_available(plans, "surgery", "surgery-table")
+    monkeypatch.delitem(MODELS, "two-layer")
+    with pytest.raises(ConfigError, match=r"iwae-table/mnist-2layer-vae-k5: model\.name: unknown model 'two-layer'"):
+        plan_rows(get_table("iwae-table"), "quick", only=["mnist-2layer-vae-k5"])
 
 
 # --- a tiny reproduction end to end -------------------------------------------------
@@ -293,8 +282,6 @@ def test_ray_executor_without_ray_says_how_to_get_it(monkeypatch) -> None:
 
 def test_tiny_surgery_table(tiny_data, tmp_path) -> None:
     """Surgery over the training split: N = 500 here, so ours' log N is ln 500 beside the paper's ln 60000."""
-    if not rows.surgery_available():
-        pytest.skip("ELBO surgery (elbolab/diagnostics/surgery.py, issue 6) not in this install")
     rep = reproduce("surgery-table", budget="quick", only=["mnist-vae-2latents"], results=tmp_path,
                     overrides={"data.name": "tiny-embedded", "train.epochs": 1})
     assert rep.trained == ["mnist-vae-2latents"] and not rep.failed

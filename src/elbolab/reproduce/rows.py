@@ -7,7 +7,6 @@ row is finished. A killed row resumes from its run folder's checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import time
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from typing import Any
 
 from ..config import RunConfig
 from ..runs import environment_info, read_json, read_metrics, write_json
-from .tables import MissingPieceError, RowPlan
 
 RESULT_FILE = "result.json"
 
@@ -32,47 +30,6 @@ class RowTask:
     row_dir: str
     evaluation: str
     data_label: str
-
-
-# --- what a row needs that another piece of elbolab provides -------------------------
-
-
-def surgery_available() -> bool:
-    return importlib.util.find_spec("elbolab.diagnostics.surgery") is not None
-
-
-def missing_pieces(cfg: RunConfig, evaluation: str) -> list[str]:
-    """Names of the datasets, models, priors, likelihoods or diagnostics this row needs
-    and this install lacks, each with the issue that provides it."""
-    from ..data import DATASETS
-    from ..likelihoods import LIKELIHOODS
-    from ..models import MODELS
-    from ..priors import PRIORS
-
-    missing = []
-    if cfg.data.name not in DATASETS:
-        missing.append(f"dataset {cfg.data.name!r} (data loaders, issue 4)")
-    if cfg.model.name not in MODELS:
-        missing.append(f"model {cfg.model.name!r} (models, issue 5)")
-    if cfg.model.prior.name not in PRIORS:
-        missing.append(f"prior {cfg.model.prior.name!r} (priors, issue 5)")
-    if cfg.model.likelihood not in LIKELIHOODS:
-        missing.append(f"likelihood {cfg.model.likelihood!r} (likelihoods, issue 5)")
-    if evaluation == "surgery" and not surgery_available():
-        missing.append("ELBO surgery, elbolab/diagnostics/surgery.py (diagnostics, issue 6)")
-    return missing
-
-
-def check_available(plans: list[RowPlan], evaluation: str, table: str) -> None:
-    """Fail before any training, naming every missing piece and the rows that need it."""
-    needs: dict[str, list[str]] = {}
-    for p in plans:
-        for piece in missing_pieces(p.config, evaluation):
-            needs.setdefault(piece, []).append(p.row.id)
-    if needs:
-        parts = [f"{piece} for {', '.join(rows)}" for piece, rows in needs.items()]
-        raise MissingPieceError(f"{table}: this install lacks " + "; ".join(parts)
-                                + " (pick other rows with --only, or install the missing piece)")
 
 
 # --- evaluations: run folder + data -> the paper's metrics ---------------------------
@@ -95,8 +52,6 @@ def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any
 
 def evaluate_surgery(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
     """ELBO surgery over the whole training split (N = 60,000 for MNIST: log N = 11.0021)."""
-    if not surgery_available():
-        raise MissingPieceError("ELBO surgery, elbolab/diagnostics/surgery.py (diagnostics, issue 6), is not installed")
     from ..diagnostics.surgery import elbo_surgery
 
     x = dataset.as_float("train", cfg.data.binarization, cfg.data.binarization_seed + 4).to(device)

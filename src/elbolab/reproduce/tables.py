@@ -27,10 +27,6 @@ PAPERS_FILE = Path(__file__).with_name("papers.yaml")
 BUDGETS = ("quick", "medium", "paper")
 
 
-class MissingPieceError(ConfigError):
-    """A row needs a dataset, model, prior, preset or diagnostic this install lacks."""
-
-
 @dataclass(frozen=True)
 class PaperValue:
     #: as printed in the paper (a number, or a string such as "26+7" for active units)
@@ -271,15 +267,9 @@ def row_config(
         data_label = str(keys["data.name"])
     try:
         base = preset(protocol.preset) if protocol.preset else RunConfig()
-    except ConfigError:
-        raise MissingPieceError(
-            f"{table.name}/{row.id}: needs the config preset {protocol.preset!r}, not in this install "
-            "(presets of the priors and models work, issue 5)"
-        ) from None
-    try:
         cfg = base.with_overrides(keys)
     except ConfigError as e:
-        raise MissingPieceError(f"{table.name}/{row.id}: this install's config cannot express the row: {e}") from None
+        raise ConfigError(f"{table.name}/{row.id}: {e}") from None
     return RowPlan(row=row, config=cfg, data_label=data_label)
 
 
