@@ -92,7 +92,7 @@ def finished(runs, tmp_path) -> Path:
     ("train.epochs=many", "train.epochs: expected an integer"),
     ("model.hidden=7", "model.hidden: expected a list"),
     ("model.prior.name=vamprior", "model.prior.name: unknown prior 'vamprior' (did you mean 'vampprior'?)"),
-    ("objective.name=iwea", "objective.name: unknown 'iwea' (did you mean 'iwae'?)"),
+    ("objective.name=iwea", "objective.name: unknown objective 'iwea' (did you mean 'iwae'?)"),
     ("train.nonfinite=ignore", "train.nonfinite: must be 'skip' or 'stop'"),
     ("train.checkpoint_minutes=-1", "train.checkpoint_minutes: must be a finite number >= 0"),
     ("train.max_nonfinite_skips=-1", "train.max_nonfinite_skips: must be >= 0"),

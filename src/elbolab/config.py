@@ -29,6 +29,12 @@ def _require(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _require_choice(value: str, options, key: str, what: str) -> None:
+    """A name from a fixed set or registry; a typo gets a "did you mean"."""
+    if value not in options:
+        raise ConfigError(f"{key}: unknown {what} {value!r}{_did_you_mean(value, sorted(options))}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     #: a name from ``elbolab data list``; the default ships inside the package
@@ -84,8 +90,7 @@ class PriorConfig:
         _require(self.components >= 1, f"{key}.components", f"must be >= 1, got {self.components}")
         from .priors import PRIORS  # lazily: the registry module imports this one
 
-        hint = _did_you_mean(self.name, sorted(PRIORS))
-        _require(self.name in PRIORS, f"{key}.name", f"unknown prior {self.name!r}{hint}")
+        _require_choice(self.name, PRIORS, f"{key}.name", "prior")
         _require(
             self.pseudo_inputs_init in ("normal", "data"),
             f"{key}.pseudo_inputs_init",
@@ -192,18 +197,10 @@ class ObjectiveConfig:
     beta: float = 0.5
 
     def validate(self, key: str) -> None:
-        _require(
-            self.name in OBJECTIVE_NAMES,
-            f"{key}.name",
-            f"must be one of {', '.join(OBJECTIVE_NAMES)}, got {self.name!r}",
-        )
+        _require_choice(self.name, OBJECTIVE_NAMES, f"{key}.name", "objective")
         _require(self.k >= 1, f"{key}.k", f"must be >= 1, got {self.k}")
         _require(self.warmup_epochs >= 0, f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
-        _require(
-            self.estimator in GRADIENT_ESTIMATORS,
-            f"{key}.estimator",
-            f"must be one of {', '.join(GRADIENT_ESTIMATORS)}, got {self.estimator!r}",
-        )
+        _require_choice(self.estimator, GRADIENT_ESTIMATORS, f"{key}.estimator", "gradient estimator")
         _require(self.m >= 1, f"{key}.m", f"must be >= 1, got {self.m}")
         _require(
             self.m == 1 or self.name in ("miwae", "piwae"),
