@@ -134,6 +134,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate]
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench import add_bench_command
+
+    add_bench_command(sub)
+
+
+COMMANDS.append(_add_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
