@@ -75,8 +75,10 @@ class Trainer:
         )
         train_float = self.dataset.as_float("train", "none")
         self.model: LatentVariableModel = build_model(cfg.model, self.dataset.data_dim, train_float).to(self.device)
+        # fused: one kernel for all parameters; 1.4x faster steps at batch 20 (docs/bench.md)
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.train.lr, betas=cfg.train.adam_betas, eps=cfg.train.adam_eps
+            self.model.parameters(), lr=cfg.train.lr, betas=cfg.train.adam_betas, eps=cfg.train.adam_eps,
+            fused=self.device.type in ("cpu", "cuda"),
         )
         self.objective = make_objective(cfg.objective)
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 7)
