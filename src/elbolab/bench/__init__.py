@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .measure import machine_info, matmul_peak_flops
+from .measure import machine_info, matmul_peak_flops, use_cpu_clock
 from .report import format_table, plot_curves, write_json
 from .suite import Bench, Row, Settings, stopwatch, training_plan
 
@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", action="append", metavar="TEXT",
                    help="run only rows whose name contains TEXT (repeatable); curves run with 'curves'")
     p.add_argument("--no-pythae", action="store_true", help="time elbolab alone")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time (default), or process CPU time for a busy shared machine (use with --threads 1)")
 
 
 def _wanted(name: str, only: list[str] | None) -> bool:
@@ -40,13 +42,19 @@ def run(args: argparse.Namespace, log=print) -> dict:
     from ..training import resolve_device
 
     device = resolve_device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        from ..config import ConfigError
+
+        raise ConfigError("--clock cpu: only for --device cpu (GPU work is not this process's CPU time)")
+    use_cpu_clock(args.clock == "cpu")
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     settings = Settings.quick() if args.quick else Settings.full()
     mode = "quick" if args.quick else "full"
     info = machine_info(device)
+    info["clock"] = args.clock
     log(f"elbolab bench ({mode}) on {info['cpu']} / {device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; load average {info.get('loadavg_at_start')}")
+        f"{torch.get_num_threads()} threads, {args.clock} clock; load average {info.get('loadavg_at_start')}")
     peak = matmul_peak_flops(device, n=2048 if args.quick else 4096)
     log(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     bench = Bench(settings, device, peak, use_pythae=not args.no_pythae, log=log)
@@ -92,7 +100,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     write_json(result, out / f"{name}.json")
     if curves:
         plot_curves(curves, out / f"{name}.png",
-                    f"{info['cpu']}, {torch.get_num_threads()} threads, torch {torch.__version__} ({mode})")
+                    f"{info['cpu']}, threads: {torch.get_num_threads()}, {args.clock} clock, "
+                    f"torch {torch.__version__} ({mode})")
     log("")
     log(format_table(result["rows"]))
     log(f"\nwrote {out / (name + '.json')}" + (f" and {name}.png" if curves else "")
@@ -114,4 +123,10 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return cmd_bench(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    from ..config import ConfigError
+
+    try:
+        return cmd_bench(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    except (ConfigError, RuntimeError) as e:
+        print(f"benchmarks/run.py: error: {e}", file=sys.stderr)
+        return 2

@@ -73,6 +73,21 @@ class PeakMemory:
         self.peak_bytes = self._peak - self._base
 
 
+#: the clock every timing reads: wall time, or this process's CPU time (``use_cpu_clock``)
+_clock: Callable[[], float] = time.perf_counter
+
+
+def use_cpu_clock(enabled: bool) -> None:
+    """Time with the process's CPU time instead of the wall clock.
+
+    On a machine shared with other jobs, wall time mostly measures the waiting; with one
+    thread, CPU time measures the work (not cache interference from neighbours). Spinning
+    OpenMP threads inflate CPU time, so use it with ``--threads 1``; CPU only.
+    """
+    global _clock
+    _clock = time.process_time if enabled else time.perf_counter
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,21 +111,21 @@ class Throughput:
 def calibrate(step: Callable[[], None], device: torch.device, target_s: float, max_calls: int = 10_000) -> int:
     """How many calls of ``step`` make one repeat last about ``target_s`` (at least 1)."""
     synchronize(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     step()
     synchronize(device)
-    dt = max(time.perf_counter() - t0, 1e-6)
+    dt = max(_clock() - t0, 1e-6)
     return int(min(max_calls, max(1, round(target_s / dt))))
 
 
 def time_calls(step: Callable[[], None], calls: int, device: torch.device) -> float:
     """Seconds for ``calls`` back-to-back calls of ``step`` (device work included)."""
     synchronize(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     for _ in range(calls):
         step()
     synchronize(device)
-    return time.perf_counter() - t0
+    return _clock() - t0
 
 
 def compare(

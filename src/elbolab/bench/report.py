@@ -46,6 +46,7 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = [("k_curve", "k", "importance samples K (IS log-likelihood)"),
@@ -61,6 +62,7 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
                 ax.plot(c[xkey], c[lib], style, label=lib)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("images / s")
         if key == "batch_curve":
