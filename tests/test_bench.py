@@ -87,9 +87,9 @@ def test_pythae_twin_has_the_same_architecture(model) -> None:
 
 def test_bench_command_writes_json_with_rows_and_skip_notes(tmp_path, capsys) -> None:
     assert main(["bench", "--quick", "--no-pythae", "--only", "IWAE k=1 B=20", "--only", "two-layer",
-                 "--out", str(tmp_path), "--name", "t", "--threads", "1"]) == 0
+                 "--out", str(tmp_path), "--name", "t", "--threads", "1", "--clock", "cpu"]) == 0
     result = json.loads((tmp_path / "t.json").read_text())
-    assert result["machine"]["torch_threads"] == 1
+    assert result["machine"]["torch_threads"] == 1 and result["machine"]["clock"] == "cpu"
     names = [r["name"] for r in result["rows"]]
     assert names[0] == "one-layer IWAE k=1 B=20"
     row = result["rows"][0]

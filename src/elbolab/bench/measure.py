@@ -9,6 +9,8 @@ least disturbed) and the median.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import platform
 import statistics
@@ -32,6 +34,14 @@ def current_rss() -> int:
         return 0
 
 
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so that the next
+    row's RSS delta counts its own allocations rather than reusing an earlier row's."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: deltas are then upper-bounded by reuse
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory above the level at entry: CUDA max allocated on a GPU, else sampled RSS.
 
@@ -51,6 +61,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        release_free_memory()
         self._base = current_rss()
         self._peak = self._base
         self._thread = threading.Thread(target=self._sample, daemon=True)

@@ -177,6 +177,8 @@ class Bench:
                 note = f"pythae: VAE on the batch repeated {k}x"
         elif with_pythae:
             note = self.pythae_reason or ""
+        else:
+            note = "pythae has no such model"
         return self._rows(name, self.compare(steps, self.s.repeats, self.s.target_s), flops, note)
 
     # --- log-likelihood ----------------------------------------------------------------
