@@ -223,6 +223,15 @@ def _add_snr(sub: argparse._SubParsersAction) -> None:
 COMMANDS.append(_add_snr)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench import add_bench_command
+
+    add_bench_command(sub)
+
+
+COMMANDS.append(_add_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

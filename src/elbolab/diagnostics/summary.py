@@ -16,7 +16,7 @@ def summarize(
     k_train: int,
     k_importance: int = 1000,
     batch_size: int = 100,
-    chunk_size: int = 500,
+    chunk_size: int = 50,
     threshold: float = 0.01,
     seed: int = 1,
 ) -> dict[str, Any]:

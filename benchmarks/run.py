@@ -1,0 +1,12 @@
+"""Benchmarks of elbolab against pythae and this machine's FLOP peak (same as ``elbolab bench``).
+
+    python benchmarks/run.py --quick      # about a minute: checks the harness
+    python benchmarks/run.py              # the full table for the README
+"""
+
+import sys
+
+from elbolab.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())

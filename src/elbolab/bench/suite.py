@@ -1,0 +1,312 @@
+"""The benchmark rows: training steps, IS log-likelihood, ELBO surgery, and scaling curves.
+
+Each row times elbolab and, where pythae has the same thing, pythae in the same process
+with interleaved repeats, and reports images/s, peak memory, the ratio between the
+two, and the achieved fraction of this machine's measured matmul peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from .. import models as model_registry
+from ..config import ObjectiveConfig, RunConfig
+from ..data import load
+from ..diagnostics.likelihood import log_likelihood
+from ..objectives import make_objective
+from ..training import NonFiniteError
+from . import pythae_models
+from .measure import Throughput, compare, count_flops, matmul_step
+
+#: the reference matrix product timed beside every row
+PEAK = "matmul"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of one benchmark run: ``quick`` (about a minute) or ``full``."""
+
+    #: seconds of work per timed repeat
+    target_s: float
+    #: interleaved repeats per measurement
+    repeats: int
+    #: test images for elbolab's IS log-likelihood row (the issue's target: 10,000)
+    ll_images: int
+    #: test images for pythae's get_nll (slow; extrapolated)
+    ll_images_pythae: int
+    #: importance samples of the log-likelihood row
+    ll_k: int
+    #: training points of the ELBO surgery row
+    surgery_points: int
+    #: sample counts and batch sizes of the scaling curves
+    curve_ks: tuple[int, ...]
+    curve_batches: tuple[int, ...]
+    #: IS log-likelihood chunk sizes (samples per pass, per image) of the cache curve
+    curve_chunks: tuple[int, ...]
+    #: importance samples (images x K) spent per point of the K curve
+    curve_sample_budget: int
+
+    @staticmethod
+    def quick() -> Settings:
+        return Settings(target_s=0.12, repeats=3, ll_images=20, ll_images_pythae=2, ll_k=5000,
+                        surgery_points=60_000, curve_ks=(1, 10, 100, 1000, 5000),
+                        curve_batches=(1, 20, 100, 500), curve_chunks=(20, 50, 500), curve_sample_budget=20_000)
+
+    @staticmethod
+    def full() -> Settings:
+        return Settings(target_s=1.0, repeats=5, ll_images=10_000, ll_images_pythae=50, ll_k=5000,
+                        surgery_points=60_000, curve_ks=(1, 5, 10, 50, 100, 500, 1000, 5000),
+                        curve_batches=(1, 10, 20, 50, 100, 200, 500, 1000),
+                        curve_chunks=(10, 20, 50, 100, 200, 500, 1000), curve_sample_budget=500_000)
+
+
+@dataclass
+class Row:
+    """One line of the table; ``None`` where a number does not apply."""
+
+    name: str
+    library: str
+    images_per_s: float | None = None
+    images_per_s_median: float | None = None
+    peak_mb: float | None = None
+    #: elbolab images/s divided by pythae's in the same run
+    vs_pythae: float | None = None
+    flops_per_image: float | None = None
+    #: achieved matmul FLOP/s divided by the measured peak
+    of_peak: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Bench:
+    def __init__(self, settings: Settings, device: torch.device, peak_flops: float, use_pythae: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        self.s = settings
+        self.device = device
+        self.peak_flops = peak_flops
+        self.log = log
+        self.pythae_reason = pythae_models.available() if use_pythae else "disabled with --no-pythae"
+        self.matmul = matmul_step(device)
+        self.peak_seen = peak_flops
+        data = load("binarized-mnist-embedded")
+        self.train_data = data.as_float("train")
+        self.test_data = data.as_float("test")
+        self.data_dim = data.data_dim
+
+    # --- helpers -------------------------------------------------------------------
+    def images(self, n: int, split: str = "train") -> Tensor:
+        """``n`` images on the device; the packaged split is tiled when n exceeds it
+        (throughput does not depend on which binary images are fed)."""
+        x = self.train_data if split == "train" else self.test_data
+        reps = math.ceil(n / x.shape[0])
+        return (x.repeat(reps, 1) if reps > 1 else x)[:n].contiguous().to(self.device)
+
+    def model(self, overrides: list[str]):
+        cfg = RunConfig().with_overrides(overrides) if overrides else RunConfig()
+        torch.manual_seed(0)
+        return model_registry.build_model(cfg.model, self.data_dim, self.train_data).to(self.device)
+
+    def compare(self, steps: dict, repeats: int, target_s: float, warmup: int = 2) -> dict:
+        """``measure.compare`` with the reference matmul interleaved as one more contestant."""
+        steps = {**steps, PEAK: self.matmul}
+        res = compare(steps, self.device, repeats, target_s, warmup)
+        self.peak_seen = max(self.peak_seen, res[PEAK][0].best)
+        return res
+
+    def _rows(self, name: str, results: dict[str, tuple[Throughput, int]], flops: float | None, items_note: str = ""
+              ) -> list[Row]:
+        rows = []
+        ours = results["elbolab"][0].best
+        peak_flops = results[PEAK][0].best if PEAK in results else self.peak_flops
+        for lib, (tp, peak) in results.items():
+            if lib == PEAK:
+                continue
+            achieved = flops * tp.best if flops else None
+            rows.append(Row(name=name, library=lib, images_per_s=tp.best, images_per_s_median=tp.median,
+                            peak_mb=peak / 2**20, flops_per_image=flops,
+                            of_peak=achieved / peak_flops if achieved else None,
+                            extra={"per_repeat": tp.per_repeat, "matmul_flops_per_s": peak_flops}))
+        rows[-1].note = items_note
+        if "pythae" in results:
+            rows[0].vs_pythae = ours / results["pythae"][0].best
+        return rows
+
+    # --- training --------------------------------------------------------------------
+    def elbolab_train_step(self, model, objective_name: str, k: int, x: Tensor) -> Callable[[], None]:
+        """The trainer's inner loop: objective, finiteness check, backward, Adam step, logged bound."""
+        objective = make_objective(ObjectiveConfig(name=objective_name, k=k))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=self.device.type in ("cpu", "cuda"))  # as Trainer
+
+        def step() -> None:
+            res = objective(model, x, 1.0)
+            if not torch.isfinite(res.loss):
+                raise NonFiniteError("non-finite loss in the benchmark")
+            opt.zero_grad(set_to_none=True)
+            res.loss.backward()
+            opt.step()
+            float(res.bound.sum())
+
+        return step
+
+    def training_row(self, name: str, overrides: list[str], objective: str, k: int, batch: int,
+                     with_pythae: bool) -> list[Row]:
+        x = self.images(batch)
+        model = self.model(overrides)
+        model.train()
+        step = self.elbolab_train_step(model, objective, k, x)
+        flops = count_flops(step) / batch
+        steps = {"elbolab": (step, batch)}
+        note = ""
+        if with_pythae and self.pythae_reason is None:
+            torch.manual_seed(0)
+            pmodel = pythae_models.build(objective, k).to(self.device)
+            popt = torch.optim.Adam(pmodel.parameters(), lr=1e-4)
+            repeat = k if objective == "vae" else 1
+            steps["pythae"] = (lambda: pythae_models.train_step(pmodel, popt, x, repeat), batch)
+            if objective == "vae" and k > 1:
+                note = f"pythae: VAE on the batch repeated {k}x"
+        elif with_pythae:
+            note = self.pythae_reason or ""
+        else:
+            note = "pythae has no such model"
+        return self._rows(name, self.compare(steps, self.s.repeats, self.s.target_s), flops, note)
+
+    # --- log-likelihood ----------------------------------------------------------------
+    def likelihood_row(self) -> list[Row]:
+        k = self.s.ll_k
+        x = self.images(self.s.ll_images, "test")
+        model = self.model([])
+        flops = count_flops(lambda: log_likelihood(model, x[:1], k=k))
+        steps = {"elbolab": (lambda: log_likelihood(model, x, k=k), x.shape[0])}
+        if self.pythae_reason is None:
+            torch.manual_seed(0)
+            pmodel = pythae_models.build("iwae", 1).to(self.device).eval()
+            xp = x[: self.s.ll_images_pythae]
+
+            def pythae_nll() -> None:
+                with torch.no_grad():  # get_nll builds autograd graphs otherwise; be generous to it
+                    pmodel.get_nll(xp, n_samples=k, batch_size=100)
+
+            steps["pythae"] = (pythae_nll, xp.shape[0])
+        res = self.compare(steps, repeats=1, target_s=0.0, warmup=0)  # one pass over the test set, as a user runs it
+        n = x.shape[0]
+        rows = self._rows(f"IS log-lik K={k} ({n} test images)", res, flops)
+        rows[0].extra["seconds_for_all"] = n / rows[0].images_per_s
+        rows[0].note = f"{n} images: {n / rows[0].images_per_s:.1f} s"
+        if len(rows) > 1:
+            rows[1].extra["seconds_extrapolated"] = n / rows[1].images_per_s
+            rows[1].note = (f"get_nll timed on {self.s.ll_images_pythae} images; "
+                            f"{n} images extrapolated: {n / rows[1].images_per_s:.0f} s")
+        return rows
+
+    # --- ELBO surgery -------------------------------------------------------------------
+    def surgery_row(self) -> list[Row]:
+        name = f"ELBO surgery ({self.s.surgery_points} points)"
+        try:
+            from ..diagnostics import surgery
+        except ImportError:
+            return [Row(name=name, library="elbolab", note="skipped: elbolab.diagnostics.surgery not there yet")]
+        fn = getattr(surgery, "elbo_surgery", None)
+        if fn is None:
+            return [Row(name=name, library="elbolab", note="skipped: no elbo_surgery() in diagnostics.surgery")]
+        model = self.model([])
+        x = self.images(self.s.surgery_points)
+        res = self.compare({"elbolab": (lambda: fn(model, x), x.shape[0])}, repeats=1, target_s=0.0, warmup=0)
+        rows = self._rows(name, res, None)
+        rows[0].extra["seconds"] = x.shape[0] / rows[0].images_per_s
+        return rows
+
+    # --- curves ---------------------------------------------------------------------------
+    def k_curve(self) -> dict:
+        """Evaluation images/s of the IS log-likelihood as K grows."""
+        model = self.model([])
+        curve: dict[str, list] = {"k": list(self.s.curve_ks), "elbolab": [], "pythae": []}
+        if self.pythae_reason is None:
+            pmodel = pythae_models.build("iwae", 1).to(self.device).eval()
+        for k in self.s.curve_ks:
+            n = max(1, min(2000, self.s.curve_sample_budget // k))
+            x = self.images(n, "test")
+            steps = {"elbolab": (lambda x=x, k=k: log_likelihood(model, x, k=k), n)}
+            if self.pythae_reason is None:
+                xp = x[: max(1, n // 20)]
+
+                def nll(xp=xp, k=k) -> None:
+                    with torch.no_grad():
+                        pmodel.get_nll(xp, n_samples=k, batch_size=100)
+
+                steps["pythae"] = (nll, xp.shape[0])
+            res = compare(steps, self.device, repeats=max(1, self.s.repeats // 2), target_s=0.0, warmup=1)
+            for lib, (tp, _) in res.items():
+                curve[lib].append(tp.best)
+            self.log(f"  K={k}: " + ", ".join(f"{lib} {tp.best:,.0f} img/s" for lib, (tp, _) in res.items()))
+        return curve
+
+    def chunk_curve(self, k: int = 1000, batch: int = 100) -> dict:
+        """IS log-likelihood images/s against the samples drawn per pass (batch x chunk rows):
+        the cache effect behind EvalConfig.chunk_size's default."""
+        model = self.model([])
+        x = self.images(batch, "test")
+        chunks = self.s.curve_chunks
+        steps = {f"chunk {c}": (lambda c=c: log_likelihood(model, x, k=k, batch_size=batch, chunk_size=c), batch)
+                 for c in chunks}
+        res = compare(steps, self.device, repeats=self.s.repeats, target_s=0.0, warmup=1)
+        curve = {"chunk": list(chunks), "rows_per_pass": [batch * c for c in chunks], "k": k, "batch": batch,
+                 "elbolab": [res[f"chunk {c}"][0].best for c in chunks],
+                 "peak_mb": [res[f"chunk {c}"][1] / 2**20 for c in chunks]}
+        self.log("  " + ", ".join(f"chunk {c}: {v:,.1f} img/s" for c, v in zip(chunks, curve["elbolab"], strict=True)))
+        return curve
+
+    def batch_curve(self, objective: str = "iwae", k: int = 5) -> dict:
+        """Training images/s as the batch grows (one-layer model)."""
+        curve: dict[str, list] = {"batch": list(self.s.curve_batches), "objective": objective, "k": k,
+                                  "elbolab": [], "pythae": []}
+        for b in self.s.curve_batches:
+            rows = self.training_row(f"batch {b}", [], objective, k, b, with_pythae=True)
+            for r in rows:
+                curve[r.library].append(r.images_per_s)
+            self.log(f"  batch={b}: " + ", ".join(f"{r.library} {r.images_per_s:,.0f} img/s" for r in rows))
+        return curve
+
+
+def registered(model_name: str, prior: str | None = None) -> str | None:
+    """None when a model (and prior) can be built, else why not (merged later by another branch)."""
+    if model_name not in model_registry.MODELS:
+        return f"skipped: model {model_name!r} is not registered yet (elbolab.models.MODELS)"
+    if prior is not None:
+        from .. import priors
+
+        if prior not in priors.PRIORS:
+            return f"skipped: prior {prior!r} is not registered yet (elbolab.priors.PRIORS)"
+    return None
+
+
+def training_plan() -> list[tuple[str, list[str], str, int, int, bool, str | None]]:
+    """(row name, config overrides, objective, k, batch, compare with pythae, reason to skip)."""
+    plan = []
+    for batch in (100, 20):
+        for objective in ("vae", "iwae"):
+            for k in (1, 5, 50):
+                plan.append((f"one-layer {objective.upper()} k={k} B={batch}", [], objective, k, batch, True, None))
+    plan.append(("two-layer IWAE k=50 B=100", ["model.name=two-layer"], "iwae", 50, 100, False,
+                 registered("two-layer")))
+    plan.append(("hierarchical VampPrior VAE k=1 B=100",
+                 ["model.name=hierarchical", "model.prior.name=vampprior"], "vae", 1, 100, False,
+                 registered("hierarchical", "vampprior")))
+    return plan
+
+
+@contextlib.contextmanager
+def stopwatch(log: Callable[[str], None], what: str):
+    t0 = time.perf_counter()
+    yield
+    log(f"  ({what}: {time.perf_counter() - t0:.1f} s)")

@@ -1,0 +1,105 @@
+"""The benchmark harness measures what it says: exact FLOP counts, memory, throughput, pythae's twin."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from elbolab.bench import measure, report, suite
+from elbolab.cli import build_parser, main
+from elbolab.config import ModelConfig, ObjectiveConfig
+from elbolab.diagnostics.likelihood import log_likelihood
+from elbolab.models import build_model
+from elbolab.objectives import make_objective
+
+ENC = 784 * 200 + 200 * 200 + 200 * 100  # multiply-adds per image: 784-200-200-(50 means + 50 log-variances)
+DEC = 50 * 200 + 200 * 200 + 200 * 784  # per latent sample: 50-200-200-784
+
+
+@pytest.fixture
+def model():
+    return build_model(ModelConfig(), 784)
+
+
+@pytest.mark.parametrize("k,batch", [(1, 20), (5, 7)])
+def test_training_flops_are_the_analytic_gemm_count(model, k: int, batch: int) -> None:
+    """Forward 2*MACs; backward twice that, except the input gradient of the first layer (x needs none)."""
+    x = torch.bernoulli(torch.full((batch, 784), 0.3))
+    objective = make_objective(ObjectiveConfig(name="iwae", k=k))
+
+    def step() -> None:
+        objective(model, x, 1.0).loss.backward()
+
+    forward = 2 * batch * (ENC + k * DEC)
+    assert measure.count_flops(step) == 3 * forward - 2 * batch * 784 * 200
+
+
+def test_likelihood_flops_count_every_sample_and_the_encoder_per_chunk(model) -> None:
+    x = torch.bernoulli(torch.full((3, 784), 0.3))
+    flops = measure.count_flops(lambda: log_likelihood(model, x, k=120, batch_size=3, chunk_size=50))
+    assert flops == 2 * 3 * (3 * ENC + 120 * DEC)  # chunks of 50, 50, 20 each rerun the encoder
+
+
+def test_peak_memory_sees_a_large_allocation() -> None:
+    with measure.PeakMemory(torch.device("cpu"), interval=0.001) as mem:
+        big = torch.ones(50_000_000)  # 200 MB
+        time.sleep(0.05)
+        del big
+    assert mem.peak_bytes > 150 * 2**20
+
+
+def test_compare_reports_items_per_second_of_each_contestant() -> None:
+    res = measure.compare({"a": (lambda: time.sleep(0.01), 10), "b": (lambda: time.sleep(0.02), 10)},
+                          torch.device("cpu"), repeats=3, target_s=0.05, warmup=1)
+    a, b = res["a"][0], res["b"][0]
+    assert len(a.per_repeat) == 3
+    # sleep never returns early, so the best repeat is at most 1000 (resp. 500) items/s
+    assert 400 < a.best <= 1000 and 200 < b.best <= 500
+
+
+def test_table_formats_ratios_and_skips() -> None:
+    rows = [suite.Row("r", "elbolab", 2000.0, 1900.0, 12.3, 2.5, 7.2e6, 0.61).to_dict(),
+            suite.Row("r", "pythae", 800.0, 790.0, 20.0, None, 7.2e6, 0.24).to_dict(),
+            suite.Row("s", "elbolab", note="skipped: not there").to_dict()]
+    lines = report.format_table(rows).splitlines()
+    assert lines[0].split()[:3] == ["row", "library", "img/s"]
+    assert "2.50x" in lines[2] and "61%" in lines[2] and "2,000" in lines[2]
+    assert lines[3].split()[5] == "-"  # pythae has no ratio against itself
+    assert lines[4].endswith("skipped: not there")
+
+
+def test_pythae_twin_has_the_same_architecture(model) -> None:
+    pytest.importorskip("pythae")
+    from elbolab.bench import pythae_models
+
+    twin = pythae_models.build("iwae", 5)
+    assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in model.parameters())
+    x = torch.bernoulli(torch.full((4, 784), 0.3))
+    opt = torch.optim.Adam(twin.parameters())
+    assert torch.isfinite(torch.tensor(pythae_models.train_step(twin, opt, x)))
+    x4 = torch.bernoulli(torch.full((4, 784), 0.3))
+    flops = measure.count_flops(lambda: twin({"data": x4}).loss.backward())
+    assert flops == 3 * 2 * 4 * (ENC + 5 * DEC) - 2 * 4 * 784 * 200
+
+
+def test_bench_command_writes_json_with_rows_and_skip_notes(tmp_path, capsys) -> None:
+    assert main(["bench", "--quick", "--no-pythae", "--only", "IWAE k=1 B=20", "--only", "two-layer",
+                 "--out", str(tmp_path), "--name", "t", "--threads", "1", "--clock", "cpu"]) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["machine"]["torch_threads"] == 1 and result["machine"]["clock"] == "cpu"
+    names = [r["name"] for r in result["rows"]]
+    assert names[0] == "one-layer IWAE k=1 B=20"
+    row = result["rows"][0]
+    assert row["images_per_s"] > 0 and row["flops_per_image"] == 3 * 2 * (ENC + DEC) - 2 * 784 * 200
+    assert 0 < row["of_peak"] < 1.5
+    if "two-layer" not in __import__("elbolab.models", fromlist=["MODELS"]).MODELS:
+        assert result["rows"][-1]["note"].startswith("skipped: model 'two-layer'")
+    assert "one-layer IWAE k=1 B=20" in capsys.readouterr().out
+
+
+def test_bench_is_a_subcommand() -> None:
+    args = build_parser().parse_args(["bench", "--quick", "--threads", "2"])
+    assert args.quick and args.threads == 2
