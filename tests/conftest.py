@@ -32,3 +32,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def restore_threads():
+    """Tests whose config sets train.threads change torch's global thread count: give it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -31,13 +31,7 @@ ESTIMATORS = ("standard", "stl", "dreg")
 Z_TOL = 4.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 graphs: one thread is ~10x faster than several on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

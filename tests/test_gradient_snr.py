@@ -10,13 +10,7 @@ import torch
 from elbolab.diagnostics.gradient_snr import GradientSNR, gradient_snr, log_log_slope, plot_snr_vs_k, snr_sweep
 from elbolab.models.linear_gaussian import LinearGaussian
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

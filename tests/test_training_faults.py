@@ -33,12 +33,7 @@ def small_config(**train) -> RunConfig:
     return RunConfig().with_overrides(over)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """train.threads=1 (tiny models on busy cores) sets torch's global thread count: give it back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 class Crash(Exception):
