@@ -57,3 +57,19 @@ def test_eval_config_checks_the_diagnose_keys():
         RunConfig().with_overrides({"eval.bound_ks": [0, 5]})
     with pytest.raises(ConfigError, match="eval.surgery_samples"):
         RunConfig().with_overrides({"eval.surgery_samples": 0})
+
+
+def test_vampprior_run_reports_its_pseudo_inputs(tmp_path):
+    """A mixture prior adds the pseudo-input / component figure; MC surgery still closes the identity."""
+    run = tmp_path / "vamp"
+    assert main(["train", "--out", str(run), "--no-eval", "--set", "train.epochs=1", "--set", "model.latent_dim=2",
+                 "--set", "model.hidden=[32]", "--set", "model.prior.name=vampprior", "--set",
+                 "model.prior.components=8", "--set", "train.progress=false", "--set", "train.eval_every=0"]) == 0
+    out = tmp_path / "report"
+    assert main(["diagnose", str(run), "--k", "20", "--points", "60", "--out", str(out), "--data", "test"]) == 0
+    r = json.loads((out / "diagnostics.json").read_text())
+    assert (out / r["figures"]["prior_components"]).stat().st_size > 5000
+    assert "diag-prior-components.png" in (out / "diagnostics.md").read_text()
+    s = r["surgery"]
+    assert 0 <= s["mutual_information"] <= s["log_n"] + 1e-9
+    assert abs(s["identity_error"]) < 4 * s["identity_stderr"] + 1e-6

@@ -16,10 +16,12 @@ import torch
 from torch import Tensor
 
 from ..files import atomic_write_text
+from ..priors import GaussianMixturePrior
 from . import plots
 from .active_units import active_units
 from .bound_vs_k import bound_vs_k
 from .likelihood import seeded
+from .prior_figures import plot_components
 from .q_ew import q_ew_on_grid
 from .surgery import SurgeryError, elbo_surgery
 
@@ -85,6 +87,9 @@ def diagnose(
             spread = x[:: max(1, x.shape[0] // 10)][:10]  # across the split (it may be sorted by class)
             figures["reconstructions"] = plots.plot_reconstructions(
                 spread, model.reconstruct(spread), image_shape, out_dir / "diag-reconstructions.png").name
+            if isinstance(model.prior, GaussianMixturePrior) and len(image_shape) == 2:
+                figures["prior_components"] = plot_components(
+                    model, image_shape, out_dir / "diag-prior-components.png", seed=e.seed).name
 
     timed("images", pictures)
 
@@ -151,7 +156,11 @@ def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | No
     else:
         lines.append(f"Skipped: {s['skipped']}")
     lines += ["", "## Samples and reconstructions", "", "![samples](diag-samples.png)", "",
-              "![reconstructions](diag-reconstructions.png)", "", "## The implicit posterior q_EW", ""]
+              "![reconstructions](diag-reconstructions.png)", ""]
+    if "prior_components" in r.get("figures", {}):
+        lines += ["Each prior component (VampPrior: its pseudo-input, framed in red) and samples generated from it:",
+                  "", "![prior components](diag-prior-components.png)", ""]
+    lines += ["## The implicit posterior q_EW", ""]
     q = r["q_ew"]
     if "skipped" in q:
         lines.append(f"Skipped: {q['skipped']}")
