@@ -36,6 +36,29 @@ def log_bernoulli_logits(x: Tensor, logits: Tensor) -> Tensor:
     return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
 
 
+def log_bernoulli_logits_(x: Tensor, logits: Tensor) -> Tensor:
+    """:func:`log_bernoulli_logits` that overwrites ``logits`` (with their softplus).
+
+    For scratch logits that no graph needs (``logits.requires_grad`` is False), such as
+    the decoder output in the importance-sampled log-likelihood. The general form
+    allocates two ``[K, B, D]`` temporaries (``x * logits`` and the softplus) per call;
+    at K x B = 5,000 rows of 784 pixels each one costs more in fresh pages than the
+    arithmetic, so here ``x . logits`` is a batched matrix-vector product (``x`` [B, D]
+    against ``logits`` [..., B, D], no product tensor) and the softplus runs in place:
+    1.5x faster log weights for the 784-200-200-50 model (docs/bench.md). The same
+    stable softplus as ``F.softplus`` (``l`` above 20, ``log1p(exp(l))`` below), so
+    the values equal the general form's up to float summation order.
+    """
+    if logits.requires_grad:
+        raise ValueError("log_bernoulli_logits_ overwrites logits; use log_bernoulli_logits when they need a gradient")
+    if x.dim() == 2 and logits.shape[-2:] == x.shape:
+        x_dot_logits = torch.einsum("...bd,bd->...b", logits, x.to(logits.dtype))
+    else:
+        x_dot_logits = (x * logits).sum(-1)
+    softplus = torch.ops.aten.softplus.out(logits, 1, 20, out=logits)
+    return x_dot_logits - softplus.sum(-1)
+
+
 def kl_normal_standard(mean: Tensor, log_var: Tensor) -> Tensor:
     """KL(N(mean, diag exp(log_var)) || N(0, I)) in closed form, summed over the last axis."""
     return 0.5 * (mean.pow(2) + torch.exp(log_var) - 1.0 - log_var).sum(-1)

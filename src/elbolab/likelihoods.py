@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributions import log_bernoulli_logits, log_discretized_logistic, log_normal_diag
+from .distributions import log_bernoulli_logits, log_bernoulli_logits_, log_discretized_logistic, log_normal_diag
 
 
 class Likelihood(nn.Module, ABC):
@@ -39,6 +39,12 @@ class Likelihood(nn.Module, ABC):
     def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         """Start the decoder at the data's average image, as the IWAE paper does."""
 
+    def log_prob_consuming(self, x: Tensor, params: Tensor) -> Tensor:
+        """:meth:`log_prob` for ``params`` the caller owns and drops afterwards (a fresh
+        decoder output): a likelihood may overwrite them when they need no gradient, to
+        save ``[K, B, D]`` temporaries. The default is :meth:`log_prob`."""
+        return self.log_prob(x, params)
+
     def split(self, params: Tensor) -> list[Tensor]:
         """``[..., P*D]`` -> P tensors ``[..., D]``."""
         return list(params.chunk(self.params_per_pixel, dim=-1))
@@ -57,6 +63,11 @@ class BernoulliLikelihood(Likelihood):
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         return log_bernoulli_logits(x, params)
+
+    def log_prob_consuming(self, x: Tensor, params: Tensor) -> Tensor:
+        if params.requires_grad:
+            return log_bernoulli_logits(x, params)
+        return log_bernoulli_logits_(x, params)
 
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
