@@ -40,7 +40,8 @@ def test_training_flops_are_the_analytic_gemm_count(model, k: int, batch: int) -
 def test_likelihood_flops_count_every_sample_and_the_encoder_per_chunk(model) -> None:
     x = torch.bernoulli(torch.full((3, 784), 0.3))
     flops = measure.count_flops(lambda: log_likelihood(model, x, k=120, batch_size=3, chunk_size=50))
-    assert flops == 2 * 3 * (3 * ENC + 120 * DEC)  # chunks of 50, 50, 20 each rerun the encoder
+    # chunks of 50, 50, 20 each rerun the encoder and the Bernoulli fast path's x @ W_out (784 x 200)
+    assert flops == 2 * 3 * (3 * (ENC + 784 * 200) + 120 * DEC)
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:

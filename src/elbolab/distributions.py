@@ -36,6 +36,29 @@ def log_bernoulli_logits(x: Tensor, logits: Tensor) -> Tensor:
     return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
 
 
+def log_bernoulli_linear_(x: Tensor, features: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """:func:`log_bernoulli_logits` at ``logits = features @ weight.T + bias``, without gradients.
+
+    ``x`` [B, D], ``features`` [..., B, H], ``weight`` [D, H]: ``[..., B]``. For the
+    importance-sampled log-likelihood, where the general form's two ``[K, B, D]``
+    temporaries (``x * logits`` and the softplus) cost more in fresh memory pages than
+    their arithmetic. Here ``sum_d x_d logits_d = features . (x @ weight) + x . bias``
+    is an ``[..., B, H]`` product (H = 200 against D = 784 pixels for MNIST) and the
+    softplus overwrites the logits it owns: 1.4x faster log weights for the
+    784-200-200-50 model (docs/bench.md). It is the same stable softplus as
+    ``F.softplus`` (``l`` above 20, ``log1p(exp(l))`` below), so values equal the
+    general form's up to float32 summation order. Refuses inputs that need a gradient.
+    """
+    if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
+        raise ValueError("log_bernoulli_linear_ has no gradient; use log_bernoulli_logits on F.linear(...)")
+    logits = F.linear(features, weight, bias)
+    x_dot_logits = (features * (x @ weight)).sum(-1)
+    if bias is not None:
+        x_dot_logits = x_dot_logits + x @ bias
+    softplus = torch.ops.aten.softplus.out(logits, 1, 20, out=logits)
+    return x_dot_logits - softplus.sum(-1)
+
+
 def kl_normal_standard(mean: Tensor, log_var: Tensor) -> Tensor:
     """KL(N(mean, diag exp(log_var)) || N(0, I)) in closed form, summed over the last axis."""
     return 0.5 * (mean.pow(2) + torch.exp(log_var) - 1.0 - log_var).sum(-1)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributions import log_bernoulli_logits, log_discretized_logistic, log_normal_diag
+from .distributions import log_bernoulli_linear_, log_bernoulli_logits, log_discretized_logistic, log_normal_diag
 
 
 class Likelihood(nn.Module, ABC):
@@ -39,6 +39,15 @@ class Likelihood(nn.Module, ABC):
     def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         """Start the decoder at the data's average image, as the IWAE paper does."""
 
+    def log_prob_linear(self, x: Tensor, features: Tensor, layer: nn.Linear) -> Tensor:
+        """``log_prob(x, layer(features))``, for decoders that end in a Linear layer.
+
+        A likelihood may use the layer's algebra to skip ``[K, B, P*D]`` temporaries when
+        no gradient is needed (the importance-sampled log-likelihood); the value is the
+        same up to float rounding. The default just applies the layer.
+        """
+        return self.log_prob(x, layer(features))
+
     def split(self, params: Tensor) -> list[Tensor]:
         """``[..., P*D]`` -> P tensors ``[..., D]``."""
         return list(params.chunk(self.params_per_pixel, dim=-1))
@@ -57,6 +66,11 @@ class BernoulliLikelihood(Likelihood):
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         return log_bernoulli_logits(x, params)
+
+    def log_prob_linear(self, x: Tensor, features: Tensor, layer: nn.Linear) -> Tensor:
+        if torch.is_grad_enabled() and (features.requires_grad or layer.weight.requires_grad):
+            return self.log_prob(x, layer(features))
+        return log_bernoulli_linear_(x, features, layer.weight, layer.bias)
 
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)

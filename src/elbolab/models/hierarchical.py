@@ -114,7 +114,7 @@ class HierarchicalVAE(LatentVariableModel):
         log_q1 = DiagonalGaussian(m1, lv1).log_prob(z1)
         log_p2 = self.prior.log_prob(z2)
         log_p1 = DiagonalGaussian(*self.p_z1(z2)).log_prob(z1)
-        log_px = self.likelihood.log_prob(x, self.decode(z1, z2))
+        log_px = self.likelihood.log_prob_linear(x, self.p_x_features(z1, z2), self.p_x_out)
         return LogWeightTerms(log_px, {"z1": log_p1, "z2": log_p2}, {"z1": log_q1, "z2": log_q2}, {"z1": z1, "z2": z2})
 
     def posterior_means(self, x: Tensor) -> list[Tensor]:

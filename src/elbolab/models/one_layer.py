@@ -55,7 +55,7 @@ class OneLayerVAE(LatentVariableModel):
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x, z) at given z ``[..., B, D]`` (e.g. a grid, for q_EW densities): ``[..., B]``."""
-        return self.prior.log_prob(z) + self.likelihood.log_prob(x, self.decode(z))
+        return self.prior.log_prob(z) + self.likelihood.log_prob_linear(x, self.decoder[:-1](z), self.decoder[-1])
 
     def decode(self, z: Tensor) -> Tensor:
         """Likelihood parameters for z of shape ``[..., D]``: ``[..., P * data_dim]``."""
@@ -66,7 +66,7 @@ class OneLayerVAE(LatentVariableModel):
         z = q.rsample(k)  # [K, B, D]
         log_q = (q.detach() if stop_posterior_grad else q).log_prob(z)
         log_pz = self.prior.log_prob(z)
-        log_px = self.likelihood.log_prob(x, self.decode(z))
+        log_px = self.likelihood.log_prob_linear(x, self.decoder[:-1](z), self.decoder[-1])
         return LogWeightTerms(log_px, {"z": log_pz}, {"z": log_q}, {"z": z})
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -87,7 +87,7 @@ class TwoLayerVAE(LatentVariableModel):
         log_q2 = DiagonalGaussian(m2, lv2).log_prob(z2)
         log_p2 = self.prior.log_prob(z2)
         log_p1 = DiagonalGaussian(*self.p_z1(z2)).log_prob(z1)
-        log_px = self.likelihood.log_prob(x, self.p_x(z1))
+        log_px = self.likelihood.log_prob_linear(x, self.p_x[:-1](z1), self.p_x[-1])
         return LogWeightTerms(log_px, {"z1": log_p1, "z2": log_p2}, {"z1": log_q1, "z2": log_q2}, {"z1": z1, "z2": z2})
 
     def posterior_means(self, x: Tensor) -> list[Tensor]:
