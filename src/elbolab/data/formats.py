@@ -104,6 +104,7 @@ def parse_mat(content: bytes, path: Path) -> dict[str, np.ndarray]:
 
     try:
         mat = scipy.io.loadmat(io.BytesIO(content))
+    # scipy signals a v7.3 (HDF5) file by raising NotImplementedError: a format we refuse, not a stub
     except (ValueError, TypeError, OSError, NotImplementedError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable MATLAB v5 .mat file ({e}); fetch it again") from None
     return {k: v for k, v in mat.items() if not k.startswith("__")}
