@@ -40,7 +40,7 @@ def _default_out(cfg) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data import load
+    from .data import evaluation_images, load
     from .diagnostics.summary import format_summary, summarize
     from .runs import write_json
     from .training import Trainer
@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_eval:
         print(f"trained in {train_seconds:.0f} s; run folder: {run_dir}")
         return EXIT_OK
-    x_test = dataset.as_float("test", cfg.data.binarization, cfg.data.binarization_seed + 3)
+    x_test = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed)
     e = cfg.eval
     t1 = time.perf_counter()
     report = summarize(trainer.model, x_test.to(trainer.device), cfg.objective.k, e.k_importance, e.batch_size,
@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import load
+    from .data import evaluation_images, load
     from .diagnostics.summary import format_summary, summarize
     from .runs import load_run
     from .training import resolve_device
@@ -95,7 +95,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = run.config
     data_dir = args.data_dir or cfg.data.data_dir
     dataset = load(cfg.data.name, data_dir, validation=cfg.data.validation)
-    x = dataset.as_float(args.split, cfg.data.binarization, cfg.data.binarization_seed + 3)
+    x = evaluation_images(dataset, args.split, cfg.data.binarization, cfg.data.binarization_seed)
     e = cfg.eval
     report = summarize(run.model, x.to(device), cfg.objective.k, args.k or e.k_importance, e.batch_size,
                        e.chunk_size, e.active_unit_threshold, e.seed)
@@ -134,7 +134,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from .data import load
+    from .data import evaluation_images, load
     from .diagnostics.report import REPORT_MD, diagnose
     from .runs import load_run
     from .training import resolve_device
@@ -143,7 +143,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     run = load_run(args.run, device=str(device), weights=args.weights)
     cfg = run.config
     dataset = load(cfg.data.name, args.data_dir or cfg.data.data_dir)
-    x = dataset.as_float(args.data, cfg.data.binarization, cfg.data.binarization_seed + 3)
+    x = evaluation_images(dataset, args.data, cfg.data.binarization, cfg.data.binarization_seed)
     labels = dataset.labels.get(args.data)
     if args.points:  # a seeded random subset: stored splits may be sorted by class
         import torch

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import ConfigError, RunConfig, _did_you_mean, load_config
-from .data import Batcher, ImageDataset, load
+from .data import Batcher, ImageDataset, evaluation_images, load
 from .diagnostics.likelihood import evaluate_bounds
 from .files import (
     OutputError,
@@ -201,7 +201,7 @@ class Trainer:
         self.batcher = Batcher(self.dataset.split("train"), self.dataset.binary, d.binarization,
                                d.binarization_seed, self.device)
         self.valid = (
-            self.dataset.as_float("valid", d.binarization, d.binarization_seed + 2).to(self.device)
+            evaluation_images(self.dataset, "valid", d.binarization, d.binarization_seed).to(self.device)
             if "valid" in self.dataset.splits else None
         )
         train_float = self.dataset.as_float("train", "none")

@@ -1,7 +1,7 @@
 """Datasets by name: ``load("mnist-dynamic")``, ``load("omniglot-28-elbolab")``; one compact tensor per split."""
 
 from . import embedded, standard  # noqa: F401  (register the packaged and the standard datasets)
-from .dataset import Batcher, DataError, ImageDataset, to_unit_float
+from .dataset import Batcher, DataError, ImageDataset, evaluation_images, to_unit_float
 from .registry import DATASETS, ENV_VAR, DatasetSpec, load, register, resolve_data_dir, resolve_name
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "DataError",
     "DatasetSpec",
     "ImageDataset",
+    "evaluation_images",
     "load",
     "register",
     "resolve_data_dir",

@@ -189,13 +189,13 @@ def plot_snr_vs_k(results: Sequence[GradientSNR], path: str | Path, title: str |
 def cmd_snr(args) -> int:
     import json
 
-    from ..data import load
+    from ..data import evaluation_images, load
     from ..runs import load_run
 
     run = load_run(args.run, weights=args.weights)
     cfg = run.config
     dataset = load(cfg.data.name, args.data_dir or cfg.data.data_dir)
-    x = dataset.as_float(args.split, cfg.data.binarization, cfg.data.binarization_seed + 3)[: args.batch]
+    x = evaluation_images(dataset, args.split, cfg.data.binarization, cfg.data.binarization_seed)[: args.batch]
     results = snr_sweep(run.model, x, args.k, args.estimators, n_draws=args.draws, seed=args.seed)
     for r in results:
         print(json.dumps(r.to_dict()))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
+from ..data import evaluation_images
 from ..runs import environment_info, read_json, read_metrics, write_json
 
 RESULT_FILE = "result.json"
@@ -39,7 +40,7 @@ def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any
     """IS log-likelihood (K = eval.k_importance) and active units on the test set."""
     from ..diagnostics import active_units, log_likelihood
 
-    x = dataset.as_float("test", cfg.data.binarization, cfg.data.binarization_seed + 3).to(device)
+    x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed).to(device)
     e = cfg.eval
     ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_size, seed=e.seed)
     au = active_units(model, x, threshold=e.active_unit_threshold)
@@ -54,7 +55,7 @@ def evaluate_surgery(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
     """ELBO surgery over the whole training split (N = 60,000 for MNIST: log N = 11.0021)."""
     from ..diagnostics.surgery import elbo_surgery
 
-    x = dataset.as_float("train", cfg.data.binarization, cfg.data.binarization_seed + 4).to(device)
+    x = evaluation_images(dataset, "train", cfg.data.binarization, cfg.data.binarization_seed).to(device)
     s = elbo_surgery(model, x, seed=cfg.eval.seed)
     out = s.to_dict()
     out["n_surgery"] = out.pop("n")
