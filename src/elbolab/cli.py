@@ -252,12 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    from .allocator import retain_freed_memory
     from .config import ConfigError
     from .data import DataError
     from .files import OutputError
     from .runs import RunError
     from .training import NonFiniteError
 
+    retain_freed_memory()  # every command makes big CPU temporaries (allocator.py)
     try:
         return args.func(args)
     except (ConfigError, DataError, RunError, OutputError) as e:

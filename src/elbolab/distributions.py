@@ -32,8 +32,44 @@ def log_bernoulli_logits(x: Tensor, logits: Tensor) -> Tensor:
     Exact for any logit magnitude (no sigmoid followed by a log). ``x`` may be
     ``[B, D]`` while ``logits`` is ``[K, B, D]``; it broadcasts. ``x`` need not be
     binary (grey levels give the usual "continuous Bernoulli-free" cross-entropy).
+    With a gradient to ``logits`` only (training), one fused step computes it from a
+    single sigmoid that the backward, ``(x - sigmoid(l)) * g``, reuses: 1.1x faster
+    IWAE training steps than autograd through the softplus (docs/bench.md).
     """
+    if torch.is_grad_enabled() and logits.requires_grad and not x.requires_grad:
+        return _BernoulliLogits.apply(x, logits)[0]
     return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
+
+
+def _x_dot_logits(x: Tensor, logits: Tensor) -> Tensor:
+    """``(x * logits).sum(-1)`` as a batched matrix product, without the ``[K, B, D]`` product."""
+    if x.dim() == 2 and logits.dim() == 3 and logits.shape[1:] == x.shape:
+        return torch.einsum("bd,kbd->kb", x, logits)
+    return (x * logits).sum(-1)
+
+
+class _BernoulliLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+        # softplus(l) = relu(l) - log sigmoid(|l|), as in sum_softplus_ (two tensors made:
+        # |l| turned into sigmoid(|l|) in place, and sigmoid(l) kept for the backward)
+        p = logits.abs()
+        relu = (logits.sum(-1) + p.sum(-1)) * 0.5
+        s = torch.sigmoid(logits)
+        return _x_dot_logits(x, logits) - (relu - _log_prod_(torch.sigmoid(p, out=p))), s
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, _ = inputs
+        _, s = output
+        ctx.save_for_backward(x, s)
+        ctx.mark_non_differentiable(s)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _unused: Tensor) -> tuple[None, Tensor]:
+        x, s = ctx.saved_tensors
+        g = torch.sub(x, s).mul_(grad.unsqueeze(-1))
+        return None, g if g.shape == s.shape else g.sum_to_size(s.shape)
 
 
 def log_bernoulli_linear_(x: Tensor, features: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -44,10 +80,9 @@ def log_bernoulli_linear_(x: Tensor, features: Tensor, weight: Tensor, bias: Ten
     temporaries (``x * logits`` and the softplus) cost more in fresh memory pages than
     their arithmetic. Here ``sum_d x_d logits_d = features . (x @ weight) + x . bias``
     is an ``[..., B, H]`` product (H = 200 against D = 784 pixels for MNIST) and the
-    softplus overwrites the logits it owns: 1.4x faster log weights for the
-    784-200-200-50 model (docs/bench.md). It is the same stable softplus as
-    ``F.softplus`` (``l`` above 20, ``log1p(exp(l))`` below), so values equal the
-    general form's up to float32 summation order. Refuses inputs that need a gradient.
+    softplus sum overwrites the logits it owns (:func:`sum_softplus_`): together 1.4x
+    faster log weights for the 784-200-200-50 model (docs/bench.md), equal to the
+    general form's up to float32 rounding. Refuses inputs that need a gradient.
     """
     if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
         raise ValueError("log_bernoulli_linear_ has no gradient; use log_bernoulli_logits on F.linear(...)")
@@ -55,8 +90,45 @@ def log_bernoulli_linear_(x: Tensor, features: Tensor, weight: Tensor, bias: Ten
     x_dot_logits = (features * (x @ weight)).sum(-1)
     if bias is not None:
         x_dot_logits = x_dot_logits + x @ bias
-    softplus = torch.ops.aten.softplus.out(logits, 1, 20, out=logits)
-    return x_dot_logits - softplus.sum(-1)
+    return x_dot_logits - sum_softplus_(logits)
+
+
+#: halvings in :func:`sum_softplus_`: each slot then holds a product of at most 2^5 = 32
+#: factors in [1/2, 1], so at least 2^-32, far from float32's smallest normal (2^-126)
+_HALVINGS = 5
+
+
+def sum_softplus_(logits: Tensor) -> Tensor:
+    """``softplus(logits).sum(-1)``, overwriting ``logits``; 1.8x faster than the softplus.
+
+    ``softplus(l) = relu(l) - log sigmoid(|l|)``, and ``sigmoid(|l|)`` lies in [1/2, 1],
+    so the logs of 784 factors can be taken as the log of a few products of 32 (made by
+    halving the last axis in place): one sigmoid pass and a few multiplies replace
+    ``log1p(exp(l))`` on every pixel (both transcendental, and torch's CPU ``log1p`` is
+    slow). Each factor is rounded once and each product picks up at most 32 roundings.
+    ``sum relu(l) = (sum l + sum |l|) / 2`` is rounded at the size of ``sum |l|`` rather
+    than of the softplus sum: for a trained-looking decoder, log p(x, z) lands about one
+    float32 ulp from float64 on average, three times torch's own path (a float64 sum or
+    a relu temporary would cost the speed back; tests/test_fast_elementwise.py).
+    """
+    total = logits.sum(-1)
+    logits.abs_()
+    relu = (total + logits.sum(-1)) * 0.5
+    return relu - _log_prod_(torch.sigmoid(logits, out=logits))
+
+
+def _log_prod_(p: Tensor) -> Tensor:
+    """``log(p).sum(-1)`` for p in [1/2, 1] as the log of products of 32, made in place."""
+    n = p.shape[-1]
+    for _ in range(_HALVINGS):
+        h = n // 2
+        if h == 0:
+            break
+        p[..., :h].mul_(p[..., h : 2 * h])
+        if n % 2:  # the odd factor out moves next to the products and rides along
+            p[..., h].copy_(p[..., 2 * h])
+        n = h + n % 2
+    return p[..., :n].log().sum(-1)
 
 
 def kl_normal_standard(mean: Tensor, log_var: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import __version__
+from .allocator import retain_freed_memory
 from .config import ConfigError, RunConfig, _did_you_mean, load_config
 from .data import Batcher, ImageDataset, evaluation_images, load
 from .diagnostics.likelihood import evaluate_bounds
@@ -193,6 +194,8 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # the step's big temporaries reuse pages (allocator.py)
         self.dataset = (
             dataset if dataset is not None else load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
         )
