@@ -25,6 +25,23 @@ from elbolab.priors import StandardNormal
 EPS32 = torch.finfo(torch.float32).eps
 
 
+@pytest.fixture(autouse=True)
+def always_fused(monkeypatch):
+    """Take the fast paths at any size (they step aside for small tensors by default)."""
+    monkeypatch.setattr(distributions, "FUSED_MIN_NUMEL", 0)
+
+
+def test_small_tensors_take_torchs_kernels(monkeypatch) -> None:
+    monkeypatch.setattr(distributions, "FUSED_MIN_NUMEL", 1 << 15)
+    small = torch.randn(20, 200, requires_grad=True)
+    assert layers.Tanh()(small).grad_fn.name() == "TanhBackward0"
+    big = torch.randn(200, 200, requires_grad=True)
+    assert "Tanh" in type(layers.Tanh()(big).grad_fn).__name__ and layers.Tanh()(big).grad_fn.name() != "TanhBackward0"
+    x = torch.rand(20, 784)
+    assert log_bernoulli_logits(x, torch.randn(1, 20, 784, requires_grad=True)).grad_fn.name() == "SubBackward0"
+    assert "Bernoulli" in type(log_bernoulli_logits(x, torch.randn(5, 20, 784, requires_grad=True)).grad_fn).__name__
+
+
 # --- tanh -----------------------------------------------------------------------------
 
 

@@ -292,3 +292,24 @@ def test_tiny_surgery_table(tiny_data, tmp_path) -> None:
     m = result["metrics"]
     assert abs(m["identity_error"]) <= 4 * m["identity_stderr"] + 1e-6
     assert "| mnist-vae-2latents | tiny-embedded | -129.63 |" in rep.outputs["markdown"].read_text()
+
+
+def test_curve_draws_the_k50_rows_of_a_large_table_and_falls_back_to_any(tmp_path) -> None:
+    from elbolab.reproduce.output import curve_series, make_entry
+
+    spec = get_table("iwae-table")
+
+    def entry(row_id: str, with_metrics: bool = True):
+        d = tmp_path / row_id
+        (d / "run").mkdir(parents=True)
+        if with_metrics:
+            (d / "run" / "metrics.jsonl").write_text('{"epoch": 1, "train_bound": -120.0}\n')
+        result = {"metrics": {"nll": 100.0, "active_units": "10", "active_units_counts": [10]},
+                  "epochs": 1, "train_seconds": 1.0, "eval_seconds": 1.0, "hardware": "cpu"}
+        return make_entry(spec, row_id, "mnist", result, None, str(d))
+
+    k1, k50, vae50 = entry("mnist-1layer-iwae-k1"), entry("mnist-2layer-iwae-k50"), entry("mnist-2layer-vae-k50")
+    restored = entry("omniglot-1layer-iwae-k50", with_metrics=False)  # a row without its run: no line
+    assert [e.row for e, _ in curve_series(spec, [k1, k50, vae50, restored])] == [
+        "mnist-2layer-iwae-k50", "mnist-2layer-vae-k50"]
+    assert [e.row for e, _ in curve_series(spec, [k1, restored])] == ["mnist-1layer-iwae-k1"]

@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LOG_2PI = math.log(2.0 * math.pi)
+#: below this many elements torch's own kernels win over the fused steps here and in
+#: models.layers.Tanh: a Python autograd.Function and the extra passes cost more than they
+#: save on small batches (batch 20, k = 1)
+FUSED_MIN_NUMEL = 1 << 15
 
 
 def log_normal_diag(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
@@ -36,7 +40,8 @@ def log_bernoulli_logits(x: Tensor, logits: Tensor) -> Tensor:
     single sigmoid that the backward, ``(x - sigmoid(l)) * g``, reuses: 1.1x faster
     IWAE training steps than autograd through the softplus (docs/bench.md).
     """
-    if torch.is_grad_enabled() and logits.requires_grad and not x.requires_grad:
+    if (torch.is_grad_enabled() and logits.requires_grad and not x.requires_grad
+            and logits.numel() >= FUSED_MIN_NUMEL):  # small: autograd through torch's kernels
         return _BernoulliLogits.apply(x, logits)[0]
     return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributions
+
 
 def _tanh_from_sigmoid(a: Tensor) -> Tensor:
     y = torch.sigmoid(a * 2.0)
@@ -38,10 +40,12 @@ class Tanh(nn.Tanh):
     identity is exact; in float32 the result is within 2e-7 of tanh (absolute, about
     one rounding of a value in [-1, 1]; torch's own is within 3e-8), which the next
     layer's matrix product cannot tell from its own rounding. The backward is tanh's
-    (``1 - y^2`` from the saved output), as ``nn.Tanh``'s.
+    (``1 - y^2`` from the saved output), as ``nn.Tanh``'s. Small inputs take torch.tanh.
     """
 
     def forward(self, a: Tensor) -> Tensor:
+        if a.numel() < distributions.FUSED_MIN_NUMEL:  # small: torch's kernel, no Python step
+            return torch.tanh(a)
         if torch.is_grad_enabled() and a.requires_grad:
             return _TanhFunction.apply(a)
         return _tanh_from_sigmoid(a)

@@ -178,9 +178,9 @@ def write_outputs(table: TableSpec, budget: str, entries: list[Entry], out_dir: 
 # --- the curve ---------------------------------------------------------------------
 
 
-def plot_curves(table: TableSpec, entries: list[Entry], path: Path) -> Path | None:
-    """-(training bound) per epoch for every finished row, the paper's NLL dashed."""
-    nll_metric = next((m for m in table.metrics if m.kind == "nll"), None)
+def curve_series(table: TableSpec, entries: list[Entry]) -> list[tuple[Entry, list[dict]]]:
+    """(entry, per-epoch metrics) of the finished rows to draw: the protocol's
+    ``curve_rows`` when any of them has metrics, else every row that has."""
     series = []
     for e in entries:
         if e.row_dir is None or e.status not in ("trained", "cached"):
@@ -188,6 +188,14 @@ def plot_curves(table: TableSpec, entries: list[Entry], path: Path) -> Path | No
         rows = read_metrics(Path(e.row_dir) / "run" / "metrics.jsonl")
         if rows:
             series.append((e, rows))
+    picked = [(e, rows) for e, rows in series if e.row.endswith(table.protocol.curve_rows or ("",))]
+    return picked or series
+
+
+def plot_curves(table: TableSpec, entries: list[Entry], path: Path) -> Path | None:
+    """-(training bound) per epoch for every finished row, the paper's NLL dashed."""
+    nll_metric = next((m for m in table.metrics if m.kind == "nll"), None)
+    series = curve_series(table, entries)
     if not series or nll_metric is None:
         return None
     import matplotlib
