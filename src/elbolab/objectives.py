@@ -317,3 +317,34 @@ def make_objective(cfg: ObjectiveConfig) -> Objective:
         return estimate(model, x, plan, estimator, kl_weight)
 
     return objective
+
+
+def compile_objective(objective: Objective) -> Objective:
+    """``torch.compile`` of a training objective, with torch's own random stream.
+
+    Inductor fuses the step's elementwise work and drops most per-op dispatch, which is
+    what bounds small batches on a CPU (1.4x at the IWAE paper's batch 20, k = 1; less
+    as k grows and the matrix products take over; docs/bench.md). ``fallback_random``
+    makes its ``randn`` calls torch's, so a compiled step draws the eager step's samples
+    and a checkpoint's RNG state resumes it exactly; its values equal eager's to float
+    rounding (tests/test_compile.py). The first step pays the compilation (about 30 s);
+    a new batch shape (the last, shorter batch of an epoch) compiles once more.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    # every model, k and batch shape is its own graph of the one objective function: let a
+    # process (a test session, a notebook) hold more of them than dynamo's default 8
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    # static shapes: sample counts stay concrete for randn; a KL weight below 1 goes in
+    # as a 0-dim tensor, so warm-up (a new weight every step) reuses one graph
+    compiled = torch.compile(objective, dynamic=False)
+
+    def run(model: LatentVariableModel, x: Tensor, kl_weight: float = 1.0) -> ObjectiveResult:
+        if kl_weight == 1.0:
+            return compiled(model, x, 1.0)
+        return compiled(model, x, torch.tensor(kl_weight, dtype=x.dtype, device=x.device))
+
+    return run

@@ -48,7 +48,7 @@ from .files import (
 )
 from .models import LatentVariableModel, build_model
 from .models.base import LogWeightTerms
-from .objectives import make_objective
+from .objectives import compile_objective, make_objective
 from .runs import RunError, environment_info, read_json, read_metrics, save_weights, write_json
 from .schedules import kl_weight, learning_rate
 
@@ -57,7 +57,7 @@ log = logging.getLogger("elbolab")
 CHECKPOINT = "checkpoint.pt"
 
 #: config keys that may differ between a run and its resumption (they do not change results)
-RESUME_FREE_KEYS = ("data.data_dir", "train.progress")
+RESUME_FREE_KEYS = ("data.data_dir", "train.progress", "train.compile")
 
 
 class NonFiniteError(FloatingPointError):
@@ -219,6 +219,8 @@ class Trainer:
             fused=self.device.type in ("cpu", "cuda"),
         )
         self.objective = make_objective(cfg.objective)
+        if cfg.train.compile:
+            self.objective = compile_objective(self.objective)
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 7)
         #: completed epochs, and steps taken (skipped ones included)
         self.epoch = 0

@@ -40,9 +40,10 @@ class LogWeightTerms:
         """Single-sample KL estimate log q(z|x) - log p(z), summed over layers: ``[K, B]``."""
         return sum(self.log_posterior.values()) - sum(self.log_prior.values())
 
-    def log_weights(self, kl_weight: float = 1.0) -> Tensor:
-        """``log p(x|z) - kl_weight * (log q - log p(z))``; kl_weight < 1 is KL warm-up."""
-        if kl_weight == 1.0:
+    def log_weights(self, kl_weight: float | Tensor = 1.0) -> Tensor:
+        """``log p(x|z) - kl_weight * (log q - log p(z))``; kl_weight < 1 is KL warm-up
+        (a 0-dim tensor under torch.compile, where a branch on its value would break the graph)."""
+        if isinstance(kl_weight, float | int) and kl_weight == 1.0:
             return self.log_likelihood + sum(self.log_prior.values()) - sum(self.log_posterior.values())
         return self.log_likelihood - kl_weight * self.kl()
 

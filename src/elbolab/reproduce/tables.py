@@ -238,11 +238,12 @@ class RowPlan:
 
 
 #: keys that do not change what a row computes, left out of its cache key
-_KEY_IGNORED = {("train", "threads"), ("train", "progress"), ("train", "device"), ("data", "data_dir")}
+_KEY_IGNORED = {("train", "threads"), ("train", "progress"), ("train", "device"), ("train", "compile"),
+                ("data", "data_dir")}
 
 
 def config_key(cfg: RunConfig) -> str:
-    """Short hash of everything that defines a row's result (not threads, device, paths)."""
+    """Short hash of everything that defines a row's result (not threads, device, compilation, paths)."""
     d = cfg.to_dict()
     for section, key in _KEY_IGNORED:
         d.get(section, {}).pop(key, None)
