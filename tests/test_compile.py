@@ -16,10 +16,11 @@ from elbolab.objectives import compile_objective, make_objective
 from elbolab.runs import read_metrics
 from elbolab.training import Trainer, config_differences
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                reason="torch.compile's CPU backend needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                               reason="torch.compile's CPU backend needs a C++ compiler")
 
 
+@needs_cxx
 def test_compiled_objective_equals_eager_on_the_same_draws(one_thread) -> None:
     torch.manual_seed(0)
     data = torch.bernoulli(torch.full((32, 64), 0.3))
@@ -42,6 +43,7 @@ def test_compiled_objective_equals_eager_on_the_same_draws(one_thread) -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2  # compiled: a KL weight and 1.0
 
 
+@needs_cxx
 def test_compiled_training_matches_eager_training(tmp_path, one_thread) -> None:
     full = load("binarized-mnist-embedded")
     train = full.splits["train"][:130]  # 130 = 6 batches of 20 and one of 10
@@ -67,3 +69,14 @@ def test_compiled_training_matches_eager_training(tmp_path, one_thread) -> None:
         assert a["train_bound"] == pytest.approx(b["train_bound"], abs=1e-3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2  # warm-up and full weight compiled
     assert config_differences(cfg.with_overrides({"train.compile": True}), cfg) == []  # a run may resume either way
+
+
+def test_compile_without_a_cxx_compiler_is_refused_naming_the_option(monkeypatch, tmp_path) -> None:
+    from elbolab.config import ConfigError
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    cfg = RunConfig().with_overrides({"train.compile": True, "train.progress": False})
+    with pytest.raises(ConfigError, match="train.compile: .*C\\+\\+ compiler"):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written

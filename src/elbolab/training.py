@@ -19,7 +19,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -110,6 +112,11 @@ def preflight(cfg: RunConfig) -> None:
     for key, name, registry in checks:
         if name not in registry:
             raise ConfigError(f"{key}: unknown {name!r}{_did_you_mean(name, sorted(registry))}")
+    if cfg.train.compile and cfg.train.device != "cuda" and not cfg.train.device.startswith("cuda:"):
+        compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+        if not any(c and shutil.which(c) for c in compilers):
+            raise ConfigError("train.compile: torch.compile on a CPU needs a C++ compiler and none is on PATH "
+                              "(c++, g++, clang++ or $CXX); install one or set train.compile=false")
 
 
 def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
