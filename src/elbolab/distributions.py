@@ -14,10 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LOG_2PI = math.log(2.0 * math.pi)
-#: below this many elements torch's own kernels win over the fused steps here and in
-#: models.layers.Tanh: a Python autograd.Function and the extra passes cost more than they
-#: save on small batches (batch 20, k = 1)
-FUSED_MIN_NUMEL = 1 << 15
 
 
 def log_normal_diag(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
@@ -36,45 +32,10 @@ def log_bernoulli_logits(x: Tensor, logits: Tensor) -> Tensor:
     Exact for any logit magnitude (no sigmoid followed by a log). ``x`` may be
     ``[B, D]`` while ``logits`` is ``[K, B, D]``; it broadcasts. ``x`` need not be
     binary (grey levels give the usual "continuous Bernoulli-free" cross-entropy).
-    With a gradient to ``logits`` only (training), one fused step computes it from a
-    single sigmoid that the backward, ``(x - sigmoid(l)) * g``, reuses: 1.1x faster
-    IWAE training steps than autograd through the softplus (docs/bench.md).
+    Training takes this form through autograd: a fused version (one sigmoid shared with
+    the backward) measured no faster at two threads (docs/bench.md).
     """
-    if (torch.is_grad_enabled() and logits.requires_grad and not x.requires_grad
-            and logits.numel() >= FUSED_MIN_NUMEL):  # small: autograd through torch's kernels
-        return _BernoulliLogits.apply(x, logits)[0]
     return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
-
-
-def _x_dot_logits(x: Tensor, logits: Tensor) -> Tensor:
-    """``(x * logits).sum(-1)`` as a batched matrix product, without the ``[K, B, D]`` product."""
-    if x.dim() == 2 and logits.dim() == 3 and logits.shape[1:] == x.shape:
-        return torch.einsum("bd,kbd->kb", x, logits)
-    return (x * logits).sum(-1)
-
-
-class _BernoulliLogits(torch.autograd.Function):
-    @staticmethod
-    def forward(x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
-        # softplus(l) = relu(l) - log sigmoid(|l|), as in sum_softplus_ (two tensors made:
-        # |l| turned into sigmoid(|l|) in place, and sigmoid(l) kept for the backward)
-        p = logits.abs()
-        relu = (logits.sum(-1) + p.sum(-1)) * 0.5
-        s = torch.sigmoid(logits)
-        return _x_dot_logits(x, logits) - (relu - _log_prod_(torch.sigmoid(p, out=p))), s
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, _ = inputs
-        _, s = output
-        ctx.save_for_backward(x, s)
-        ctx.mark_non_differentiable(s)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, _unused: Tensor) -> tuple[None, Tensor]:
-        x, s = ctx.saved_tensors
-        g = torch.sub(x, s).mul_(grad.unsqueeze(-1))
-        return None, g if g.shape == s.shape else g.sum_to_size(s.shape)
 
 
 def log_bernoulli_linear_(x: Tensor, features: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
