@@ -201,6 +201,13 @@ def test_tiny_reproduction_writes_the_table_and_the_cache_skips_finished_rows(ti
                       overrides={**TINY, "train.lr": 3e-4})
     assert third.trained == ROWS[:1] and len(fits) == 3
 
+    # --table-only: the finished rows, the others "not run", nothing trained
+    table = reproduce("iwae-table", budget="quick", only=[*ROWS, "mnist-1layer-iwae-k50"], results=tmp_path,
+                      overrides=TINY, train=False)
+    assert len(fits) == 3 and sorted(table.cached) == sorted(ROWS) and not table.trained
+    statuses = {r["row"]: r["status"] for r in json.loads(table.outputs["json"].read_text())["rows"]}
+    assert statuses["mnist-1layer-iwae-k50"] == "not run" and statuses["mnist-1layer-iwae-k5"] == "cached"
+
 
 def test_an_interrupted_row_resumes_from_its_checkpoint(tiny_data, tmp_path, monkeypatch):
     epochs_run: list[int] = []

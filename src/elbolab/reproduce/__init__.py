@@ -51,8 +51,14 @@ def reproduce(
     overrides: list[str] | dict[str, Any] | None = None,
     on_row: Callable[[Entry], None] | None = None,
     run_fn: Callable[[RowTask], dict[str, Any]] = run_row,
+    train: bool = True,
 ) -> Reproduction:
-    """Run the selected rows of ``table`` at ``budget`` and write table.md/.json (+ curve)."""
+    """Run the selected rows of ``table`` at ``budget`` and write table.md/.json (+ curve).
+
+    ``train=False`` writes the table from the rows already finished in ``results`` and
+    trains nothing (the others print as "not run"): a table while a reproduction runs
+    elsewhere, or from a results folder copied off a cluster.
+    """
     spec = get_table(table)
     plans = plan_rows(spec, budget, only, data_dir, overrides)
     out = table_dir(results, spec.name, budget)
@@ -86,8 +92,9 @@ def reproduce(
 
     for t in cached_tasks:
         record(t, run_row(t), None)
-    for t, result, error in make_executor(executor, workers).run(todo, run_fn):
-        record(t, result, error)
+    if train:
+        for t, result, error in make_executor(executor, workers).run(todo, run_fn):
+            record(t, result, error)
     entries = _ordered(spec, plans, results_by_row, by_row)
     outputs = write_outputs(spec, budget, entries, out, override_notes)
     return Reproduction(spec.name, budget, entries, outputs, trained, cached, failed)

@@ -29,7 +29,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(f"elbolab: reproducing {args.table} at budget {args.budget} "
           f"({args.executor}, {args.workers} worker{'s' if args.workers > 1 else ''}) -> {args.results}", flush=True)
     rep = reproduce(args.table, budget=args.budget, only=args.only, executor=args.executor, workers=args.workers,
-                    results=args.results, data_dir=args.data_dir, overrides=args.set or [], on_row=progress)
+                    results=args.results, data_dir=args.data_dir, overrides=args.set or [], on_row=progress,
+                    train=not args.table_only)
     print()
     print(rep.outputs["markdown"].read_text())
     print(f"trained {len(rep.trained)}, from cache {len(rep.cached)}, failed {len(rep.failed)}; "
@@ -52,4 +53,6 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key in every row, e.g. train.device=cuda")
     p.add_argument("--list", action="store_true", help="list the rows and budgets, train nothing")
+    p.add_argument("--table-only", action="store_true",
+                   help="write the table from the rows already finished in --results; train nothing")
     p.set_defaults(func=cmd_reproduce)
