@@ -207,10 +207,10 @@ def plot_curves(table: TableSpec, entries: list[Entry], path: Path) -> Path | No
     for i, (e, rows) in enumerate(series):
         color = f"C{i % 10}"
         epochs = [r["epoch"] for r in rows]
-        ax.plot(epochs, [-r["train_bound"] for r in rows], color=color, label=f"{e.row} (train −L_k)")
+        ax.plot(epochs, [-r["train_bound"] for r in rows], color=color, label=f"{e.row} (−training bound)")
         valid = [(r["epoch"], -v) for r in rows for k, v in r.items() if k.startswith("valid_iwae_")]
         if valid:
-            ax.plot(*zip(*valid, strict=True), color=color, linestyle=":", label=f"{e.row} (valid −L_k)")
+            ax.plot(*zip(*valid, strict=True), color=color, linestyle=":", label=f"{e.row} (−validation bound)")
         cell = e.cells[nll_metric.name]
         if isinstance(cell.ours, float):
             ax.plot([epochs[-1]], [cell.ours], marker="o", color=color)
