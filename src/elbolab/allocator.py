@@ -7,6 +7,7 @@ so each is a fresh mapping whose 3,800 pages fault on first touch: about 2 ms pe
 tensor, 8% of the step (docs/bench.md). Raising both thresholds lets the next step
 reuse the same pages, as torch's CUDA caching allocator does on a GPU. The process
 keeps its peak footprint instead of shrinking after it (the peak itself is unchanged).
+Blocks above 64 MB still go straight back to the OS (see MMAP_THRESHOLD).
 
 Set ``ELBOLAB_RETAIN_FREED_MEMORY=0`` to leave the allocator alone.
 """
@@ -23,8 +24,11 @@ log = logging.getLogger(__name__)
 #: glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-#: blocks below this come from the heap and are reused; above it, mmap as before
-MMAP_THRESHOLD = 1 << 30
+#: blocks below this come from the heap and are reused; above it, mmap as before. Not
+#: higher: with 1 GiB, ELBO surgery's 134 MB table chunks, freed between small results
+#: that stay alive, could not be coalesced and the heap grew by a chunk per chunk (22.8 GB,
+#: killed, in a reproduction row; tests/test_fast_elementwise.py replays the pattern)
+MMAP_THRESHOLD = 64 << 20
 #: free memory at the heap top is returned to the OS only beyond this (mallopt takes a C int)
 TRIM_THRESHOLD = (1 << 31) - 1
 
