@@ -157,13 +157,24 @@ def log_normal_diag_mixture(
     mp = means * prec  # [C, D]
     # per-component constant: log pi_c - 0.5 (D log 2 pi + sum lv_c + sum m_c^2 / v_c)
     const = log_mix.double() - 0.5 * (means.shape[-1] * LOG_2PI + log_vars.double().sum(-1) + (means * mp).sum(-1))
-    rows = max(1, max_elements // max(1, means.shape[0]))
-    outs = []
+    rows = max(1, min(zf.shape[0], max_elements // max(1, means.shape[0])))
+    if torch.is_grad_enabled() and (zf.requires_grad or prec.requires_grad or mp.requires_grad):
+        outs = []  # a prior in training: autograd needs each chunk's own tensors
+        for start in range(0, zf.shape[0], rows):
+            zc = zf[start : start + rows]
+            outs.append(torch.logsumexp(-0.5 * (zc * zc) @ prec.T + zc @ mp.T + const, dim=-1))
+        return torch.cat(outs).reshape(lead).to(out_dtype)
+    out = zf.new_empty(zf.shape[0])
+    # one [rows, C] buffer for every chunk, the log-sum-exp done in it: no table-sized
+    # temporaries, so no page faults and nothing for the allocator to fragment
+    buf = zf.new_empty(rows, means.shape[0])
     for start in range(0, zf.shape[0], rows):
         zc = zf[start : start + rows]
-        quad = -0.5 * (zc * zc) @ prec.T + zc @ mp.T  # [n, C]
-        outs.append(torch.logsumexp(quad + const, dim=-1))
-    out = torch.cat(outs) if outs else zf.new_zeros(0)
+        quad = buf[: zc.shape[0]]
+        torch.mm(zc * zc, prec.T, out=quad)
+        quad.mul_(-0.5).addmm_(zc, mp.T).add_(const)  # [n, C]
+        top = quad.amax(dim=-1, keepdim=True)
+        out[start : start + zc.shape[0]] = quad.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
     return out.reshape(lead).to(out_dtype)
 
 
