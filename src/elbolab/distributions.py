@@ -65,7 +65,8 @@ _HALVINGS = 5
 
 
 def sum_softplus_(logits: Tensor) -> Tensor:
-    """``softplus(logits).sum(-1)``, overwriting ``logits``; 1.8x faster than the softplus.
+    """``softplus(logits).sum(-1)``, overwriting ``logits``: 1.5x faster than an in-place
+    softplus and sum (6.4 -> 4.3 ms for 5,000 x 784 logits on one core).
 
     ``softplus(l) = relu(l) - log sigmoid(|l|)``, and ``sigmoid(|l|)`` lies in [1/2, 1],
     so the logs of 784 factors can be taken as the log of a few products of 32 (made by

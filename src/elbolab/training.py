@@ -112,7 +112,7 @@ def preflight(cfg: RunConfig) -> None:
     for key, name, registry in checks:
         if name not in registry:
             raise ConfigError(f"{key}: unknown {name!r}{_did_you_mean(name, sorted(registry))}")
-    if cfg.train.compile and cfg.train.device != "cuda" and not cfg.train.device.startswith("cuda:"):
+    if cfg.train.compile and not cfg.train.device.startswith("cuda"):
         compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
         if not any(c and shutil.which(c) for c in compilers):
             raise ConfigError("train.compile: torch.compile on a CPU needs a C++ compiler and none is on PATH "
