@@ -104,3 +104,25 @@ def test_bench_command_writes_json_with_rows_and_skip_notes(tmp_path, capsys) ->
 def test_bench_is_a_subcommand() -> None:
     args = build_parser().parse_args(["bench", "--quick", "--threads", "2"])
     assert args.quick and args.threads == 2
+
+
+def test_a_failing_peer_becomes_a_note_and_elbolab_is_still_timed(tmp_path, monkeypatch) -> None:
+    from elbolab.bench import pythae_models
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(pythae_models, "available", lambda: None)
+    monkeypatch.setattr(pythae_models, "build", lambda *a, **k: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(pythae_models, "train_step", broken)
+    assert main(["bench", "--quick", "--only", "VAE k=1 B=20", "--out", str(tmp_path), "--name", "t",
+                 "--threads", "1", "--seconds", "0.02", "--repeats", "1"]) == 0
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["library"] for r in rows] == ["elbolab"] and rows[0]["images_per_s"] > 0
+    assert rows[0]["note"].startswith("pythae failed on cpu: RuntimeError: Expected all tensors")
+
+
+@pytest.mark.parametrize("flag", [["--seconds", "0"], ["--repeats", "0"]])
+def test_bench_refuses_bad_timing_options_naming_them(flag, capsys) -> None:
+    assert main(["bench", "--quick", "--no-pythae", *flag]) == 2
+    assert flag[0] in capsys.readouterr().err

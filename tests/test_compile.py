@@ -43,6 +43,16 @@ def test_compiled_objective_equals_eager_on_the_same_draws(one_thread) -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2  # compiled: a KL weight and 1.0
 
 
+def assert_same_training(compiled, eager) -> None:
+    """(model, metrics rows) of a compiled and an eager run: parameters and every epoch's bound agree."""
+    (m_comp, rows_comp), (m_eager, rows_eager) = compiled, eager
+    for a, b in zip(m_comp.parameters(), m_eager.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert len(rows_comp) == len(rows_eager)
+    for a, b in zip(rows_comp, rows_eager, strict=True):
+        assert a["train_bound"] == pytest.approx(b["train_bound"], abs=1e-3)
+
+
 @needs_cxx
 def test_compiled_training_matches_eager_training(tmp_path, one_thread) -> None:
     full = load("binarized-mnist-embedded")
@@ -62,11 +72,7 @@ def test_compiled_training_matches_eager_training(tmp_path, one_thread) -> None:
         trainer = Trainer(c, tmp_path / str(flag), data)
         trainer.fit()
         runs[flag] = (trainer.model, read_metrics(tmp_path / str(flag) / "metrics.jsonl"))
-    (m_eager, rows_eager), (m_comp, rows_comp) = runs[False], runs[True]
-    for a, b in zip(m_comp.parameters(), m_eager.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    for a, b in zip(rows_comp, rows_eager, strict=True):
-        assert a["train_bound"] == pytest.approx(b["train_bound"], abs=1e-3)
+    assert_same_training(runs[True], runs[False])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2  # warm-up and full weight compiled
     assert config_differences(cfg.with_overrides({"train.compile": True}), cfg) == []  # a run may resume either way
 

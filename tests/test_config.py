@@ -66,3 +66,17 @@ def test_iwae_paper_preset_matches_the_paper() -> None:
     assert (t.batch_size, t.adam_eps, t.schedule, t.epochs) == (20, 1e-4, "iwae", 3280)
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("iwea-paper")
+
+
+def test_evaluation_chunk_follows_the_device_and_keeps_reproduction_keys() -> None:
+    from elbolab.config import EvalConfig
+    from elbolab.reproduce.tables import config_key
+
+    e = EvalConfig()
+    assert e.chunk_for("cpu") == e.chunk_size == 50
+    assert e.chunk_for("cuda:1") == e.chunk_for(__import__("torch").device("cuda")) == e.gpu_chunk_size == 2000
+    cfg = RunConfig()
+    # a GPU-only evaluation setting does not move cached reproduction rows (like train.device)
+    assert config_key(cfg) == config_key(cfg.with_overrides({"eval.gpu_chunk_size": 10}))
+    with pytest.raises(ConfigError, match="eval.gpu_chunk_size: must be >= 1"):
+        cfg.with_overrides({"eval.gpu_chunk_size": 0})

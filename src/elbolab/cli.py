@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     e = cfg.eval
     t1 = time.perf_counter()
     report = summarize(trainer.model, x_test.to(trainer.device), cfg.objective.k, e.k_importance, e.batch_size,
-                       e.chunk_size, e.active_unit_threshold, e.seed)
+                       e.chunk_for(trainer.device), e.active_unit_threshold, e.seed)
     report["train_seconds"] = round(train_seconds, 1)
     report["eval_seconds"] = round(time.perf_counter() - t1, 1)
     write_json(run_dir / "report.json", report)
@@ -98,7 +98,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     x = evaluation_images(dataset, args.split, cfg.data.binarization, cfg.data.binarization_seed)
     e = cfg.eval
     report = summarize(run.model, x.to(device), cfg.objective.k, args.k or e.k_importance, e.batch_size,
-                       e.chunk_size, e.active_unit_threshold, e.seed)
+                       e.chunk_for(device), e.active_unit_threshold, e.seed)
     report["split"] = args.split
     if args.json:
         print(json.dumps(report, indent=2))
@@ -216,6 +216,7 @@ def _add_snr(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="final", choices=["final", "best", "last"])
     p.add_argument("--data-dir", help="folder with the dataset files")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--plot", help="write the SNR-vs-k figure (PNG) here")
     p.set_defaults(func=cmd_snr)
 

@@ -319,7 +319,7 @@ def make_objective(cfg: ObjectiveConfig) -> Objective:
     return objective
 
 
-def compile_objective(objective: Objective) -> Objective:
+def compile_objective(objective: Objective, mode: str | None = None) -> Objective:
     """``torch.compile`` of a training objective, with torch's own random stream.
 
     Inductor fuses the step's elementwise work and drops most per-op dispatch, which is
@@ -329,6 +329,7 @@ def compile_objective(objective: Objective) -> Objective:
     and a checkpoint's RNG state resumes it exactly; its values equal eager's to float
     rounding (tests/test_compile.py). The first step pays the compilation (about 30 s);
     a new batch shape (the last, shorter batch of an epoch) compiles once more.
+    ``mode`` is torch.compile's (``"reduce-overhead"``: CUDA graphs on a GPU).
     """
     import torch._inductor.config as inductor_config
 
@@ -340,7 +341,7 @@ def compile_objective(objective: Objective) -> Objective:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     # static shapes: sample counts stay concrete for randn; a KL weight below 1 goes in
     # as a 0-dim tensor, so warm-up (a new weight every step) reuses one graph
-    compiled = torch.compile(objective, dynamic=False)
+    compiled = torch.compile(objective, dynamic=False, mode=mode)
 
     def run(model: LatentVariableModel, x: Tensor, kl_weight: float = 1.0) -> ObjectiveResult:
         if kl_weight == 1.0:

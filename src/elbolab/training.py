@@ -193,6 +193,21 @@ def _set_rng_state(rng: dict[str, Any], batcher: Batcher, shuffle: torch.Generat
         torch.cuda.set_rng_state(rng["cuda"], device)
 
 
+def step_readout(bound: Tensor, loss: Tensor, grads: list[Tensor]) -> tuple[float, float]:
+    """The batch's summed bound, and a number that is finite when the loss and every
+    gradient are, read back in one host transfer (one sync per step on a GPU).
+
+    The number is loss + the gradients' total norm (one multi-tensor kernel, not a
+    reduction per parameter): non-finite when any element is, or, rarely, when the norm
+    overflows, which the caller re-checks element by element.
+    """
+    probe = loss.detach().float()
+    if grads:
+        probe = probe + torch.nn.utils.get_total_norm(grads, foreach=True).float()
+    bound_sum, probe_value = torch.stack([bound.detach().sum().float(), probe]).tolist()
+    return bound_sum, probe_value
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, dataset: ImageDataset | None = None) -> None:
         preflight(cfg)
@@ -227,7 +242,9 @@ class Trainer:
         )
         self.objective = make_objective(cfg.objective)
         if cfg.train.compile:
-            self.objective = compile_objective(self.objective)
+            # on a GPU the step is launch-bound: CUDA graphs (2.2-2.6x on an H200, docs/bench.md)
+            self.objective = compile_objective(self.objective,
+                                               mode="reduce-overhead" if self.device.type == "cuda" else None)
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 7)
         #: completed epochs, and steps taken (skipped ones included)
         self.epoch = 0
@@ -368,9 +385,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         res.loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        # a sum is non-finite when any element is (or, rarely, when it overflows: re-checked below)
-        probe = torch.stack([res.loss.detach().float(), *(g.sum().float() for g in grads)]).sum()
-        bound_sum, probe_value = torch.stack([res.bound.sum().float(), probe]).tolist()
+        bound_sum, probe_value = step_readout(res.bound, res.loss, grads)
         self.step += 1
         if math.isfinite(probe_value) or self._all_finite(res.loss, grads):
             self.optimizer.step()

@@ -57,7 +57,7 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
         if not c:
             ax.set_visible(False)
             continue
-        for lib, style in (("elbolab", "o-"), ("pythae", "s--")):
+        for lib, style in (("elbolab", "o-"), ("elbolab+compile", "^-"), ("pythae", "s--")):
             if c.get(lib):
                 ax.plot(c[xkey], c[lib], style, label=lib)
         ax.set_xscale("log")

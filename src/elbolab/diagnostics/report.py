@@ -61,7 +61,8 @@ def diagnose(
         return value
 
     log(f"elbolab diagnose: {x.shape[0]} {split} points, K = {k} -> {out_dir}")
-    bvk = timed("bound_vs_k", lambda: bound_vs_k(model, x, _ks_up_to(e.bound_ks, k), e.batch_size, e.chunk_size,
+    bvk = timed("bound_vs_k", lambda: bound_vs_k(model, x, _ks_up_to(e.bound_ks, k), e.batch_size,
+                                                 e.chunk_for(x.device),
                                                  e.seed))
     ll = bvk.log_likelihood()
     report["log_likelihood"] = ll.to_dict()

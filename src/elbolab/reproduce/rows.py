@@ -42,7 +42,8 @@ def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any
 
     x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed).to(device)
     e = cfg.eval
-    ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_size, seed=e.seed)
+    ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_for(device),
+                        seed=e.seed)
     au = active_units(model, x, threshold=e.active_unit_threshold)
     return {
         "log_likelihood": ll.mean, "log_likelihood_stderr": ll.stderr,

@@ -239,7 +239,7 @@ class RowPlan:
 
 #: keys that do not change what a row computes, left out of its cache key
 _KEY_IGNORED = {("train", "threads"), ("train", "progress"), ("train", "device"), ("train", "compile"),
-                ("data", "data_dir")}
+                ("data", "data_dir"), ("eval", "gpu_chunk_size")}
 
 
 def config_key(cfg: RunConfig) -> str:
