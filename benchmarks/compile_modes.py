@@ -22,7 +22,7 @@ import torch
 
 from elbolab.bench.measure import compare, machine_info
 from elbolab.bench.suite import trainer_step
-from elbolab.config import ObjectiveConfig, RunConfig
+from elbolab.config import ConfigError, ObjectiveConfig, RunConfig
 from elbolab.data import load
 from elbolab.models import build_model
 from elbolab.objectives import compile_objective, make_objective
@@ -78,4 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ConfigError as e:
+        sys.exit(f"{sys.argv[0]}: error: {e}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from elbolab.bench.measure import PeakMemory, machine_info, synchronize
-from elbolab.config import RunConfig
+from elbolab.config import ConfigError, RunConfig
 from elbolab.data import load
 from elbolab.diagnostics import log_likelihood
 from elbolab.models import build_model
@@ -80,4 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ConfigError as e:
+        sys.exit(f"{sys.argv[0]}: error: {e}")

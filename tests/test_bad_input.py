@@ -100,6 +100,19 @@ def test_bad_config_is_refused_before_anything_is_written(tmp_path, capsys, sett
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(["train", "--out", str(out), "--device", "cuda"], capsys)
+    assert code == 2
+    assert err == "elbolab: error: train.device: 'cuda' but CUDA is not available on this machine; use cpu\n"
+    assert not out.exists()
+    code, err = run_cli(["evaluate", str(out), "--device", "cuda:1"], capsys)
+    assert code == 2 and "--device: 'cuda:1' but CUDA is not available" in err and err.count("\n") == 1
+    code, err = run_cli(["bench", "--device", "gpu"], capsys)
+    assert code == 2 and "--device: 'gpu' is not a device; use cpu, cuda, cuda:N or auto" in err
+
+
 def test_unknown_key_in_a_file_gets_did_you_mean(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("trian:\n  epochs: 3\n")
     code, err = run_cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r")], capsys)
@@ -179,6 +192,17 @@ def test_checkpoint_of_another_architecture_is_refused_on_resume(unfinished, cap
     code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished)], capsys)
     assert code == 2 and "checkpoint.pt: does not fit the configured model" in err and err.count("\n") == 1
     assert snapshot(unfinished) == before
+
+
+def test_resume_may_move_to_another_device_and_data_dir(unfinished, capsys):
+    """A run killed on one machine continues on another: --device and --data-dir apply on resume."""
+    code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished), "--device", "auto",
+                         "--data-dir", str(unfinished)], capsys)
+    assert code == 0, err
+    assert json.loads((unfinished / "run.json").read_text())["status"] == "finished"
+    if not torch.cuda.is_available():
+        code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished), "--device", "cuda"], capsys)
+        assert code == 2 and "train.device: 'cuda' but CUDA is not available" in err
 
 
 def test_resume_and_another_out_folder_conflict(unfinished, tmp_path, capsys):

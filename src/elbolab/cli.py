@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import evaluation_images, load
     from .diagnostics.summary import format_summary, summarize
     from .runs import write_json
-    from .training import Trainer
+    from .training import Trainer, preflight
 
     if args.resume:
         from .config import ConfigError, load_config
@@ -56,9 +56,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg_new = _config_from_args(args)
             if cfg_new != cfg:
                 raise ConfigError(f"--resume {run_dir}: the run has its own config; drop --config/--set/--preset")
+        # where it runs may change: a run killed on a GPU machine can continue on a CPU one
+        moved = [f"train.device={args.device}"] if args.device else []
+        moved += [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+        if moved:
+            cfg = cfg.with_overrides(moved)
     else:
         cfg = _config_from_args(args)
         run_dir = Path(args.out) if args.out else _default_out(cfg)
+    preflight(cfg)  # unknown names, a device this machine lacks: refused before the data is read
     dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
     print(f"elbolab: training {cfg.model.name} ({cfg.objective.name}, k={cfg.objective.k}) on {dataset.name} "
           f"for {cfg.train.epochs} epochs -> {run_dir}", flush=True)
@@ -90,7 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .runs import load_run
     from .training import resolve_device
 
-    device = resolve_device(args.device or "cpu")
+    device = resolve_device(args.device or "cpu", "--device")
     run = load_run(args.run, device=str(device), weights=args.weights)
     cfg = run.config
     data_dir = args.data_dir or cfg.data.data_dir
@@ -139,7 +145,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from .runs import load_run
     from .training import resolve_device
 
-    device = resolve_device(args.device or "cpu")
+    device = resolve_device(args.device or "cpu", "--device")
     run = load_run(args.run, device=str(device), weights=args.weights)
     cfg = run.config
     dataset = load(cfg.data.name, args.data_dir or cfg.data.data_dir)

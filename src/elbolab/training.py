@@ -58,20 +58,34 @@ log = logging.getLogger("elbolab")
 
 CHECKPOINT = "checkpoint.pt"
 
-#: config keys that may differ between a run and its resumption (they do not change results)
-RESUME_FREE_KEYS = ("data.data_dir", "train.progress", "train.compile")
+#: config keys that may differ between a run and its resumption: they do not change what
+#: is trained. A run resumed on another device continues correctly, but draws its remaining
+#: samples from that device's random stream, so it is bit-identical to an uninterrupted run
+#: only on the device it stopped on.
+RESUME_FREE_KEYS = ("data.data_dir", "train.progress", "train.compile", "train.device")
 
 
 class NonFiniteError(FloatingPointError):
     """A loss or gradient became inf/NaN; the message names the step, batch and terms."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """The device a config or option names, refused with a message naming ``key`` when
+    this machine does not have it (before anything is built or written)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine; use cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{key}: {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}: {name!r} but CUDA is not available on this machine; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{key}: {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}: {name!r} but MPS is not available on this machine; use cpu")
+    return device
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -112,6 +126,7 @@ def preflight(cfg: RunConfig) -> None:
     for key, name, registry in checks:
         if name not in registry:
             raise ConfigError(f"{key}: unknown {name!r}{_did_you_mean(name, sorted(registry))}")
+    resolve_device(cfg.train.device)
     if cfg.train.compile and not cfg.train.device.startswith("cuda"):
         compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
         if not any(c and shutil.which(c) for c in compilers):

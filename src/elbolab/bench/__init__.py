@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     from ..config import ConfigError
     from ..training import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     if args.clock == "cpu" and device.type != "cpu":
         raise ConfigError("--clock cpu: only for --device cpu (GPU work is not this process's CPU time)")
     use_cpu_clock(args.clock == "cpu")

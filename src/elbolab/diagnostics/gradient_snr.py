@@ -193,7 +193,8 @@ def cmd_snr(args) -> int:
     from ..runs import load_run
     from ..training import resolve_device
 
-    run = load_run(args.run, device=str(resolve_device(getattr(args, "device", None) or "cpu")), weights=args.weights)
+    device = resolve_device(getattr(args, "device", None) or "cpu", "--device")
+    run = load_run(args.run, device=str(device), weights=args.weights)
     cfg = run.config
     dataset = load(cfg.data.name, args.data_dir or cfg.data.data_dir)
     x = evaluation_images(dataset, args.split, cfg.data.binarization, cfg.data.binarization_seed)[: args.batch]
