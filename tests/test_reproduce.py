@@ -320,3 +320,10 @@ def test_curve_draws_the_k50_rows_of_a_large_table_and_falls_back_to_any(tmp_pat
     assert [e.row for e, _ in curve_series(spec, [k1, k50, vae50, restored])] == [
         "mnist-2layer-iwae-k50", "mnist-2layer-vae-k50"]
     assert [e.row for e, _ in curve_series(spec, [k1, restored])] == ["mnist-1layer-iwae-k1"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_fails_once_before_any_row(tmp_path, capsys) -> None:
+    code = main(["reproduce", "surgery-table", "--set", "train.device=cuda", "--results", str(tmp_path / "r")])
+    assert code == 2 and "train.device: 'cuda' but CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -61,6 +61,11 @@ def reproduce(
     """
     spec = get_table(table)
     plans = plan_rows(spec, budget, only, data_dir, overrides)
+    if train and executor == "local":
+        from ..training import preflight
+
+        for p in plans:  # a device this machine lacks fails here once, not in every row (Ray nodes may have it)
+            preflight(p.config)
     out = table_dir(results, spec.name, budget)
     override_notes = ([f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict)
                       else list(overrides or []))
