@@ -252,3 +252,27 @@ def test_compiled_training_on_cuda_with_cuda_graphs_matches_eager(tmp_path) -> N
         trainer.fit()
         runs[flag] = (trainer.model, read_metrics(tmp_path / str(flag) / "metrics.jsonl"))
     assert_same_training(runs[True], runs[False])
+
+
+def test_a_run_killed_on_the_gpu_continues_on_the_cpu(tmp_path) -> None:
+    from test_crash_resume import elbolab_train, finish, fresh_args, wait_until_frozen
+
+    on_gpu = ["--set", f"train.device={CUDA}"]
+    ref = tmp_path / "ref"
+    finish(elbolab_train(*fresh_args(ref), *on_gpu))
+    run = tmp_path / "run"
+    proc = elbolab_train(*fresh_args(run), *on_gpu, stop_at="step#75")
+    try:
+        wait_until_frozen(proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finish(elbolab_train("--resume", str(run), "--device", "cpu"))
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0] == {**want[0], "seconds": rows[0]["seconds"]}  # epoch 1 ran on the GPU in both
+    # epoch 2: 25 batches on the GPU, then 25 drawn from the CPU's random stream
+    assert rows[1]["train_bound"] == pytest.approx(want[1]["train_bound"], abs=2.0)
+    assert all(torch.isfinite(p).all() for p in elbolab.load_run(run, device="cpu").model.parameters())
