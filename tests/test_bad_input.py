@@ -205,6 +205,28 @@ def test_resume_may_move_to_another_device_and_data_dir(unfinished, capsys):
         assert code == 2 and "train.device: 'cuda' but CUDA is not available" in err
 
 
+@pytest.mark.parametrize("tag", [True, False], ids=["tagged", "untagged"])
+def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu(unfinished, capsys, caplog, tag):
+    """The binarization generator lives on the training device: a GPU checkpoint holds a 16-byte
+    CUDA generator state, which a CPU generator refuses (the traceback a GPU-to-CPU resume gave,
+    found on an H200). It restarts from its seed with a warning instead; checkpoints written
+    before the device was recorded (untagged) are caught by the refusal itself."""
+    path = unfinished / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["rng"]["batcher"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA philox state: seed, offset
+    if tag:
+        state["rng"]["batcher_device"] = "cuda"
+    else:
+        state["rng"].pop("batcher_device", None)
+    torch.save(state, path)
+    code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished)], capsys)
+    assert code == 0, err
+    warned = [r.getMessage() for r in caplog.records if "binarization stream cannot continue on cpu" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert ("it was saved on cuda" if tag else "Expected a CPUGeneratorImplState") in warned[0]
+    assert json.loads((unfinished / "run.json").read_text())["status"] == "finished"
+
+
 def test_resume_and_another_out_folder_conflict(unfinished, tmp_path, capsys):
     code, err = run_cli(["train", "--resume", str(unfinished), "--out", str(tmp_path / "elsewhere")], capsys)
     assert code == 2 and "a resumed run stays in its own folder" in err

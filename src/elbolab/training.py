@@ -185,6 +185,8 @@ def _rng_state(batcher: Batcher, shuffle: torch.Generator, device: torch.device)
     rng: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "batcher": batcher.generator.get_state(),
+        #: the batcher's generator lives on the training device; its state fits only that kind
+        "batcher_device": batcher.generator.device.type,
         "shuffle": shuffle.get_state(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
@@ -196,7 +198,16 @@ def _rng_state(batcher: Batcher, shuffle: torch.Generator, device: torch.device)
 
 def _set_rng_state(rng: dict[str, Any], batcher: Batcher, shuffle: torch.Generator, device: torch.device) -> None:
     torch.set_rng_state(rng["torch"])
-    batcher.generator.set_state(rng["batcher"])
+    here = batcher.generator.device.type
+    saved = rng.get("batcher_device")  # absent from checkpoints written before it was recorded
+    try:
+        if saved not in (None, here):
+            raise RuntimeError(f"it was saved on {saved}")
+        batcher.generator.set_state(rng["batcher"])
+    except RuntimeError as e:  # a run moved between CPU and GPU (README: Reliability)
+        log.warning("the checkpoint's binarization stream cannot continue on %s (%s); it restarts from its "
+                    "seed, so this run is no longer bit-identical to an uninterrupted one",
+                    here, " ".join(str(e).split())[:90])
     shuffle.set_state(rng["shuffle"])
     if "numpy" in rng:
         name, keys, *rest = rng["numpy"]
