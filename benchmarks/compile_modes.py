@@ -13,16 +13,16 @@ first calls pay the compilation, which is reported apart. Prints a table, writes
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from elbolab.bench import run_script
 from elbolab.bench.measure import compare, machine_info
+from elbolab.bench.report import write_json
 from elbolab.bench.suite import trainer_step
-from elbolab.config import ConfigError, ObjectiveConfig, RunConfig
+from elbolab.config import ObjectiveConfig, RunConfig
 from elbolab.data import load
 from elbolab.models import build_model
 from elbolab.objectives import compile_objective, make_objective
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     data = load("binarized-mnist-embedded")
     train = data.as_float("train")
     results = {}
@@ -72,13 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case:>14} {mode:>16} {r['images_per_s']:>11,.0f} img/s {ratio:>7}  "
                   f"(first 3 steps {r['first_steps_s']:.1f} s)", flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine_info(device), "results": results}, indent=2) + "\n")
+        write_json({"machine": machine_info(device), "results": results}, args.out)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:
-        sys.exit(f"{sys.argv[0]}: error: {e}")
+    run_script(main)

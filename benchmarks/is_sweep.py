@@ -12,15 +12,15 @@ enough rows to fill it. Prints a table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from elbolab.bench import run_script
 from elbolab.bench.measure import PeakMemory, machine_info, synchronize
-from elbolab.config import ConfigError, RunConfig
+from elbolab.bench.report import write_json
+from elbolab.config import RunConfig
 from elbolab.data import load
 from elbolab.diagnostics import log_likelihood
 from elbolab.models import build_model
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=_ints, default=[50, 200, 1000, 5000], help="comma-separated chunk sizes")
     p.add_argument("--out", type=Path, help="JSON file to write")
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     data = load("binarized-mnist-embedded")
     test = data.as_float("test")
     x = test.repeat(-(-args.images // test.shape[0]), 1)[: args.images].to(device)
@@ -73,14 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{b:>6} {c:>6} {b * c:>10,} {dt:>8.2f} {args.images / dt:>9,.0f} {row['peak_mb']:>8.0f}",
                   flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": info, "images": args.images, "k": args.k, "rows": rows},
-                                       indent=2) + "\n")
+        write_json({"machine": info, "images": args.images, "k": args.k, "rows": rows}, args.out)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:
-        sys.exit(f"{sys.argv[0]}: error: {e}")
+    run_script(main)

@@ -173,19 +173,27 @@ def test_diagnose_and_snr_on_cuda_give_consistent_reports(tmp_path) -> None:
     assert main(["snr", str(run), "--device", str(CUDA), "--k", "1", "10", "--draws", "20"]) == 0
 
 
-def test_sigkill_mid_epoch_on_cuda_then_resume_is_bit_identical(tmp_path) -> None:
-    from test_crash_resume import elbolab_train, finish, fresh_args, outcome, wait_until_frozen
+def reference_and_killed_run(tmp_path):
+    """An uninterrupted run on the device, and the same run SIGKILLed mid-epoch 2 (test_crash_resume's
+    settings): (reference folder, killed folder)."""
+    from test_crash_resume import elbolab_train, finish, fresh_args, wait_until_frozen
 
-    cuda = ["--set", f"train.device={CUDA}"]
-    ref = tmp_path / "ref"
-    finish(elbolab_train(*fresh_args(ref), *cuda))
-    run = tmp_path / "run"
-    proc = elbolab_train(*fresh_args(run), *cuda, stop_at="step#75")
+    on_device = ["--set", f"train.device={CUDA}"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    finish(elbolab_train(*fresh_args(ref), *on_device))
+    proc = elbolab_train(*fresh_args(run), *on_device, stop_at="step#75")
     try:
         wait_until_frozen(proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    return ref, run
+
+
+def test_sigkill_mid_epoch_on_cuda_then_resume_is_bit_identical(tmp_path) -> None:
+    from test_crash_resume import elbolab_train, finish, outcome
+
+    ref, run = reference_and_killed_run(tmp_path)
     finish(elbolab_train("--resume", str(run)))
     got, want = outcome(run), outcome(ref)
     assert got[2] == want[2], "metrics differ from the uninterrupted run"
@@ -255,18 +263,9 @@ def test_compiled_training_on_cuda_with_cuda_graphs_matches_eager(tmp_path) -> N
 
 
 def test_a_run_killed_on_the_gpu_continues_on_the_cpu(tmp_path) -> None:
-    from test_crash_resume import elbolab_train, finish, fresh_args, wait_until_frozen
+    from test_crash_resume import elbolab_train, finish
 
-    on_gpu = ["--set", f"train.device={CUDA}"]
-    ref = tmp_path / "ref"
-    finish(elbolab_train(*fresh_args(ref), *on_gpu))
-    run = tmp_path / "run"
-    proc = elbolab_train(*fresh_args(run), *on_gpu, stop_at="step#75")
-    try:
-        wait_until_frozen(proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    ref, run = reference_and_killed_run(tmp_path)
     finish(elbolab_train("--resume", str(run), "--device", "cpu"))
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

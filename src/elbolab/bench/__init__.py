@@ -143,6 +143,18 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def run_script(script_main) -> None:
+    """``sys.exit(script_main())`` for the scripts in benchmarks/: a bad option is one line, exit 2."""
+    from ..config import ConfigError
+
+    try:
+        code = script_main()
+    except ConfigError as e:
+        print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
