@@ -22,12 +22,13 @@ from elbolab.bench import run_script
 from elbolab.bench.measure import compare, machine_info
 from elbolab.bench.report import write_json
 from elbolab.bench.suite import trainer_step
-from elbolab.config import ObjectiveConfig, RunConfig
+from elbolab.config import ConfigError, ObjectiveConfig, RunConfig
 from elbolab.data import load
 from elbolab.models import build_model
 from elbolab.objectives import compile_objective, make_objective
 from elbolab.training import resolve_device
 
+MODES = ("eager", "default", "reduce-overhead")
 CASES = {"iwae-k50-b100": ("iwae", 50, 100), "iwae-k5-b20": ("iwae", 5, 20), "vae-k1-b20": ("vae", 1, 20)}
 
 
@@ -44,11 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     data = load("binarized-mnist-embedded")
     train = data.as_float("train")
     results = {}
-    for case in args.cases.split(","):
+    cases, modes = args.cases.split(","), args.modes.split(",")
+    unknown = [c for c in cases if c not in CASES] + [m for m in modes if m not in MODES]
+    if unknown:
+        raise ConfigError(f"--cases/--modes: unknown {unknown}; cases: {', '.join(CASES)}; modes: {', '.join(MODES)}")
+    for case in cases:
         name, k, batch = CASES[case]
         x = train[:batch].to(device)
         steps, compile_s = {}, {}
-        for mode in args.modes.split(","):
+        for mode in modes:
             torch.manual_seed(0)
             model = build_model(RunConfig().model, data.data_dim, train).to(device).train()
             objective = make_objective(ObjectiveConfig(name=name, k=k))
