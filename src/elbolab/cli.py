@@ -26,12 +26,15 @@ def _config_from_args(args: argparse.Namespace):
 
         raise ConfigError("--config and --preset: give one of them, not both")
     cfg = load_config(args.config) if args.config else (preset(args.preset) if args.preset else RunConfig())
-    overrides = list(args.set or [])
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
-    if args.device:
-        overrides.append(f"train.device={args.device}")
+    overrides = list(args.set or []) + _placement(args)
     return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def _placement(args: argparse.Namespace) -> list[str]:
+    """Overrides for where a run reads its data and trains (--data-dir, --device): the only ones a
+    resumed run accepts, so a run killed on a GPU machine can continue on a CPU one."""
+    return ([f"data.data_dir={args.data_dir}"] if args.data_dir else []) + (
+        [f"train.device={args.device}"] if args.device else [])
 
 
 def _default_out(cfg) -> Path:
@@ -56,11 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg_new = _config_from_args(args)
             if cfg_new != cfg:
                 raise ConfigError(f"--resume {run_dir}: the run has its own config; drop --config/--set/--preset")
-        # where it runs may change: a run killed on a GPU machine can continue on a CPU one
-        moved = [f"train.device={args.device}"] if args.device else []
-        moved += [f"data.data_dir={args.data_dir}"] if args.data_dir else []
-        if moved:
-            cfg = cfg.with_overrides(moved)
+        if _placement(args):
+            cfg = cfg.with_overrides(_placement(args))
     else:
         cfg = _config_from_args(args)
         run_dir = Path(args.out) if args.out else _default_out(cfg)

@@ -319,7 +319,8 @@ def make_objective(cfg: ObjectiveConfig) -> Objective:
     return objective
 
 
-def compile_objective(objective: Objective, mode: str | None = None) -> Objective:
+def compile_objective(objective: Objective, device: torch.device | str | None = None, mode: str | None = None
+                      ) -> Objective:
     """``torch.compile`` of a training objective, with torch's own random stream.
 
     Inductor fuses the step's elementwise work and drops most per-op dispatch, which is
@@ -329,8 +330,11 @@ def compile_objective(objective: Objective, mode: str | None = None) -> Objectiv
     and a checkpoint's RNG state resumes it exactly; its values equal eager's to float
     rounding (tests/test_compile.py). The first step pays the compilation (about 30 s);
     a new batch shape (the last, shorter batch of an epoch) compiles once more.
-    ``mode`` is torch.compile's (``"reduce-overhead"``: CUDA graphs on a GPU).
+    ``mode`` is torch.compile's; given a CUDA ``device`` it defaults to ``"reduce-overhead"``
+    (CUDA graphs: the step is launch-bound there, 2.2-2.6x on an H200, docs/bench.md).
     """
+    if mode is None and device is not None and torch.device(device).type == "cuda":
+        mode = "reduce-overhead"
     import torch._inductor.config as inductor_config
 
     inductor_config.fallback_random = True

@@ -126,8 +126,8 @@ def preflight(cfg: RunConfig) -> None:
     for key, name, registry in checks:
         if name not in registry:
             raise ConfigError(f"{key}: unknown {name!r}{_did_you_mean(name, sorted(registry))}")
-    resolve_device(cfg.train.device)
-    if cfg.train.compile and not cfg.train.device.startswith("cuda"):
+    device = resolve_device(cfg.train.device)
+    if cfg.train.compile and device.type != "cuda":
         compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
         if not any(c and shutil.which(c) for c in compilers):
             raise ConfigError("train.compile: torch.compile on a CPU needs a C++ compiler and none is on PATH "
@@ -200,14 +200,15 @@ def _set_rng_state(rng: dict[str, Any], batcher: Batcher, shuffle: torch.Generat
     torch.set_rng_state(rng["torch"])
     here = batcher.generator.device.type
     saved = rng.get("batcher_device")  # absent from checkpoints written before it was recorded
-    try:
-        if saved not in (None, here):
-            raise RuntimeError(f"it was saved on {saved}")
-        batcher.generator.set_state(rng["batcher"])
-    except RuntimeError as e:  # a run moved between CPU and GPU (README: Reliability)
+    refused = f"it was saved on {saved}" if saved not in (None, here) else None
+    if refused is None:
+        try:
+            batcher.generator.set_state(rng["batcher"])
+        except RuntimeError as e:  # an untagged state of the other device's size
+            refused = " ".join(str(e).split())[:90]
+    if refused:  # a run moved between CPU and GPU (README: Reliability)
         log.warning("the checkpoint's binarization stream cannot continue on %s (%s); it restarts from its "
-                    "seed, so this run is no longer bit-identical to an uninterrupted one",
-                    here, " ".join(str(e).split())[:90])
+                    "seed, so this run is no longer bit-identical to an uninterrupted one", here, refused)
     shuffle.set_state(rng["shuffle"])
     if "numpy" in rng:
         name, keys, *rest = rng["numpy"]
@@ -268,9 +269,7 @@ class Trainer:
         )
         self.objective = make_objective(cfg.objective)
         if cfg.train.compile:
-            # on a GPU the step is launch-bound: CUDA graphs (2.2-2.6x on an H200, docs/bench.md)
-            self.objective = compile_objective(self.objective,
-                                               mode="reduce-overhead" if self.device.type == "cuda" else None)
+            self.objective = compile_objective(self.objective, self.device)
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 7)
         #: completed epochs, and steps taken (skipped ones included)
         self.epoch = 0

@@ -80,12 +80,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
     name = args.name or f"{mode}-{device.type}"
     out = Path(args.out)
 
-    def result(finished: bool) -> dict:
+    def save(finished: bool = False) -> dict:
+        """Write the JSON so far (``finished`` false while rows remain): a killed run keeps its rows."""
         if hasattr(os, "getloadavg"):
             info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
-        return {
+        result = {
             "mode": mode,
-            #: false while the run is going: a killed run keeps the rows it finished
             "finished": finished,
             "machine": info,
             "peak_flops": peak,
@@ -96,6 +96,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "rows": [r.to_dict() for r in rows],
             "curves": curves,
         }
+        write_json(result, out / f"{name}.json")
+        return result
 
     for row_name, overrides, objective, k, batch, with_pythae, skip in training_plan():
         if not _wanted(row_name, args.only):
@@ -106,21 +108,20 @@ def run(args: argparse.Namespace, log=print) -> dict:
             rows += bench.training_row(row_name, overrides, objective, k, batch, with_pythae)
         for line in format_table([r.to_dict() for r in rows if r.name == row_name]).splitlines()[2:]:
             log(line)
-        write_json(result(False), out / f"{name}.json")
+        save()
     if _wanted("IS log-lik", args.only):
         with stopwatch(log, "IS log-likelihood"):
             rows += bench.likelihood_row()
-        write_json(result(False), out / f"{name}.json")
+        save()
     if _wanted("ELBO surgery", args.only):
         rows += bench.surgery_row()
-        write_json(result(False), out / f"{name}.json")
+        save()
     if _wanted("curves", args.only):
         log("scaling curves:")
         curves["k_curve"] = bench.k_curve()
         curves["batch_curve"] = bench.batch_curve()
         curves["chunk_curve"] = bench.chunk_curve(k=200 if args.quick else 1000)
-    final = result(True)
-    write_json(final, out / f"{name}.json")
+    final = save(finished=True)
     if curves:
         plot_curves(curves, out / f"{name}.png",
                     f"{info.get('gpu', info['cpu'])}, threads: {torch.get_num_threads()}, {args.clock} clock, "

@@ -165,7 +165,7 @@ class Bench:
         probe, Adam step."""
         objective = make_objective(ObjectiveConfig(name=objective_name, k=k))
         if compiled:  # as Trainer compiles it
-            objective = compile_objective(objective, mode="reduce-overhead" if self.device.type == "cuda" else None)
+            objective = compile_objective(objective, self.device)
         return trainer_step(objective, model, x)
 
     def training_row(self, name: str, overrides: list[str], objective: str, k: int, batch: int,
