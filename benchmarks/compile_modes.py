@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 
-from elbolab.bench import run_script
-from elbolab.bench.measure import compare, machine_info
-from elbolab.bench.report import write_json
-from elbolab.bench.suite import trainer_step
+from elbolab.cli.bench import run_script
 from elbolab.config import ConfigError, ObjectiveConfig, RunConfig
 from elbolab.data import load
 from elbolab.models import build_model
-from elbolab.objectives import compile_objective, make_objective
-from elbolab.training import resolve_device
+from elbolab.fastpaths import compile_objective
+from elbolab.objectives import make_objective
+from elbolab.speed.measure import compare, machine_info
+from elbolab.speed.report import write_json
+from elbolab.speed.suite import trainer_step
+from elbolab.devices import resolve_device
 
 MODES = ("eager", "default", "reduce-overhead")
 CASES = {"iwae-k50-b100": ("iwae", 50, 100), "iwae-k5-b20": ("iwae", 5, 20), "vae-k1-b20": ("vae", 1, 20)}

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from elbolab.bench import run_script
-from elbolab.bench.measure import PeakMemory, machine_info, synchronize
-from elbolab.bench.report import write_json
+from elbolab.cli.bench import run_script
 from elbolab.config import RunConfig
 from elbolab.data import load
 from elbolab.diagnostics import log_likelihood
 from elbolab.models import build_model
-from elbolab.training import resolve_device
+from elbolab.speed.measure import PeakMemory, machine_info, synchronize
+from elbolab.speed.report import write_json
+from elbolab.devices import resolve_device
 
 
 def _ints(text: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""Benchmarks of elbolab against pythae and this machine's FLOP peak (same as ``elbolab bench``).
+"""Benchmarks of elbolab against pythae and this machine's FLOP peak (the same as ``elbolab bench``).
 
     python benchmarks/run.py --quick      # about a minute: checks the harness
     python benchmarks/run.py              # the full table for the README
@@ -6,7 +6,7 @@
 
 import sys
 
-from elbolab.bench import main
+from elbolab.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -25,7 +25,7 @@ from elbolab.config import RunConfig
 from elbolab.data import load
 from elbolab.diagnostics.active_units import active_units
 from elbolab.diagnostics.gradient_snr import log_log_slope, plot_snr_vs_k, snr_sweep
-from elbolab.diagnostics.likelihood import evaluate_bounds, log_likelihood
+from elbolab.evaluation import evaluate_bounds, log_likelihood
 from elbolab.training import Trainer
 
 ESTIMATORS = ("standard", "stl", "dreg")

@@ -18,7 +18,7 @@ import elbolab.files as files
 import elbolab.training as training
 from elbolab import cli
 from elbolab.config import ConfigError, RunConfig, load_config
-from elbolab.runs import RunError, load_run
+from elbolab.runs import RunError, load_checkpoint, load_run
 
 TINY = ["model.hidden=[8]", "model.latent_dim=2", "train.epochs=2", "train.batch_size=1000",
         "train.progress=false", "train.checkpoint_minutes=0", "train.threads=1"]
@@ -307,7 +307,7 @@ def test_full_disk_keeps_previous_checkpoint_then_resume_finishes(tmp_path, monk
     code, err = run_cli(train_args(out), capsys)
     assert code == 2 and err.count("\n") == 1
     assert f"cannot write {out / 'checkpoint.pt'}: No space left on device (ENOSPC)" in err
-    assert training.load_checkpoint(out / "checkpoint.pt")["epoch"] == 1  # the previous one, intact
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1  # the previous one, intact
     assert not list(out.glob(".*.tmp"))
     monkeypatch.undo()
     code, err = run_cli(["train", "--no-eval", "--resume", str(out)], capsys)

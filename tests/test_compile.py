@@ -11,10 +11,11 @@ import torch
 from elbolab.config import ModelConfig, ObjectiveConfig, RunConfig
 from elbolab.data import load
 from elbolab.data.dataset import ImageDataset
+from elbolab.fastpaths import compile_objective
 from elbolab.models import build_model
-from elbolab.objectives import compile_objective, make_objective
-from elbolab.runs import read_metrics
-from elbolab.training import Trainer, config_differences
+from elbolab.objectives import make_objective
+from elbolab.runs import config_differences, read_metrics
+from elbolab.training import Trainer
 
 needs_cxx = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                reason="torch.compile's CPU backend needs a C++ compiler")

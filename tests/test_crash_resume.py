@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from elbolab.files import TEST_STOP_ENV
-from elbolab.training import load_checkpoint
+from elbolab.runs import load_checkpoint
 
 #: 2 epochs x 50 batches of the embedded data; checkpoints at steps 20, 40, 50 (epoch end), 60, ...
 SETTINGS = [

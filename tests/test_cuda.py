@@ -201,7 +201,8 @@ def test_sigkill_mid_epoch_on_cuda_then_resume_is_bit_identical(tmp_path) -> Non
 
 
 def test_compiled_objective_on_cuda_equals_eager() -> None:
-    from elbolab.objectives import compile_objective, make_objective
+    from elbolab.fastpaths import compile_objective
+    from elbolab.objectives import make_objective
 
     torch.manual_seed(0)
     data = torch.bernoulli(torch.full((32, 64), 0.3))
@@ -222,7 +223,8 @@ def test_compiled_objective_on_cuda_equals_eager() -> None:
 
 
 def test_benchmark_rows_on_cuda_count_device_memory_and_peak(tmp_path) -> None:
-    from elbolab.bench import add_arguments, run
+    from elbolab.cli.bench import add_arguments
+    from elbolab.speed import run
 
     p = argparse.ArgumentParser()
     add_arguments(p)

@@ -12,13 +12,12 @@ import pytest
 import scipy.io
 import torch
 
-from elbolab.config import ConfigError, DataConfig, RunConfig
+from elbolab.config import ConfigError, DataConfig, RunConfig, split_binarization_suffix
 from elbolab.data import DataError, load, resolve_data_dir, sources
 from elbolab.data import cache as cache_mod
 from elbolab.data import download as download_mod
 from elbolab.data.dataset import ImageDataset
 from elbolab.data.formats import mat_variable, parse_idx, parse_mat, parse_numpy_pickle, read_bytes
-from elbolab.data.names import split_binarization_suffix
 from elbolab.data.omniglot import area_to_grey, area_weights, downsample_ink_area
 from elbolab.data.registry import DatasetSpec
 

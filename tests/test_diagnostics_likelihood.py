@@ -10,7 +10,7 @@ import torch
 from _diag_models import ReplayModel, data_from, orthogonal_linear_gaussian
 
 from elbolab.diagnostics.bound_vs_k import bound_vs_k, group_bounds
-from elbolab.diagnostics.likelihood import log_likelihood
+from elbolab.evaluation import log_likelihood
 from elbolab.models.linear_gaussian import LinearGaussian
 
 

@@ -301,10 +301,9 @@ def test_kl_warmup_reports_the_true_bound_for_every_estimator(lg):
 
 
 def test_encoder_decoder_split():
-    from elbolab.likelihoods import make_likelihood
     from elbolab.priors import StandardNormal
 
-    vae = OneLayerVAE(12, 3, [7], "tanh", make_likelihood("bernoulli"), StandardNormal(3))
+    vae = OneLayerVAE(12, 3, [7], "tanh", "bernoulli", StandardNormal(3))
     enc = {id(p) for p in vae.encoder_parameters()}
     expect = {id(p) for p in [*vae.encoder.parameters(), *vae.encoder_head.parameters()]}
     assert enc == expect

@@ -10,7 +10,6 @@ import torch
 from torch.distributions import Bernoulli, Categorical, Independent, MixtureSameFamily, Normal
 
 from elbolab.diagnostics import active_units
-from elbolab.likelihoods import BernoulliLikelihood
 from elbolab.models import HierarchicalVAE, OneLayerVAE, TwoLayerVAE
 from elbolab.priors import MixtureOfGaussians, StandardNormal, VampPriorData
 
@@ -36,14 +35,14 @@ def x():
 
 def test_two_layer_log_weights_equal_hand_assembly(x):
     prior = MixtureOfGaussians(2, 3, learn_weights=True)
-    model = TwoLayerVAE(6, (3, 2), (5, 4), (4,), "tanh", BernoulliLikelihood(), prior).double()
+    model = TwoLayerVAE(6, (3, 2), (5, 4), (4,), "tanh", "bernoulli", prior).double()
     with torch.no_grad():
         prior.logits.normal_()
     terms = model.log_weight_terms(x, 4)
     z1, z2 = terms.z["z1"], terms.z["z2"]
     assert z1.shape == (4, 5, 3) and z2.shape == (4, 5, 2)
     by_hand = (
-        bernoulli(model.p_x(z1)).log_prob(x)  # log p(x | z1)
+        bernoulli(model.likelihood.head(model.p_x(z1))).log_prob(x)  # log p(x | z1)
         + normal(*model.p_z1(z2)).log_prob(z1)  # log p(z1 | z2)
         + mixture(prior).log_prob(z2)  # log p(z2)
         - normal(*model.q_z1(x)).log_prob(z1)  # log q(z1 | x)
@@ -58,7 +57,7 @@ def test_two_layer_log_weights_equal_hand_assembly(x):
 
 def test_hierarchical_log_weights_equal_hand_assembly(x):
     prior = VampPriorData(2, 6, 4, torch.rand(4, 6))
-    model = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), BernoulliLikelihood(), prior).double()
+    model = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), "bernoulli", prior).double()
     terms = model.log_weight_terms(x, 4)
     z1, z2 = terms.z["z1"], terms.z["z2"]
     u = prior.images.double()
@@ -79,7 +78,7 @@ def test_hierarchical_log_weights_equal_hand_assembly(x):
 
 
 def test_hierarchical_clamps_log_variances_like_the_paper_code():
-    model = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), BernoulliLikelihood(), StandardNormal(2)).double()
+    model = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), "bernoulli", StandardNormal(2)).double()
     with torch.no_grad():
         model.q_z2.head.linear.bias.fill_(50.0)
     q = model.posterior(torch.rand(3, 6, dtype=torch.float64))
@@ -92,7 +91,7 @@ def test_stop_posterior_grad_keeps_the_path_through_lower_samples(x):
     For log N(m + s eps; m, s) the full gradient w.r.t. the mean m is exactly 0 (path and
     score cancel); with the parameters stopped only the path -eps / s remains.
     """
-    model = TwoLayerVAE(6, (3, 2), (5,), (4,), "tanh", BernoulliLikelihood(), StandardNormal(2)).double()
+    model = TwoLayerVAE(6, (3, 2), (5,), (4,), "tanh", "bernoulli", StandardNormal(2)).double()
     bias = model.q_z2.head.linear.bias  # [mean (2), log-var (2)]
     torch.manual_seed(1)
     full = model.log_weight_terms(x, 3)
@@ -125,7 +124,7 @@ def is_estimate(model, x, k=16_000, chunk=4_000):
 
 @torch.no_grad()
 def test_one_layer_is_estimate_matches_quadrature(x):
-    model = OneLayerVAE(6, 1, (4,), "tanh", BernoulliLikelihood(), MixtureOfGaussians(1, 3)).double()
+    model = OneLayerVAE(6, 1, (4,), "tanh", "bernoulli", MixtureOfGaussians(1, 3)).double()
     z = GRID[:, None, None]  # [G, 1, 1] -> broadcast over the batch
     log_joint = model.likelihood.log_prob(x, model.decode(z.expand(-1, x.shape[0], 1))) + model.prior.log_prob(z)
     exact = torch.logsumexp(log_joint, 0) + math.log(STEP)
@@ -135,11 +134,11 @@ def test_one_layer_is_estimate_matches_quadrature(x):
 
 @torch.no_grad()
 def test_two_layer_is_estimate_matches_2d_quadrature(x):
-    model = TwoLayerVAE(6, (1, 1), (4,), (3,), "tanh", BernoulliLikelihood(), StandardNormal(1)).double()
+    model = TwoLayerVAE(6, (1, 1), (4,), (3,), "tanh", "bernoulli", StandardNormal(1)).double()
     g1, g2 = torch.meshgrid(GRID, GRID, indexing="ij")
     z1, z2 = g1.reshape(-1, 1, 1), g2.reshape(-1, 1, 1)  # [G^2, 1, 1]
     log_joint = (
-        model.likelihood.log_prob(x, model.p_x(z1).expand(-1, x.shape[0], -1))
+        model.likelihood.log_prob(x, model.likelihood.head(model.p_x(z1)).expand(-1, x.shape[0], -1))
         + normal(*model.p_z1(z2)).log_prob(z1)
         + model.prior.log_prob(z2)
     )
@@ -152,7 +151,7 @@ def test_two_layer_is_estimate_matches_2d_quadrature(x):
 def test_hierarchical_is_estimate_matches_2d_quadrature(x):
     prior = VampPriorData(1, 6, 3, torch.rand(3, 6))
     # variances floored at e^-2 so the grid resolves p(z1 | z2)
-    model = HierarchicalVAE(6, (1, 1), 4, (-2.0, 2.0), BernoulliLikelihood(), prior).double()
+    model = HierarchicalVAE(6, (1, 1), 4, (-2.0, 2.0), "bernoulli", prior).double()
     g1, g2 = torch.meshgrid(GRID, GRID, indexing="ij")
     z1, z2 = g1.reshape(-1, 1, 1), g2.reshape(-1, 1, 1)
     log_joint = (
@@ -166,11 +165,11 @@ def test_hierarchical_is_estimate_matches_2d_quadrature(x):
 
 
 def test_posterior_means_and_active_units_per_layer(x):
-    two = TwoLayerVAE(6, (3, 2), (5,), (4,), "tanh", BernoulliLikelihood(), StandardNormal(2)).double()
+    two = TwoLayerVAE(6, (3, 2), (5,), (4,), "tanh", "bernoulli", StandardNormal(2)).double()
     m1, m2 = two.posterior_means(x)
     torch.testing.assert_close(m1, two.q_z1(x)[0])
     torch.testing.assert_close(m2, two.q_z2(m1)[0])  # the plug-in upper mean
-    hier = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), BernoulliLikelihood(), StandardNormal(2)).double()
+    hier = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), "bernoulli", StandardNormal(2)).double()
     h1, h2 = hier.posterior_means(x)
     torch.testing.assert_close(h2, hier.q_z2(x)[0])
     torch.testing.assert_close(h1, hier.q_z1(x, h2)[0])
@@ -180,11 +179,11 @@ def test_posterior_means_and_active_units_per_layer(x):
 
 def test_ancestral_samples_start_from_the_prior():
     prior = VampPriorData(2, 6, 1, torch.rand(1, 6))
-    model = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), BernoulliLikelihood(), prior).double()
+    model = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), "bernoulli", prior).double()
     z = model.sample_latents(7, torch.Generator().manual_seed(0))
     assert z.shape == (7, 5)
     images = model.sample(7, torch.Generator().manual_seed(0))
     torch.testing.assert_close(images, model.decode_mean(z))
     assert images.shape == (7, 6) and images.min() >= 0 and images.max() <= 1
-    two = TwoLayerVAE(6, (3, 2), (5,), (4,), "tanh", BernoulliLikelihood(), StandardNormal(2))
+    two = TwoLayerVAE(6, (3, 2), (5,), (4,), "tanh", "bernoulli", StandardNormal(2))
     assert two.sample_latents(4).shape == (4, 3)

@@ -10,7 +10,6 @@ import torch
 from elbolab import bounds
 from elbolab.config import ConfigError, RunConfig, preset
 from elbolab.distributions import DiagonalGaussian, log_normal_diag, log_standard_normal
-from elbolab.likelihoods import BernoulliLikelihood
 from elbolab.models import HierarchicalVAE, OneLayerVAE, TwoLayerVAE, build_model
 from elbolab.priors import MixtureOfGaussians, StandardNormal, VampPrior, VampPriorData
 
@@ -26,15 +25,15 @@ def direct_mixture(z, means, log_vars, log_mix):
 
 
 def tiny_one_layer(prior, data_dim=6, latent=3):
-    return OneLayerVAE(data_dim, latent, (5,), "tanh", BernoulliLikelihood(), prior)
+    return OneLayerVAE(data_dim, latent, (5,), "tanh", "bernoulli", prior)
 
 
 def tiny_two_layer(prior, data_dim=6, dims=(3, 2)):
-    return TwoLayerVAE(data_dim, dims, (5,), (4,), "tanh", BernoulliLikelihood(), prior)
+    return TwoLayerVAE(data_dim, dims, (5,), (4,), "tanh", "bernoulli", prior)
 
 
 def tiny_hierarchical(prior, data_dim=6, dims=(3, 2), log_var_range=(-6.0, 2.0)):
-    return HierarchicalVAE(data_dim, dims, 5, log_var_range, BernoulliLikelihood(), prior)
+    return HierarchicalVAE(data_dim, dims, 5, log_var_range, "bernoulli", prior)
 
 
 def test_mixture_log_prob_matches_direct_float64_sum():

@@ -14,7 +14,8 @@ import elbolab.training as training
 from elbolab import cli
 from elbolab.config import RunConfig
 from elbolab.data.dataset import ImageDataset
-from elbolab.training import NonFiniteError, Trainer, load_checkpoint
+from elbolab.runs import load_checkpoint
+from elbolab.training import NonFiniteError, Trainer
 
 
 def grey_dataset() -> ImageDataset:

@@ -4,17 +4,16 @@ The heart is one tensor: ``model.log_weights(x, k)`` of shape [K, B]. Every boun
 (:mod:`elbolab.bounds`), the importance-sampled likelihood and the diagnostics read it.
 """
 
-__version__ = "0.1.0"
+from . import bounds
+from .config import RunConfig
 
-from . import bounds  # noqa: E402
-from .config import RunConfig  # noqa: E402
+# every module that owns a registry, so that config validation knows all their names
+from .data import DATASETS  # noqa: F401
+from .models import MODELS  # noqa: F401
+from .objectives import ESTIMATORS, OBJECTIVES  # noqa: F401
+from .runs import Run, load_run
+from .schedules import SCHEDULES  # noqa: F401
+from .training import train
+from .version import __version__
 
-
-def load_run(path, device: str = "cpu", weights: str = "final"):
-    """Reload a saved run folder (config, model, metrics) in one call."""
-    from .runs import load_run as _load_run
-
-    return _load_run(path, device=device, weights=weights)
-
-
-__all__ = ["RunConfig", "__version__", "bounds", "load_run"]
+__all__ = ["Run", "RunConfig", "__version__", "bounds", "load_run", "train"]

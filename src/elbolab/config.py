@@ -8,7 +8,6 @@ wrong experiment. Configs are never mutated: ``with_overrides`` returns a new on
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import types
@@ -19,20 +18,27 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError, did_you_mean
+from .registry import check_name
 
-class ConfigError(ValueError):
-    """A config value is unknown, mistyped or impossible; the message names the key."""
+__all__ = ["ConfigError", "RunConfig", "load_config", "preset", "save_config"]
+
+#: name suffix -> the ``data.binarization`` it selects: ``mnist-dynamic`` is dataset ``mnist``
+#: binarized dynamically (the binarization stays a transform; the suffix only picks it)
+BINARIZATION_SUFFIXES: dict[str, str] = {"-dynamic": "dynamic", "-static": "static", "-grey": "none"}
+
+
+def split_binarization_suffix(name: str) -> tuple[str, str | None]:
+    """``"mnist-dynamic"`` -> ``("mnist", "dynamic")``; a name without a suffix -> ``(name, None)``."""
+    for suffix, binarization in BINARIZATION_SUFFIXES.items():
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], binarization
+    return name, None
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
-
-
-def _require_choice(value: str, options, key: str, what: str) -> None:
-    """A name from a fixed set or registry; a typo gets a "did you mean"."""
-    if value not in options:
-        raise ConfigError(f"{key}: unknown {what} {value!r}{_did_you_mean(value, sorted(options))}")
 
 
 @dataclass(frozen=True)
@@ -51,15 +57,13 @@ class DataConfig:
     validation: int = 0
 
     def __post_init__(self) -> None:
-        # a name suffix is shorthand for the binarization: "mnist-dynamic" -> mnist, dynamic
-        from .data.names import split_binarization_suffix
-
         base, binarization = split_binarization_suffix(self.name)
         if binarization is not None:
             object.__setattr__(self, "name", base)
             object.__setattr__(self, "binarization", binarization)
 
     def validate(self, key: str) -> None:
+        check_name("dataset", self.name, f"{key}.name")
         _require(self.validation >= 0, f"{key}.validation", f"must be >= 0, got {self.validation}")
         _require(
             self.binarization in ("static", "dynamic", "none"),
@@ -70,7 +74,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PriorConfig:
-    #: standard | mog | vampprior | vampprior-data (see elbolab.priors.PRIORS)
+    #: standard | mog | vampprior | vampprior-data (elbolab.priors.PRIORS)
     name: str = "standard"
     #: mixture components or pseudo-inputs
     components: int = 500
@@ -88,9 +92,7 @@ class PriorConfig:
 
     def validate(self, key: str) -> None:
         _require(self.components >= 1, f"{key}.components", f"must be >= 1, got {self.components}")
-        from .priors import PRIORS  # lazily: the registry module imports this one
-
-        _require_choice(self.name, PRIORS, f"{key}.name", "prior")
+        check_name("prior", self.name, f"{key}.name")
         _require(
             self.pseudo_inputs_init in ("normal", "data"),
             f"{key}.pseudo_inputs_init",
@@ -158,24 +160,12 @@ class ModelConfig:
         _require(
             all(h >= 1 for h in self.hidden), f"{key}.hidden", f"sizes must be >= 1, got {list(self.hidden)}"
         )
-        from .likelihoods import LIKELIHOODS  # lazily: the registries import this module
-        from .models import MODELS
-
-        hint = _did_you_mean(self.name, sorted(MODELS))
-        _require(self.name in MODELS, f"{key}.name", f"unknown model {self.name!r}{hint}")
-        _require(
-            self.likelihood in LIKELIHOODS,
-            f"{key}.likelihood",
-            f"unknown likelihood {self.likelihood!r}{_did_you_mean(self.likelihood, sorted(LIKELIHOODS))}",
-        )
+        check_name("model", self.name, f"{key}.name")
+        check_name("activation", self.activation, f"{key}.activation")
+        check_name("likelihood", self.likelihood, f"{key}.likelihood")
         self.prior.validate(f"{key}.prior")
         self.two_layer.validate(f"{key}.two_layer")
         self.hierarchical.validate(f"{key}.hierarchical")
-
-
-#: objective names (elbolab.objectives.OBJECTIVES) and gradient estimators (ESTIMATORS)
-OBJECTIVE_NAMES = ("vae", "iwae", "miwae", "ciwae", "piwae")
-GRADIENT_ESTIMATORS = ("standard", "stl", "dreg")
 
 
 @dataclass(frozen=True)
@@ -197,10 +187,10 @@ class ObjectiveConfig:
     beta: float = 0.5
 
     def validate(self, key: str) -> None:
-        _require_choice(self.name, OBJECTIVE_NAMES, f"{key}.name", "objective")
+        check_name("objective", self.name, f"{key}.name")
         _require(self.k >= 1, f"{key}.k", f"must be >= 1, got {self.k}")
         _require(self.warmup_epochs >= 0, f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
-        _require_choice(self.estimator, GRADIENT_ESTIMATORS, f"{key}.estimator", "gradient estimator")
+        check_name("gradient estimator", self.estimator, f"{key}.estimator")
         _require(self.m >= 1, f"{key}.m", f"must be >= 1, got {self.m}")
         _require(
             self.m == 1 or self.name in ("miwae", "piwae"),
@@ -241,10 +231,10 @@ class TrainConfig:
     nonfinite: str = "skip"
     #: skipped steps tolerated by nonfinite="skip" before the run stops
     max_nonfinite_skips: int = 3
-    #: compile the training objective with torch.compile (about 30 s once, then 1.2-1.5x
-    #: faster small-batch steps on a CPU, needing a C++ compiler; on a GPU with CUDA graphs,
-    #: 2.2-2.6x on an H200). Random draws stay torch's own stream, so a compiled run matches an eager one
-    #: to float rounding (objectives.py)
+    #: compile the training objective with torch.compile (CUDA graphs on a GPU): compiling
+    #: costs seconds once per batch shape, steps get faster (docs/bench.md); a CPU needs a C++
+    #: compiler. Random draws stay torch's own stream, so a compiled run matches an eager one
+    #: to float rounding (fastpaths.compile_objective)
     compile: bool = False
 
     def validate(self, key: str) -> None:
@@ -255,11 +245,7 @@ class TrainConfig:
         _require(
             all(0 <= b < 1 for b in self.adam_betas), f"{key}.adam_betas", "each must be in [0, 1)"
         )
-        _require(
-            self.schedule in ("constant", "iwae"),
-            f"{key}.schedule",
-            f"must be 'constant' or 'iwae', got {self.schedule!r}",
-        )
+        check_name("schedule", self.schedule, f"{key}.schedule")
         _require(self.early_stopping_patience >= 0, f"{key}.early_stopping_patience", "must be >= 0")
         _require(self.threads >= 0, f"{key}.threads", "must be >= 0")
         _require(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
@@ -291,10 +277,10 @@ class EvalConfig:
     #: test points evaluated together
     batch_size: int = 100
     #: importance samples drawn per chunk on a CPU (bounds memory); batch_size x chunk_size =
-    #: 5,000 decoder rows per pass keeps the activations in cache: 1.7x faster than 500 (docs/bench.md)
+    #: 5,000 decoder rows per pass keeps the activations in cache (docs/bench.md measures the choice)
     chunk_size: int = 50
     #: the same on a GPU, which wants rows to fill it rather than a cache: 100 x 2,000 = 200,000
-    #: rows per pass (about 1 GB for the IWAE-paper model) ran 10x faster than 50 on an H200
+    #: rows per pass, about 1 GB for the IWAE-paper model (docs/bench.md measures the choice)
     gpu_chunk_size: int = 2000
     #: threshold on Cov_x(E_q[z_i]) for an active unit (IWAE paper: 0.01)
     active_unit_threshold: float = 0.01
@@ -369,11 +355,6 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _did_you_mean(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
-
-
 def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -427,7 +408,7 @@ def from_dict(cls: type, d: dict[str, Any], prefix: str = "") -> Any:
     for key, value in d.items():
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            raise ConfigError(f"{dotted}: unknown key{_did_you_mean(key, names)}")
+            raise ConfigError(f"{dotted}: unknown key{did_you_mean(key, names)}")
         kwargs[key] = _convert(hints[key], value, dotted)
     return cls(**kwargs)
 
@@ -439,10 +420,10 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
         if p not in node or not isinstance(node[p], dict):
             where = ".".join(parts[: i + 1])
             sections = [k for k, v in node.items() if isinstance(v, dict)]
-            raise ConfigError(f"{where}: unknown section{_did_you_mean(p, sections)}")
+            raise ConfigError(f"{where}: unknown section{did_you_mean(p, sections)}")
         node = node[p]
     if parts[-1] not in node:
-        raise ConfigError(f"{dotted}: unknown key{_did_you_mean(parts[-1], list(node))}")
+        raise ConfigError(f"{dotted}: unknown key{did_you_mean(parts[-1], list(node))}")
     node[parts[-1]] = value
 
 
@@ -538,5 +519,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset(name: str) -> RunConfig:
     if name not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {name!r}{_did_you_mean(name, sorted(PRESETS))}")
+        raise ConfigError(f"preset: unknown preset {name!r}{did_you_mean(name, sorted(PRESETS))}")
     return RunConfig().with_overrides(dict(PRESETS[name]))

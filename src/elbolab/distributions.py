@@ -31,71 +31,10 @@ def log_bernoulli_logits(x: Tensor, logits: Tensor) -> Tensor:
 
     Exact for any logit magnitude (no sigmoid followed by a log). ``x`` may be
     ``[B, D]`` while ``logits`` is ``[K, B, D]``; it broadcasts. ``x`` need not be
-    binary (grey levels give the usual "continuous Bernoulli-free" cross-entropy).
-    Training takes this form through autograd: a fused version (one sigmoid shared with
-    the backward) measured no faster at two threads (docs/bench.md).
+    binary (grey levels give the usual cross-entropy). Without gradients,
+    :func:`elbolab.fastpaths.bernoulli_log_prob` computes it faster through the last layer.
     """
     return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
-
-
-def log_bernoulli_linear_(x: Tensor, features: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """:func:`log_bernoulli_logits` at ``logits = features @ weight.T + bias``, without gradients.
-
-    ``x`` [B, D], ``features`` [..., B, H], ``weight`` [D, H]: ``[..., B]``. For the
-    importance-sampled log-likelihood, where the general form's two ``[K, B, D]``
-    temporaries (``x * logits`` and the softplus) cost more in fresh memory pages than
-    their arithmetic. Here ``sum_d x_d logits_d = features . (x @ weight) + x . bias``
-    is an ``[..., B, H]`` product (H = 200 against D = 784 pixels for MNIST) and the
-    softplus sum overwrites the logits it owns (:func:`sum_softplus_`): together 1.4x
-    faster log weights for the 784-200-200-50 model (docs/bench.md), equal to the
-    general form's up to float32 rounding. Refuses inputs that need a gradient.
-    """
-    if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
-        raise ValueError("log_bernoulli_linear_ has no gradient; use log_bernoulli_logits on F.linear(...)")
-    logits = F.linear(features, weight, bias)
-    x_dot_logits = (features * (x @ weight)).sum(-1)
-    if bias is not None:
-        x_dot_logits = x_dot_logits + x @ bias
-    return x_dot_logits - sum_softplus_(logits)
-
-
-#: halvings in :func:`sum_softplus_`: each slot then holds a product of at most 2^5 = 32
-#: factors in [1/2, 1], so at least 2^-32, far from float32's smallest normal (2^-126)
-_HALVINGS = 5
-
-
-def sum_softplus_(logits: Tensor) -> Tensor:
-    """``softplus(logits).sum(-1)``, overwriting ``logits``: 1.5x faster than an in-place
-    softplus and sum (6.4 -> 4.3 ms for 5,000 x 784 logits on one core).
-
-    ``softplus(l) = relu(l) - log sigmoid(|l|)``, and ``sigmoid(|l|)`` lies in [1/2, 1],
-    so the logs of 784 factors can be taken as the log of a few products of 32 (made by
-    halving the last axis in place): one sigmoid pass and a few multiplies replace
-    ``log1p(exp(l))`` on every pixel (both transcendental, and torch's CPU ``log1p`` is
-    slow). Each factor is rounded once and each product picks up at most 32 roundings.
-    ``sum relu(l) = (sum l + sum |l|) / 2`` is rounded at the size of ``sum |l|`` rather
-    than of the softplus sum: for a trained-looking decoder, log p(x, z) lands about one
-    float32 ulp from float64 on average, three times torch's own path (a float64 sum or
-    a relu temporary would cost the speed back; tests/test_fast_elementwise.py).
-    """
-    total = logits.sum(-1)
-    logits.abs_()
-    relu = (total + logits.sum(-1)) * 0.5
-    return relu - _log_prod_(torch.sigmoid(logits, out=logits))
-
-
-def _log_prod_(p: Tensor) -> Tensor:
-    """``log(p).sum(-1)`` for p in [1/2, 1] as the log of products of 32, made in place."""
-    n = p.shape[-1]
-    for _ in range(_HALVINGS):
-        h = n // 2
-        if h == 0:
-            break
-        p[..., :h].mul_(p[..., h : 2 * h])
-        if n % 2:  # the odd factor out moves next to the products and rides along
-            p[..., h].copy_(p[..., 2 * h])
-        n = h + n % 2
-    return p[..., :n].log().sum(-1)
 
 
 def kl_normal_standard(mean: Tensor, log_var: Tensor) -> Tensor:

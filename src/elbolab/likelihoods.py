@@ -1,9 +1,10 @@
-"""Observation models p(x | z): turn decoder outputs into log-densities and images.
+"""Observation models p(x | z): the decoder's output layer and the density it parameterizes.
 
-A decoder emits ``params_per_pixel * D`` numbers per image, laid out as
-``params_per_pixel`` consecutive blocks of D (block 0: the location, block 1: the
-log-scale or log-variance); the likelihood says how to read them. Registered by
-name so a config line picks one (``model.likelihood``).
+A likelihood owns the decoder's last layer (``head``: features ``[..., H]`` -> parameters
+``[..., P*D]``), laid out as ``params_per_pixel`` (P) consecutive blocks of D (block 0:
+the location, block 1: the log-scale or log-variance), so it can choose how to evaluate
+the pair (:meth:`Likelihood.log_prob_from_features`). Registered by name so a config line
+picks one (``model.likelihood``).
 
 Grey-level data enters as floats in [0, 1] (``data.binarization: none``), level
 ``i`` of 256 being ``i / 255``.
@@ -19,15 +20,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributions import log_bernoulli_linear_, log_bernoulli_logits, log_discretized_logistic, log_normal_diag
+from .distributions import log_bernoulli_logits, log_discretized_logistic, log_normal_diag
+from .fastpaths import bernoulli_log_prob
+from .registry import Registry
 
 
 class Likelihood(nn.Module, ABC):
-    """Base class: ``log_prob(x [B, D], params [..., B, P*D]) -> [..., B]``."""
+    """Base class: ``log_prob(x [B, D], params [..., B, P*D]) -> [..., B]``.
+
+    With ``in_features`` the likelihood owns the decoder's output layer ``head`` (a Linear
+    map to the P*D parameters); without, the decoder emits the parameters itself and
+    ``head`` is the identity.
+    """
 
     params_per_pixel: int = 1
     #: whether the data must be binary ({0, 1}) for this likelihood to be a density
     binary: bool = False
+
+    def __init__(self, data_dim: int, in_features: int | None = None) -> None:
+        super().__init__()
+        self.data_dim = data_dim
+        self.head: nn.Module = (
+            nn.Linear(in_features, data_dim * self.params_per_pixel) if in_features is not None else nn.Identity()
+        )
 
     @abstractmethod
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor: ...
@@ -36,17 +51,23 @@ class Likelihood(nn.Module, ABC):
     def mean(self, params: Tensor) -> Tensor:
         """Expected image in [0, 1] (for reconstructions and sample grids)."""
 
-    def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
-        """Start the decoder at the data's average image, as the IWAE paper does."""
+    def log_prob_from_features(self, x: Tensor, features: Tensor) -> Tensor:
+        """``log_prob(x, head(features))``: ``x`` [B, D], ``features`` [..., B, H] -> [..., B].
 
-    def log_prob_linear(self, x: Tensor, features: Tensor, layer: nn.Linear) -> Tensor:
-        """``log_prob(x, layer(features))``, for decoders that end in a Linear layer.
-
-        A likelihood may use the layer's algebra to skip ``[K, B, P*D]`` temporaries when
-        no gradient is needed (the importance-sampled log-likelihood); the value is the
-        same up to float rounding. The default just applies the layer.
+        A likelihood may use its head's algebra to skip ``[K, B, P*D]`` temporaries when no
+        gradient is needed (the importance-sampled log-likelihood); the value is the same up
+        to float rounding.
         """
-        return self.log_prob(x, layer(features))
+        return self.log_prob(x, self.head(features))
+
+    def init_output_bias(self, pixel_mean: Tensor) -> None:
+        """Start the decoder at the data's average image, as the IWAE paper does."""
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self._init_bias(self.head.bias, pixel_mean)
+
+    def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
+        """Set the output layer's ``bias`` [P*D] so that the mean image is ``pixel_mean`` [D]."""
 
     def split(self, params: Tensor) -> list[Tensor]:
         """``[..., P*D]`` -> P tensors ``[..., D]``."""
@@ -67,17 +88,16 @@ class BernoulliLikelihood(Likelihood):
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         return log_bernoulli_logits(x, params)
 
-    def log_prob_linear(self, x: Tensor, features: Tensor, layer: nn.Linear) -> Tensor:
-        if torch.is_grad_enabled() and (features.requires_grad or layer.weight.requires_grad):
-            return self.log_prob(x, layer(features))
-        return log_bernoulli_linear_(x, features, layer.weight, layer.bias)
+    def log_prob_from_features(self, x: Tensor, features: Tensor) -> Tensor:
+        if isinstance(self.head, nn.Linear):
+            return bernoulli_log_prob(x, features, self.head)
+        return self.log_prob(x, features)
 
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
 
-    def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
-        with torch.no_grad():
-            bias.copy_(_logit(pixel_mean))
+    def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
+        bias.copy_(_logit(pixel_mean))
 
 
 class DiscretizedLogisticLikelihood(Likelihood):
@@ -111,11 +131,10 @@ class DiscretizedLogisticLikelihood(Likelihood):
         """The location (the logistic's mean before discretization)."""
         return self._params(params)[0]
 
-    def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
+    def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         d = pixel_mean.numel()
-        with torch.no_grad():
-            bias[:d].copy_(_logit(pixel_mean))
-            bias[d:].fill_(self.init_log_scale)
+        bias[:d].copy_(_logit(pixel_mean))
+        bias[d:].fill_(self.init_log_scale)
 
 
 #: floor of Gaussian log-variances: without one, pixels that are constant in the data
@@ -146,11 +165,10 @@ class GaussianLikelihood(Likelihood):
     def mean(self, params: Tensor) -> Tensor:
         return self.split(params)[0].clamp(0.0, 1.0)
 
-    def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
+    def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         d = pixel_mean.numel()
-        with torch.no_grad():
-            bias[:d].copy_(pixel_mean)
-            bias[d:].fill_(self.init_log_var)
+        bias[:d].copy_(pixel_mean)
+        bias[d:].fill_(self.init_log_var)
 
 
 class GaussianPixelVarianceLikelihood(Likelihood):
@@ -162,8 +180,8 @@ class GaussianPixelVarianceLikelihood(Likelihood):
 
     params_per_pixel = 1
 
-    def __init__(self, data_dim: int) -> None:
-        super().__init__()
+    def __init__(self, data_dim: int, in_features: int | None = None) -> None:
+        super().__init__(data_dim, in_features)
         self.raw_log_var = nn.Parameter(torch.full((data_dim,), GaussianLikelihood.init_log_var))
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
@@ -172,24 +190,19 @@ class GaussianPixelVarianceLikelihood(Likelihood):
     def mean(self, params: Tensor) -> Tensor:
         return params.clamp(0.0, 1.0)
 
-    def init_output_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
-        with torch.no_grad():
-            bias.copy_(pixel_mean)
+    def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
+        bias.copy_(pixel_mean)
 
 
-#: name -> builder(data dimension)
-LIKELIHOODS: dict[str, Callable[[int], Likelihood]] = {
-    "bernoulli": lambda data_dim: BernoulliLikelihood(),
-    "discretized-logistic": lambda data_dim: DiscretizedLogisticLikelihood(),
-    "gaussian": lambda data_dim: GaussianLikelihood(),
+#: ``model.likelihood`` -> its class, built as ``cls(data_dim, in_features)``
+LIKELIHOODS: Registry[Callable[[int, int | None], Likelihood]] = Registry("likelihood", {
+    "bernoulli": BernoulliLikelihood,
+    "discretized-logistic": DiscretizedLogisticLikelihood,
+    "gaussian": GaussianLikelihood,
     "gaussian-pixel-var": GaussianPixelVarianceLikelihood,
-}
+})
 
 
-def make_likelihood(name: str, data_dim: int = 0) -> Likelihood:
-    try:
-        builder = LIKELIHOODS[name]
-    except KeyError:
-        known = sorted(LIKELIHOODS)
-        raise ValueError(f"model.likelihood: unknown likelihood {name!r}; choose one of {known}") from None
-    return builder(data_dim)
+def make_likelihood(name: str, data_dim: int, in_features: int | None = None) -> Likelihood:
+    """The likelihood ``name`` over ``data_dim`` pixels, owning an output layer from ``in_features``."""
+    return LIKELIHOODS.get_checked(name, "model.likelihood")(data_dim, in_features)

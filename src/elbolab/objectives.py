@@ -43,10 +43,16 @@ import torch
 from torch import Tensor
 
 from . import bounds
-from .config import GRADIENT_ESTIMATORS, ObjectiveConfig
+from .config import ObjectiveConfig
 from .models.base import LatentVariableModel, LogWeightTerms
+from .registry import Registry
 
-ESTIMATORS: tuple[str, ...] = GRADIENT_ESTIMATORS
+#: ``objective.estimator`` -> what it does to the encoder's gradient
+ESTIMATORS: Registry[str] = Registry("gradient estimator", {
+    "standard": "autograd through the bound: sum_k w~_k d log w_k (the IWAE paper's)",
+    "stl": "sticking the landing: the score term dropped (Roeder et al. 2017)",
+    "dreg": "doubly reparameterized: w~_k^2 on the path through the samples (Tucker et al. 2018)",
+})
 
 
 @dataclass
@@ -174,8 +180,7 @@ def estimate(
     The loss value is minus the batch mean of the (KL-tempered) decoder bound for every
     estimator; ``bound`` is the plan's report bound at KL weight 1.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown gradient estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    ESTIMATORS.check(estimator, "objective.estimator")
     terms = model.log_weight_terms(x, plan.n_samples, stop_posterior_grad=estimator != "standard")
     log_w_train = terms.log_weights(kl_weight)  # [n, B]
     decoder_value = combined_bound(log_w_train, plan.decoder).mean()
@@ -284,72 +289,22 @@ def piwae_objective(model: LatentVariableModel, x: Tensor, k: int, kl_weight: fl
 #: an objective as the trainer calls it: (model, x, kl_weight) -> ObjectiveResult
 Objective = Callable[[LatentVariableModel, Tensor, float], ObjectiveResult]
 
-#: name -> objective(model, x, k, kl_weight, estimator=..., [m=... | beta=...])
-OBJECTIVES: dict[str, Callable[..., ObjectiveResult]] = {
-    "vae": vae_objective,
-    "iwae": iwae_objective,
-    "miwae": miwae_objective,
-    "ciwae": ciwae_objective,
-    "piwae": piwae_objective,
-}
-
-#: name -> the plan an objective config describes
-PLANS: dict[str, Callable[[ObjectiveConfig], BoundPlan]] = {
+#: ``objective.name`` -> the plan its config describes
+OBJECTIVES: Registry[Callable[[ObjectiveConfig], BoundPlan]] = Registry("objective", {
     "vae": lambda c: vae_plan(c.k),
     "iwae": lambda c: iwae_plan(c.k),
     "miwae": lambda c: miwae_plan(c.k, c.m),
     "ciwae": lambda c: ciwae_plan(c.k, c.beta),
     "piwae": lambda c: piwae_plan(c.k, c.m),
-}
+})
 
 
 def make_objective(cfg: ObjectiveConfig) -> Objective:
     """Bind an objective config (name, k, estimator, m, beta) into the callable the trainer steps with."""
-    try:
-        plan = PLANS[cfg.name](cfg)
-    except KeyError:
-        raise ValueError(f"unknown objective {cfg.name!r}; choose one of {sorted(PLANS)}") from None
-    if cfg.estimator not in ESTIMATORS:
-        raise ValueError(f"unknown gradient estimator {cfg.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    estimator = cfg.estimator
+    plan = OBJECTIVES.get_checked(cfg.name, "objective.name")(cfg)
+    estimator = ESTIMATORS.check(cfg.estimator, "objective.estimator")
 
     def objective(model: LatentVariableModel, x: Tensor, kl_weight: float = 1.0) -> ObjectiveResult:
         return estimate(model, x, plan, estimator, kl_weight)
 
     return objective
-
-
-def compile_objective(objective: Objective, device: torch.device | str | None = None, mode: str | None = None
-                      ) -> Objective:
-    """``torch.compile`` of a training objective, with torch's own random stream.
-
-    Inductor fuses the step's elementwise work and drops most per-op dispatch, which is
-    what bounds small batches on a CPU (1.4x at the IWAE paper's batch 20, k = 1; less
-    as k grows and the matrix products take over; docs/bench.md). ``fallback_random``
-    makes its ``randn`` calls torch's, so a compiled step draws the eager step's samples
-    and a checkpoint's RNG state resumes it exactly; its values equal eager's to float
-    rounding (tests/test_compile.py). The first step pays the compilation (about 30 s);
-    a new batch shape (the last, shorter batch of an epoch) compiles once more.
-    ``mode`` is torch.compile's; given a CUDA ``device`` it defaults to ``"reduce-overhead"``
-    (CUDA graphs: the step is launch-bound there, 2.2-2.6x on an H200, docs/bench.md).
-    """
-    if mode is None and device is not None and torch.device(device).type == "cuda":
-        mode = "reduce-overhead"
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fallback_random = True
-    # every model, k and batch shape is its own graph of the one objective function: let a
-    # process (a test session, a notebook) hold more of them than dynamo's default 8
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-    # static shapes: sample counts stay concrete for randn; a KL weight below 1 goes in
-    # as a 0-dim tensor, so warm-up (a new weight every step) reuses one graph
-    compiled = torch.compile(objective, dynamic=False, mode=mode)
-
-    def run(model: LatentVariableModel, x: Tensor, kl_weight: float = 1.0) -> ObjectiveResult:
-        if kl_weight == 1.0:
-            return compiled(model, x, 1.0)
-        return compiled(model, x, torch.tensor(kl_weight, dtype=x.dtype, device=x.device))
-
-    return run

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributions import DiagonalGaussian, log_normal_diag_mixture, log_standard_normal
+from .registry import Registry
 
 
 class Prior(nn.Module, ABC):
@@ -235,17 +236,16 @@ def _vampprior_data(cfg, latent_dim: int, data_dim: int, train_data: Tensor | No
     return VampPriorData(latent_dim, data_dim, cfg.components, images)
 
 
-#: name -> builder(prior config, latent dim of the prior's layer, data dim, float train data [N, D] or None)
-PRIORS: dict[str, Callable[..., Prior]] = {
+#: ``model.prior.name`` -> builder(prior config, latent dim of the prior's layer, data dim,
+#: float train data [N, D] or None)
+PRIORS: Registry[Callable[..., Prior]] = Registry("prior", {
     "standard": _standard,
     "mog": _mog,
     "vampprior": _vampprior,
     "vampprior-data": _vampprior_data,
-}
+})
 
 
 def make_prior(cfg, latent_dim: int, data_dim: int, train_data: Tensor | None = None) -> Prior:
     """Build the prior a :class:`~elbolab.config.PriorConfig` names."""
-    if cfg.name not in PRIORS:
-        raise ValueError(f"model.prior.name: unknown prior {cfg.name!r}; choose one of {sorted(PRIORS)}")
-    return PRIORS[cfg.name](cfg, latent_dim, data_dim, train_data)
+    return PRIORS.get_checked(cfg.name, "model.prior.name")(cfg, latent_dim, data_dim, train_data)

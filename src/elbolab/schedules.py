@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .config import TrainConfig
+from .registry import Registry
 
 #: the IWAE paper runs 8 passes; pass i lasts 3^i epochs (3,280 epochs in all)
 IWAE_PASSES = 8
@@ -18,16 +21,22 @@ def iwae_pass(epoch: int) -> int:
     return IWAE_PASSES - 1
 
 
-def learning_rate(cfg: TrainConfig, epoch: int) -> float:
-    """lr for 0-based ``epoch``: constant, or the IWAE paper's lr * 10^(-i/7) in pass i."""
-    if cfg.schedule == "iwae":
-        return cfg.lr * 10 ** (-iwae_pass(epoch) / 7)
-    return cfg.lr
-
-
 def iwae_epochs(passes: int) -> int:
     """Total epochs of the first ``passes`` passes: sum of 3^i."""
     return sum(3**i for i in range(passes))
+
+
+#: ``train.schedule`` -> the multiplier of ``train.lr`` in 0-based epoch e
+SCHEDULES: Registry[Callable[[int], float]] = Registry("schedule", {
+    "constant": lambda epoch: 1.0,
+    # the IWAE paper: lr * 10^(-i/7) in pass i
+    "iwae": lambda epoch: 10 ** (-iwae_pass(epoch) / 7),
+})
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """lr for 0-based ``epoch`` under ``cfg.schedule``."""
+    return cfg.lr * SCHEDULES.get_checked(cfg.schedule, "train.schedule")(epoch)
 
 
 def kl_weight(epoch_progress: float, warmup_epochs: int) -> float:

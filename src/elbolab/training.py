@@ -6,7 +6,7 @@ SIGTERM. A checkpoint holds tensors and plain containers only (read back with
 ``weights_only=True``): model, optimizer, the position in the epoch (its permutation and
 the next batch), early-stopping counters and every RNG the run draws from, so a resumed
 run continues the very same stream of batches and samples; on CPU it ends bit-identical
-to a run that was never interrupted.
+to a run that was never interrupted. The run folder itself is runs.py's.
 
 No silent NaN: each step checks its loss and gradients (one host sync per step, shared
 with the bound that is logged anyway). A fault names the step, batch, images and the
@@ -19,134 +19,47 @@ import contextlib
 import json
 import logging
 import math
-import os
-import random
-import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import __version__
-from .allocator import retain_freed_memory
-from .config import ConfigError, RunConfig, _did_you_mean, load_config
+from . import rng
+from .config import ConfigError, RunConfig
 from .data import Batcher, ImageDataset, evaluation_images, load
-from .diagnostics.likelihood import evaluate_bounds
-from .files import (
-    OutputError,
-    append_line,
-    atomic_torch_save,
-    atomic_write_text,
-    fault_point,
-    make_dir,
-    remove_stale_temp_files,
-)
+from .devices import resolve_device
+from .evaluation import evaluate_bounds
+from .fastpaths import compile_objective, retain_freed_memory
+from .files import OutputError, append_line, fault_point
 from .models import LatentVariableModel, build_model
 from .models.base import LogWeightTerms
-from .objectives import compile_objective, make_objective
-from .runs import RunError, environment_info, read_json, read_metrics, save_weights, write_json
+from .objectives import ObjectiveResult, make_objective
+from .optimizers import make_optimizer
+from .preflight import preflight
+from .runs import (
+    METRICS,
+    RunError,
+    create_run_dir,
+    holds_run,
+    keep_metrics_upto,
+    open_unfinished_run,
+    save_checkpoint,
+    save_weights,
+    write_info,
+)
 from .schedules import kl_weight, learning_rate
 
 log = logging.getLogger("elbolab")
 
-CHECKPOINT = "checkpoint.pt"
-
-#: config keys that may differ between a run and its resumption: they do not change what
-#: is trained. A run resumed on another device continues correctly, but draws its remaining
-#: samples from that device's random stream, so it is bit-identical to an uninterrupted run
-#: only on the device it stopped on.
-RESUME_FREE_KEYS = ("data.data_dir", "train.progress", "train.compile", "train.device")
-
 
 class NonFiniteError(FloatingPointError):
     """A loss or gradient became inf/NaN; the message names the step, batch and terms."""
-
-
-def resolve_device(name: str, key: str = "train.device") -> torch.device:
-    """The device a config or option names, refused with a message naming ``key`` when
-    this machine does not have it (before anything is built or written)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"{key}: {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{key}: {name!r} but CUDA is not available on this machine; use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"{key}: {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{key}: {name!r} but MPS is not available on this machine; use cpu")
-    return device
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint without unpickling code (weights_only=True): a file that asks
-    for anything but tensors and plain containers is refused, never run."""
-    path = Path(path)
-    if not path.exists():
-        raise RunError(f"{path}: checkpoint missing")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure here means an unusable file
-        why = " ".join(str(e).split())[:200]
-        raise RunError(f"{path}: refused or unreadable checkpoint ({type(e).__name__}: {why})") from None
-    if not isinstance(state, dict) or "model" not in state or "elbolab" not in state:
-        raise RunError(f"{path}: not an elbolab checkpoint")
-    if str(state["elbolab"]).split(".")[0] != __version__.split(".")[0]:
-        raise RunError(f"{path}: written by elbolab {state['elbolab']}, this is {__version__}")
-    return state
-
-
-def preflight(cfg: RunConfig) -> None:
-    """Reject names no registry knows before anything is built or written, naming the key."""
-    from .data.registry import DATASETS
-    from .likelihoods import LIKELIHOODS
-    from .models import MODELS
-    from .models.layers import ACTIVATIONS
-    from .objectives import OBJECTIVES
-    from .priors import PRIORS
-
-    checks = [
-        ("data.name", cfg.data.name, DATASETS),
-        ("model.name", cfg.model.name, MODELS),
-        ("model.activation", cfg.model.activation, ACTIVATIONS),
-        ("model.likelihood", cfg.model.likelihood, LIKELIHOODS),
-        ("model.prior.name", cfg.model.prior.name, PRIORS),
-        ("objective.name", cfg.objective.name, OBJECTIVES),
-    ]
-    for key, name, registry in checks:
-        if name not in registry:
-            raise ConfigError(f"{key}: unknown {name!r}{_did_you_mean(name, sorted(registry))}")
-    device = resolve_device(cfg.train.device)
-    if cfg.train.compile and device.type != "cuda":
-        compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
-        if not any(c and shutil.which(c) for c in compilers):
-            raise ConfigError("train.compile: torch.compile on a CPU needs a C++ compiler and none is on PATH "
-                              "(c++, g++, clang++ or $CXX); install one or set train.compile=false")
-
-
-def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
-    """Dotted keys whose values differ (ignoring :data:`RESUME_FREE_KEYS`)."""
-    out: list[str] = []
-
-    def walk(x: Any, y: Any, prefix: str) -> None:
-        if isinstance(x, dict) and isinstance(y, dict):
-            for k in sorted(set(x) | set(y)):
-                walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
-        elif x != y and prefix not in RESUME_FREE_KEYS:
-            out.append(f"{prefix}: {x!r} -> {y!r}")
-
-    walk(a.to_dict(), b.to_dict(), "")
-    return out
 
 
 def _term_labels(terms: LogWeightTerms) -> dict[str, Tensor]:
@@ -180,46 +93,6 @@ def describe_fault(loss: Tensor, terms: LogWeightTerms, model: torch.nn.Module, 
     return f"non-finite value at {where} (training images {picked}{'...' if len(ids) > 5 else ''}): {what}"
 
 
-def _rng_state(batcher: Batcher, shuffle: torch.Generator, device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    rng: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "batcher": batcher.generator.get_state(),
-        #: the batcher's generator lives on the training device; its state fits only that kind
-        "batcher_device": batcher.generator.device.type,
-        "shuffle": shuffle.get_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return rng
-
-
-def _set_rng_state(rng: dict[str, Any], batcher: Batcher, shuffle: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(rng["torch"])
-    here = batcher.generator.device.type
-    saved = rng.get("batcher_device")  # absent from checkpoints written before it was recorded
-    refused = f"it was saved on {saved}" if saved not in (None, here) else None
-    if refused is None:
-        try:
-            batcher.generator.set_state(rng["batcher"])
-        except RuntimeError as e:  # an untagged state of the other device's size
-            refused = " ".join(str(e).split())[:90]
-    if refused:  # a run moved between CPU and GPU (README: Reliability)
-        log.warning("the checkpoint's binarization stream cannot continue on %s (%s); it restarts from its "
-                    "seed, so this run is no longer bit-identical to an uninterrupted one", here, refused)
-    shuffle.set_state(rng["shuffle"])
-    if "numpy" in rng:
-        name, keys, *rest = rng["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "python" in rng:
-        version, internal, gauss = rng["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], device)
-
-
 def step_readout(bound: Tensor, loss: Tensor, grads: list[Tensor]) -> tuple[float, float]:
     """The batch's summed bound, and a number that is finite when the loss and every
     gradient are, read back in one host transfer (one sync per step on a GPU).
@@ -235,6 +108,27 @@ def step_readout(bound: Tensor, loss: Tensor, grads: list[Tensor]) -> tuple[floa
     return bound_sum, probe_value
 
 
+def all_finite(loss: Tensor, grads: list[Tensor]) -> bool:
+    """Element by element: the check behind a non-finite probe (rarely, an overflowing norm)."""
+    return bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def take_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective: Callable[..., ObjectiveResult],
+              x: Tensor, beta: float = 1.0) -> tuple[ObjectiveResult, float, bool]:
+    """One training step: objective, backward, one read-back, and the optimizer's step when
+    the loss and every gradient are finite. Returns the result, the batch's summed bound and
+    whether the step was taken (the trainer and the benchmark both step through here)."""
+    res = objective(model, x, beta)
+    optimizer.zero_grad(set_to_none=True)
+    res.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    bound_sum, probe_value = step_readout(res.bound, res.loss, grads)
+    if math.isfinite(probe_value) or all_finite(res.loss, grads):
+        optimizer.step()
+        return res, bound_sum, True
+    return res, bound_sum, False
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, dataset: ImageDataset | None = None) -> None:
         preflight(cfg)
@@ -243,8 +137,6 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device)
-        if self.device.type == "cpu":
-            retain_freed_memory()  # the step's big temporaries reuse pages (allocator.py)
         self.dataset = (
             dataset if dataset is not None else load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
         )
@@ -262,11 +154,7 @@ class Trainer:
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"model: cannot build {cfg.model.name!r} with this config: {e}") from None
         self.model: LatentVariableModel = model.to(self.device)
-        # fused: one kernel for all parameters; 1.4x faster steps at batch 20 (docs/bench.md)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.train.lr, betas=cfg.train.adam_betas, eps=cfg.train.adam_eps,
-            fused=self.device.type in ("cpu", "cuda"),
-        )
+        self.optimizer = make_optimizer(self.model, cfg.train, self.device)
         self.objective = make_objective(cfg.objective)
         if cfg.train.compile:
             self.objective = compile_objective(self.objective, self.device)
@@ -290,7 +178,6 @@ class Trainer:
     # --- persistence -----------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
-            "elbolab": __version__,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
@@ -305,10 +192,10 @@ class Trainer:
                 "bound_sum": self.epoch_bound_sum,
                 "count": self.epoch_count,
             },
-            "rng": _rng_state(self.batcher, self.shuffle, self.device),
+            "rng": rng.capture(self.batcher.generator, self.shuffle, self.device),
         }
 
-    def load_state(self, state: dict[str, Any], source: Path | str = CHECKPOINT) -> None:
+    def load_state(self, state: dict[str, Any], source: Path | str = "checkpoint") -> None:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -329,10 +216,10 @@ class Trainer:
         if self.order is not None and self.order.numel() != len(self.batcher):
             raise RunError(f"{source}: its epoch permutation covers {self.order.numel()} images, "
                            f"the training split has {len(self.batcher)}")
-        _set_rng_state(state["rng"], self.batcher, self.shuffle, self.device)
+        rng.restore(state["rng"], self.batcher.generator, self.shuffle, self.device)
 
     def save_checkpoint(self) -> None:
-        atomic_torch_save(self.state(), self.run_dir / CHECKPOINT)
+        save_checkpoint(self.state(), self.run_dir)
         self._last_checkpoint = time.monotonic()
 
     def prepare_run_dir(self, resume: bool | None = None) -> bool:
@@ -342,62 +229,26 @@ class Trainer:
         None (continue an unfinished run of the same config, else start one). A folder
         holding anything else is refused and left untouched. Returns True when resuming.
         """
-        info_path = self.run_dir / "run.json"
-        if not info_path.exists():
+        if not holds_run(self.run_dir):
             if resume:
                 raise RunError(f"{self.run_dir}: no run to resume here (run.json missing)")
-            if self.run_dir.exists() and (not self.run_dir.is_dir() or any(self.run_dir.iterdir())):
-                raise RunError(f"{self.run_dir}: exists and is not an empty folder or an elbolab run; "
-                               "choose another --out")
-            make_dir(self.run_dir)
-            atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
-            write_json(self.run_dir / "environment.json", environment_info())
+            create_run_dir(self.run_dir, self.cfg)
             self._write_info("running")
             return False
         if resume is False:
             raise RunError(f"{self.run_dir}: already holds a run; resume it or choose another --out")
-        info = read_json(info_path)
-        if str(info.get("elbolab", "?")).split(".")[0] != __version__.split(".")[0]:
-            raise RunError(f"{info_path}: written by elbolab {info.get('elbolab')}, this is {__version__}; "
-                           "it cannot be resumed")
-        try:
-            saved = load_config(self.run_dir / "config.yaml")
-        except ConfigError as e:
-            raise RunError(str(e)) from None
-        diff = config_differences(saved, self.cfg)
-        if diff:
-            raise RunError(f"{self.run_dir}: holds a run of another config ({'; '.join(diff[:3])}"
-                           f"{'; ...' if len(diff) > 3 else ''}); nothing was changed. "
-                           f"Continue it with --resume {self.run_dir}, or choose another --out")
-        if info.get("status") == "finished":
-            raise RunError(f"{self.run_dir}: already holds a finished run of this config; choose another --out")
-        for p in remove_stale_temp_files(self.run_dir):
-            log.info("removed %s, left by a write that was killed half-way", p)
-        ckpt = self.run_dir / CHECKPOINT
-        if ckpt.exists():
-            self.load_state(load_checkpoint(ckpt), ckpt)
+        state = open_unfinished_run(self.run_dir, self.cfg)
+        if state is not None:
+            self.load_state(state, self.run_dir / "checkpoint.pt")
         # else: killed before the first checkpoint; the freshly seeded state is where it began
-        kept = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r.get("epoch", 0) <= self.epoch]
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        keep_metrics_upto(self.run_dir, self.epoch)
         log.warning("continuing the unfinished run in %s at epoch %d, batch %d (step %d)",
                     self.run_dir, self.epoch + 1, self.next_batch, self.step)
         self._write_info("running")
         return True
 
     def _write_info(self, status: str, error: str | None = None) -> None:
-        info = {
-            "elbolab": __version__,
-            "status": status,
-            "dataset": self.dataset.name,
-            "data_dim": self.dataset.data_dim,
-            "image_shape": list(self.dataset.image_shape),
-            "epochs_done": self.epoch,
-            "step": self.step,
-            "config": self.cfg.to_dict(),
-        }
-        if error:
-            info["error"] = error
-        write_json(self.run_dir / "run.json", info)
+        write_info(self.run_dir, status, self.cfg, self.dataset, self.epoch, self.step, error)
 
     # --- one step --------------------------------------------------------------
     def _step(self, x: Tensor, beta: float, where: str, image_ids: Tensor) -> float | None:
@@ -406,14 +257,9 @@ class Trainer:
         Loss and gradients are checked on the device and read back together with the
         bound in a single transfer, so the check costs no extra host sync.
         """
-        res = self.objective(self.model, x, beta)
-        self.optimizer.zero_grad(set_to_none=True)
-        res.loss.backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        bound_sum, probe_value = step_readout(res.bound, res.loss, grads)
+        res, bound_sum, taken = take_step(self.model, self.optimizer, self.objective, x, beta)
         self.step += 1
-        if math.isfinite(probe_value) or self._all_finite(res.loss, grads):
-            self.optimizer.step()
+        if taken:
             return bound_sum
         msg = describe_fault(res.loss, res.terms, self.model, f"step {self.step} ({where})", image_ids)
         self.optimizer.zero_grad(set_to_none=True)
@@ -425,10 +271,6 @@ class Trainer:
         policy = ("train.nonfinite=stop" if t.nonfinite == "stop"
                   else f"{t.max_nonfinite_skips} skipped steps already (train.max_nonfinite_skips)")
         raise NonFiniteError(f"{msg}; stopped ({policy}); the last good checkpoint is kept")
-
-    @staticmethod
-    def _all_finite(loss: Tensor, grads: list[Tensor]) -> bool:
-        return bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
 
     # --- the loop --------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
@@ -506,7 +348,7 @@ class Trainer:
         """Train to the end; ``resume`` as in :meth:`prepare_run_dir` (None: automatic)."""
         self.prepare_run_dir(resume)
         cfg = self.cfg
-        metrics_path = self.run_dir / "metrics.jsonl"
+        metrics_path = self.run_dir / METRICS
         writer = self._tensorboard()
         self._last_checkpoint = time.monotonic()
         try:
@@ -581,5 +423,10 @@ class Trainer:
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool | None = None,
           dataset: ImageDataset | None = None) -> Path:
-    """Train ``cfg`` into ``run_dir``; an unfinished run of the same config there is continued."""
+    """Train ``cfg`` into ``run_dir``; an unfinished run of the same config there is continued.
+
+    An entry point, like the CLI: it also lets the process keep freed memory for the step's
+    big temporaries (fastpaths.retain_freed_memory).
+    """
+    retain_freed_memory()
     return Trainer(cfg, run_dir, dataset).fit(resume=resume)

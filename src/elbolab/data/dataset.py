@@ -113,7 +113,7 @@ class Batcher:
     def batch(self, index: Tensor) -> Tensor:
         x = self.data[index]
         if self.binarization == "dynamic":
-            # Bernoulli(g / 255) as U < g / 255: same law as torch.bernoulli, 2.5x faster on CPU
+            # Bernoulli(g / 255) as U < g / 255: the same law as torch.bernoulli, and faster on a CPU
             u = torch.rand(x.shape, generator=self.generator, device=x.device)
             return (u < x.float() / 255.0).float()
         return x

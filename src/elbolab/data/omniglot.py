@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .dataset import DataError
+from .formats import mat_variable
 
 RAW_SIDE, SIDE = 105, 28
 N_SLOTS, TRAIN_SLOTS = 20, 15
@@ -97,8 +98,6 @@ def chardata_images(mat: dict[str, np.ndarray], path, name: str) -> np.ndarray:
 
     Grey levels are stored as ``round(255 x)`` (the uint8 convention of every dataset here).
     """
-    from .formats import mat_variable
-
     v = mat_variable(mat, path, name, (SIDE * SIDE, None), "fu")
     x = np.asarray(v, dtype=np.float64)
     if x.size and (x.min() < 0 or x.max() > (255 if v.dtype.kind == "u" else 1)):

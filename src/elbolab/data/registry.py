@@ -7,8 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..config import BINARIZATION_SUFFIXES, split_binarization_suffix
+from ..errors import did_you_mean
+from ..registry import Registry
 from .dataset import DataError, ImageDataset
-from .names import ALIASES, BINARIZATION_SUFFIXES, canonical_name, split_binarization_suffix
 
 ENV_VAR = "ELBOLAB_DATA"
 
@@ -43,29 +45,26 @@ class DatasetSpec:
     binary: bool = True
 
 
-DATASETS: dict[str, DatasetSpec] = {}
+#: ``data.name`` -> its spec. ``omniglot`` is short for our own 28x28 build,
+#: ``omniglot-28-elbolab`` (the canonical name appears in reports, so no one mistakes it
+#: for Burda et al.'s file).
+DATASETS: Registry[DatasetSpec] = Registry("dataset", aliases={
+    "omniglot": "omniglot-28-elbolab", "frey": "freyfaces", "caltech": "caltech101-silhouettes",
+})
 
 
 def register(spec: DatasetSpec) -> DatasetSpec:
-    DATASETS[spec.name] = spec
-    return spec
+    return DATASETS.register(spec.name, spec)
 
 
 def resolve_name(name: str) -> tuple[DatasetSpec, str | None]:
     """A registered spec and the binarization a name suffix selects (``mnist-dynamic``)."""
-    import difflib
-
-    base, binarization = (name, None) if name in DATASETS else split_binarization_suffix(name)
-    base = canonical_name(base)
-    if base not in DATASETS:
-        known = sorted(DATASETS) + sorted(ALIASES)
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    base, binarization = (name, None) if DATASETS.knows(name) else split_binarization_suffix(name)
+    if not DATASETS.knows(base):
+        known = [*DATASETS, *DATASETS.aliases]
         suffixes = "/".join(BINARIZATION_SUFFIXES)
-        raise DataError(
-            f"unknown dataset {name!r}{hint}; known: {', '.join(known)} (each optionally + {suffixes})"
-        )
-    return DATASETS[base], binarization
+        raise DataError(f"unknown dataset {name!r}{did_you_mean(name, known)} (each name optionally + {suffixes})")
+    return DATASETS[DATASETS.canonical(base)], binarization
 
 
 def load(name: str, data_dir: str | Path | None = None, validation: int = 0) -> ImageDataset:

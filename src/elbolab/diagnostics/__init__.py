@@ -1,9 +1,9 @@
 """Diagnostics: how loose is the bound, which latents are alive, what the prior costs,
 and what distribution importance weighting really fits."""
 
+from ..evaluation import LikelihoodResult, evaluate_bounds, log_likelihood
 from .active_units import ActiveUnits, active_units
 from .bound_vs_k import DEFAULT_KS, BoundVsK, bound_vs_k
-from .likelihood import LikelihoodResult, evaluate_bounds, log_likelihood
 from .q_ew import QEWEstimate, QEWGrid, elbo_q_ew_nested, q_ew_on_grid, sample_q_ew
 from .surgery import Surgery, SurgeryError, elbo_surgery
 

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..models.base import HasLogWeights
-from .likelihood import (
+from ..evaluation import (
     LikelihoodResult,
-    _batches,
-    _check_inputs,
+    batches,
+    check_inputs,
     eval_mode,
     log_weight_chunks,
     model_device,
     seeded,
 )
+from ..models.base import HasLogWeights
 
 #: the IWAE paper's k grid, extended to the usual 5000-sample log-likelihood
 DEFAULT_KS: tuple[int, ...] = (1, 2, 5, 10, 50, 100, 500, 1000, 5000)
@@ -122,13 +122,13 @@ def bound_vs_k(
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     k_max = ks[-1]
-    _check_inputs(data, k_max, batch_size, chunk_size)
+    check_inputs(data, k_max, batch_size, chunk_size)
     device = model_device(model)
     n = data.shape[0]
     per_point = torch.empty(n, len(ks), dtype=torch.float64)
     mc_var = torch.empty(n, len(ks), dtype=torch.float64)
     with seeded(seed, device), eval_mode(model):
-        for sl in _batches(n, batch_size):
+        for sl in batches(n, batch_size):
             x = data[sl].to(device)
             log_w = torch.cat(list(log_weight_chunks(model, x, k_max, chunk_size)))  # [k_max, B]
             for i, k in enumerate(ks):

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from ..config import ObjectiveConfig
+from ..evaluation import model_device, seeded
 from ..models.base import LatentVariableModel
 from ..objectives import make_objective
-from .likelihood import model_device, seeded
 
 GROUPS = ("encoder", "decoder")
 
@@ -181,26 +181,3 @@ def plot_snr_vs_k(results: Sequence[GradientSNR], path: str | Path, title: str |
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-# --- command line -------------------------------------------------------------------
-
-
-def cmd_snr(args) -> int:
-    import json
-
-    from ..data import evaluation_images, load
-    from ..runs import load_run
-    from ..training import resolve_device
-
-    device = resolve_device(getattr(args, "device", None) or "cpu", "--device")
-    run = load_run(args.run, device=str(device), weights=args.weights)
-    cfg = run.config
-    dataset = load(cfg.data.name, args.data_dir or cfg.data.data_dir)
-    x = evaluation_images(dataset, args.split, cfg.data.binarization, cfg.data.binarization_seed)[: args.batch]
-    results = snr_sweep(run.model, x, args.k, args.estimators, n_draws=args.draws, seed=args.seed)
-    for r in results:
-        print(json.dumps(r.to_dict()))
-    if args.plot:
-        print(f"figure: {plot_snr_vs_k(results, args.plot, title=f'{args.run}: batch {x.shape[0]}')}")
-    return 0

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .likelihood import _batches, eval_mode, model_device, seeded
+from ..evaluation import batches, eval_mode, model_device, seeded
 
 
 def resample(log_w: Tensor, z: Tensor) -> Tensor:
@@ -57,7 +57,7 @@ def sample_q_ew(model, x: Tensor, k: int, n: int, seed: int | None = 0, max_samp
     per_call = max(1, max_samples // (k * x.shape[0]))
     out: dict[str, list[Tensor]] = {}
     with seeded(seed, device), eval_mode(model):
-        for sl in _batches(n, per_call):
+        for sl in batches(n, per_call):
             c = sl.stop - sl.start
             terms = model.log_weight_terms(x, c * k)
             log_w = terms.log_weights().reshape(c, k, -1)
@@ -95,7 +95,7 @@ def log_ratio_by_integration(log_w_hat: Tensor, log_pi: Tensor, k: int, du: floa
     def log_phi(u: Tensor) -> Tensor:  # [J] -> [J]: log E_q exp(-e^u w / K)
         out = torch.empty_like(u)
         rows = max(1, chunk // lw_phi.numel())
-        for sl in _batches(u.numel(), rows):
+        for sl in batches(u.numel(), rows):
             out[sl] = torch.logsumexp(log_pi_phi - torch.exp(u[sl, None] + lw_phi - log_k), dim=-1)
         return out
 
@@ -103,7 +103,7 @@ def log_ratio_by_integration(log_w_hat: Tensor, log_pi: Tensor, k: int, du: floa
     # scanned in blocks from u_lo, stopping at the first block where it has decayed
     coarse = torch.arange(u_lo, log_k - float(lw_phi.min()) + 5.0, 0.5, dtype=torch.float64)
     u_hi = float(coarse[-1])
-    for sl in _batches(coarse.numel(), 32):
+    for sl in batches(coarse.numel(), 32):
         decayed = ((k - 1) * log_phi(coarse[sl]) < -60.0).nonzero()
         if decayed.numel():
             u_hi = float(coarse[sl][decayed[0, 0]])
@@ -114,7 +114,7 @@ def log_ratio_by_integration(log_w_hat: Tensor, log_pi: Tensor, k: int, du: floa
     base = (k - 1) * log_phi(u) + u  # [J]
     out = torch.empty_like(lw)
     rows = max(1, chunk // nodes)
-    for sl in _batches(lw.numel(), rows):
+    for sl in batches(lw.numel(), rows):
         integrand = base[:, None] - torch.exp(u[:, None] + lw[None, sl] - log_k)  # [J, g]
         body = torch.logsumexp(integrand, dim=0) + math.log(du)
         out[sl] = lw[sl] + torch.logaddexp(body, torch.full_like(body, u_lo))
@@ -241,7 +241,7 @@ def elbo_q_ew_nested(model, x: Tensor, k: int, draws: int = 100, inner: int = 50
     per_call = max(1, max_samples // (max(k, 1) * (inner + 1) * b))
     vals, bias = [], []
     with seeded(seed, device), eval_mode(model):
-        for sl in _batches(draws, per_call):
+        for sl in batches(draws, per_call):
             c = sl.stop - sl.start
             lw = model.log_weights(x, c * k).double().reshape(c, k, b)
             pick = torch.distributions.Categorical(logits=lw.movedim(1, -1)).sample()  # [c, B]

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..evaluation import seeded
 from ..files import atomic_write_text
 from ..priors import GaussianMixturePrior
+from ..runs import write_json
 from . import plots
 from .active_units import active_units
 from .bound_vs_k import bound_vs_k
-from .likelihood import seeded
 from .prior_figures import plot_components
 from .q_ew import q_ew_on_grid
 from .surgery import SurgeryError, elbo_surgery
@@ -100,8 +101,6 @@ def diagnose(
         report["q_ew"] = q_ew
     else:
         report["q_ew"] = {"skipped": "q_EW panels and the latent-space plot are drawn for 2-D latents"}
-
-    from ..runs import write_json
 
     write_json(out_dir / REPORT_JSON, report)
     atomic_write_text(out_dir / REPORT_MD, format_markdown(report, bvk.table(), surgery.table() if surgery else None))

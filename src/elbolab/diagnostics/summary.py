@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ..evaluation import evaluate_bounds, log_likelihood
 from .active_units import active_units
-from .likelihood import evaluate_bounds, log_likelihood
 
 
 def summarize(

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from ..distributions import DiagonalGaussian, log_normal_diag, log_normal_diag_mixture
+from ..evaluation import batches, eval_mode, model_device, seeded
 from ..priors import Prior, StandardNormal
-from .likelihood import _batches, eval_mode, model_device, seeded
 
 #: prior class -> closed-form KL(q || prior) per point, ``[B]``; looked up along the MRO
 ANALYTIC_KL: dict[type, Callable[[Prior, DiagonalGaussian], Tensor]] = {
@@ -160,7 +160,7 @@ def elbo_surgery(model, data: Tensor, samples: int = 1, batch_size: int = 100, s
     means, log_vars, zs, log_prior, recon, kl = [], [], [], [], [], []
     analytic = True
     with seeded(seed, device), eval_mode(model):
-        for sl in _batches(n, batch_size):
+        for sl in batches(n, batch_size):
             x = data[sl].to(device)
             q = model.posterior(x)
             terms = model.log_weight_terms(x, samples)

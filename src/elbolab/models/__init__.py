@@ -7,8 +7,8 @@ from collections.abc import Callable
 from torch import Tensor
 
 from ..config import ModelConfig
-from ..likelihoods import make_likelihood
 from ..priors import make_prior
+from ..registry import Registry
 from .base import HasLogWeights, LatentVariableModel, LogWeightTerms
 from .hierarchical import HierarchicalVAE
 from .one_layer import OneLayerVAE
@@ -32,7 +32,7 @@ def _one_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> La
         latent_dim=cfg.latent_dim,
         hidden=cfg.hidden,
         activation=cfg.activation,
-        likelihood=make_likelihood(cfg.likelihood, data_dim),
+        likelihood=cfg.likelihood,
         prior=make_prior(cfg.prior, cfg.latent_dim, data_dim, train_data),
     )
 
@@ -45,7 +45,7 @@ def _two_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> La
         hidden1=sizes.hidden1,
         hidden2=sizes.hidden2,
         activation=cfg.activation,
-        likelihood=make_likelihood(cfg.likelihood, data_dim),
+        likelihood=cfg.likelihood,
         prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
     )
 
@@ -57,25 +57,23 @@ def _hierarchical(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) ->
         latent_dims=sizes.latent_dims,
         width=sizes.width,
         log_var_range=sizes.log_var_range,
-        likelihood=make_likelihood(cfg.likelihood, data_dim),
+        likelihood=cfg.likelihood,
         prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
     )
 
 
-#: name -> builder(model config, data dimension, float training data [N, D] or None)
-MODELS: dict[str, Callable[[ModelConfig, int, Tensor | None], LatentVariableModel]] = {
+#: ``model.name`` -> builder(model config, data dimension, float training data [N, D] or None)
+MODELS: Registry[Callable[[ModelConfig, int, Tensor | None], LatentVariableModel]] = Registry("model", {
     "one-layer": _one_layer,
     "two-layer": _two_layer,
     "hierarchical": _hierarchical,
-}
+})
 
 
 def build_model(cfg: ModelConfig, data_dim: int, train_data: Tensor | None = None) -> LatentVariableModel:
     """Build the model a config names; ``train_data`` (float, [N, D]) sets the output bias
     to the data's mean image and provides images for data-initialized priors."""
-    if cfg.name not in MODELS:
-        raise ValueError(f"model.name: unknown model {cfg.name!r}; choose one of {sorted(MODELS)}")
-    model = MODELS[cfg.name](cfg, data_dim, train_data)
-    if train_data is not None and hasattr(model, "init_output_bias"):
-        model.init_output_bias(train_data.float().mean(0))
+    model = MODELS.get_checked(cfg.name, "model.name")(cfg, data_dim, train_data)
+    if train_data is not None:
+        model.likelihood.init_output_bias(train_data.float().mean(0))
     return model

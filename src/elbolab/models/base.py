@@ -47,13 +47,6 @@ class LogWeightTerms:
             return self.log_likelihood + sum(self.log_prior.values()) - sum(self.log_posterior.values())
         return self.log_likelihood - kl_weight * self.kl()
 
-    def named(self) -> dict[str, Tensor]:
-        """Every term by a readable name, for fault reports."""
-        out = {"log p(x|z)": self.log_likelihood}
-        out.update({f"log p({n})": v for n, v in self.log_prior.items()})
-        out.update({f"log q({n})": v for n, v in self.log_posterior.items()})
-        return out
-
 
 class LatentVariableModel(nn.Module, ABC):
     """Base class of elbolab's models.
@@ -76,6 +69,14 @@ class LatentVariableModel(nn.Module, ABC):
     #: them otherwise sets this class attribute. Estimators that treat the two sides
     #: differently (DReG, PIWAE) and the gradient SNR diagnostic read this split.
     encoder_prefixes: tuple[str, ...] = ("encoder", "q_")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    def legacy_keys(self) -> dict[str, str]:
+        """Old state-dict key prefix -> new one, so weights saved by earlier versions still load."""
+        return {}
 
     @abstractmethod
     def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
@@ -143,3 +144,10 @@ class LatentVariableModel(nn.Module, ABC):
     def reconstruct(self, x: Tensor) -> Tensor:
         """Mean image decoded from the posterior mean (one forward pass, no sampling)."""
         return self.decode_mean(self.posterior(x).mean)
+
+
+def _rename_legacy_keys(module: LatentVariableModel, state_dict: dict, prefix: str, *args: object) -> None:
+    """A load_state_dict pre-hook: rename keys saved under an older layout, in place."""
+    for old, new in module.legacy_keys().items():
+        for key in [k for k in state_dict if k.startswith(prefix + old)]:
+            state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)

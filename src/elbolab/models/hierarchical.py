@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributions import DiagonalGaussian
-from ..likelihoods import Likelihood
+from ..likelihoods import make_likelihood
 from ..priors import Prior
 from .base import LatentVariableModel, LogWeightTerms
 from .layers import GatedDense, GaussianHead, draw, he_init_, with_detached_params
@@ -73,7 +73,7 @@ class HierarchicalVAE(LatentVariableModel):
         latent_dims: Sequence[int],
         width: int,
         log_var_range: tuple[float, float],
-        likelihood: Likelihood,
+        likelihood: str,
         prior: Prior,
     ) -> None:
         super().__init__()
@@ -84,18 +84,17 @@ class HierarchicalVAE(LatentVariableModel):
         self.q_z1 = ConditionalGaussian(data_dim, d2, width, d1, log_var_range)
         self.p_z1 = GatedGaussian(d2, width, 2, d1, log_var_range)
         self.p_x_features = TwoInputGated(d1, d2, width)
-        self.p_x_out = nn.Linear(width, data_dim * likelihood.params_per_pixel)
+        self.likelihood = make_likelihood(likelihood, data_dim, width)
         he_init_(self)
-        self.likelihood = likelihood
         self.prior = prior
         prior.attach(self)
 
-    def init_output_bias(self, pixel_mean: Tensor) -> None:
-        self.likelihood.init_output_bias(self.p_x_out.bias, pixel_mean)
+    def legacy_keys(self) -> dict[str, str]:
+        return {"p_x_out.": "likelihood.head."}
 
     def decode(self, z1: Tensor, z2: Tensor) -> Tensor:
         """Likelihood parameters of p(x | z1, z2), ``[..., P * data_dim]``."""
-        return self.p_x_out(self.p_x_features(z1, z2))
+        return self.likelihood.head(self.p_x_features(z1, z2))
 
     # --- the protocol -------------------------------------------------------------
     def posterior(self, x: Tensor) -> DiagonalGaussian:
@@ -114,7 +113,7 @@ class HierarchicalVAE(LatentVariableModel):
         log_q1 = DiagonalGaussian(m1, lv1).log_prob(z1)
         log_p2 = self.prior.log_prob(z2)
         log_p1 = DiagonalGaussian(*self.p_z1(z2)).log_prob(z1)
-        log_px = self.likelihood.log_prob_linear(x, self.p_x_features(z1, z2), self.p_x_out)
+        log_px = self.likelihood.log_prob_from_features(x, self.p_x_features(z1, z2))
         return LogWeightTerms(log_px, {"z1": log_p1, "z2": log_p2}, {"z1": log_q1, "z2": log_q2}, {"z1": z1, "z2": z2})
 
     def posterior_means(self, x: Tensor) -> list[Tensor]:

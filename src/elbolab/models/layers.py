@@ -9,46 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: below this many elements torch.tanh's one pass beats the four of the sigmoid form
-TANH_SIGMOID_MIN_NUMEL = 1 << 15
+from ..fastpaths import Tanh
+from ..registry import Registry
 
-
-def _tanh_from_sigmoid(a: Tensor) -> Tensor:
-    y = torch.sigmoid(a * 2.0)
-    return y.mul_(2.0).sub_(1.0)
-
-
-class Tanh(nn.Tanh):
-    """tanh, as ``2 sigmoid(2a) - 1`` when no gradient is needed: 4.6x faster there.
-
-    torch's CPU tanh costs 3 ns a float against 0.4 for its sigmoid, and the decoder's
-    two tanh layers were 18% of an importance-sampling pass (docs/bench.md). The
-    identity is exact; in float32 the result is within 2e-7 of tanh (absolute, about
-    one rounding of a value in [-1, 1]; torch's own is within 3e-8), which the next
-    layer's matrix product cannot tell from its own rounding. With gradients (training)
-    and on small inputs it is torch.tanh: there the rewrite measured no faster.
-    """
-
-    def forward(self, a: Tensor) -> Tensor:
-        if (torch.is_grad_enabled() and a.requires_grad) or a.numel() < TANH_SIGMOID_MIN_NUMEL:
-            return torch.tanh(a)
-        return _tanh_from_sigmoid(a)
-
-
-ACTIVATIONS: dict[str, type[nn.Module]] = {
+#: ``model.activation`` -> its module class (tanh: torch's, faster without gradients)
+ACTIVATIONS: Registry[type[nn.Module]] = Registry("activation", {
     "tanh": Tanh,
     "relu": nn.ReLU,
     "softplus": nn.Softplus,
     "elu": nn.ELU,
-}
+})
 
 
 def activation(name: str) -> nn.Module:
-    try:
-        return ACTIVATIONS[name]()
-    except KeyError:
-        known = sorted(ACTIVATIONS)
-        raise ValueError(f"model.activation: unknown activation {name!r}; choose one of {known}") from None
+    return ACTIVATIONS.get_checked(name, "model.activation")()
 
 
 def mlp(in_dim: int, hidden: Sequence[int], act: str) -> tuple[nn.Sequential, int]:

@@ -1,7 +1,7 @@
 """One stochastic layer: the IWAE paper's 784-200-200-50 model (and any MLP sizes).
 
 q(z|x) = N(mu(x), diag sigma^2(x)); p(z) = any prior; p(x|z) from the decoder through a
-likelihood (Bernoulli on logits by default).
+likelihood (Bernoulli on logits by default), which owns the decoder's output layer.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..distributions import DiagonalGaussian
-from ..likelihoods import Likelihood
+from ..likelihoods import make_likelihood
 from ..priors import Prior
 from .base import LatentVariableModel, LogWeightTerms
 from .layers import GaussianHead, mlp
@@ -28,7 +28,7 @@ class OneLayerVAE(LatentVariableModel):
         latent_dim: int,
         hidden: Sequence[int],
         activation: str,
-        likelihood: Likelihood,
+        likelihood: str,
         prior: Prior,
     ) -> None:
         super().__init__()
@@ -37,17 +37,14 @@ class OneLayerVAE(LatentVariableModel):
         body, width = mlp(data_dim, hidden, activation)
         self.encoder = body
         self.encoder_head = GaussianHead(width, latent_dim)
-        dec_body, dec_width = mlp(latent_dim, list(reversed(hidden)), activation)
-        self.decoder = torch.nn.Sequential(
-            *dec_body, torch.nn.Linear(dec_width, data_dim * likelihood.params_per_pixel)
-        )
-        self.likelihood = likelihood
+        self.decoder, dec_width = mlp(latent_dim, list(reversed(hidden)), activation)
+        self.likelihood = make_likelihood(likelihood, data_dim, dec_width)
         self.prior = prior
         prior.attach(self)
 
-    def init_output_bias(self, pixel_mean: Tensor) -> None:
-        """Set the decoder's last bias so that it starts at the training set's mean image."""
-        self.likelihood.init_output_bias(self.decoder[-1].bias, pixel_mean)
+    def legacy_keys(self) -> dict[str, str]:
+        # the output layer was the decoder's last module
+        return {f"decoder.{len(self.decoder)}.": "likelihood.head."}
 
     def posterior(self, x: Tensor) -> DiagonalGaussian:
         mean, log_var = self.encoder_head(self.encoder(x))
@@ -55,18 +52,18 @@ class OneLayerVAE(LatentVariableModel):
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x, z) at given z ``[..., B, D]`` (e.g. a grid, for q_EW densities): ``[..., B]``."""
-        return self.prior.log_prob(z) + self.likelihood.log_prob_linear(x, self.decoder[:-1](z), self.decoder[-1])
+        return self.prior.log_prob(z) + self.likelihood.log_prob_from_features(x, self.decoder(z))
 
     def decode(self, z: Tensor) -> Tensor:
         """Likelihood parameters for z of shape ``[..., D]``: ``[..., P * data_dim]``."""
-        return self.decoder(z)
+        return self.likelihood.head(self.decoder(z))
 
     def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
         q = self.posterior(x)
         z = q.rsample(k)  # [K, B, D]
         log_q = (q.detach() if stop_posterior_grad else q).log_prob(z)
         log_pz = self.prior.log_prob(z)
-        log_px = self.likelihood.log_prob_linear(x, self.decoder[:-1](z), self.decoder[-1])
+        log_px = self.likelihood.log_prob_from_features(x, self.decoder(z))
         return LogWeightTerms(log_px, {"z": log_pz}, {"z": log_q}, {"z": z})
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:

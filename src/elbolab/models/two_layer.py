@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributions import DiagonalGaussian
-from ..likelihoods import Likelihood
+from ..likelihoods import make_likelihood
 from ..priors import Prior
 from .base import LatentVariableModel, LogWeightTerms
 from .layers import GaussianHead, draw, mlp, with_detached_params
@@ -46,7 +46,7 @@ class TwoLayerVAE(LatentVariableModel):
         hidden1: Sequence[int],
         hidden2: Sequence[int],
         activation: str,
-        likelihood: Likelihood,
+        likelihood: str,
         prior: Prior,
     ) -> None:
         super().__init__()
@@ -56,14 +56,14 @@ class TwoLayerVAE(LatentVariableModel):
         self.q_z1 = GaussianMLP(data_dim, hidden1, d1, activation)
         self.q_z2 = GaussianMLP(d1, hidden2, d2, activation)
         self.p_z1 = GaussianMLP(d2, list(reversed(hidden2)), d1, activation)
-        body, width = mlp(d1, list(reversed(hidden1)), activation)
-        self.p_x = nn.Sequential(*body, nn.Linear(width, data_dim * likelihood.params_per_pixel))
-        self.likelihood = likelihood
+        self.p_x, width = mlp(d1, list(reversed(hidden1)), activation)
+        self.likelihood = make_likelihood(likelihood, data_dim, width)
         self.prior = prior
         prior.attach(self)
 
-    def init_output_bias(self, pixel_mean: Tensor) -> None:
-        self.likelihood.init_output_bias(self.p_x[-1].bias, pixel_mean)
+    def legacy_keys(self) -> dict[str, str]:
+        # the output layer was p_x's last module
+        return {f"p_x.{len(self.p_x)}.": "likelihood.head."}
 
     # --- the protocol -------------------------------------------------------------
     def posterior(self, x: Tensor) -> DiagonalGaussian:
@@ -87,7 +87,7 @@ class TwoLayerVAE(LatentVariableModel):
         log_q2 = DiagonalGaussian(m2, lv2).log_prob(z2)
         log_p2 = self.prior.log_prob(z2)
         log_p1 = DiagonalGaussian(*self.p_z1(z2)).log_prob(z1)
-        log_px = self.likelihood.log_prob_linear(x, self.p_x[:-1](z1), self.p_x[-1])
+        log_px = self.likelihood.log_prob_from_features(x, self.p_x(z1))
         return LogWeightTerms(log_px, {"z1": log_p1, "z2": log_p2}, {"z1": log_q1, "z2": log_q2}, {"z1": z1, "z2": z2})
 
     def posterior_means(self, x: Tensor) -> list[Tensor]:
@@ -104,4 +104,4 @@ class TwoLayerVAE(LatentVariableModel):
         return self.latents_given_top(self.prior.sample(n, generator), generator)
 
     def decode_mean(self, z: Tensor) -> Tensor:
-        return self.likelihood.mean(self.p_x(z))
+        return self.likelihood.mean(self.likelihood.head(self.p_x(z)))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..preflight import preflight
 from .executors import EXECUTORS, make_executor
 from .output import Entry, make_entry, write_outputs
 from .rows import RESULT_FILE, RowTask, run_row
@@ -62,8 +63,6 @@ def reproduce(
     spec = get_table(table)
     plans = plan_rows(spec, budget, only, data_dir, overrides)
     if train and executor == "local":
-        from ..training import preflight
-
         for p in plans:  # a device this machine lacks fails here once, not in every row (Ray nodes may have it)
             preflight(p.config)
     out = table_dir(results, spec.name, budget)

@@ -15,6 +15,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 from ..config import ConfigError
+from ..registry import Registry
 from .rows import RowTask, run_row
 
 Outcome = tuple[RowTask, dict[str, Any] | None, BaseException | None]
@@ -93,11 +94,9 @@ class RayExecutor(Executor):
                 ray.shutdown()
 
 
-#: --executor name -> class
-EXECUTORS: dict[str, type[Executor]] = {"local": LocalExecutor, "ray": RayExecutor}
+#: ``--executor`` -> class
+EXECUTORS: Registry[type[Executor]] = Registry("executor", {"local": LocalExecutor, "ray": RayExecutor})
 
 
 def make_executor(name: str, workers: int) -> Executor:
-    if name not in EXECUTORS:
-        raise ConfigError(f"--executor: unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
-    return EXECUTORS[name](workers)
+    return EXECUTORS.get_checked(name, "--executor")(workers)

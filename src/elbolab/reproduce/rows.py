@@ -14,9 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import RunConfig
-from ..data import evaluation_images
-from ..runs import environment_info, read_json, read_metrics, write_json
+from ..data import evaluation_images, load
+from ..devices import resolve_device
+from ..diagnostics import active_units
+from ..diagnostics.surgery import elbo_surgery
+from ..evaluation import log_likelihood
+from ..fastpaths import retain_freed_memory
+from ..runs import environment_info, load_run, read_json, read_metrics, write_json
+from ..training import Trainer
 
 RESULT_FILE = "result.json"
 
@@ -38,8 +46,6 @@ class RowTask:
 
 def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
     """IS log-likelihood (K = eval.k_importance) and active units on the test set."""
-    from ..diagnostics import active_units, log_likelihood
-
     x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed).to(device)
     e = cfg.eval
     ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_for(device),
@@ -54,8 +60,6 @@ def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any
 
 def evaluate_surgery(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
     """ELBO surgery over the whole training split (N = 60,000 for MNIST: log N = 11.0021)."""
-    from ..diagnostics.surgery import elbo_surgery
-
     x = evaluation_images(dataset, "train", cfg.data.binarization, cfg.data.binarization_seed).to(device)
     s = elbo_surgery(model, x, seed=cfg.eval.seed)
     out = s.to_dict()
@@ -85,9 +89,6 @@ def _weights(cfg: RunConfig) -> str:
 
 def _train(cfg: RunConfig, run_dir: Path, dataset):
     """Train, resuming an interrupted run; returns the model to evaluate, in eval mode."""
-    from ..runs import load_run
-    from ..training import Trainer
-
     info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else None
     finished = info is not None and info.get("status") == "finished" and (run_dir / "model.safetensors").exists()
     if not finished:
@@ -95,20 +96,13 @@ def _train(cfg: RunConfig, run_dir: Path, dataset):
         if info is not None and not resume:  # killed before its first checkpoint: start again
             shutil.rmtree(run_dir)
         Trainer(cfg, run_dir, dataset).fit(resume=resume)
-    device = cfg.train.device
-    if device == "auto":
-        from ..training import resolve_device
-
-        device = str(resolve_device(device))
+    device = str(resolve_device(cfg.train.device))
     return load_run(run_dir, device=device, weights=_weights(cfg)).model
 
 
 def run_row(task: RowTask) -> dict[str, Any]:
     """Train and evaluate one row (or return its cached result)."""
-    import torch
-
-    from ..data import load
-
+    retain_freed_memory()  # a worker process's entry point, like the CLI's
     row_dir = Path(task.row_dir)
     result_path = row_dir / RESULT_FILE
     if result_path.exists():
@@ -133,7 +127,7 @@ def run_row(task: RowTask) -> dict[str, Any]:
         "epochs": len(metrics_rows),
         "epochs_planned": cfg.train.epochs,
         "weights": _weights(cfg),
-        # summed over every epoch actually run, so a resumed row counts its earlier sessions
+        # summed over every epoch actually run, so a resumed row counts its earlier runs too
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in metrics_rows), 1),
         "eval_seconds": round(time.perf_counter() - t1, 1),
         "session_seconds": round(time.perf_counter() - t0, 1),

@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, RunConfig, _did_you_mean, parse_overrides, preset
+from ..config import ConfigError, RunConfig, parse_overrides, preset
+from ..data import resolve_data_dir
+from ..errors import did_you_mean
 from ..schedules import iwae_epochs
 
 PAPERS_FILE = Path(__file__).with_name("papers.yaml")
@@ -91,7 +93,7 @@ class TableSpec:
         for r in self.rows:
             if r.id == row_id:
                 return r
-        hint = _did_you_mean(row_id, [r.id for r in self.rows])
+        hint = did_you_mean(row_id, [r.id for r in self.rows])
         raise ConfigError(f"--only {row_id}: no such row in {self.name}{hint}")
 
 
@@ -198,7 +200,7 @@ def load_tables(path: Path = PAPERS_FILE) -> dict[str, TableSpec]:
 def get_table(name: str) -> TableSpec:
     tables = load_tables()
     if name not in tables:
-        raise ConfigError(f"table: unknown table {name!r}{_did_you_mean(name, sorted(tables))}")
+        raise ConfigError(f"table: unknown table {name!r}{did_you_mean(name, sorted(tables))}")
     return tables[name]
 
 
@@ -218,8 +220,6 @@ CHARDATA_RELPATH = "omniglot/chardata.mat"
 def resolve_omniglot(data_dir: str | None) -> tuple[str, str]:
     """(dataset name, label): Burda et al.'s chardata.mat when present in the data
     directory, else elbolab's own 28x28 build, labelled so no one mistakes it for theirs."""
-    from ..data import resolve_data_dir
-
     if (resolve_data_dir(data_dir) / CHARDATA_RELPATH).is_file():
         return "omniglot-chardata", "omniglot-chardata (Burda et al.'s chardata.mat)"
     return "omniglot-28-elbolab", "omniglot-28-elbolab (not the Burda split)"

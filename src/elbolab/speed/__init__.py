@@ -1,6 +1,7 @@
-"""``elbolab bench`` / ``python benchmarks/run.py``: speed against pythae and against this machine's peak.
+"""The benchmark harness behind ``elbolab bench``: speed against pythae and this machine's peak.
 
-Run ``--quick`` (about a minute) to check the harness, the full mode for the README table.
+``run(options)`` times every row and writes the results; the scripts and the measured
+results live in benchmarks/ at the top of the repository.
 """
 
 from __future__ import annotations
@@ -8,12 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
+from ..devices import resolve_device
 from .measure import machine_info, matmul_peak_flops, use_cpu_clock
 from .report import format_table, plot_curves, write_json
 from .suite import Bench, Row, Settings, stopwatch, training_plan
@@ -21,34 +23,12 @@ from .suite import Bench, Row, Settings, stopwatch, training_plan
 DEFAULT_OUT = Path("benchmarks") / "results"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="small sizes, about a minute (checks the harness)")
-    p.add_argument("--name", help="results file name (default: quick or full, plus the device)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default: {DEFAULT_OUT})")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads (default: the number of CPU cores)")
-    p.add_argument("--only", action="append", metavar="TEXT",
-                   help="run only rows whose name contains TEXT (repeatable); curves run with 'curves'")
-    p.add_argument("--no-pythae", action="store_true", help="time elbolab alone")
-    p.add_argument("--compile", action="store_true",
-                   help="also time training steps as train.compile=true runs them (CUDA graphs on a GPU; "
-                        "on a CPU each row compiles for 10-30 s)")
-    p.add_argument("--seconds", type=float, metavar="S",
-                   help="seconds of work per timed repeat (default: 0.12 quick, 1.0 full; a GPU needs less)")
-    p.add_argument("--repeats", type=int, metavar="N", help="interleaved repeats per row (default: 3 quick, 5 full)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall time (default), or process CPU time for a busy shared machine (use with --threads 1)")
-
-
 def _wanted(name: str, only: list[str] | None) -> bool:
     return not only or any(s.lower() in name.lower() for s in only)
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
-    from ..config import ConfigError
-    from ..training import resolve_device
-
+    """Every row the options select (``elbolab bench --help`` lists them); returns the results."""
     device = resolve_device(args.device, "--device")
     if args.clock == "cpu" and device.type != "cpu":
         raise ConfigError("--clock cpu: only for --device cpu (GPU work is not this process's CPU time)")
@@ -99,13 +79,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
         write_json(result, out / f"{name}.json")
         return result
 
-    for row_name, overrides, objective, k, batch, with_pythae, skip in training_plan():
+    for row_name, overrides, objective, k, batch, with_pythae in training_plan():
         if not _wanted(row_name, args.only):
             continue
-        if skip:
-            rows.append(Row(name=row_name, library="elbolab", note=skip))
-        else:
-            rows += bench.training_row(row_name, overrides, objective, k, batch, with_pythae)
+        rows += bench.training_row(row_name, overrides, objective, k, batch, with_pythae)
         for line in format_table([r.to_dict() for r in rows if r.name == row_name]).splitlines()[2:]:
             log(line)
         save()
@@ -131,38 +108,3 @@ def run(args: argparse.Namespace, log=print) -> dict:
     log(f"\nwrote {out / (name + '.json')}" + (f" and {name}.png" if curves else "")
         + f"; load average at end {info.get('loadavg_at_end')}")
     return final
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    run(args)
-    return 0
-
-
-def add_bench_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time training and evaluation against pythae and the machine's FLOP peak")
-    add_arguments(p)
-    p.set_defaults(func=cmd_bench)
-
-
-def run_script(script_main) -> None:
-    """``sys.exit(script_main())`` for the scripts in benchmarks/: a bad option is one line, exit 2."""
-    from ..config import ConfigError
-
-    try:
-        code = script_main()
-    except ConfigError as e:
-        print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
-        code = 2
-    sys.exit(code)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    from ..config import ConfigError
-
-    try:
-        return cmd_bench(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, RuntimeError) as e:
-        print(f"benchmarks/run.py: error: {e}", file=sys.stderr)
-        return 2

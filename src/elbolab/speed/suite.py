@@ -12,16 +12,20 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import models as model_registry
-from ..config import EvalConfig, ObjectiveConfig, RunConfig
+from ..config import EvalConfig, ObjectiveConfig, RunConfig, TrainConfig
 from ..data import load
-from ..diagnostics.likelihood import log_likelihood
-from ..objectives import compile_objective, make_objective
-from ..training import NonFiniteError, step_readout
+from ..diagnostics.surgery import elbo_surgery
+from ..evaluation import log_likelihood
+from ..fastpaths import compile_objective
+from ..models import build_model
+from ..objectives import make_objective
+from ..optimizers import make_optimizer
+from ..training import NonFiniteError, take_step
 from . import pythae_models
 from .measure import Throughput, compare, count_flops, matmul_step
 
@@ -117,7 +121,7 @@ class Bench:
     def model(self, overrides: list[str]):
         cfg = RunConfig().with_overrides(overrides) if overrides else RunConfig()
         torch.manual_seed(0)
-        return model_registry.build_model(cfg.model, self.data_dim, self.train_data).to(self.device)
+        return build_model(cfg.model, self.data_dim, self.train_data).to(self.device)
 
     def compare(self, steps: dict, repeats: int, target_s: float, warmup: int = 2) -> dict:
         """``measure.compare`` with the reference matmul interleaved as one more contestant."""
@@ -232,16 +236,10 @@ class Bench:
     # --- ELBO surgery -------------------------------------------------------------------
     def surgery_row(self) -> list[Row]:
         name = f"ELBO surgery ({self.s.surgery_points} points)"
-        try:
-            from ..diagnostics import surgery
-        except ImportError:
-            return [Row(name=name, library="elbolab", note="skipped: elbolab.diagnostics.surgery not there yet")]
-        fn = getattr(surgery, "elbo_surgery", None)
-        if fn is None:
-            return [Row(name=name, library="elbolab", note="skipped: no elbo_surgery() in diagnostics.surgery")]
         model = self.model([])
         x = self.images(self.s.surgery_points)
-        res = self.compare({"elbolab": (lambda: fn(model, x), x.shape[0])}, repeats=1, target_s=0.0, warmup=0)
+        res = self.compare({"elbolab": (lambda: elbo_surgery(model, x), x.shape[0])}, repeats=1, target_s=0.0,
+                           warmup=0)
         rows = self._rows(name, res, None)
         rows[0].extra["seconds"] = x.shape[0] / rows[0].images_per_s
         return rows
@@ -300,48 +298,27 @@ class Bench:
         return curve
 
 
-def trainer_step(objective, model, x: Tensor) -> Callable[[], None]:
-    """``Trainer._step`` without its fault report: objective, backward, one read-back of
-    the bound and a finiteness probe, fused Adam step."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=x.device.type in ("cpu", "cuda"))  # as Trainer
-    params = list(model.parameters())
+def trainer_step(objective: Callable[..., Any], model: torch.nn.Module, x: Tensor) -> Callable[[], None]:
+    """The trainer's step (training.take_step) on a fixed batch, with the trainer's optimizer."""
+    opt = make_optimizer(model, TrainConfig(lr=1e-4), x.device)
 
     def step() -> None:
-        res = objective(model, x, 1.0)
-        opt.zero_grad(set_to_none=True)
-        res.loss.backward()
-        _, probe = step_readout(res.bound, res.loss, [p.grad for p in params if p.grad is not None])
-        if not math.isfinite(probe):
+        if not take_step(model, opt, objective, x)[2]:
             raise NonFiniteError("non-finite loss or gradient in the benchmark")
-        opt.step()
 
     return step
 
 
-def registered(model_name: str, prior: str | None = None) -> str | None:
-    """None when a model (and prior) can be built, else why not (merged later by another branch)."""
-    if model_name not in model_registry.MODELS:
-        return f"skipped: model {model_name!r} is not registered yet (elbolab.models.MODELS)"
-    if prior is not None:
-        from .. import priors
-
-        if prior not in priors.PRIORS:
-            return f"skipped: prior {prior!r} is not registered yet (elbolab.priors.PRIORS)"
-    return None
-
-
-def training_plan() -> list[tuple[str, list[str], str, int, int, bool, str | None]]:
-    """(row name, config overrides, objective, k, batch, compare with pythae, reason to skip)."""
+def training_plan() -> list[tuple[str, list[str], str, int, int, bool]]:
+    """(row name, config overrides, objective, k, batch, compare with pythae)."""
     plan = []
     for batch in (100, 20):
         for objective in ("vae", "iwae"):
             for k in (1, 5, 50):
-                plan.append((f"one-layer {objective.upper()} k={k} B={batch}", [], objective, k, batch, True, None))
-    plan.append(("two-layer IWAE k=50 B=100", ["model.name=two-layer"], "iwae", 50, 100, False,
-                 registered("two-layer")))
+                plan.append((f"one-layer {objective.upper()} k={k} B={batch}", [], objective, k, batch, True))
+    plan.append(("two-layer IWAE k=50 B=100", ["model.name=two-layer"], "iwae", 50, 100, False))
     plan.append(("hierarchical VampPrior VAE k=1 B=100",
-                 ["model.name=hierarchical", "model.prior.name=vampprior"], "vae", 1, 100, False,
-                 registered("hierarchical", "vampprior")))
+                 ["model.name=hierarchical", "model.prior.name=vampprior"], "vae", 1, 100, False))
     return plan
 
 

@@ -1,11 +1,11 @@
-"""Importance-sampled log-likelihood: log p(x) ~ L_K for large K, batched and chunked.
+"""Evaluating a model on data: the importance-sampled log-likelihood and mean bounds.
 
-Many test points are evaluated together and the K samples are drawn in chunks; a
-running log-sum-exp in float64 combines the chunks, so memory is bounded by
-``batch_size * chunk_size`` log weights (plus the model's activations for that many
-samples) at any K, and the estimate does not depend on the chunking beyond rounding.
-The default 100 x 50 = 5,000 samples per pass keeps the decoder's activations in the
-CPU's cache; 100 x 500 spills them to memory and runs 1.7x slower (docs/bench.md).
+log p(x) ~ L_K for large K. Many test points are evaluated together and the K samples
+are drawn in chunks; a running log-sum-exp in float64 combines the chunks, so memory is
+bounded by ``batch_size * chunk_size`` log weights (plus the model's activations for that
+many samples) at any K, and the estimate does not depend on the chunking beyond rounding.
+On a CPU a small chunk keeps the decoder's activations in cache (docs/bench.md measures
+the chunk sizes). Also here: the seeding and eval-mode helpers every evaluation shares.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..models.base import HasLogWeights
+from . import bounds
+from .models.base import HasLogWeights
 
 
 @dataclass
@@ -72,12 +73,12 @@ def model_device(model: object) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _batches(n: int, size: int):
+def batches(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
 
 
-def _check_inputs(data: Tensor, k: int, batch_size: int, chunk_size: int) -> None:
+def check_inputs(data: Tensor, k: int, batch_size: int, chunk_size: int) -> None:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if batch_size < 1 or chunk_size < 1:
@@ -93,7 +94,7 @@ def log_weight_chunks(model: HasLogWeights, x: Tensor, k: int, chunk_size: int) 
     model sees ``c * B`` rows, so the decoder runs as one GEMM per layer (k is folded
     into the batch) and nothing is repeated per point.
     """
-    for chunk in _batches(k, chunk_size):
+    for chunk in batches(k, chunk_size):
         yield model.log_weights(x, chunk.stop - chunk.start).double()
 
 
@@ -114,16 +115,15 @@ def log_likelihood(
     result equals one logsumexp over all k weights up to rounding, whatever the chunking.
 
     Memory is bounded independently of k: one call holds the model's activations for
-    ``batch_size * chunk_size`` samples plus ``batch_size`` running sums. For the
-    784-200-200-50 model that measured ~7 KB per sample: +345 MB peak RSS at the defaults
-    100 x 500, the same at K = 500 and K = 5000 (halve either size to halve it).
+    ``batch_size * chunk_size`` samples plus ``batch_size`` running sums (halve either size
+    to halve it; the benchmark reports the peak).
     ``seed`` makes the estimate reproducible without touching the caller's RNG stream.
     """
-    _check_inputs(data, k, batch_size, chunk_size)
+    check_inputs(data, k, batch_size, chunk_size)
     device = torch.device(device) if device is not None else model_device(model)
     out = torch.empty(data.shape[0], dtype=torch.float64)
     with seeded(seed, device), eval_mode(model):
-        for sl in _batches(data.shape[0], batch_size):
+        for sl in batches(data.shape[0], batch_size):
             x = data[sl].to(device, non_blocking=True)
             acc = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=device)
             for lw in log_weight_chunks(model, x, k, chunk_size):
@@ -137,12 +137,10 @@ def evaluate_bounds(
     model: HasLogWeights, data: Tensor, k: int, batch_size: int = 100, seed: int | None = 0
 ) -> dict[str, float]:
     """Mean ELBO and L_k over a dataset from the same k draws per point, in nats."""
-    from .. import bounds
-
     device = model_device(model)
     elbo_sum = iwae_sum = 0.0
     with seeded(seed, device), eval_mode(model):
-        for sl in _batches(data.shape[0], batch_size):
+        for sl in batches(data.shape[0], batch_size):
             lw = model.log_weights(data[sl].to(device), k).double()
             elbo_sum += float(bounds.elbo(lw).sum())
             iwae_sum += float(bounds.iwae(lw).sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..files import atomic_write_text
@@ -34,8 +35,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_json(result: dict, path: Path) -> None:
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 

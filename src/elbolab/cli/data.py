@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .download import download, file_state
-from .registry import DATASETS, load, resolve_data_dir, resolve_name
+from ..data import DATASETS, load, resolve_data_dir, resolve_name
+from ..data.download import download, file_state
 
 
 def _counts(sizes) -> str:
@@ -48,7 +48,7 @@ def cmd_data_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_data_command(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="list the datasets and their files, or download one")
     p.add_argument("--data-dir", help="folder with the dataset files (else $ELBOLAB_DATA, else the user cache)")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)

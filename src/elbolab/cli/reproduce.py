@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-TABLE_NAMES = ("iwae-table", "surgery-table", "vampprior-table")
+from ..reproduce import BUDGETS, EXECUTORS, load_tables, reproduce
+from ..reproduce.tables import get_table, plan_rows
+from .common import add_data_dir
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from . import reproduce
-    from .tables import get_table, plan_rows
-
     if args.list:
         spec = get_table(args.table)
         print(f"{spec.title} ({spec.citation}, {spec.table})")
-        for budget in ("quick", "medium", "paper"):
+        for budget in BUDGETS:
             print(f"  budget {budget}: {spec.protocol.budget_notes[budget]}")
         for p in plan_rows(spec, args.budget, args.only, args.data_dir, args.set or []):
             c = p.config
@@ -39,17 +38,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 1 if rep.failed else 0
 
 
-def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="rerun a paper's table and print ours beside theirs")
-    p.add_argument("table", choices=TABLE_NAMES, help="which paper table")
-    p.add_argument("--budget", default="quick", choices=["quick", "medium", "paper"],
+    p.add_argument("table", choices=sorted(load_tables()), help="which paper table")
+    p.add_argument("--budget", default=BUDGETS[0], choices=BUDGETS,
                    help="training length: quick, medium, or paper (the full published protocol)")
     p.add_argument("--only", nargs="+", metavar="ROW", help="run only these rows (see --list)")
-    p.add_argument("--executor", default="local", choices=["local", "ray"],
+    p.add_argument("--executor", default="local", choices=list(EXECUTORS),
                    help="local: worker processes on this machine; ray: Ray tasks (pip install 'elbolab[ray]')")
     p.add_argument("--workers", type=int, default=1, help="rows trained at once (default 1)")
     p.add_argument("--results", default="results", help="results folder; finished rows are cached there")
-    p.add_argument("--data-dir", help="folder with the dataset files (else $ELBOLAB_DATA, else the user cache)")
+    add_data_dir(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key in every row, e.g. train.device=cuda")
     p.add_argument("--list", action="store_true", help="list the rows and budgets, train nothing")

@@ -1,0 +1,61 @@
+"""The ``elbolab`` command: thin, it parses, validates and calls the library.
+
+One module per command group (train, evaluate, data, reproduce, bench), each adding its
+subcommands with ``add_commands``. Process-wide settings are made here, once.
+
+Exit codes: 0 ok; 1 unexpected error; 2 bad input (usage, config, data, run folder,
+an output folder that cannot be written); 3 numerical fault (non-finite loss or
+gradient); 130 interrupted (Ctrl-C or SIGTERM; a checkpoint is written first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..config import ConfigError
+from ..data import DataError
+from ..fastpaths import retain_freed_memory
+from ..files import OutputError
+from ..runs import RunError
+from ..training import NonFiniteError
+from ..version import __version__
+from . import bench, data, evaluate, reproduce, train
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+#: the command groups, in the order ``elbolab --help`` lists them
+GROUPS = (train, evaluate, data, reproduce, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elbolab", description="Train and diagnose variational autoencoders.")
+    parser.add_argument("--version", action="version", version=f"elbolab {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for group in GROUPS:
+        group.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["train"]  # the main job: `elbolab` alone trains the embedded default
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    retain_freed_memory()  # every command makes big CPU temporaries (fastpaths.py)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, RunError, OutputError) as e:
+        print(f"elbolab: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteError as e:
+        print(f"elbolab: numerical fault: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_NUMERICAL
+    except KeyboardInterrupt:
+        print("elbolab: interrupted; the last checkpoint is kept (resume with --resume RUN)", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,57 @@
+"""What several commands share: the options that place a run, and opening a run with its data."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigError
+from ..data import ImageDataset, evaluation_images, load
+from ..devices import resolve_device
+from ..runs import WEIGHTS, Run, load_run
+
+
+def add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="folder with the dataset files (else $ELBOLAB_DATA, else the user cache)")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+
+
+def add_run_options(p: argparse.ArgumentParser, split_flag: str = "--split") -> None:
+    """RUN, --weights, --data-dir, --device and the split to read."""
+    p.add_argument("run", help="run folder")
+    p.add_argument(split_flag, default="test", dest="split", help="data split (default: test)")
+    p.add_argument("--weights", default="final", choices=list(WEIGHTS),
+                   help="final, best (on validation) or last (the checkpoint)")
+    add_data_dir(p)
+    add_device(p)
+
+
+@dataclass
+class OpenRun:
+    run: Run
+    dataset: ImageDataset
+    #: the split's images as the run scores them, on the device
+    x: Tensor
+    device: torch.device
+
+
+def open_run(args: argparse.Namespace) -> OpenRun:
+    """The run folder, its dataset and the split's evaluation images, on ``--device``."""
+    device = resolve_device(args.device or "cpu", "--device")
+    run = load_run(args.run, device=str(device), weights=args.weights)
+    d = run.config.data
+    dataset = load(d.name, args.data_dir or d.data_dir, validation=d.validation)
+    x = evaluation_images(dataset, args.split, d.binarization, d.binarization_seed).to(device)
+    return OpenRun(run, dataset, x, device)
+
+
+def positive(value: int | None, option: str) -> None:
+    """Refuse a count below 1 for ``option`` (None: left at its default)."""
+    if value is not None and value < 1:
+        raise ConfigError(f"{option}: must be >= 1, got {value}")
