@@ -101,14 +101,15 @@ class PriorConfig:
 
 @dataclass(frozen=True)
 class TwoLayerConfig:
-    """Sizes of the IWAE paper's two-stochastic-layer model (its section 5 defaults)."""
+    """Sizes of the IWAE paper's two-stochastic-layer model (its section 5; the authors'
+    experiments.py: hidden_units_q [[200, 200], [100, 100]], latent_units [100, 50])."""
 
     #: units of z1 (bottom) and z2 (top)
     latent_dims: tuple[int, int] = (100, 50)
-    #: deterministic tanh layers between x and z1
-    hidden1: tuple[int, ...] = (100, 100)
-    #: deterministic tanh layers between z1 and z2
-    hidden2: tuple[int, ...] = (50, 50)
+    #: deterministic tanh layers between x and z1 (the decoder mirrors them: z1 -> 200 -> 200 -> x)
+    hidden1: tuple[int, ...] = (200, 200)
+    #: deterministic tanh layers between z1 and z2 (mirrored: z2 -> 100 -> 100 -> z1)
+    hidden2: tuple[int, ...] = (100, 100)
 
     def validate(self, key: str) -> None:
         _require(all(d >= 1 for d in self.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
@@ -513,8 +514,14 @@ _IWAE_PAPER: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "iwae-paper": _IWAE_PAPER,
-    # the IWAE paper's second architecture (two stochastic layers of 100 and 50 units)
-    "iwae-paper-two-layer": {**_IWAE_PAPER, "model.name": "two-layer"},
+    # the IWAE paper's second architecture: x -> 200-200 tanh -> z1 (100) -> 100-100 tanh -> z2 (50)
+    "iwae-paper-two-layer": {
+        **_IWAE_PAPER,
+        "model.name": "two-layer",
+        "model.two_layer.latent_dims": [100, 50],
+        "model.two_layer.hidden1": [200, 200],
+        "model.two_layer.hidden2": [100, 100],
+    },
     # Tomczak & Welling (2018), section 5 and their code's defaults: the two-level
     # hierarchical VAE with a 500-pseudo-input VampPrior on z2, single-sample ELBO, Adam
     # lr 5e-4, batch 100, KL warm-up over 100 epochs, early stopping after 50 epochs
