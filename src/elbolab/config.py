@@ -79,10 +79,12 @@ class PriorConfig:
     #: how learned VampPrior pseudo-inputs start: "normal" (N(mean, std) before the
     #: hardtanh, as in Tomczak & Welling's code) or "data" (random training images)
     pseudo_inputs_init: str = "normal"
-    #: mean of the normal init; their code's -0.05 sits where hardtanh has no gradient
-    pseudo_inputs_mean: float = 0.05
-    #: std of the normal init (their code: 0.01)
-    pseudo_inputs_std: float = 0.01
+    #: mean of the normal init; null: the dataset's value, as their code sets it per dataset
+    #: (0.05 for MNIST and OMNIGLOT, 0.5 for Caltech-101 and Frey Faces; elbolab.data registry)
+    pseudo_inputs_mean: float | None = None
+    #: std of the normal init; null: the dataset's value (0.01 for MNIST and OMNIGLOT, 0.02
+    #: for Caltech-101 and Frey Faces)
+    pseudo_inputs_std: float | None = None
     #: seed choosing the training images of vampprior-data and of the "data" init
     data_seed: int = 0
 
@@ -96,7 +98,22 @@ class PriorConfig:
             f"{key}.pseudo_inputs_init",
             f"must be 'normal' or 'data', got {self.pseudo_inputs_init!r}",
         )
-        _require(self.pseudo_inputs_std >= 0, f"{key}.pseudo_inputs_std", "must be >= 0")
+        _require(self.pseudo_inputs_std is None or self.pseudo_inputs_std >= 0, f"{key}.pseudo_inputs_std",
+                 "must be >= 0")
+
+    def pseudo_input_init(self, dataset: str | None = None) -> tuple[float, float]:
+        """(mean, std) of the normal pseudo-input init: the values set here, else those
+        of ``dataset``'s registry entry, else the MNIST values (no dataset known)."""
+        from .data.registry import PSEUDO_INPUTS_DEFAULT, pseudo_input_init  # lazily: data imports torch
+
+        mean, std = pseudo_input_init(dataset) if dataset else PSEUDO_INPUTS_DEFAULT
+        return (mean if self.pseudo_inputs_mean is None else self.pseudo_inputs_mean,
+                std if self.pseudo_inputs_std is None else self.pseudo_inputs_std)
+
+    def for_dataset(self, dataset: str) -> PriorConfig:
+        """This config with an unset pseudo-input mean and std taken from ``dataset``."""
+        mean, std = self.pseudo_input_init(dataset)
+        return dataclasses.replace(self, pseudo_inputs_mean=mean, pseudo_inputs_std=std)
 
 
 @dataclass(frozen=True)
@@ -172,6 +189,10 @@ class ModelConfig:
         self.prior.validate(f"{key}.prior")
         self.two_layer.validate(f"{key}.two_layer")
         self.hierarchical.validate(f"{key}.hierarchical")
+
+    def for_dataset(self, dataset: str) -> ModelConfig:
+        """This config with the dataset-dependent defaults (pseudo-input init) filled in."""
+        return dataclasses.replace(self, prior=self.prior.for_dataset(dataset))
 
 
 #: objective names (elbolab.objectives.OBJECTIVES) and gradient estimators (ESTIMATORS)

@@ -260,7 +260,7 @@ class Trainer:
         )
         train_float = self.dataset.as_float("train", "none")
         try:
-            model = build_model(cfg.model, self.dataset.data_dim, train_float)
+            model = build_model(cfg.model.for_dataset(cfg.data.name), self.dataset.data_dim, train_float)
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"model: cannot build {cfg.model.name!r} with this config: {e}") from None
         self.model: LatentVariableModel = model.to(self.device)

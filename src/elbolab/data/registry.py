@@ -12,6 +12,10 @@ from .names import ALIASES, BINARIZATION_SUFFIXES, canonical_name, split_binariz
 
 ENV_VAR = "ELBOLAB_DATA"
 
+#: (mean, std) of the VampPrior's normal pseudo-input init in Tomczak & Welling's code
+#: (utils/load_data.py) for MNIST and OMNIGLOT; also the value for datasets they did not use
+PSEUDO_INPUTS_DEFAULT: tuple[float, float] = (0.05, 0.01)
+
 
 def default_data_dir() -> Path:
     """$ELBOLAB_DATA, else $XDG_CACHE_HOME/elbolab, else ~/.cache/elbolab."""
@@ -41,6 +45,9 @@ class DatasetSpec:
     split_sizes: tuple[tuple[str, int], ...] = ()
     #: True for {0, 1} pixels, False for grey levels 0..255
     binary: bool = True
+    #: (mean, std) of the normal pseudo-input init the VampPrior code uses for this dataset
+    #: (``model.prior.pseudo_inputs_mean`` / ``_std`` left unset take these)
+    pseudo_inputs: tuple[float, float] = PSEUDO_INPUTS_DEFAULT
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -66,6 +73,11 @@ def resolve_name(name: str) -> tuple[DatasetSpec, str | None]:
             f"unknown dataset {name!r}{hint}; known: {', '.join(known)} (each optionally + {suffixes})"
         )
     return DATASETS[base], binarization
+
+
+def pseudo_input_init(name: str) -> tuple[float, float]:
+    """(mean, std) of the VampPrior's normal pseudo-input init for dataset ``name``."""
+    return resolve_name(name)[0].pseudo_inputs
 
 
 def load(name: str, data_dir: str | Path | None = None, validation: int = 0) -> ImageDataset:
