@@ -21,13 +21,13 @@ import torch
 from elbolab.cli.bench import run_script
 from elbolab.config import ConfigError, ObjectiveConfig, RunConfig
 from elbolab.data import load
-from elbolab.models import build_model
+from elbolab.devices import resolve_device
 from elbolab.fastpaths import compile_objective
+from elbolab.models import build_model
 from elbolab.objectives import make_objective
 from elbolab.speed.measure import compare, machine_info
 from elbolab.speed.report import write_json
 from elbolab.speed.suite import trainer_step
-from elbolab.devices import resolve_device
 
 MODES = ("eager", "default", "reduce-overhead")
 CASES = {"iwae-k50-b100": ("iwae", 50, 100), "iwae-k5-b20": ("iwae", 5, 20), "vae-k1-b20": ("vae", 1, 20)}

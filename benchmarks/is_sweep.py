@@ -20,11 +20,11 @@ import torch
 from elbolab.cli.bench import run_script
 from elbolab.config import RunConfig
 from elbolab.data import load
+from elbolab.devices import resolve_device
 from elbolab.diagnostics import log_likelihood
 from elbolab.models import build_model
 from elbolab.speed.measure import PeakMemory, machine_info, synchronize
 from elbolab.speed.report import write_json
-from elbolab.devices import resolve_device
 
 
 def _ints(text: str) -> list[int]:

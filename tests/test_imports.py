@@ -146,4 +146,4 @@ def test_registries_are_all_loaded_with_the_package() -> None:
     from elbolab.registry import INDEX
 
     assert {"dataset", "model", "prior", "likelihood", "activation", "objective", "gradient estimator",
-            "schedule"} <= set(INDEX)
+            "schedule", "optimizer"} <= set(INDEX)

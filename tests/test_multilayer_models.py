@@ -187,3 +187,26 @@ def test_ancestral_samples_start_from_the_prior():
     assert images.shape == (7, 6) and images.min() >= 0 and images.max() <= 1
     two = TwoLayerVAE(6, (3, 2), (5,), (4,), "tanh", "bernoulli", StandardNormal(2))
     assert two.sample_latents(4).shape == (4, 3)
+
+
+def test_iwae_paper_two_layer_architecture_is_the_papers():
+    """Burda et al. section 5 and their experiments.py (hidden_units_q [[200, 200], [100, 100]],
+    hidden_units_p [[100, 100], [200, 200]], latents [100, 50]): every layer's shape, in order."""
+    from elbolab.config import preset
+    from elbolab.models import build_model
+    from elbolab.reproduce.tables import get_table, plan_rows
+
+    cfg = preset("iwae-paper-two-layer").model
+    model = build_model(cfg, 784)
+
+    def shapes(module):
+        return [tuple(m.weight.shape[::-1]) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+    assert shapes(model.q_z1) == [(784, 200), (200, 200), (200, 2 * 100)]  # head: mean and log-variance
+    assert shapes(model.q_z2) == [(100, 100), (100, 100), (100, 2 * 50)]
+    assert shapes(model.p_z1) == [(50, 100), (100, 100), (100, 2 * 100)]
+    assert shapes(model.p_x) + shapes(model.likelihood) == [(100, 200), (200, 200), (200, 784)]
+    assert {type(m).__name__ for m in model.modules() if not list(m.children())} == {"Linear", "Tanh",
+                                                                                     "StandardNormal"}
+    rows = [p.config.model for p in plan_rows(get_table("iwae-table"), "paper") if p.config.model.name == "two-layer"]
+    assert len(rows) == 12 and all(m.two_layer == cfg.two_layer for m in rows)

@@ -9,6 +9,7 @@ import torch
 
 from elbolab import bounds
 from elbolab.config import ConfigError, RunConfig, preset
+from elbolab.data.registry import pseudo_input_init
 from elbolab.distributions import DiagonalGaussian, log_normal_diag, log_standard_normal
 from elbolab.models import HierarchicalVAE, OneLayerVAE, TwoLayerVAE, build_model
 from elbolab.priors import MixtureOfGaussians, StandardNormal, VampPrior, VampPriorData
@@ -225,3 +226,47 @@ def test_copied_model_keeps_its_own_vampprior_encoder():
             p.add_(0.5)
     z = torch.randn(4, 2)
     assert not torch.allclose(clone.prior.log_prob(z), model.prior.log_prob(z))
+
+
+# --- the pseudo-input init follows the dataset, as in the VampPrior code's load_data.py ---
+
+DATASET_INIT = {"mnist": (0.05, 0.01), "mnist-dynamic": (0.05, 0.01), "binarized-mnist": (0.05, 0.01),
+                "omniglot": (0.05, 0.01), "omniglot-chardata": (0.05, 0.01),
+                "caltech101-silhouettes": (0.5, 0.02), "caltech": (0.5, 0.02),
+                "freyfaces": (0.5, 0.02), "frey-grey": (0.5, 0.02)}
+
+
+@pytest.mark.parametrize("name", sorted(DATASET_INIT))
+def test_unset_pseudo_input_init_takes_the_datasets_values(name):
+    cfg = RunConfig().with_overrides({"model.prior.name": "vampprior", "data.name": name})
+    assert (cfg.model.prior.pseudo_inputs_mean, cfg.model.prior.pseudo_inputs_std) == (None, None)
+    resolved = cfg.model.prior.with_pseudo_input_init(pseudo_input_init(cfg.data.name))
+    assert (resolved.pseudo_inputs_mean, resolved.pseudo_inputs_std) == DATASET_INIT[name]
+    set_here = cfg.with_overrides({"model.prior.pseudo_inputs_mean": -0.05}).model.prior
+    set_here = set_here.with_pseudo_input_init(pseudo_input_init(name))
+    assert (set_here.pseudo_inputs_mean, set_here.pseudo_inputs_std) == (-0.05, DATASET_INIT[name][1])
+
+
+@pytest.mark.parametrize(("name", "mean", "std"), [("caltech101-silhouettes", 0.5, 0.02), ("freyfaces", 0.5, 0.02),
+                                                   ("binarized-mnist", 0.05, 0.01), ("omniglot", 0.05, 0.01)])
+def test_built_pseudo_inputs_start_around_the_datasets_mean(name, mean, std):
+    """500 x 784 draws of N(mean, std): the sample mean within 5 standard errors
+    (std / sqrt(n): 3.2e-5 for Caltech), the sample std within 5 of its own (std / sqrt(2n))."""
+    cfg = RunConfig().with_overrides({"model.prior.name": "vampprior", "data.name": name})
+    w = build_model(cfg.model, 784, dataset=name).prior.pre_activation.detach().double()
+    n = w.numel()
+    assert n == 500 * 784
+    assert abs(float(w.mean()) - mean) < 5 * std / math.sqrt(n)
+    assert abs(float(w.std()) - std) < 5 * std / math.sqrt(2 * n)
+
+
+def test_trainer_builds_caltech_pseudo_inputs_around_its_mean(shared_data, tmp_path):
+    """The path a run takes: Trainer resolves the unset init from data.name (Caltech: 0.5, 0.02)."""
+    from elbolab.training import Trainer
+
+    cfg = RunConfig().with_overrides({"data.name": "caltech101-silhouettes", "data.data_dir": str(shared_data),
+                                      "model.prior.name": "vampprior", "model.prior.components": 50,
+                                      "model.hidden": [16], "model.latent_dim": 4, "train.progress": False})
+    w = Trainer(cfg, tmp_path / "run").model.prior.pre_activation.detach().double()
+    assert abs(float(w.mean()) - 0.5) < 5 * 0.02 / math.sqrt(w.numel())
+    assert cfg.model.prior.pseudo_inputs_mean is None  # the saved config still says "the dataset's value"

@@ -188,8 +188,8 @@ def test_tiny_reproduction_writes_the_table_and_the_cache_skips_finished_rows(ti
         assert units["difference"] == sum(result["metrics"]["active_units_counts"]) - int(units["paper"])
         assert r["epochs"] == 1 and r["hardware"]
     md = rep.outputs["markdown"].read_text()
-    assert "| mnist-1layer-iwae-k5 | tiny-embedded | 85.54 |" in md
-    assert "| mnist-1layer-vae-k1 | tiny-embedded | 86.76† |" in md  # not verified: marked
+    assert "| mnist-1layer-iwae-k5 | tiny-embedded | 20 | 85.54 |" in md  # K beside every row
+    assert "| 19† |" in md.split("| mnist-1layer-vae-k1 |")[1].splitlines()[0]  # not verified: marked
     assert "train.epochs=1" in md and rep.outputs["curve"].stat().st_size > 10_000
 
     again = reproduce("iwae-table", budget="quick", only=ROWS, results=tmp_path, overrides=TINY)
@@ -327,3 +327,133 @@ def test_a_device_this_machine_lacks_fails_once_before_any_row(tmp_path, capsys)
     code = main(["reproduce", "surgery-table", "--set", "train.device=cuda", "--results", str(tmp_path / "r")])
     assert code == 2 and "train.device: 'cuda' but CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# --- protocol details: K per budget, OMNIGLOT's validation split --------------------------
+
+
+def test_iwae_rows_evaluate_with_k_1000_quick_and_5000_otherwise() -> None:
+    spec = get_table("iwae-table")
+    for budget, k in (("quick", 1000), ("medium", 5000), ("paper", 5000)):
+        assert {p.config.eval.k_importance for p in plan_rows(spec, budget)} == {k}
+        assert f"K = {k}" in spec.protocol.budget_notes[budget]
+
+
+def test_vampprior_omniglot_row_holds_out_the_papers_validation_split() -> None:
+    """1,345 training images, load_omniglot's n_validation in the VampPrior code."""
+    spec = get_table("vampprior-table")
+    for budget in ("quick", "medium", "paper"):
+        plans = {p.row.id: p.config for p in plan_rows(spec, budget)}
+        assert plans["omniglot-hierarchical-vampprior"].data.validation == 1345
+        assert plans["mnist-hierarchical-vampprior"].data.validation == 0  # Larochelle's own split
+    paper = {p.row.id: p.config for p in plan_rows(spec, "paper")}
+    assert paper["omniglot-hierarchical-vampprior"].train.early_stopping_patience == 50
+
+
+def test_a_row_loads_the_validation_split_its_config_holds_out(tmp_path, monkeypatch) -> None:
+    """run_row passes data.validation to the loader: the row validates (and so can early-stop)."""
+    full = load("binarized-mnist-embedded")
+    novalid = ImageDataset(name="tiny-novalid", image_shape=full.image_shape, binary=True, source="test subset",
+                           splits={"train": full.splits["train"][:300], "test": full.splits["test"][:50]})
+    monkeypatch.setitem(DATASETS, "tiny-novalid", DatasetSpec("tiny-novalid", "test", lambda _d: novalid,
+                                                              embedded=True))
+    rep = reproduce("iwae-table", budget="quick", only=["mnist-1layer-vae-k5"], results=tmp_path,
+                    overrides={**TINY, "data.name": "tiny-novalid", "data.validation": 100, "train.eval_every": 1})
+    assert rep.trained == ["mnist-1layer-vae-k5"]
+    row_dir = next((tmp_path / "iwae-table" / "quick" / "rows").iterdir())
+    metrics = json.loads((row_dir / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "valid_iwae_5" in metrics
+
+
+# --- one training for the k = 1 VAE and IWAE rows ----------------------------------------
+
+
+def _plain_key(cfg) -> str:
+    """The row key before objectives were normalized: a hash of the config minus run-only keys."""
+    import hashlib
+
+    d = cfg.to_dict()
+    for section, key in (("train", "threads"), ("train", "progress"), ("train", "device"), ("train", "compile"),
+                         ("data", "data_dir"), ("eval", "gpu_chunk_size")):
+        d[section].pop(key)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def test_k1_vae_and_iwae_rows_share_a_key_and_other_keys_are_unchanged() -> None:
+    plans = {p.row.id: p for p in plan_rows(get_table("iwae-table"), "quick")}
+    pairs = [(f"{d}-{n}layer-vae-k1", f"{d}-{n}layer-iwae-k1") for d in ("mnist", "omniglot") for n in (1, 2)]
+    for vae, iwae in pairs:
+        assert plans[vae].key == plans[iwae].key == _plain_key(plans[vae].config)
+        assert plans[iwae].key != _plain_key(plans[iwae].config)
+    shared = {r for pair in pairs for r in pair}
+    for row_id, p in plans.items():
+        if row_id not in shared:
+            assert p.key == _plain_key(p.config), row_id
+    assert len({p.key for p in plans.values()}) == 24 - 4
+
+
+def test_k1_vae_and_iwae_rows_train_once(tiny_data, tmp_path, monkeypatch) -> None:
+    fits = _count_fits(monkeypatch)
+    pair = ["mnist-1layer-vae-k1", "mnist-1layer-iwae-k1"]
+    rep = reproduce("iwae-table", budget="quick", only=pair, results=tmp_path, overrides=TINY)
+    assert len(fits) == 1 and rep.trained == ["mnist-1layer-vae-k1"] and rep.cached == ["mnist-1layer-iwae-k1"]
+    a, b = rep.entries
+    assert a.cells["nll"].ours == b.cells["nll"].ours and a.row_dir == b.row_dir
+    assert len(list((tmp_path / "iwae-table" / "quick" / "rows").iterdir())) == 1
+    # later, the IWAE row alone is answered from the VAE row's folder
+    again = reproduce("iwae-table", budget="quick", only=pair[1:], results=tmp_path, overrides=TINY)
+    assert len(fits) == 1 and again.cached == pair[1:]
+
+
+# --- a partial rerun never replaces a committed result with less ---------------------------
+
+
+def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    fits = _count_fits(monkeypatch)
+    first = reproduce("iwae-table", budget="quick", only=ROWS, results=tmp_path, overrides=TINY)
+    before = {e.row: e.cells["nll"].ours for e in first.entries}
+    out = tmp_path / "iwae-table" / "quick"
+    shutil.rmtree(out / "rows")  # a fresh clone: table.md and table.json only
+
+    # --table-only over every row: the two committed rows are kept, the 22 others were never run
+    table = reproduce("iwae-table", budget="quick", results=tmp_path, overrides=TINY, train=False)
+    doc = json.loads(table.outputs["json"].read_text())
+    status = {r["row"]: r["status"] for r in doc["rows"]}
+    assert sorted(table.committed) == sorted(ROWS) and len(status) == 24
+    assert {status[r] for r in ROWS} == {"committed"} and list(status.values()).count("not run") == 22
+    assert {e.row: e.cells["nll"].ours for e in table.entries if e.row in ROWS} == before
+    md = table.outputs["markdown"].read_text()
+    assert "| mnist-1layer-iwae-k5 ‡ | tiny-embedded | 20 |" in md and "‡ not rerun here" in md
+    # a table.json written before rows recorded K: the K its protocol and overrides set
+    older = json.loads((out / "table.json").read_text())
+    for r in older["rows"]:
+        r.pop("k_importance")
+    (out / "table.json").write_text(json.dumps(older))
+    ks = {e.row: e.k_importance for e in reproduce("iwae-table", budget="quick", results=tmp_path,
+                                                   overrides=TINY, train=False).entries}
+    assert ks[ROWS[0]] == ks[ROWS[1]] == 20
+
+    # rerun one row (a device or thread override changes nothing): it trains; the other is kept
+    rerun = reproduce("iwae-table", budget="quick", only=ROWS[:1], results=tmp_path,
+                      overrides={**TINY, "train.threads": 1, "train.device": "cpu"})
+    assert rerun.trained == ROWS[:1] and len(fits) == 3
+    kinds = {e.row: e.status for e in rerun.entries}
+    assert kinds[ROWS[0]] == "trained" and kinds[ROWS[1]] == "committed"
+    assert next(e for e in rerun.entries if e.row == ROWS[1]).cells["nll"].ours == before[ROWS[1]]
+
+    # a failed rerun reports the failure and keeps the committed value
+    def fail(task):
+        raise RuntimeError("out of memory on purpose")
+
+    failed = reproduce("iwae-table", budget="quick", only=ROWS[1:], results=tmp_path, overrides=TINY, run_fn=fail)
+    assert failed.failed == ROWS[1:]
+    kept = next(e for e in failed.entries if e.row == ROWS[1])
+    assert kept.status == "committed" and kept.cells["nll"].ours == before[ROWS[1]] and "on purpose" in kept.error
+    assert "(the committed value is kept)" in failed.outputs["markdown"].read_text()
+
+    # a table of another protocol (here another learning rate) is not mixed in
+    other = reproduce("iwae-table", budget="quick", only=ROWS[:1], results=tmp_path,
+                      overrides={**TINY, "train.lr": 3e-4}, train=False)
+    assert [e.status for e in other.entries] == ["not run"]

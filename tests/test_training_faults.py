@@ -239,3 +239,32 @@ def test_sigterm_checkpoints_at_the_step_and_restores_handlers(tmp_path, monkeyp
     assert (ckpt["step"], ckpt["position"]["next_batch"]) == (5, 5)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_early_stopping_does_not_count_warmup_epochs_but_tracks_the_best(tmp_path, monkeypatch):
+    """The VampPrior code's rule: during KL warm-up the count of epochs without a better
+    validation bound stays 0, while the best weights are still kept. Scripted bounds: the best
+    comes in warm-up (epoch 3 of 4); patience 2 then stops at epoch 6 (it would stop at 5 if
+    warm-up epochs counted)."""
+    bounds = iter([-100.0, -101.0, -90.0, -95.0, -96.0, -97.0, -98.0, -99.0])
+    best_weights = {}
+
+    def scripted(self):
+        value = next(bounds)
+        if value == -90.0:
+            best_weights.update({k: v.clone() for k, v in self.model.state_dict().items()})
+        return {"valid_elbo": value, "valid_iwae_3": value}
+
+    monkeypatch.setattr(Trainer, "validate", scripted)
+    t = Trainer(small_config(epochs=8, early_stopping_patience=2, checkpoint_steps=0)
+                .with_overrides({"objective.warmup_epochs": 4}), tmp_path / "run", grey_dataset())
+    t.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert t.best_valid == -90.0 and t.epochs_since_best == 2
+    from safetensors.torch import load_file
+
+    best = load_file(str(tmp_path / "run" / "best.safetensors"))
+    assert set(best) == set(best_weights)
+    for k, v in best.items():
+        assert torch.equal(v, best_weights[k]), k

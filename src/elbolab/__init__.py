@@ -11,6 +11,7 @@ from .config import RunConfig
 from .data import DATASETS  # noqa: F401
 from .models import MODELS  # noqa: F401
 from .objectives import ESTIMATORS, OBJECTIVES  # noqa: F401
+from .optimizers import OPTIMIZERS  # noqa: F401
 from .runs import Run, load_run
 from .schedules import SCHEDULES  # noqa: F401
 from .training import train

@@ -83,10 +83,12 @@ class PriorConfig:
     #: how learned VampPrior pseudo-inputs start: "normal" (N(mean, std) before the
     #: hardtanh, as in Tomczak & Welling's code) or "data" (random training images)
     pseudo_inputs_init: str = "normal"
-    #: mean of the normal init; their code's -0.05 sits where hardtanh has no gradient
-    pseudo_inputs_mean: float = 0.05
-    #: std of the normal init (their code: 0.01)
-    pseudo_inputs_std: float = 0.01
+    #: mean of the normal init; null: the dataset's value, as their code sets it per dataset
+    #: (0.05 for MNIST and OMNIGLOT, 0.5 for Caltech-101 and Frey Faces; elbolab.data registry)
+    pseudo_inputs_mean: float | None = None
+    #: std of the normal init; null: the dataset's value (0.01 for MNIST and OMNIGLOT, 0.02
+    #: for Caltech-101 and Frey Faces)
+    pseudo_inputs_std: float | None = None
     #: seed choosing the training images of vampprior-data and of the "data" init
     data_seed: int = 0
 
@@ -98,19 +100,33 @@ class PriorConfig:
             f"{key}.pseudo_inputs_init",
             f"must be 'normal' or 'data', got {self.pseudo_inputs_init!r}",
         )
-        _require(self.pseudo_inputs_std >= 0, f"{key}.pseudo_inputs_std", "must be >= 0")
+        _require(self.pseudo_inputs_std is None or self.pseudo_inputs_std >= 0, f"{key}.pseudo_inputs_std",
+                 "must be >= 0")
+
+    def with_pseudo_input_init(self, default: tuple[float, float]) -> PriorConfig:
+        """This config with an unset pseudo-input mean and std taken from ``default`` (a dataset's)."""
+        mean = default[0] if self.pseudo_inputs_mean is None else self.pseudo_inputs_mean
+        std = default[1] if self.pseudo_inputs_std is None else self.pseudo_inputs_std
+        return dataclasses.replace(self, pseudo_inputs_mean=mean, pseudo_inputs_std=std)
+
+    def pseudo_input_params(self) -> tuple[float, float]:
+        """(mean, std) once set (see :meth:`with_pseudo_input_init`)."""
+        if self.pseudo_inputs_mean is None or self.pseudo_inputs_std is None:
+            raise ValueError("pseudo-input init not resolved; call with_pseudo_input_init first")
+        return self.pseudo_inputs_mean, self.pseudo_inputs_std
 
 
 @dataclass(frozen=True)
 class TwoLayerConfig:
-    """Sizes of the IWAE paper's two-stochastic-layer model (its section 5 defaults)."""
+    """Sizes of the IWAE paper's two-stochastic-layer model (its section 5; the authors'
+    experiments.py: hidden_units_q [[200, 200], [100, 100]], latent_units [100, 50])."""
 
     #: units of z1 (bottom) and z2 (top)
     latent_dims: tuple[int, int] = (100, 50)
-    #: deterministic tanh layers between x and z1
-    hidden1: tuple[int, ...] = (100, 100)
-    #: deterministic tanh layers between z1 and z2
-    hidden2: tuple[int, ...] = (50, 50)
+    #: deterministic tanh layers between x and z1 (the decoder mirrors them: z1 -> 200 -> 200 -> x)
+    hidden1: tuple[int, ...] = (200, 200)
+    #: deterministic tanh layers between z1 and z2 (mirrored: z2 -> 100 -> 100 -> z1)
+    hidden2: tuple[int, ...] = (100, 100)
 
     def validate(self, key: str) -> None:
         _require(all(d >= 1 for d in self.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
@@ -207,9 +223,13 @@ class TrainConfig:
     lr: float = 1e-3
     adam_eps: float = 1e-8
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    #: adam | adamnormgrad (Adam on each parameter's gradient divided by its norm, the
+    #: VampPrior code's optimizer); adam_eps and adam_betas apply to both (elbolab.optimizers)
+    optimizer: str = "adam"
     #: constant | iwae (the IWAE paper's 3^i-epoch passes with lr 1e-3 * 10^(-i/7))
     schedule: str = "constant"
-    #: stop after this many epochs without a better validation bound (0: never)
+    #: stop after this many epochs without a better validation bound (0: never); epochs
+    #: in KL warm-up are not counted, as in the VampPrior code
     early_stopping_patience: int = 0
     seed: int = 0
     #: cpu | cuda | cuda:N | auto
@@ -245,6 +265,7 @@ class TrainConfig:
         _require(
             all(0 <= b < 1 for b in self.adam_betas), f"{key}.adam_betas", "each must be in [0, 1)"
         )
+        check_name("optimizer", self.optimizer, f"{key}.optimizer")
         check_name("schedule", self.schedule, f"{key}.schedule")
         _require(self.early_stopping_patience >= 0, f"{key}.early_stopping_patience", "must be >= 0")
         _require(self.threads >= 0, f"{key}.threads", "must be >= 0")
@@ -494,13 +515,24 @@ _IWAE_PAPER: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "iwae-paper": _IWAE_PAPER,
-    # the IWAE paper's second architecture (two stochastic layers of 100 and 50 units)
-    "iwae-paper-two-layer": {**_IWAE_PAPER, "model.name": "two-layer"},
+    # the IWAE paper's second architecture: x -> 200-200 tanh -> z1 (100) -> 100-100 tanh -> z2 (50)
+    "iwae-paper-two-layer": {
+        **_IWAE_PAPER,
+        "model.name": "two-layer",
+        "model.two_layer.latent_dims": [100, 50],
+        "model.two_layer.hidden1": [200, 200],
+        "model.two_layer.hidden2": [100, 100],
+    },
     # Tomczak & Welling (2018), section 5 and their code's defaults: the two-level
-    # hierarchical VAE with a 500-pseudo-input VampPrior on z2, single-sample ELBO, Adam
-    # lr 5e-4, batch 100, KL warm-up over 100 epochs, early stopping after 50 epochs
-    # without a better validation bound, at most 2,000 epochs, 5,000 importance samples
+    # hierarchical VAE with a 500-pseudo-input VampPrior on z2, single-sample ELBO,
+    # AdamNormGrad (their experiment.py; betas and eps left at Adam's defaults) lr 5e-4,
+    # batch 100, KL warm-up over 100 epochs, early stopping after 50 epochs without a
+    # better validation bound (not counted during warm-up), at most 2,000 epochs,
+    # 5,000 importance samples
     "vampprior-paper": {
+        "train.optimizer": "adamnormgrad",
+        "train.adam_eps": 1e-8,
+        "train.adam_betas": [0.9, 0.999],
         "train.lr": 5e-4,
         "train.batch_size": 100,
         "train.epochs": 2000,

@@ -73,6 +73,13 @@ def model_device(model: object) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def model_dtype(model: object) -> torch.dtype | None:
+    """The floating dtype of the model's parameters (None without any): the data is cast
+    to it, so a float64 model scores float32 images (as LinearGaussian does itself)."""
+    params = model.parameters() if hasattr(model, "parameters") else ()
+    return next((p.dtype for p in params if p.is_floating_point()), None)
+
+
 def batches(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -121,10 +128,11 @@ def log_likelihood(
     """
     check_inputs(data, k, batch_size, chunk_size)
     device = torch.device(device) if device is not None else model_device(model)
+    dtype = model_dtype(model) or data.dtype
     out = torch.empty(data.shape[0], dtype=torch.float64)
     with seeded(seed, device), eval_mode(model):
         for sl in batches(data.shape[0], batch_size):
-            x = data[sl].to(device, non_blocking=True)
+            x = data[sl].to(device, dtype, non_blocking=True)
             acc = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=device)
             for lw in log_weight_chunks(model, x, k, chunk_size):
                 acc = torch.logaddexp(acc, torch.logsumexp(lw, dim=0))
@@ -138,10 +146,11 @@ def evaluate_bounds(
 ) -> dict[str, float]:
     """Mean ELBO and L_k over a dataset from the same k draws per point, in nats."""
     device = model_device(model)
+    dtype = model_dtype(model) or data.dtype
     elbo_sum = iwae_sum = 0.0
     with seeded(seed, device), eval_mode(model):
         for sl in batches(data.shape[0], batch_size):
-            lw = model.log_weights(data[sl].to(device), k).double()
+            lw = model.log_weights(data[sl].to(device, dtype), k).double()
             elbo_sum += float(bounds.elbo(lw).sum())
             iwae_sum += float(bounds.iwae(lw).sum())
     n = data.shape[0]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data.registry import PSEUDO_INPUTS_DEFAULT
 from .distributions import DiagonalGaussian, log_normal_diag_mixture, log_standard_normal
 from .registry import Registry
 
@@ -160,13 +161,14 @@ class VampPrior(VampPriorBase):
     units applied to the fixed one-hot input e_c, squashed to the data range. As
     ``W e_c`` is column c of W, we store those columns directly (``pre_activation``,
     ``[C, data_dim]``), the same function and the same Adam updates without the C x C
-    identity GEMM. Initialization: N(mean, std) (their code: std 0.01), or C random
-    training images (their ``--use_training_data_init``).
+    identity GEMM. Initialization: N(mean, std), or C random training images (their
+    ``--use_training_data_init``).
 
-    The mean defaults to +0.05, not their code's -0.05: hardtanh has zero gradient
-    outside (0, 1), so a pre-activation near -0.05 starts every pseudo-input at the
-    black image with no gradient to leave it. Set ``pseudo_inputs_mean=-0.05`` to
-    reproduce their setting exactly.
+    Their utils/load_data.py sets the mean and std per dataset, overriding the -0.05 of
+    experiment.py's flag: 0.05 and 0.01 for MNIST and OMNIGLOT, 0.5 and 0.02 for
+    Caltech-101 and Frey Faces. A config that leaves them unset gets the dataset's values
+    (``models.build_model(..., dataset=...)``); a mean near -0.05 would start every pre-activation where
+    hardtanh has zero gradient, so the pseudo-inputs could never leave the black image.
     """
 
     def __init__(
@@ -174,8 +176,8 @@ class VampPrior(VampPriorBase):
         latent_dim: int,
         data_dim: int,
         components: int,
-        init_mean: float = 0.05,
-        init_std: float = 0.01,
+        init_mean: float = PSEUDO_INPUTS_DEFAULT[0],
+        init_std: float = PSEUDO_INPUTS_DEFAULT[1],
         init_images: Tensor | None = None,
     ) -> None:
         super().__init__(latent_dim, data_dim)
@@ -228,7 +230,9 @@ def _vampprior(cfg, latent_dim: int, data_dim: int, train_data: Tensor | None) -
     images = None
     if cfg.pseudo_inputs_init == "data":
         images = random_images(train_data, cfg.components, cfg.data_seed, "model.prior.components")
-    return VampPrior(latent_dim, data_dim, cfg.components, cfg.pseudo_inputs_mean, cfg.pseudo_inputs_std, images)
+    # unset: a model built without its dataset (e.g. to load weights), whose init does not matter
+    mean, std = cfg.with_pseudo_input_init(PSEUDO_INPUTS_DEFAULT).pseudo_input_params()
+    return VampPrior(latent_dim, data_dim, cfg.components, mean, std, images)
 
 
 def _vampprior_data(cfg, latent_dim: int, data_dim: int, train_data: Tensor | None) -> Prior:

@@ -150,7 +150,7 @@ class Trainer:
         )
         train_float = self.dataset.as_float("train", "none")
         try:
-            model = build_model(cfg.model, self.dataset.data_dim, train_float)
+            model = build_model(cfg.model, self.dataset.data_dim, train_float, dataset=cfg.data.name)
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"model: cannot build {cfg.model.name!r} with this config: {e}") from None
         self.model: LatentVariableModel = model.to(self.device)
@@ -400,6 +400,12 @@ class Trainer:
             self._write_info(status, error)
 
     def _track_best(self, row: dict[str, Any]) -> None:
+        """Keep the weights best on validation; count epochs without a better bound.
+
+        As in the VampPrior code (utils/perform_experiment.py), the best weights are
+        tracked from the first epoch, but the early-stopping count stays at zero while
+        the KL weight is below 1 (epochs 1..warmup_epochs), so no run stops in warm-up.
+        """
         key = f"valid_iwae_{self.cfg.objective.k}"
         if key not in row:
             return
@@ -407,6 +413,8 @@ class Trainer:
             self.best_valid = row[key]
             self.epochs_since_best = 0
             save_weights(self.model, self.run_dir / "best.safetensors")
+        elif self.epoch <= self.cfg.objective.warmup_epochs:
+            self.epochs_since_best = 0
         else:
             self.epochs_since_best += 1
 

@@ -32,7 +32,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                     train=not args.table_only)
     print()
     print(rep.outputs["markdown"].read_text())
-    print(f"trained {len(rep.trained)}, from cache {len(rep.cached)}, failed {len(rep.failed)}; "
+    print(f"trained {len(rep.trained)}, from cache {len(rep.cached)}, failed {len(rep.failed)}, "
+          f"kept from the table already there {len(rep.committed)}; "
           f"table: {rep.outputs['markdown']} and {rep.outputs['json']}"
           + (f"; curve: {rep.outputs['curve']}" if "curve" in rep.outputs else ""))
     return 1 if rep.failed else 0
@@ -53,5 +54,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="override a config key in every row, e.g. train.device=cuda")
     p.add_argument("--list", action="store_true", help="list the rows and budgets, train nothing")
     p.add_argument("--table-only", action="store_true",
-                   help="write the table from the rows already finished in --results; train nothing")
+                   help="write the table from the rows already finished in --results (rows without a cache "
+                        "keep the value of the table.json already there); train nothing")
     p.set_defaults(func=cmd_reproduce)

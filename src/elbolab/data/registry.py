@@ -14,6 +14,10 @@ from .dataset import DataError, ImageDataset
 
 ENV_VAR = "ELBOLAB_DATA"
 
+#: (mean, std) of the VampPrior's normal pseudo-input init in Tomczak & Welling's code
+#: (utils/load_data.py) for MNIST and OMNIGLOT; also the value for datasets they did not use
+PSEUDO_INPUTS_DEFAULT: tuple[float, float] = (0.05, 0.01)
+
 
 def default_data_dir() -> Path:
     """$ELBOLAB_DATA, else $XDG_CACHE_HOME/elbolab, else ~/.cache/elbolab."""
@@ -43,6 +47,9 @@ class DatasetSpec:
     split_sizes: tuple[tuple[str, int], ...] = ()
     #: True for {0, 1} pixels, False for grey levels 0..255
     binary: bool = True
+    #: (mean, std) of the normal pseudo-input init the VampPrior code uses for this dataset
+    #: (``model.prior.pseudo_inputs_mean`` / ``_std`` left unset take these)
+    pseudo_inputs: tuple[float, float] = PSEUDO_INPUTS_DEFAULT
 
 
 #: ``data.name`` -> its spec. ``omniglot`` is short for our own 28x28 build,
@@ -65,6 +72,11 @@ def resolve_name(name: str) -> tuple[DatasetSpec, str | None]:
         suffixes = "/".join(BINARIZATION_SUFFIXES)
         raise DataError(f"unknown dataset {name!r}{did_you_mean(name, known)} (each name optionally + {suffixes})")
     return DATASETS[DATASETS.canonical(base)], binarization
+
+
+def pseudo_input_init(name: str) -> tuple[float, float]:
+    """(mean, std) of the VampPrior's normal pseudo-input init for dataset ``name``."""
+    return resolve_name(name)[0].pseudo_inputs
 
 
 def load(name: str, data_dir: str | Path | None = None, validation: int = 0) -> ImageDataset:

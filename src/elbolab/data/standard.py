@@ -197,6 +197,10 @@ def load_omniglot_chardata(data_dir: Path) -> ImageDataset:
                         labels=labels, source=f"{src.path} ({status}); grey levels rounded to 1/255")
 
 
+#: the VampPrior code's pseudo-input init (mean, std) for Caltech-101 Silhouettes and Frey
+#: Faces (for MNIST and OMNIGLOT it uses the registry default, 0.05 and 0.01)
+VAMPPRIOR_GREY_PSEUDO_INPUTS = (0.5, 0.02)
+
 register(DatasetSpec(
     "mnist", "MNIST grey levels 0..255 with labels (LeCun IDX .gz); data.validation=10000 gives 50k/10k",
     load_mnist, files=tuple(f"mnist/{f}" for t in IDX_FILES.values() for f in t[:2]),
@@ -219,8 +223,9 @@ register(DatasetSpec(
     split_sizes=(("train", 24_345), ("test", 8_070)), binary=False))
 register(DatasetSpec(
     "caltech101-silhouettes", "Caltech-101 Silhouettes 28x28, Marlin's split1, 1 = object, labels 0..100",
-    load_caltech, files=(CALTECH_FILE,), split_sizes=tuple(CALTECH_SPLITS.items()), binary=True))
+    load_caltech, files=(CALTECH_FILE,), split_sizes=tuple(CALTECH_SPLITS.items()), binary=True,
+    pseudo_inputs=VAMPPRIOR_GREY_PSEUDO_INPUTS))
 register(DatasetSpec(
     "freyfaces", "Frey Faces 28x20 grey levels, 1565/200/200 as in the VampPrior code (fixed permutation)",
     load_freyfaces, files=(FREY_FILE,), image_shape=(28, 20), split_sizes=tuple(FREY_SPLITS.items()),
-    binary=False))
+    binary=False, pseudo_inputs=VAMPPRIOR_GREY_PSEUDO_INPUTS))

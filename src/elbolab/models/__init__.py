@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from torch import Tensor
 
 from ..config import ModelConfig
+from ..data.registry import PSEUDO_INPUTS_DEFAULT, pseudo_input_init
 from ..priors import make_prior
 from ..registry import Registry
 from .base import HasLogWeights, LatentVariableModel, LogWeightTerms
@@ -70,9 +72,14 @@ MODELS: Registry[Callable[[ModelConfig, int, Tensor | None], LatentVariableModel
 })
 
 
-def build_model(cfg: ModelConfig, data_dim: int, train_data: Tensor | None = None) -> LatentVariableModel:
+def build_model(cfg: ModelConfig, data_dim: int, train_data: Tensor | None = None, dataset: str | None = None
+                ) -> LatentVariableModel:
     """Build the model a config names; ``train_data`` (float, [N, D]) sets the output bias
-    to the data's mean image and provides images for data-initialized priors."""
+    to the data's mean image and provides images for data-initialized priors; ``dataset``
+    (a ``data.name``) supplies what the config leaves to the dataset (the VampPrior's
+    pseudo-input init, set per dataset in its authors' code)."""
+    init = pseudo_input_init(dataset) if dataset else PSEUDO_INPUTS_DEFAULT
+    cfg = dataclasses.replace(cfg, prior=cfg.prior.with_pseudo_input_init(init))
     model = MODELS.get_checked(cfg.name, "model.name")(cfg, data_dim, train_data)
     if train_data is not None:
         model.likelihood.init_output_bias(train_data.float().mean(0))

@@ -3,8 +3,9 @@
     q(z1 | x) q(z2 | z1),    p(z2) p(z1 | z2) p(x | z1)
 
 with z1 of 100 units and z2 of 50. Between x and z1 sit two deterministic tanh
-layers of 100 units, between z1 and z2 two of 50; the generative networks mirror the
-recognition ones (z2 -> 50 -> 50 -> z1, z1 -> 100 -> 100 -> x). Every Gaussian is
+layers of 200 units, between z1 and z2 two of 100; the generative networks mirror the
+recognition ones (z2 -> 100 -> 100 -> z1, z1 -> 200 -> 200 -> x), as in the authors'
+experiments.py. The sizes are config keys (``model.two_layer``). Every Gaussian is
 diagonal, its mean and log-variance a linear map of the last deterministic layer.
 The prior p(z2) is any prior of elbolab.priors (standard in the paper).
 """

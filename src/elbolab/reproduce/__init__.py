@@ -10,17 +10,19 @@ row is never retrained; an interrupted one resumes), and written as a table.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError, parse_overrides
 from ..preflight import preflight
 from .executors import EXECUTORS, make_executor
-from .output import Entry, make_entry, write_outputs
+from .output import Entry, make_entry, read_committed, write_outputs
 from .rows import RESULT_FILE, RowTask, run_row
-from .tables import BUDGETS, get_table, load_tables, plan_rows
+from .tables import BUDGETS, get_table, load_tables, plan_rows, result_overrides, row_config
 
 __all__ = ["BUDGETS", "EXECUTORS", "Reproduction", "get_table", "load_tables", "reproduce"]
 
@@ -35,10 +37,25 @@ class Reproduction:
     trained: list[str]
     cached: list[str]
     failed: list[str]
+    #: row ids printed from the table.json the folder already held (not rerun, no cache)
+    committed: list[str] = field(default_factory=list)
 
 
 def table_dir(results: str | Path, table: str, budget: str) -> Path:
     return Path(results) / table / budget
+
+
+def row_dir_for(rows: Path, row_id: str, key: str, claimed: dict[str, Path]) -> Path:
+    """Where a row trains: its own folder ``<row>-<key>``, unless a row with the same
+    config key (the k = 1 VAE and IWAE rows) has finished, or is planned in this call,
+    in another folder: then it shares that one and the training happens once."""
+    own = rows / f"{row_id}-{key}"
+    if (own / RESULT_FILE).exists():
+        return own
+    twins = sorted(d for d in rows.glob(f"*-{key}") if (d / RESULT_FILE).exists())
+    if twins:
+        return twins[0]
+    return claimed.get(key, own)
 
 
 def reproduce(
@@ -57,8 +74,11 @@ def reproduce(
     """Run the selected rows of ``table`` at ``budget`` and write table.md/.json (+ curve).
 
     ``train=False`` writes the table from the rows already finished in ``results`` and
-    trains nothing (the others print as "not run"): a table while a reproduction runs
-    elsewhere, or from a results folder copied off a cluster.
+    trains nothing: a table while a reproduction runs elsewhere, or from a results folder
+    copied off a cluster. A row with no cache that is not trained here (``train=False``,
+    a row left out by ``only``, a failed row) keeps the value of the table.json already in
+    the folder, marked as such, so a partial rerun never replaces a result with less; rows
+    found nowhere print as "not run".
     """
     spec = get_table(table)
     plans = plan_rows(spec, budget, only, data_dir, overrides)
@@ -68,46 +88,80 @@ def reproduce(
     out = table_dir(results, spec.name, budget)
     override_notes = ([f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict)
                       else list(overrides or []))
+    committed = read_committed(out / "table.json", spec, budget, result_overrides(override_notes))
+    if spec.protocol.evaluation == "likelihood":
+        _fill_k(spec, budget, committed, data_dir, overrides)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    tasks, by_row = [], {}
+    tasks, by_row, claimed = [], {}, {}
     for p in plans:
         # rows report when they finish; per-batch progress bars of parallel rows would interleave
         cfg = p.config.with_overrides({"train.progress": False})
         if cfg.train.threads == 0:  # share the cores between the workers
             cfg = cfg.with_overrides({"train.threads": threads})
-        row_dir = out / "rows" / f"{p.row.id}-{p.key}"
+        row_dir = row_dir_for(out / "rows", p.row.id, p.key, claimed)
+        claimed.setdefault(p.key, row_dir)
         task = RowTask(table=spec.name, row_id=p.row.id, config=cfg.to_dict(), row_dir=str(row_dir),
                        evaluation=spec.protocol.evaluation, data_label=p.data_label)
         tasks.append(task)
         by_row[p.row.id] = (p, row_dir)
     cached_tasks = [t for t in tasks if (Path(t.row_dir) / RESULT_FILE).exists()]
     todo = [t for t in tasks if t not in cached_tasks]
+    # one training per folder: a row sharing another's folder takes that row's result
+    first = {t.row_dir: t for t in reversed(todo)}
+    to_run = [t for t in todo if first[t.row_dir] is t]
     results_by_row: dict[str, Entry] = {}
     trained, cached, failed = [], [], []
 
     def record(task: RowTask, result: dict[str, Any] | None, error: BaseException | None) -> None:
         entry = make_entry(spec, task.row_id, task.data_label, result, error, task.row_dir)
-        results_by_row[task.row_id] = entry
         {"trained": trained, "cached": cached, "failed": failed}[entry.status].append(task.row_id)
+        if entry.status == "failed" and task.row_id in committed:
+            entry = replace(committed[task.row_id], error=entry.error)
+        results_by_row[task.row_id] = entry
         if on_row is not None:
             on_row(entry)
         # rewrite the table after every row, so a long reproduction shows progress
-        write_outputs(spec, budget, _ordered(spec, plans, results_by_row, by_row), out, override_notes)
+        write_outputs(spec, budget, _ordered(spec, plans, results_by_row, by_row, committed), out, override_notes)
 
     for t in cached_tasks:
         record(t, run_row(t), None)
     if train:
-        for t, result, error in make_executor(executor, workers).run(todo, run_fn):
-            record(t, result, error)
-    entries = _ordered(spec, plans, results_by_row, by_row)
+        for t, result, error in make_executor(executor, workers).run(to_run, run_fn):
+            for twin in (u for u in todo if u.row_dir == t.row_dir):
+                shared = result if twin is t or result is None else {**result, "cached": True}
+                record(twin, shared, error)
+    entries = _ordered(spec, plans, results_by_row, by_row, committed)
     outputs = write_outputs(spec, budget, entries, out, override_notes)
-    return Reproduction(spec.name, budget, entries, outputs, trained, cached, failed)
+    kept = [e.row for e in entries if e.status == "committed"]
+    return Reproduction(spec.name, budget, entries, outputs, trained, cached, failed, kept)
 
 
-def _ordered(spec, plans, done: dict[str, Entry], by_row) -> list[Entry]:
-    """Entries in table order; rows not finished yet appear as 'not run'."""
-    return [
-        done[p.row.id] if p.row.id in done
-        else make_entry(spec, p.row.id, p.data_label, None, None, str(by_row[p.row.id][1]))
-        for p in plans
-    ]
+def _fill_k(spec, budget: str, committed: dict[str, Entry], data_dir: str | None, overrides) -> None:
+    """K of committed rows whose table.json predates the K field: the one the protocol sets
+    for this budget and these overrides, which that table was made with."""
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for row_id, entry in committed.items():
+        if entry.k_importance is None:
+            with contextlib.suppress(ConfigError):
+                plan = row_config(spec, spec.row(row_id), budget, data_dir, overrides)
+                entry.k_importance = plan.config.eval.k_importance
+
+
+def _ordered(spec, plans, done: dict[str, Entry], by_row, committed: dict[str, Entry]) -> list[Entry]:
+    """Entries in table order: this call's rows, else the committed ones; selected rows
+    found nowhere appear as 'not run'; rows neither selected nor committed are left out."""
+    planned = {p.row.id: p for p in plans}
+    entries = []
+    for row in spec.rows:
+        if row.id in done:
+            entries.append(done[row.id])
+        elif row.id in committed:
+            entries.append(committed[row.id])
+        elif row.id in planned:
+            p = planned[row.id]
+            entry = make_entry(spec, row.id, p.data_label, None, None, str(by_row[row.id][1]))
+            if spec.protocol.evaluation == "likelihood":
+                entry.k_importance = p.config.eval.k_importance  # the K it will be scored with
+            entries.append(entry)
+    return entries

@@ -15,9 +15,11 @@ from typing import Any
 
 from ..files import atomic_write_text
 from ..runs import read_metrics
-from .tables import Metric, PaperValue, TableSpec
+from .tables import Metric, PaperValue, TableSpec, result_overrides
 
 DAGGER = "†"
+#: marks a row read from the table.json already in the folder (not rerun, no row cache here)
+KEPT = "‡"
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Cell:
 class Entry:
     row: str
     data: str
-    #: trained | cached | failed | not run
+    #: trained | cached | committed (read from the table.json already there) | failed | not run
     status: str
     cells: dict[str, Cell] = field(default_factory=dict)
     epochs: int | None = None
@@ -44,6 +46,8 @@ class Entry:
     hardware: str | None = None
     error: str | None = None
     row_dir: str | None = None
+    #: importance samples of the test log-likelihood (likelihood tables)
+    k_importance: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -85,8 +89,47 @@ def make_entry(table: TableSpec, row_id: str, data: str, result: dict[str, Any] 
         row=row_id, data=data, status="cached" if result.get("cached") else "trained",
         cells={m.name: make_cell(m, row.values.get(m.name), metrics) for m in table.metrics},
         epochs=result["epochs"], wall_seconds=result["train_seconds"] + result["eval_seconds"],
-        hardware=result["hardware"], row_dir=row_dir,
+        hardware=result["hardware"], row_dir=row_dir, k_importance=metrics.get("k_importance"),
     )
+
+
+def read_committed(path: Path, table: TableSpec, budget: str, overrides: list[str]) -> dict[str, Entry]:
+    """The finished rows of the table.json already at ``path``, as "committed" entries.
+
+    They stand in for rows that have no cache here and are not trained in this call, so
+    a rerun of some rows (or ``--table-only`` in a fresh clone) never replaces a committed
+    result with "not run". Only a table of the same table and budget whose overrides
+    change the results in the same way (``overrides``, already filtered) is read; its
+    paper values are refreshed from papers.yaml, ours are kept as written.
+    """
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if (not isinstance(doc, dict) or doc.get("table") != table.name or doc.get("budget") != budget
+            or result_overrides(doc.get("overrides") or []) != overrides):
+        return {}
+    known = {r.id for r in table.rows}
+    out: dict[str, Entry] = {}
+    for r in doc.get("rows") or []:
+        cells = r.get("cells") or {}
+        if r.get("row") not in known or r.get("status") not in ("trained", "cached", "committed"):
+            continue
+        metrics: dict[str, Any] = {}
+        for name, c in cells.items():
+            if c.get("ours") is not None:
+                metrics[name] = c["ours"]
+                metrics[f"{name}_stderr"] = c.get("ours_stderr")
+        if not metrics:
+            continue
+        row = table.row(r["row"])
+        out[row.id] = Entry(
+            row=row.id, data=str(r.get("data", "")), status="committed",
+            cells={m.name: make_cell(m, row.values.get(m.name), metrics) for m in table.metrics},
+            epochs=r.get("epochs"), wall_seconds=r.get("wall_seconds"), hardware=r.get("hardware"),
+            row_dir=r.get("row_dir"), k_importance=r.get("k_importance"),
+        )
+    return out
 
 
 # --- markdown ---------------------------------------------------------------------
@@ -116,7 +159,8 @@ def _digits(metric: Metric) -> int:
 
 
 def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: list[str] | None = None) -> str:
-    head = ["row", "data"]
+    with_k = table.protocol.evaluation == "likelihood"
+    head = ["row", "data", *(["IS samples K"] if with_k else [])]
     for m in table.metrics:
         head += [f"{m.label} paper", "ours", "Δ"]
     head += ["epochs", "wall time", "hardware"]
@@ -134,7 +178,9 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
     ]
     unverified = False
     for e in entries:
-        cells = [e.row, e.data]
+        cells = [e.row + (f" {KEPT}" if e.status == "committed" else ""), e.data]
+        if with_k:
+            cells.append(str(e.k_importance) if e.k_importance is not None else "")
         for m in table.metrics:
             c = e.cells[m.name]
             paper = _num(c.paper, _digits(m))
@@ -146,14 +192,19 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
                 ours += f" ± {c.ours_stderr:.2f}"
             digits = 0 if m.kind == "active_units" else _digits(m)
             diff = "" if c.difference is None else f"{c.difference:+.{digits}f}"
-            cells += [paper, ours if e.status in ("trained", "cached") else e.status, diff]
+            cells += [paper, ours if e.status in ("trained", "cached", "committed") else e.status, diff]
         cells += [str(e.epochs) if e.epochs is not None else "", _duration(e.wall_seconds), e.hardware or ""]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [e for e in entries if e.error]
     if unverified:
         lines += ["", f"{DAGGER} paper value not verified against a copy of the paper (see papers.yaml)."]
+    if any(e.status == "committed" for e in entries):
+        lines += ["", f"{KEPT} not rerun here: read from the table.json this folder held before (no row cache for "
+                      "it here); its config may predate the current protocol (see docs/reproduce.md)."]
     if failed:
-        lines += ["", "Rows that failed:"] + [f"- {e.row}: {e.error}" for e in failed]
+        lines += ["", "Rows that failed:"] + [
+            f"- {e.row}: {e.error}" + (" (the committed value is kept)" if e.status == "committed" else "")
+            for e in failed]
     return "\n".join(lines) + "\n"
 
 

@@ -110,7 +110,7 @@ def run_row(task: RowTask) -> dict[str, Any]:
     cfg = RunConfig.from_dict(task.config)
     row_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    dataset = load(cfg.data.name, cfg.data.data_dir)
+    dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
     run_dir = row_dir / "run"
     model = _train(cfg, run_dir, dataset)
     device = next(model.parameters()).device

@@ -21,6 +21,7 @@ import yaml
 from ..config import ConfigError, RunConfig, parse_overrides, preset
 from ..data import resolve_data_dir
 from ..errors import did_you_mean
+from ..objectives import OBJECTIVES, vae_plan
 from ..schedules import iwae_epochs
 
 PAPERS_FILE = Path(__file__).with_name("papers.yaml")
@@ -242,12 +243,35 @@ _KEY_IGNORED = {("train", "threads"), ("train", "progress"), ("train", "device")
                 ("data", "data_dir"), ("eval", "gpu_chunk_size")}
 
 
+def _same_as_vae_k1(cfg: RunConfig) -> bool:
+    """True when the objective is the single-sample ELBO: VAE and IWAE at k = 1 (and MIWAE,
+    PIWAE at k = m = 1) follow one bound with one gradient (objectives.vae_plan(1))."""
+    return OBJECTIVES[cfg.objective.name](cfg.objective) == vae_plan(1)
+
+
 def config_key(cfg: RunConfig) -> str:
-    """Short hash of everything that defines a row's result (not threads, device, compilation, paths)."""
+    """Short hash of everything that defines a row's result (not threads, device, compilation,
+    paths). Objectives that compute the same thing share a key (``vae`` for every k = 1
+    ELBO), so the k = 1 VAE and IWAE rows of a table train once."""
     d = cfg.to_dict()
     for section, key in _KEY_IGNORED:
         d.get(section, {}).pop(key, None)
+    if _same_as_vae_k1(cfg):
+        d["objective"]["name"] = "vae"
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def result_overrides(notes: list[str]) -> list[str]:
+    """The ``key=value`` overrides among ``notes`` that can change a row's result (not
+    device, threads, paths...), normalized and sorted: two tables with equal lists hold
+    comparable rows."""
+    ignored = {f"{section}.{key}" for section, key in _KEY_IGNORED}
+    out = []
+    for note in notes:
+        key, _, value = str(note).partition("=")
+        if key.strip() not in ignored:
+            out.append(f"{key.strip()}={value.strip()}")
+    return sorted(out)
 
 
 def row_config(
