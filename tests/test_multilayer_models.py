@@ -164,15 +164,18 @@ def test_hierarchical_is_estimate_matches_2d_quadrature(x):
     assert ((est - exact).abs() < 5 * se + 1e-3).all(), (est, exact, se)
 
 
-def test_posterior_means_and_active_units_per_layer(x):
+def test_conditional_means_and_active_units_per_layer(x):
     two = TwoLayerVAE(6, (3, 2), (5,), (4,), "tanh", "bernoulli", StandardNormal(2)).double()
-    m1, m2 = two.posterior_means(x)
-    torch.testing.assert_close(m1, two.q_z1(x)[0])
-    torch.testing.assert_close(m2, two.q_z2(m1)[0])  # the plug-in upper mean
+    m1, m2 = two.conditional_means(x, 4, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(m1, two.q_z1(x)[0])  # exact: no sample axis
+    z1 = two.posterior(x).rsample(4, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(m2, two.q_z2(z1)[0])  # [K, B, D2] at the draws of z1
     hier = HierarchicalVAE(6, (3, 2), 5, (-6.0, 2.0), "bernoulli", StandardNormal(2)).double()
-    h1, h2 = hier.posterior_means(x)
+    h1, h2 = hier.conditional_means(x, 4, torch.Generator().manual_seed(1))
     torch.testing.assert_close(h2, hier.q_z2(x)[0])
-    torch.testing.assert_close(h1, hier.q_z1(x, h2)[0])
+    z2 = hier.posterior(x).rsample(4, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(h1, hier.q_z1(x, z2)[0])
+    assert h1.shape == (4, 5, 3)
     au = active_units(two, x, threshold=1e-12)
     assert [a.numel() for a in au.activity] == [3, 2]
 

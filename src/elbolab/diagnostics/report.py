@@ -70,7 +70,7 @@ def diagnose(
     report["bound_vs_k"] = bvk.to_dict()
     figures["bound_vs_k"] = plots.plot_bound_vs_k(bvk, out_dir / "diag-bound-vs-k.png", bvk.mean()[0]).name
 
-    au = timed("active_units", lambda: active_units(model, x, e.active_unit_threshold, e.batch_size))
+    au = timed("active_units", lambda: active_units(model, x, e.active_unit_threshold, e.batch_size, seed=e.seed))
     report["active_units"] = {**au.to_dict(), "label": str(au)}
     figures["active_units"] = plots.plot_active_units(au, out_dir / "diag-active-units.png").name
 
@@ -128,6 +128,13 @@ def _q_ew_section(model, x, bvk, ks, seed, labels, log_p, out_dir: Path, figures
     return {"ks": list(ks), "method": "numerical integration on a grid", "points": points}
 
 
+def _au_method(au: dict[str, Any]) -> str:
+    """How the upper layers' posterior means were estimated, if they had to be."""
+    if not au.get("samples"):
+        return ""
+    return f"; upper-layer means from {au['samples']} draws of the first-sampled layer per point"
+
+
 def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | None) -> str:
     ll, au = r["log_likelihood"], r["active_units"]
     lines = [
@@ -140,7 +147,7 @@ def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | No
         f"- **ELBO** (L_1): {r['bound_vs_k']['mean'][0]:.2f} nats; gap to log p(x): "
         f"{-r['bound_vs_k']['gap_to_largest'][0]:.2f} ± {r['bound_vs_k']['gap_stderr'][0]:.2f} nats",
         f"- **active units**: {au['label']} of {'+'.join(str(len(a)) for a in au['activity'])} "
-        f"(threshold {au['threshold']:g})",
+        f"(threshold {au['threshold']:g}{_au_method(au)})",
     ]
     s = r["surgery"]
     if "skipped" not in s:

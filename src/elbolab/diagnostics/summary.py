@@ -28,7 +28,7 @@ def summarize(
     out[f"iwae_{k_train}"] = b[f"iwae_{k_train}"]
     ll = log_likelihood(model, x_test, k=k_importance, batch_size=batch_size, chunk_size=chunk_size, seed=seed)
     out["log_likelihood"] = ll.to_dict()
-    au = active_units(model, x_test, threshold=threshold)
+    au = active_units(model, x_test, threshold=threshold, batch_size=batch_size, seed=seed)
     out["active_units"] = {"counts": au.counts, "total": au.total, "threshold": threshold,
                            "label": str(au)}
     return out

@@ -123,8 +123,14 @@ class LatentVariableModel(nn.Module, ABC):
         """Ancestral samples of the decoder's input given the prior's layer, ``[n, ...]``."""
         return z_top
 
-    def posterior_means(self, x: Tensor) -> list[Tensor]:
-        """E_q[z_l | x] per stochastic layer (bottom first), for active units."""
+    def conditional_means(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """Per stochastic layer (bottom first), its mean under q given x and k draws of the
+        first-sampled layer: ``[K, B, D_l]``, or ``[B, D_l]`` where the mean is exact (it
+        does not depend on the draws, as for the first-sampled layer itself).
+
+        Each of the K rows is an unbiased estimate of E_q[z_l | x], which active units
+        need; a plug-in such as mu2(E_q[z1 | x]) is not one through a nonlinear network.
+        """
         return [self.posterior(x).mean]
 
     @abstractmethod

@@ -116,11 +116,11 @@ class HierarchicalVAE(LatentVariableModel):
         log_px = self.likelihood.log_prob_from_features(x, self.p_x_features(z1, z2))
         return LogWeightTerms(log_px, {"z1": log_p1, "z2": log_p2}, {"z1": log_q1, "z2": log_q2}, {"z1": z1, "z2": z2})
 
-    def posterior_means(self, x: Tensor) -> list[Tensor]:
-        """[mu1(x, E_q[z2|x]), E_q[z2|x]]: z2's mean is exact; z1's is taken at z2's mean
-        (a plug-in; E_q[z1|x] = E_q(z2|x)[mu1(x, z2)] has no closed form)."""
-        m2 = self.posterior(x).mean
-        return [self.q_z1(x, m2)[0], m2]
+    def conditional_means(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """[mu1(x, z2) at k draws z2 ~ q(z2|x) ``[K, B, D1]``, E_q[z2|x] ``[B, D2]``]: E_q[z1|x]
+        is the average of mu1 over q(z2|x), with no closed form."""
+        q2 = self.posterior(x)
+        return [self.q_z1(x, q2.rsample(k, generator))[0], q2.mean]
 
     def latents_given_top(self, z_top: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """z1 ~ p(z1 | z2); the decoder reads both, returned as ``[..., D1 + D2]``."""

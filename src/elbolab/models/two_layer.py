@@ -91,11 +91,11 @@ class TwoLayerVAE(LatentVariableModel):
         log_px = self.likelihood.log_prob_from_features(x, self.p_x(z1))
         return LogWeightTerms(log_px, {"z1": log_p1, "z2": log_p2}, {"z1": log_q1, "z2": log_q2}, {"z1": z1, "z2": z2})
 
-    def posterior_means(self, x: Tensor) -> list[Tensor]:
-        """[E_q[z1|x], mu2(E_q[z1|x])]: the upper mean is taken at the lower layer's mean
-        (a plug-in; E_q[z2|x] = E_q(z1|x)[mu2(z1)] has no closed form)."""
-        m1 = self.posterior(x).mean
-        return [m1, self.q_z2(m1)[0]]
+    def conditional_means(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """[E_q[z1|x] ``[B, D1]``, mu2(z1) at k draws z1 ~ q(z1|x) ``[K, B, D2]``]: E_q[z2|x] is
+        the average of mu2 over q(z1|x), with no closed form."""
+        q1 = self.posterior(x)
+        return [q1.mean, self.q_z2(q1.rsample(k, generator))[0]]
 
     def latents_given_top(self, z_top: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """z1 ~ p(z1 | z2): the decoder reads z1 only."""

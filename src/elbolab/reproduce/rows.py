@@ -50,7 +50,7 @@ def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any
     e = cfg.eval
     ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_for(device),
                         seed=e.seed)
-    au = active_units(model, x, threshold=e.active_unit_threshold)
+    au = active_units(model, x, threshold=e.active_unit_threshold, batch_size=e.batch_size, seed=e.seed)
     return {
         "log_likelihood": ll.mean, "log_likelihood_stderr": ll.stderr,
         "nll": -ll.mean, "nll_stderr": ll.stderr, "k_importance": e.k_importance, "n_test": int(x.shape[0]),
