@@ -17,16 +17,33 @@ the same number whichever estimator is chosen; Pyro's pattern: the loss is
 - ``standard``: autograd through the bound, sum_k w~_k d log w_k (IWAE paper);
 - ``stl``: the same with log q evaluated at detached variational parameters, which drops
   the score term (Roeder et al. 2017); unbiased for the ELBO, biased for L_k at k > 1;
-- ``dreg``: encoder gradient sum_k w~_k^2 (d log w_k / dz_k)(dz_k / dphi), unbiased
-  (Tucker et al. 2018); the decoder gradient is the standard one.
+- ``dreg``: encoder gradient sum_k w~_k^2 (d log w_k / dz_k)(dz_k / dphi) plus
+  sum_k w~_k d log p(z_k) / dphi for a prior that reuses encoder parameters (a VampPrior
+  reads q at its pseudo-inputs), unbiased (Tucker et al. 2018); the decoder gradient is
+  the standard one.
+
+Why those weights: the standard gradient of one group is sum_k w~_k (path_k + prior_k -
+score_k), with path_k the gradient through the sample z_k, prior_k the prior's direct
+parameter gradient and score_k = d log q(z_k) / dphi at fixed z_k. Reparameterizing
+E[w~_k score_k] gives E[(w~_k - w~_k^2) path_k]: the score term trades for a change of
+the weight on the path only, and prior_k keeps w~_k. Over a plan's parts the bound's
+weight on draw k is c_k = sum of weight * w~_k / groups, and d_k is the same with
+w~_k^2. The path weight is a_k = d_k; under KL warm-up (beta on log p(z) - log q) only
+beta of the score term is in the bound, so a_k = c_k - beta (c_k - d_k).
 
 How DReG is computed: with one stochastic layer (``terms.z`` holds one sample tensor),
-the STL surrogate is used and a hook rescales the gradient reaching each sample z_k by
-w~_k, turning w~_k into w~_k^2 on the path through z only (a prior that reuses encoder
-parameters, like the VampPrior, keeps its correct w~_k weight). With several layers, a
-later sample depends on an earlier one and a per-sample hook would rescale that path
-twice, so the encoder follows sum_k w~_k^2 log w_k instead (exact unless the prior reuses
-encoder parameters, whose direct gradient then also gets w~_k^2).
+the STL surrogate (weights c_k) is used and a hook rescales the gradient reaching each
+sample z_k by a_k / c_k, so the prior's direct gradient keeps c_k and no extra backward
+pass is needed. With several layers a later sample depends on an earlier one and a
+per-sample hook would rescale that path twice, so the encoder follows
+sum_k a_k log w_k (STL terms), which puts a_k on the prior's direct gradient too, plus
+sum_k (c_k - a_k) beta log p(z_top,k) with ``model.prior`` evaluated again at the
+detached top-layer sample, whose gradient is the prior's direct gradient alone. The top
+layer is ``model.prior_layer``, a key of ``terms.z``; ``model.prior.log_prob`` at that
+sample must be the ``terms.log_prior`` term of that layer, and every other log p term
+must use generative (non-encoder) parameters only. (A partial derivative with respect to
+the sample tensor would avoid evaluating the prior twice, but under torch.compile the
+sample and the log prior leave one fused graph as siblings, so it would come back zero.)
 
 When encoder and decoder follow different surrogates (PIWAE, multi-layer DReG) they are
 routed by :meth:`LatentVariableModel.encoder_parameters`: each side's gradient is
@@ -108,36 +125,53 @@ def combined_bound(log_w: Tensor, parts: Sequence[Part]) -> Tensor:
     return sum(p.weight * grouped_iwae(log_w, p.group) for p in parts)
 
 
-def _dreg_surrogate(log_w: Tensor, parts: Sequence[Part]) -> Tensor:
-    """[n, B] -> [B] whose gradient through z is DReG's sum_k w~_k^2 d log w_k, per group.
-
-    ``log_w`` must come from ``stop_posterior_grad`` terms (no score path). Its value is
-    not a bound; only its gradient is used.
-    """
-    out = 0.0
-    for p in parts:
-        g = _groups(log_w, p.group)
-        w = torch.softmax(g.detach(), dim=1)
-        out = out + p.weight * (w.pow(2) * g).sum(dim=1).mean(dim=0)
-    return out
-
-
-def _dreg_sample_scale(log_w: Tensor, parts: Sequence[Part]) -> Tensor:
-    """[n, B]: the factor that turns the bound's weight on each draw into DReG's.
-
-    The gradient a bound sends into draw k is c_k d log w_k with c_k = sum over parts of
-    weight * w~_k / groups; DReG wants sum of weight * w~_k^2 / groups. Their ratio,
-    applied to the gradient reaching the sample z_k, changes only the path through z.
-    """
-    num = den = 0.0
+def _draw_weights(log_w: Tensor, parts: Sequence[Part]) -> tuple[Tensor, Tensor]:
+    """[n, B] -> (c, d), each [n, B]: the bound's weight on each draw's log weight,
+    c_k = sum over parts of weight * w~_k / groups, and DReG's, with w~_k^2 for w~_k."""
+    c = d = torch.zeros_like(log_w)
     for p in parts:
         g = _groups(log_w.detach(), p.group)
         w = torch.softmax(g, dim=1)
-        n_groups = g.shape[0]
-        num = num + (p.weight / n_groups) * w.pow(2).reshape(log_w.shape)
-        den = den + (p.weight / n_groups) * w.reshape(log_w.shape)
+        share = p.weight / g.shape[0]
+        c = c + share * w.reshape(log_w.shape)
+        d = d + share * w.pow(2).reshape(log_w.shape)
+    return c, d
+
+
+def _dreg_path_weights(log_w: Tensor, parts: Sequence[Part], kl_weight: float | Tensor) -> tuple[Tensor, Tensor]:
+    """[n, B] -> (c, a): the bound's weight on draw k and DReG's weight on the path through
+    its sample, a_k = c_k - beta (c_k - d_k) (only beta of the score term is in a tempered bound)."""
+    c, d = _draw_weights(log_w, parts)
+    if isinstance(kl_weight, float | int) and kl_weight == 1.0:
+        return c, d
+    return c, c - kl_weight * (c - d)
+
+
+def _dreg_sample_scale(log_w: Tensor, parts: Sequence[Part], kl_weight: float | Tensor = 1.0) -> Tensor:
+    """[n, B]: the factor a_k / c_k that turns the bound's weight on the gradient reaching
+    sample z_k into DReG's path weight (see the module docstring)."""
+    c, a = _dreg_path_weights(log_w, parts, kl_weight)
     # a weight that underflows to 0 (float32, large k) gets no gradient either way: 0, not 0/0
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
+    return torch.where(c > 0, a / c.clamp_min(torch.finfo(c.dtype).tiny), torch.zeros_like(c))
+
+
+def _dreg_routed_target(model: LatentVariableModel, terms: LogWeightTerms, log_w: Tensor,
+                        parts: Sequence[Part], kl_weight: float | Tensor) -> Tensor:
+    """Scalar whose encoder gradient is DReG's for several stochastic layers (batch mean).
+
+    ``log_w`` ([n, B], KL-tempered) must come from ``stop_posterior_grad`` terms. Its
+    value is not a bound; only its gradient is used.
+    """
+    layer, prior = model.prior_layer, getattr(model, "prior", None)
+    if prior is None or layer not in terms.z:
+        raise ValueError(
+            f"{type(model).__name__}: multi-layer DReG evaluates model.prior at the sample "
+            f"z[prior_layer={layer!r}] (samples: {sorted(terms.z)}); set prior and prior_layer"
+        )
+    c, a = _dreg_path_weights(log_w, parts, kl_weight)
+    # the prior at the fixed sample: only its own (possibly encoder) parameters carry a gradient
+    prior_direct = prior.log_prob(terms.z[layer].detach())  # [n, B]
+    return ((a * log_w).sum(0) + ((c - a) * kl_weight * prior_direct).sum(0)).mean()
 
 
 def _scale_sample_gradients(terms: LogWeightTerms, scale: Tensor) -> None:
@@ -187,19 +221,14 @@ def estimate(
     log_w = terms.log_weights().detach()
     report = combined_bound(log_w, plan.report)
 
-    # DReG for one stochastic layer: the STL surrogate, with the gradient reaching z_k
-    # rescaled from w~_k to w~_k^2. Exact with any prior (a prior that reuses encoder
-    # parameters keeps its w~_k weight) and costs no extra backward pass.
+    # DReG for one stochastic layer: the STL surrogate with the gradient reaching z_k
+    # rescaled to the path weight; costs no extra backward pass
     dreg_by_hook = estimator == "dreg" and len(terms.z) == 1
     if dreg_by_hook:
-        _scale_sample_gradients(terms, _dreg_sample_scale(log_w_train, plan.encoder))
+        _scale_sample_gradients(terms, _dreg_sample_scale(log_w_train, plan.encoder, kl_weight))
     if (estimator != "dreg" or dreg_by_hook) and plan.encoder == plan.decoder:
         return ObjectiveResult(loss=-decoder_value, bound=report, log_w=log_w, terms=terms)
 
-    if estimator == "dreg" and not dreg_by_hook:
-        encoder_target = _dreg_surrogate(log_w_train, plan.encoder).mean()
-    else:
-        encoder_target = combined_bound(log_w_train, plan.encoder).mean()
     enc = model.encoder_parameters()
     if not enc:
         raise ValueError(
@@ -208,6 +237,10 @@ def estimate(
         )
     if not torch.is_grad_enabled():
         return ObjectiveResult(loss=-decoder_value, bound=report, log_w=log_w, terms=terms)
+    if estimator == "dreg" and not dreg_by_hook:
+        encoder_target = _dreg_routed_target(model, terms, log_w_train, plan.encoder, kl_weight)
+    else:
+        encoder_target = combined_bound(log_w_train, plan.encoder).mean()
     surrogate = _routed_surrogate([(decoder_value, model.decoder_parameters()), (encoder_target, enc)])
     surrogate = surrogate.to(decoder_value)
     loss = -(decoder_value.detach() + surrogate - surrogate.detach())

@@ -58,7 +58,8 @@ class LatentVariableModel(nn.Module, ABC):
 
     data_dim: int
     latent_dims: list[int]
-    #: the stochastic layer whose distribution is ``self.prior`` (the top one)
+    #: the stochastic layer whose distribution is ``self.prior`` (the top one), as keyed in
+    #: ``LogWeightTerms``; multi-layer DReG evaluates the prior again at that sample
     prior_layer: str = "z"
 
     #: Top-level attribute names (or name prefixes) of the modules and parameters that
