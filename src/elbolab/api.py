@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .config import PRESETS, ConfigError, ObjectiveConfig, RunConfig, load_config, preset
-from .data import USER, Batcher, DataError, ImageDataset, as_dataset, evaluation_images, load
+from .data import USER, DataError, ImageDataset, as_dataset, evaluation_images, load
 from .data.user import matches, reload_files
 from .diagnostics.gradient_snr import snr_sweep
 from .diagnostics.report import diagnose as write_diagnostics
@@ -106,30 +106,34 @@ def train(data: Any = None, out: str | Path | None = None, config: Any = None, *
 
 def train_model(model: Any, data: Any, *, epochs: int = 10, batch_size: int = 100, lr: float = 1e-3,
                 objective: str = "iwae", k: int = 5, estimator: str = "standard", seed: int = 0,
-                optimizer: torch.optim.Optimizer | None = None, binarization: str = "none",
-                progress: bool = False) -> list[float]:
+                optimizer: torch.optim.Optimizer | None = None, progress: bool = False) -> list[float]:
     """Train a model elbolab did not build (an adapter) with an elbolab objective; returns
     the mean training bound of each epoch, in nats.
 
-    ``objective``/``k``/``estimator`` as in the config (``estimator="dreg"`` or ``"stl"``
+    ``data``: a float tensor ``[N, D]`` used as it is (any real values, for models with
+    their own likelihood), or images as :func:`train` takes them (scored as floats in
+    [0, 1]). ``objective``/``k``/``estimator`` as in the config (``"dreg"`` and ``"stl"``
     need the model's ``log_weight_terms(stop_posterior_grad=...)`` and its encoder /
-    decoder split). Each step is checked for non-finite losses and gradients and skipped
-    if any (logged). The model stays yours: save it with its own library's means.
+    decoder split). A step whose loss or gradients are not finite is skipped (logged).
+    The model stays yours: save it with its own library's means.
     """
     cfg = ObjectiveConfig(name=objective, k=k, estimator=estimator)
     cfg.validate("objective")
     step = make_objective(cfg)
-    dataset = data if isinstance(data, ImageDataset) else as_dataset(data)
     device = next(iter(model.parameters())).device
-    batcher = Batcher(dataset.split("train"), dataset.binary, binarization, seed, device)
+    if isinstance(data, Tensor) and data.is_floating_point():
+        x_all = data.reshape(data.shape[0], -1)
+    else:
+        x_all = (data if isinstance(data, ImageDataset) else as_dataset(data)).as_float("train")
+    x_all = x_all.to(device)
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     shuffle = torch.Generator().manual_seed(seed)
     bounds: list[float] = []
     model.train()
     for epoch in range(epochs):
         total = count = 0.0
-        for idx in torch.randperm(len(batcher), generator=shuffle).split(batch_size):
-            x = batcher.batch(idx.to(device))
+        for idx in torch.randperm(x_all.shape[0], generator=shuffle).split(batch_size):
+            x = x_all[idx.to(device)]
             _, bound_sum, taken = take_step(model, opt, step, x)
             if taken:
                 total, count = total + bound_sum, count + x.shape[0]
