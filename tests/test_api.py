@@ -105,6 +105,11 @@ def test_cli_on_an_in_memory_run_needs_the_data_file_then_agrees(in_memory_run, 
     assert cli.main(["diagnose", str(run.path), "--k", "10", "--out", str(out),
                      "--data-file", str(tmp_path / "test.npy")]) == 0
     assert json.loads((out / "diagnostics.json").read_text())["n"] == 60
+    capsys.readouterr()
+    assert cli.main(["snr", str(run.path), "--k", "1", "3", "--estimators", "dreg", "--draws", "3", "--batch", "5",
+                     "--data-file", str(tmp_path / "test.npy")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["estimator"], r["k"]) for r in rows] == [("dreg", 1), ("dreg", 3)]
 
 
 def test_a_run_on_files_records_their_sha256_and_refuses_a_changed_file(tmp_path, capsys) -> None:

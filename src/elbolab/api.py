@@ -34,7 +34,7 @@ from .data.user import matches, reload_files
 from .diagnostics.gradient_snr import snr_sweep
 from .diagnostics.report import diagnose as write_diagnostics
 from .diagnostics.summary import summarize
-from .models.base import HasLogWeights
+from .models.base import HasLogWeights, NoPosterior
 from .objectives import make_objective
 from .runs import Run, load_run
 from .training import Trainer, take_step
@@ -277,6 +277,11 @@ def diagnose(target: Any, data: Any = None, *, out: str | Path | None = None, sp
     q_EW for 2-D latents), written as diagnostics.md / .json and PNGs into ``out``
     (default: the run folder; required for a bare model). Returns the report as a dict."""
     run, model, x, rd = _model_and_data(target, data, split, data_dir)
+    try:
+        model.posterior(x[:1])
+    except NoPosterior as e:
+        raise NoPosterior(f"diagnose: {e}; evaluate() and elbolab.diagnostics.bound_vs_k need only log "
+                          "weights") from None
     labels = rd.dataset.labels.get(split) if rd is not None else None
     if points:
         keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:points].sort().values

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributions import DiagonalGaussian
-from ..models.base import LatentVariableModel, LogWeightTerms
+from ..models.base import LatentVariableModel, LogWeightTerms, NoPosterior
 from ..priors import Prior
 
 EXTRA = "pip install 'elbolab[pyro]'"
@@ -57,7 +57,7 @@ def _normal_parts(fn: Any, site: str) -> tuple[Tensor, Tensor]:
     base = fn.base_dist if isinstance(fn, torch.distributions.Independent) else fn
     events = len(fn.event_shape)
     if not isinstance(base, dist.Normal | torch.distributions.Normal) or events != 1:
-        raise TypeError(f"site {site!r}: {type(fn).__name__} with event shape {tuple(fn.event_shape)}; "
+        raise NoPosterior(f"site {site!r}: {type(base).__name__} with event shape {tuple(fn.event_shape)}; "
                         "posterior(x) and the prior need a diagonal Normal with one event dimension "
                         "(dist.Normal(loc, scale).to_event(1))")
     return base.loc, base.scale
@@ -203,7 +203,7 @@ class PyroModel(LatentVariableModel):
         x = self._cast(x)
         self._inspect(x)
         if len(self.latent_sites) != 1:
-            raise TypeError(f"posterior(x): the guide has {len(self.latent_sites)} latent sites; "
+            raise NoPosterior(f"posterior(x): the guide has {len(self.latent_sites)} latent sites; "
                             "density diagnostics read one")
         site = self.latent_sites[0]
         trace = self.pyro.poutine.trace(self.guide_fn).get_trace(x)
