@@ -5,6 +5,7 @@ The heart is one tensor: ``model.log_weights(x, k)`` of shape [K, B]. Every boun
 """
 
 from . import bounds
+from .api import diagnose, evaluate, snr, train, train_model
 from .config import RunConfig
 
 # every module that owns a registry, so that config validation knows all their names
@@ -14,7 +15,7 @@ from .objectives import ESTIMATORS, OBJECTIVES  # noqa: F401
 from .optimizers import OPTIMIZERS  # noqa: F401
 from .runs import Run, load_run
 from .schedules import SCHEDULES  # noqa: F401
-from .training import train
 from .version import __version__
 
-__all__ = ["Run", "RunConfig", "__version__", "bounds", "load_run", "train"]
+__all__ = ["Run", "RunConfig", "__version__", "bounds", "diagnose", "evaluate", "load_run", "snr", "train",
+           "train_model"]

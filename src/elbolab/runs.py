@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .config import ConfigError, RunConfig, load_config
+from .data import data_source
 from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, make_dir, remove_stale_temp_files
 from .models import LatentVariableModel, build_model
 from .version import __version__, same_major
@@ -61,6 +62,8 @@ class Run:
     info: dict[str, Any]
     metrics: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] | None = None
+    #: the data it trained on, when elbolab.train was handed it in this process (never saved)
+    data: Any = None
 
 
 def check_version(found: object, path: Path, what: str = "") -> None:
@@ -177,11 +180,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def write_info(run_dir: Path, status: str, cfg: RunConfig, dataset: Any, epoch: int, step: int,
                error: str | None = None) -> None:
-    """run.json: version, status, the data's name and shape, progress, the config."""
+    """run.json: version, status, the data's name, shape and source, progress, the config."""
     info = {
         "elbolab": __version__,
         "status": status,
         "dataset": dataset.name,
+        "data_source": data_source(dataset),
         "data_dim": dataset.data_dim,
         "image_shape": list(dataset.image_shape),
         "epochs_done": epoch,

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import rng
 from .config import ConfigError, RunConfig
-from .data import Batcher, ImageDataset, evaluation_images, load
+from .data import DATASETS, Batcher, ImageDataset, evaluation_images, load
 from .devices import resolve_device
 from .evaluation import evaluate_bounds
 from .fastpaths import compile_objective, retain_freed_memory
@@ -140,6 +140,10 @@ class Trainer:
         self.dataset = (
             dataset if dataset is not None else load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
         )
+        if self.dataset.name != DATASETS.canonical(cfg.data.name):
+            log.warning("data.name is %r but the data passed in is %r: run.json records it as passed-in data, "
+                        "and evaluate/diagnose will ask for it again (elbolab.train sets data.name=user)",
+                        cfg.data.name, self.dataset.name)
         torch.manual_seed(cfg.train.seed)
         d = cfg.data
         self.batcher = Batcher(self.dataset.split("train"), self.dataset.binary, d.binarization,

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..api import run_data
 from ..config import ConfigError
-from ..data import ImageDataset, evaluation_images, load
+from ..data import ImageDataset
 from ..devices import resolve_device
 from ..runs import WEIGHTS, Run, load_run
 
@@ -28,6 +29,8 @@ def add_run_options(p: argparse.ArgumentParser, split_flag: str = "--split") -> 
     p.add_argument(split_flag, default="test", dest="split", help="data split (default: test)")
     p.add_argument("--weights", default="final", choices=list(WEIGHTS),
                    help="final, best (on validation) or last (the checkpoint)")
+    p.add_argument("--data-file", help="the split's images as .npy, or a .npz of train/valid/test arrays: "
+                   "for a run trained on data passed in from Python (run.json data_source in-memory)")
     add_data_dir(p)
     add_device(p)
 
@@ -45,10 +48,8 @@ def open_run(args: argparse.Namespace) -> OpenRun:
     """The run folder, its dataset and the split's evaluation images, on ``--device``."""
     device = resolve_device(args.device or "cpu", "--device")
     run = load_run(args.run, device=str(device), weights=args.weights)
-    d = run.config.data
-    dataset = load(d.name, args.data_dir or d.data_dir, validation=d.validation)
-    x = evaluation_images(dataset, args.split, d.binarization, d.binarization_seed).to(device)
-    return OpenRun(run, dataset, x, device)
+    rd = run_data(run, args.data_file, args.split, args.data_dir, device)
+    return OpenRun(run, rd.dataset, rd.x, device)
 
 
 def positive(value: int | None, option: str) -> None:

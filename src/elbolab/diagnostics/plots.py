@@ -96,8 +96,9 @@ def plot_surgery(s: Surgery, path: Path) -> Path:
 
 
 def image_grid(images: Tensor, image_shape: Sequence[int], cols: int) -> np.ndarray:
-    """``[n, D]`` images in [0, 1] -> one ``[rows * h, cols * w]`` array with 1-pixel gaps."""
-    h, w = image_shape[-2], image_shape[-1]
+    """``[n, D]`` images in [0, 1] -> one ``[rows * h, cols * w]`` array with 1-pixel gaps
+    (flat vectors are one row of pixels; channels are stacked vertically)."""
+    h, w = math.prod(image_shape[:-1]), image_shape[-1]
     n = images.shape[0]
     rows = math.ceil(n / cols)
     out = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1))

@@ -50,7 +50,9 @@ def diagnose(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"run": str(run.path), "split": split, "n": int(x.shape[0]), "k": k,
-                              "model": cfg.model.name, "prior": cfg.model.prior.name,
+                              # a model elbolab did not build (an adapter) names itself
+                              "model": getattr(model, "model_name", cfg.model.name),
+                              "prior": getattr(model, "prior_name", cfg.model.prior.name),
                               "latent_dims": list(model.latent_dims), "seconds": {}, "figures": {}}
     figures = report["figures"]
 

@@ -18,6 +18,11 @@ from torch import Tensor, nn
 from ..distributions import DiagonalGaussian
 
 
+class NoPosterior(TypeError):
+    """The model's q(z|x) is not one diagonal Gaussian (e.g. a Pyro guide of another family):
+    the diagnostics that read its density (active units, ELBO surgery) do not apply."""
+
+
 @runtime_checkable
 class HasLogWeights(Protocol):
     def log_weights(self, x: Tensor, k: int) -> Tensor: ...
