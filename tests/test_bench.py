@@ -118,10 +118,37 @@ def test_a_failing_peer_becomes_a_note_and_elbolab_is_still_timed(tmp_path, monk
                  "--threads", "1", "--seconds", "0.02", "--repeats", "1"]) == 0
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert [r["library"] for r in rows] == ["elbolab"] and rows[0]["images_per_s"] > 0
-    assert rows[0]["note"].startswith("pythae failed on cpu: RuntimeError: Expected all tensors")
+    assert "pythae failed on cpu: RuntimeError: Expected all tensors" in rows[0]["note"]  # after any BUSY flag
 
 
 @pytest.mark.parametrize("flag", [["--seconds", "0"], ["--repeats", "0"]])
 def test_bench_refuses_bad_timing_options_naming_them(flag, capsys) -> None:
     assert main(["bench", "--quick", "--no-pythae", *flag]) == 2
     assert flag[0] in capsys.readouterr().err
+
+
+def test_a_timing_whose_process_waited_is_flagged_busy() -> None:
+    """A step that sleeps is what a descheduled process looks like: wall time passes, no CPU time.
+    Its CPU share is near 0 and the row says so, while the img/s number itself looks plausible."""
+    torch.set_num_threads(1)
+    res = measure.compare({"waits": (lambda: time.sleep(0.01), 10)}, torch.device("cpu"), repeats=2,
+                          target_s=0.03, warmup=0)
+    tp = res["waits"][0]
+    assert len(tp.cpu_share) == 2 and tp.best_cpu_share < 0.2
+    assert "BUSY MACHINE" in measure.busy_note(tp.best_cpu_share, 1)
+    assert measure.busy_note(0.95, 2) == "" and measure.busy_note(None, 2) == ""
+
+
+def test_rows_carry_the_busy_flag_only_on_the_wall_clock() -> None:
+    bench = suite.Bench.__new__(suite.Bench)  # the row builder alone: no data, no timing
+    bench.peak_flops, bench.wall_clock = 1e9, True
+    results = {"elbolab": (measure.Throughput([500.0, 400.0], [0.14, 0.9]), 0),
+               suite.PEAK: (measure.Throughput([1e9], [1.0]), 0)}
+    (row,) = bench._rows("r", results, 1e5, "a note")
+    assert row.cpu_share == 0.14 and row.note.startswith("BUSY MACHINE") and row.note.endswith("a note")
+    bench.wall_clock = False  # CPU-clock timings are the process's own work: not flagged
+    (row,) = bench._rows("r", results, 1e5, "a note")
+    assert row.note == "a note"
+    quiet = {"elbolab": (measure.Throughput([500.0], [0.97]), 0)}
+    bench.wall_clock = True
+    assert bench._rows("r", quiet, None)[0].note == ""

@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("version", "errors", "registry", "config", "bounds", "distributions", "fastpaths", "files", "devices", "rng"),
     ("priors", "likelihoods", "models", "data", "adapters"),
     ("objectives", "evaluation", "optimizers", "schedules"),
-    ("runs", "preflight", "training"),
+    ("runs", "preflight", "sinks", "training"),
     ("diagnostics", "reproduce", "speed", "api"),
     ("cli",),
 )

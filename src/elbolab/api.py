@@ -31,7 +31,9 @@ from torch import Tensor
 from .config import PRESETS, ConfigError, ObjectiveConfig, RunConfig, load_config, preset
 from .data import USER, DataError, ImageDataset, as_dataset, evaluation_images, load
 from .data.user import matches, reload_files
+from .devices import resolve_device
 from .diagnostics.gradient_snr import snr_sweep
+from .diagnostics.monitor import CollapseMonitor
 from .diagnostics.report import diagnose as write_diagnostics
 from .diagnostics.summary import summarize
 from .models.base import HasLogWeights, NoPosterior
@@ -97,7 +99,8 @@ def train(data: Any = None, out: str | Path | None = None, config: Any = None, *
             cfg = cfg.with_overrides({"data.name": USER})
         dataset = as_dataset(data, valid=valid, test=test).with_validation(cfg.data.validation)
     run_dir = Path(out) if out is not None else _default_out(cfg)
-    trainer = Trainer(cfg, run_dir, dataset)
+    monitor = CollapseMonitor.for_run(cfg, dataset, resolve_device(cfg.train.device))
+    trainer = Trainer(cfg, run_dir, dataset, monitor)
     trainer.fit(resume=resume)
     run = load_run(run_dir, device=str(trainer.device))
     run.data = dataset if data is not None else None
@@ -294,7 +297,7 @@ def diagnose(target: Any, data: Any = None, *, out: str | Path | None = None, sp
         run = Run(Path(out), RunConfig(), model, {})
     image_shape = rd.dataset.image_shape if rd is not None else _image_shape(model, x)
     return write_diagnostics(run, x, image_shape, Path(out) if out else run.path, k=k, split=split,
-                             labels=labels, log=(lambda s: None) if quiet else print)
+                             labels=labels, log=(lambda s: None) if quiet else print, progress=not quiet)
 
 
 def _image_shape(model: Any, x: Tensor) -> tuple[int, ...]:

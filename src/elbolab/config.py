@@ -7,9 +7,13 @@ wrong experiment. Configs are never mutated: ``with_overrides`` returns a new on
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import json
 import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -165,6 +169,7 @@ class ModelConfig:
     #: bernoulli (binary images) | discretized-logistic (256 grey levels) |
     #: gaussian (per-pixel variance from the decoder) | gaussian-pixel-var (learned per-pixel variance)
     likelihood: str = "bernoulli"
+    #: the prior p(z) of the top stochastic layer
     prior: PriorConfig = field(default_factory=PriorConfig)
     #: sizes of model "two-layer"
     two_layer: TwoLayerConfig = field(default_factory=TwoLayerConfig)
@@ -218,10 +223,15 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    #: passes over the training split (the most; early stopping may end sooner)
     epochs: int = 80
+    #: training images per step
     batch_size: int = 100
+    #: learning rate (the schedule's starting value)
     lr: float = 1e-3
+    #: Adam's epsilon
     adam_eps: float = 1e-8
+    #: Adam's (beta1, beta2)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     #: adam | adamnormgrad (Adam on each parameter's gradient divided by its norm, the
     #: VampPrior code's optimizer); adam_eps and adam_betas apply to both (elbolab.optimizers)
@@ -231,6 +241,7 @@ class TrainConfig:
     #: stop after this many epochs without a better validation bound (0: never); epochs
     #: in KL warm-up are not counted, as in the VampPrior code
     early_stopping_patience: int = 0
+    #: seed of the weights' init, the batch order and the training samples
     seed: int = 0
     #: cpu | cuda | cuda:N | auto
     device: str = "cpu"
@@ -240,8 +251,20 @@ class TrainConfig:
     eval_every: int = 1
     #: show a progress bar with the running bound
     progress: bool = True
-    #: also write TensorBoard event files (needs the tensorboard extra)
+    #: also write TensorBoard event files to RUN/tensorboard (needs the tensorboard extra)
     tensorboard: bool = False
+    #: also log to Weights & Biases (needs the wandb extra; files in RUN/wandb)
+    wandb: bool = False
+    #: "offline" (files only, no network; upload later with `wandb sync`) or "online"
+    wandb_mode: str = "offline"
+    #: the Weights & Biases project the run is logged under
+    wandb_project: str = "elbolab"
+    #: log collapse diagnostics every this many epochs and at the last (0: never): per-unit
+    #: KL, active units and the mutual information I(x; z) on a fixed subsample (about 1% of
+    #: an epoch of the embedded data at 5; docs/diagnostics.md)
+    monitor_every: int = 5
+    #: images in that subsample (validation split, else training split); I(x; z) <= log of it
+    monitor_points: int = 1000
     #: also checkpoint mid-epoch every this many minutes (0: only at epoch ends)
     checkpoint_minutes: float = 10.0
     #: also checkpoint mid-epoch every this many steps (0: never; deterministic, for tests)
@@ -270,6 +293,10 @@ class TrainConfig:
         _require(self.early_stopping_patience >= 0, f"{key}.early_stopping_patience", "must be >= 0")
         _require(self.threads >= 0, f"{key}.threads", "must be >= 0")
         _require(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
+        _require(self.monitor_every >= 0, f"{key}.monitor_every", f"must be >= 0, got {self.monitor_every}")
+        _require(self.monitor_points >= 2, f"{key}.monitor_points", f"must be >= 2, got {self.monitor_points}")
+        _require(self.wandb_mode in ("offline", "online"), f"{key}.wandb_mode",
+                 f"must be 'offline' or 'online', got {self.wandb_mode!r}")
         _require(
             self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
             f"{key}.device",
@@ -305,6 +332,7 @@ class EvalConfig:
     gpu_chunk_size: int = 2000
     #: threshold on Cov_x(E_q[z_i]) for an active unit (IWAE paper: 0.01)
     active_unit_threshold: float = 0.01
+    #: seed of every evaluation's samples (they never touch the training stream)
     seed: int = 1
     #: `elbolab diagnose`: the k of the bound-versus-k curve; the largest is the IS sample count
     bound_ks: tuple[int, ...] = (1, 2, 5, 10, 50, 100, 500, 1000, 5000)
@@ -329,10 +357,15 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    #: the dataset and how its images are binarized
     data: DataConfig = field(default_factory=DataConfig)
+    #: architecture, likelihood and prior
     model: ModelConfig = field(default_factory=ModelConfig)
+    #: the bound trained on and its gradient estimator
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    #: optimizer, schedule, checkpoints and logging
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: the test evaluation and `elbolab diagnose`
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, key: str = "") -> None:
@@ -471,6 +504,52 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+# --- the keys' comments -------------------------------------------------------------
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's ``#:`` comment, read from the class's source (the lines right above it)."""
+    lines, _ = inspect.getsourcelines(cls)
+    (node,) = ast.parse(textwrap.dedent("".join(lines))).body
+    out: dict[str, str] = {}
+    for item in node.body:
+        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+            above: list[str] = []
+            i = item.lineno - 2  # the line above, 0-based within ``lines``
+            while i >= 0 and lines[i].strip().startswith("#:"):
+                above.insert(0, lines[i].strip()[2:].strip())
+                i -= 1
+            out[item.target.id] = " ".join(above)
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(to_dict(value), default_flow_style=True, width=math.inf).removesuffix("\n...\n").strip()
+
+
+def commented_yaml(cfg: Any, width: int = 100) -> str:
+    """The config as YAML with every key's comment above it (``elbolab config show``);
+    ``yaml.safe_load`` of it gives ``cfg.to_dict()`` back."""
+    lines: list[str] = []
+
+    def walk(obj: Any, indent: str) -> None:
+        comments = field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if comments.get(f.name):
+                lines.extend(textwrap.wrap(comments[f.name], width, initial_indent=indent + "# ",
+                                           subsequent_indent=indent + "# "))
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:")
+                walk(value, indent + "  ")
+            else:
+                lines.append(f"{indent}{f.name}: {_yaml_value(value)}")
+
+    walk(cfg, "")
+    return "\n".join(lines) + "\n"
+
+
 # --- files and presets ----------------------------------------------------------
 
 
@@ -500,7 +579,8 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     path.write_text(cfg.to_json() if path.suffix == ".json" else cfg.to_yaml())
 
 
-#: Burda et al. (2016), section 5: Adam eps 1e-4, batch 20, 3^i-epoch passes with lr 1e-3 * 10^(-i/7)
+#: Burda et al. (2016), section 5: MNIST binarized afresh each time an image is used, Adam
+#: eps 1e-4, batch 20, 3^i-epoch passes with lr 1e-3 * 10^(-i/7)
 _IWAE_PAPER: dict[str, Any] = {
     "train.batch_size": 20,
     "train.adam_eps": 1e-4,
@@ -508,10 +588,12 @@ _IWAE_PAPER: dict[str, Any] = {
     "train.lr": 1e-3,
     "train.schedule": "iwae",
     "train.epochs": 3280,
+    "data.name": "mnist",
     "data.binarization": "dynamic",
 }
 
-#: Named bundles of overrides.
+#: Named bundles of overrides. A paper's preset trains on the paper's dataset (its files
+#: in --data-dir, `elbolab data download NAME`), never silently on the embedded subset.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "iwae-paper": _IWAE_PAPER,
@@ -523,13 +605,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.two_layer.hidden1": [200, 200],
         "model.two_layer.hidden2": [100, 100],
     },
-    # Tomczak & Welling (2018), section 5 and their code's defaults: the two-level
+    # Tomczak & Welling (2018), section 5 and their code's defaults: static MNIST, the two-level
     # hierarchical VAE with a 500-pseudo-input VampPrior on z2, single-sample ELBO,
     # AdamNormGrad (their experiment.py; betas and eps left at Adam's defaults) lr 5e-4,
     # batch 100, KL warm-up over 100 epochs, early stopping after 50 epochs without a
     # better validation bound (not counted during warm-up), at most 2,000 epochs,
     # 5,000 importance samples
     "vampprior-paper": {
+        "data.name": "binarized-mnist",
         "train.optimizer": "adamnormgrad",
         "train.adam_eps": 1e-8,
         "train.adam_betas": [0.9, 0.999],

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from . import bounds
 from .models.base import HasLogWeights
@@ -80,6 +81,13 @@ def model_dtype(model: object) -> torch.dtype | None:
     return next((p.dtype for p in params if p.is_floating_point()), None)
 
 
+def progress_bar(total: int, what: str | None, unit: str = "img") -> tqdm:
+    """A progress bar over ``total`` items saying ``what`` is being done; none when ``what`` is
+    None, or when stderr is not a terminal (a log file gets the commands' own lines)."""
+    return tqdm(total=total, desc=what, unit=unit, leave=False, dynamic_ncols=True,
+                disable=True if what is None else None)
+
+
 def batches(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -114,6 +122,7 @@ def log_likelihood(
     chunk_size: int = 50,
     seed: int | None = 0,
     device: str | torch.device | None = None,
+    progress: str | None = None,
 ) -> LikelihoodResult:
     """L_K estimate of log p(x) for every row of ``data`` ([N, D] floats), in nats.
 
@@ -125,18 +134,20 @@ def log_likelihood(
     ``batch_size * chunk_size`` samples plus ``batch_size`` running sums (halve either size
     to halve it; the benchmark reports the peak).
     ``seed`` makes the estimate reproducible without touching the caller's RNG stream.
+    ``progress``: show a progress bar with this description (:func:`progress_bar`).
     """
     check_inputs(data, k, batch_size, chunk_size)
     device = torch.device(device) if device is not None else model_device(model)
     dtype = model_dtype(model) or data.dtype
     out = torch.empty(data.shape[0], dtype=torch.float64)
-    with seeded(seed, device), eval_mode(model):
+    with seeded(seed, device), eval_mode(model), progress_bar(data.shape[0], progress) as bar:
         for sl in batches(data.shape[0], batch_size):
             x = data[sl].to(device, dtype, non_blocking=True)
             acc = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=device)
             for lw in log_weight_chunks(model, x, k, chunk_size):
                 acc = torch.logaddexp(acc, torch.logsumexp(lw, dim=0))
             out[sl] = (acc - math.log(k)).cpu()
+            bar.update(x.shape[0])
     return LikelihoodResult(out, k)
 
 

@@ -48,6 +48,9 @@ WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors", "last": CHE
 #: samples from that device's random stream, so it is bit-identical to an uninterrupted run
 #: only on the device it stopped on.
 RESUME_FREE_KEYS = ("data.data_dir", "train.progress", "train.compile", "train.device")
+#: where metrics go and what is monitored: never what is trained (the monitor restores every RNG)
+RESUME_FREE_KEYS += ("train.tensorboard", "train.wandb", "train.wandb_mode", "train.wandb_project",
+                     "train.monitor_every", "train.monitor_points")
 
 
 class RunError(RuntimeError):

@@ -24,11 +24,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import rng
 from .config import ConfigError, RunConfig
@@ -54,12 +55,40 @@ from .runs import (
     write_info,
 )
 from .schedules import kl_weight, learning_rate
+from .sinks import MetricSink, open_sinks
 
 log = logging.getLogger("elbolab")
 
 
 class NonFiniteError(FloatingPointError):
     """A loss or gradient became inf/NaN; the message names the step, batch and terms."""
+
+
+class EpochMonitor(Protocol):
+    """Measures the model every ``every`` epochs; its numbers join that epoch's metrics row.
+
+    The trainer knows nothing of what is measured: the entry points (CLI, elbolab.train,
+    reproduce) pass diagnostics.monitor.CollapseMonitor, which lives above this layer. A
+    monitor must leave the model's weights, mode and gradients, and every RNG the run
+    draws from, as it found them, so a monitored run trains exactly as an unmonitored one.
+    """
+
+    every: int
+
+    def __call__(self, model: LatentVariableModel) -> dict[str, Any]: ...
+
+
+def epoch_line(row: dict[str, Any], epochs: int, k: int) -> str:
+    """The line printed after each epoch: bounds in nats, time, and the monitor's numbers."""
+    parts = [f"epoch {row['epoch']}/{epochs}: train bound {row['train_bound']:.2f}"]
+    if f"valid_iwae_{k}" in row:
+        parts.append(f"valid L_{k} {row[f'valid_iwae_{k}']:.2f}" if k > 1 else f"valid ELBO {row['valid_elbo']:.2f}")
+    parts.append(f"{row['seconds']:.1f} s")
+    if "active_units" in row:
+        parts.append(f"active units {row['active_units']}")
+    if row.get("mutual_information") is not None:
+        parts.append(f"I(x;z) {row['mutual_information']:.2f} nats")
+    return ", ".join(parts)
 
 
 def _term_labels(terms: LogWeightTerms) -> dict[str, Tensor]:
@@ -130,9 +159,12 @@ def take_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objectiv
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, dataset: ImageDataset | None = None) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, dataset: ImageDataset | None = None,
+                 monitor: EpochMonitor | None = None) -> None:
         preflight(cfg)
         self.cfg = cfg
+        #: measures the model every ``monitor.every`` epochs (train.monitor_every; see EpochMonitor)
+        self.monitor = monitor
         self.run_dir = Path(run_dir)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -162,6 +194,8 @@ class Trainer:
         self.objective = make_objective(cfg.objective)
         if cfg.train.compile:
             self.objective = compile_objective(self.objective, self.device)
+        #: batch sizes the compiled objective has already been compiled for
+        self._compiled_batches: set[int] = set()
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 7)
         #: completed epochs, and steps taken (skipped ones included)
         self.epoch = 0
@@ -289,13 +323,22 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        # None: shown on a terminal only (a log file gets the epoch lines)
         bar = tqdm(range(self.next_batch, len(batches)), desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
-                   leave=False, disable=not cfg.train.progress, unit="batch")
+                   leave=False, disable=None if cfg.train.progress else True, unit="batch")
         for i in bar:
             idx = batches[i]
             x = self.batcher.batch(idx)
             beta = kl_weight(self.epoch + i / len(batches), cfg.objective.warmup_epochs)
+            compiling = cfg.train.compile and x.shape[0] not in self._compiled_batches
+            if compiling:
+                log.info("compiling the training step for batches of %d (torch.compile: once per batch size, "
+                         "seconds on a GPU, tens of seconds on a CPU)", x.shape[0])
+                t_compile = time.perf_counter()
             bound_sum = self._step(x, beta, f"epoch {self.epoch + 1}, batch {i}", idx)
+            if compiling:
+                self._compiled_batches.add(x.shape[0])
+                log.info("compiled in %.1f s", time.perf_counter() - t_compile)
             if bound_sum is not None:
                 self.epoch_bound_sum += bound_sum
                 self.epoch_count += x.shape[0]
@@ -309,6 +352,12 @@ class Trainer:
         mean = self.epoch_bound_sum / self.epoch_count if self.epoch_count else math.nan
         beta = kl_weight(self.epoch + (len(batches) - 1) / len(batches), cfg.objective.warmup_epochs)
         return {"train_bound": mean, "lr": lr, "kl_weight": beta}
+
+    def _monitor_due(self) -> bool:
+        """Every ``monitor.every`` epochs and at the last planned one (the epoch just trained)."""
+        m = self.monitor
+        done = self.epoch + 1
+        return m is not None and m.every > 0 and (done % m.every == 0 or done == self.cfg.train.epochs)
 
     def _checkpoint_due(self) -> bool:
         t = self.cfg.train
@@ -353,10 +402,10 @@ class Trainer:
         self.prepare_run_dir(resume)
         cfg = self.cfg
         metrics_path = self.run_dir / METRICS
-        writer = self._tensorboard()
+        sinks = open_sinks(cfg, self.run_dir, self.epoch + 1)
         self._last_checkpoint = time.monotonic()
         try:
-            with self._graceful_signals():
+            with self._graceful_signals(), logging_redirect_tqdm():
                 while self.epoch < cfg.train.epochs and not self.finished:
                     t0 = time.perf_counter()
                     row: dict[str, Any] = {"epoch": self.epoch + 1}
@@ -364,16 +413,15 @@ class Trainer:
                     if cfg.train.eval_every and (self.epoch + 1) % cfg.train.eval_every == 0:
                         row.update(self.validate())
                     row["seconds"] = round(time.perf_counter() - t0, 3)
+                    if self._monitor_due():
+                        row.update(self.monitor(self.model))
                     self.epoch += 1
                     self.order, self.next_batch = None, 0
                     self._track_best(row)
                     append_line(metrics_path, json.dumps(row))
-                    if writer is not None:
-                        for key, v in row.items():
-                            if key != "epoch":
-                                writer.add_scalar(key, v, self.epoch)
-                    log.info("epoch %d: %s", self.epoch,
-                             ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "epoch"))
+                    sinks = _log_to_sinks(sinks, row, self.epoch)
+                    log.info("%s", epoch_line(row, cfg.train.epochs, cfg.objective.k))
+                    log.debug("epoch %d: %s", self.epoch, json.dumps(row))
                     patience = cfg.train.early_stopping_patience
                     if patience and self.epochs_since_best >= patience:
                         log.info("early stopping: %d epochs without a better validation bound", patience)
@@ -394,8 +442,9 @@ class Trainer:
             self._write_info_quietly("failed", str(e))
             raise
         finally:
-            if writer is not None:
-                writer.close()
+            for sink in sinks:
+                with contextlib.suppress(Exception):  # closing must not mask how the run ended
+                    sink.close()
         return self.run_dir
 
     def _write_info_quietly(self, status: str, error: str | None = None) -> None:
@@ -422,23 +471,28 @@ class Trainer:
         else:
             self.epochs_since_best += 1
 
-    def _tensorboard(self):
-        if not self.cfg.train.tensorboard:
-            return None
+
+
+def _log_to_sinks(sinks: list[MetricSink], row: dict[str, Any], step: int) -> list[MetricSink]:
+    """Log ``row`` to every sink; one that fails is dropped with a warning (metrics.jsonl has
+    the row, and a logging service must not cost the run)."""
+    kept = []
+    for sink in sinks:
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise RuntimeError("train.tensorboard=true needs the tensorboard package: "
-                               "pip install 'elbolab[tensorboard]'") from None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+            sink.log(row, step)
+            kept.append(sink)
+        except Exception as e:  # noqa: BLE001 - any failure of a third-party logger
+            log.warning("%s failed (%s: %s); no longer logging to it, metrics.jsonl goes on",
+                        type(sink).__name__, type(e).__name__, str(e)[:200])
+    return kept
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool | None = None,
-          dataset: ImageDataset | None = None) -> Path:
+          dataset: ImageDataset | None = None, monitor: EpochMonitor | None = None) -> Path:
     """Train ``cfg`` into ``run_dir``; an unfinished run of the same config there is continued.
 
     An entry point, like the CLI: it also lets the process keep freed memory for the step's
     big temporaries (fastpaths.retain_freed_memory).
     """
     retain_freed_memory()
-    return Trainer(cfg, run_dir, dataset).fit(resume=resume)
+    return Trainer(cfg, run_dir, dataset, monitor).fit(resume=resume)

@@ -21,21 +21,61 @@ from ..files import OutputError
 from ..runs import RunError
 from ..training import NonFiniteError
 from ..version import __version__
-from . import bench, data, evaluate, reproduce, train
+from . import bench, config, data, evaluate, reproduce, train
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 #: the command groups, in the order ``elbolab --help`` lists them
-GROUPS = (train, evaluate, data, reproduce, bench)
+GROUPS = (train, evaluate, data, reproduce, bench, config)
+
+VERBOSE_HELP = "also log debug detail (every metric of every epoch), with timestamps"
+
+
+class _Lines(logging.Formatter):
+    """Progress lines as they are; warnings and errors prefixed so they stand out; timestamps with -v."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"elbolab: {record.levelname.lower()}: {text}"
+        return f"{self.formatTime(record, '%H:%M:%S')} {text}" if self.verbose else text
+
+
+def setup_logging(verbose: bool) -> None:
+    """elbolab's progress lines (one per epoch, stages) at INFO by default, DEBUG with -v;
+    other libraries' loggers stay at WARNING. A root logger that already has handlers
+    (a test harness, an application) is left as it is."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(_Lines(verbose))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    logging.getLogger("elbolab").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """-v after any subcommand too (``elbolab train -v``); SUPPRESS keeps the top-level value."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_verbose(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elbolab", description="Train and diagnose variational autoencoders.")
     parser.add_argument("--version", action="version", version=f"elbolab {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:
         group.add_commands(sub)
+    for command in sub.choices.values():
+        _add_verbose(command)
     return parser
 
 
@@ -45,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["train"]  # the main job: `elbolab` alone trains the embedded default
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     retain_freed_memory()  # every command makes big CPU temporaries (fastpaths.py)
     try:
         return args.func(args)

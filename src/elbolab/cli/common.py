@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -10,9 +11,29 @@ from torch import Tensor
 
 from ..api import run_data
 from ..config import ConfigError
-from ..data import ImageDataset
+from ..data import DATASETS, USER, ImageDataset
 from ..devices import resolve_device
 from ..runs import WEIGHTS, Run, load_run
+
+log = logging.getLogger("elbolab")
+
+
+def data_dir_unused(data_dir: str | None, dataset_name: str) -> str | None:
+    """Why ``--data-dir`` is not read for ``dataset_name`` (embedded or passed-in data), else None."""
+    if not data_dir:
+        return None
+    if dataset_name == USER:
+        return "the run trained on data passed in from Python, which is not read from a data directory"
+    if DATASETS.knows(dataset_name) and DATASETS[DATASETS.canonical(dataset_name)].embedded:
+        return (f"{DATASETS.canonical(dataset_name)} ships inside the package; to train on the files there, "
+                "name their dataset (--set data.name=binarized-mnist, mnist, ...; `elbolab data list`)")
+    return None
+
+
+def warn_if_data_dir_unused(data_dir: str | None, dataset_name: str) -> None:
+    why = data_dir_unused(data_dir, dataset_name)
+    if why:
+        log.warning("--data-dir %s is not used: %s", data_dir, why)
 
 
 def add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -48,6 +69,8 @@ def open_run(args: argparse.Namespace) -> OpenRun:
     """The run folder, its dataset and the split's evaluation images, on ``--device``."""
     device = resolve_device(args.device or "cpu", "--device")
     run = load_run(args.run, device=str(device), weights=args.weights)
+    if not args.data_file:
+        warn_if_data_dir_unused(args.data_dir, run.config.data.name)
     rd = run_data(run, args.data_file, args.split, args.data_dir, device)
     return OpenRun(run, rd.dataset, rd.x, device)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..diagnostics.gradient_snr import plot_snr_vs_k, snr_sweep
+from ..diagnostics.gradient_snr import format_snr_table, plot_snr_vs_k, snr_sweep
 from ..diagnostics.report import REPORT_MD, diagnose
 from ..diagnostics.summary import format_summary, summarize
 from ..objectives import ESTIMATORS
@@ -21,7 +21,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     o = open_run(args)
     e = o.run.config.eval
     report = summarize(o.run.model, o.x, o.run.config.objective.k, args.k or e.k_importance, e.batch_size,
-                       e.chunk_for(o.device), e.active_unit_threshold, e.seed)
+                       e.chunk_for(o.device), e.active_unit_threshold, e.seed, progress=True)
     report["split"] = args.split
     print(json.dumps(report, indent=2) if args.json else format_summary(report))
     return 0
@@ -50,8 +50,11 @@ def cmd_snr(args: argparse.Namespace) -> int:
     o = open_run(args)
     x = o.x[: args.batch]
     results = snr_sweep(o.run.model, x, args.k, args.estimators, n_draws=args.draws, seed=args.seed)
-    for r in results:
-        print(json.dumps(r.to_dict()))
+    if args.json:
+        for r in results:
+            print(json.dumps(r.to_dict()))
+    else:
+        print(format_snr_table(results, x.shape[0]))
     if args.plot:
         print(f"figure: {plot_snr_vs_k(results, args.plot, title=f'{args.run}: batch {x.shape[0]}')}")
     return 0
@@ -81,4 +84,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=20, help="fixed batch: the first N images of --split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", help="write the SNR-vs-k figure (PNG) here")
+    p.add_argument("--json", action="store_true", help="print one JSON object per (estimator, k) instead of a table")
     p.set_defaults(func=cmd_snr)

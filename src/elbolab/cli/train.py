@@ -8,11 +8,13 @@ from pathlib import Path
 
 from ..config import PRESETS, ConfigError, RunConfig, load_config, preset
 from ..data import evaluation_images, load
+from ..devices import resolve_device
+from ..diagnostics.monitor import CollapseMonitor
 from ..diagnostics.summary import format_summary, summarize
 from ..preflight import preflight
 from ..runs import CONFIG, REPORT, write_json
 from ..training import Trainer
-from .common import add_data_dir, add_device
+from .common import add_data_dir, add_device, warn_if_data_dir_unused
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -35,6 +37,13 @@ def _default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.data.name}-{cfg.model.name}-{cfg.objective.name}{cfg.objective.k}-{stamp}"
 
 
+def header(cfg: RunConfig, data_name: str, run_dir: Path) -> str:
+    """The first line of ``elbolab train``: what trains on what, and where."""
+    o, epochs = cfg.objective, cfg.train.epochs
+    return (f"elbolab: training {cfg.model.name} ({o.name}, k={o.k}, {o.estimator} gradient estimator) on "
+            f"{data_name} for {epochs} epoch{'s' if epochs != 1 else ''} -> {run_dir}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
@@ -51,11 +60,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = _config_from_args(args)
         run_dir = Path(args.out) if args.out else _default_out(cfg)
     preflight(cfg)  # a device this machine lacks, a missing compiler: refused before the data is read
+    warn_if_data_dir_unused(args.data_dir, cfg.data.name)
     dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
-    print(f"elbolab: training {cfg.model.name} ({cfg.objective.name}, k={cfg.objective.k}) on {dataset.name} "
-          f"for {cfg.train.epochs} epochs -> {run_dir}", flush=True)
+    print(header(cfg, dataset.name, run_dir), flush=True)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, run_dir, dataset)
+    trainer = Trainer(cfg, run_dir, dataset, CollapseMonitor.for_run(cfg, dataset, resolve_device(cfg.train.device)))
     # without --resume, an unfinished run of the same config in --out is continued
     trainer.fit(resume=True if args.resume else None)
     train_seconds = time.perf_counter() - t0
@@ -66,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     e = cfg.eval
     t1 = time.perf_counter()
     report = summarize(trainer.model, x_test.to(trainer.device), cfg.objective.k, e.k_importance, e.batch_size,
-                       e.chunk_for(trainer.device), e.active_unit_threshold, e.seed)
+                       e.chunk_for(trainer.device), e.active_unit_threshold, e.seed, progress=True)
     report["train_seconds"] = round(train_seconds, 1)
     report["eval_seconds"] = round(time.perf_counter() - t1, 1)
     write_json(run_dir / REPORT, report)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..evaluation import eval_mode, model_device, seeded
+from ..evaluation import eval_mode, model_device, progress_bar, seeded
 
 #: draws of the first-sampled layer per point (two halves of 32); one-layer models draw none
 DEFAULT_SAMPLES = 64
@@ -141,6 +141,7 @@ def active_units(
     chunk_size: int = 32,
     method: str = "definition",
     seed: int | None = 0,
+    progress: str | None = None,
 ) -> ActiveUnits:
     """A_u = Cov_x(E_q[u | x]) per unit and stochastic layer over the rows of ``data`` ``[N, D]``.
 
@@ -165,7 +166,7 @@ def active_units(
     draws = samples // 2 if method == "definition" else 1
     moments: list[_Moments] = []
     exact: list[bool] = []
-    with seeded(seed, device), eval_mode(model):
+    with seeded(seed, device), eval_mode(model), progress_bar(data.shape[0], progress) as bar:
         for start in range(0, data.shape[0], batch_size):
             x = data[start : start + batch_size].to(device)
             half_a = _half(model, x, draws, chunk_size)
@@ -176,6 +177,7 @@ def active_units(
                 exact = [ex for _, _, ex in half_a]
             for mom, (a, va, _), (b, vb, _) in zip(moments, half_a, half_b, strict=True):
                 mom.add(a, b, va, vb)
+            bar.update(x.shape[0])
     activity = [m.covariance(ddof=1 if method == "definition" else 0).cpu() for m in moments]
     errors = [m.mc_stderr() for m in moments] if method == "definition" else [None]
     stderr = None if any(e is None for e in errors) else [e.cpu() for e in errors if e is not None]

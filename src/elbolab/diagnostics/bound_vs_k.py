@@ -22,6 +22,7 @@ from ..evaluation import (
     eval_mode,
     log_weight_chunks,
     model_device,
+    progress_bar,
     seeded,
 )
 from ..models.base import HasLogWeights
@@ -111,6 +112,7 @@ def bound_vs_k(
     batch_size: int = 100,
     chunk_size: int = 500,
     seed: int | None = 0,
+    progress: str | None = None,
 ) -> BoundVsK:
     """L_k for every k in ``ks`` from one draw of ``max(ks)`` samples per point.
 
@@ -127,7 +129,7 @@ def bound_vs_k(
     n = data.shape[0]
     per_point = torch.empty(n, len(ks), dtype=torch.float64)
     mc_var = torch.empty(n, len(ks), dtype=torch.float64)
-    with seeded(seed, device), eval_mode(model):
+    with seeded(seed, device), eval_mode(model), progress_bar(n, progress) as bar:
         for sl in batches(n, batch_size):
             x = data[sl].to(device)
             log_w = torch.cat(list(log_weight_chunks(model, x, k_max, chunk_size)))  # [k_max, B]
@@ -135,4 +137,5 @@ def bound_vs_k(
                 g = group_bounds(log_w, k)  # [G, B]
                 per_point[sl, i] = g.mean(0).cpu()
                 mc_var[sl, i] = (g.var(0, unbiased=True) / g.shape[0]).cpu() if g.shape[0] > 1 else math.nan
+            bar.update(x.shape[0])
     return BoundVsK(ks, per_point, mc_var, tuple(k_max // k for k in ks))

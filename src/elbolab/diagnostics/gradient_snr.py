@@ -151,15 +151,35 @@ def log_log_slope(results: Sequence[GradientSNR], group: str = "encoder", whole_
     return float(np.polyfit(np.log(ks), np.log(snr), 1)[0])
 
 
-def plot_snr_vs_k(results: Sequence[GradientSNR], path: str | Path, title: str | None = None) -> Path:
-    """Log-log SNR against k, one line per estimator, one panel per parameter group (PNG, Agg)."""
+def format_snr_table(results: Sequence[GradientSNR], batch: int) -> str:
+    """One aligned line per (estimator, k): SNR as the mean over elements and for the whole group."""
+    if not results:
+        return "no results"
+    r0 = results[0]
+    head = ("estimator", "k", "encoder SNR", "encoder group SNR", "decoder SNR", "decoder group SNR")
+    rows = [head] + [(r.estimator, str(r.k), *(f"{v:.3f}" for g in GROUPS for v in (r.summary(g), r.group_snr(g))))
+                     for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [f"gradient SNR of the {r0.objective} objective on a fixed batch of {batch} images, {r0.n_draws} draws "
+             "each (SNR: |mean| / std of each gradient element, averaged; group: ||mean|| / sqrt(total variance))"]
+    for n, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
+                                                                                                 strict=True))))
+        if n == 0:
+            lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    return "\n".join(lines)
+
+
+def snr_figure(results: Sequence[GradientSNR], title: str | None = None):
+    """Log-log SNR against k, one colour per estimator, one panel per parameter group."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     estimators = list(dict.fromkeys(r.estimator for r in results))
-    fig, axes = plt.subplots(1, len(GROUPS), figsize=(5 * len(GROUPS), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(GROUPS), figsize=(5 * len(GROUPS), 4.0), squeeze=False)
     for ax, group in zip(axes[0], GROUPS, strict=True):
         for i, est in enumerate(estimators):
             rows = sorted((r for r in results if r.estimator == est), key=lambda r: r.k)
@@ -169,13 +189,24 @@ def plot_snr_vs_k(results: Sequence[GradientSNR], path: str | Path, title: str |
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("k (samples per data point)")
-        ax.set_ylabel("SNR (solid: mean of elements, dashed: group)")
+        ax.set_ylabel("gradient SNR")
         ax.set_title(f"{group} parameters")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, title="estimator", title_fontsize=8)
+        styles = [Line2D([], [], color="grey", marker="o", label="mean over elements"),
+                  Line2D([], [], color="grey", marker="s", ls="--", label="whole group")]
+        handles = [Line2D([], [], color=f"C{i}", label=est) for i, est in enumerate(estimators)] + styles
+        ax.legend(handles=handles, fontsize=8, title="estimator / SNR", title_fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_snr_vs_k(results: Sequence[GradientSNR], path: str | Path, title: str | None = None) -> Path:
+    """:func:`snr_figure` as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = snr_figure(results, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

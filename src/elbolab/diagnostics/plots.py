@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from .active_units import ActiveUnits  # noqa: E402
@@ -51,6 +54,11 @@ def plot_bound_vs_k(res: BoundVsK, path: Path, elbo: float | None = None) -> Pat
 
 def plot_active_units(au: ActiveUnits, path: Path) -> Path:
     """Per layer: Cov_x(E_q[z_u]) per dimension on a log scale, the threshold drawn."""
+    return _save(active_units_figure(au), path)
+
+
+def active_units_figure(au: ActiveUnits):
+    """The figure of :func:`plot_active_units`: whole-numbered unit ticks, the legend beside the bars."""
     layers = len(au.activity)
     fig, axes = plt.subplots(1, layers, figsize=(max(6, 0.12 * sum(a.numel() for a in au.activity) + 3), 3.8),
                              squeeze=False)
@@ -62,10 +70,77 @@ def plot_active_units(au: ActiveUnits, path: Path) -> Path:
         ax.axhline(au.threshold, color="k", ls="--", lw=1, label=f"threshold {au.threshold:g}")
         ax.set_yscale("log")
         ax.set_xlabel(f"latent dimension (layer {i + 1})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.6, v.size - 0.4)
         ax.set_ylabel("Cov_x(E_q[z_u]) (latent units²)")
         ax.set_title(f"layer {i + 1}: {au.counts[i]} of {v.size} active")
-        ax.legend(loc="best", framealpha=0.9)
+    # outside the axes, so it never hides a bar
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     fig.suptitle(f"Active units: {au} (IWAE paper's statistic)")
+    fig.tight_layout()
+    return fig
+
+
+def monitored_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The metrics.jsonl rows that hold the collapse monitor's numbers (train.monitor_every)."""
+    return [r for r in metrics if "active_units" in r]
+
+
+def plot_monitor(metrics: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Active units, I(x; z) and per-unit KL against the epoch, from metrics.jsonl's monitored
+    rows (diagnostics.monitor); None when there are none."""
+    rows = monitored_rows(metrics)
+    if not rows:
+        return None
+    epochs = np.array([r["epoch"] for r in rows])
+    kl_rows = [r for r in rows if r.get("kl_per_unit")]
+    mi_rows = [r for r in rows if r.get("mutual_information") is not None]
+    panels = 2 + bool(kl_rows)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
+    a, b = axes[0, 0], axes[0, 1]
+    per_layer = np.array([r.get("active_units_per_layer", [r["active_units"]]) for r in rows])
+    if per_layer.shape[1] > 1:
+        for layer in range(per_layer.shape[1]):
+            a.plot(epochs, per_layer[:, layer], marker=".", label=f"layer {layer + 1}")
+        a.legend(fontsize=8)
+    a.plot(epochs, [r["active_units"] for r in rows], marker=".", color="k", label="all layers")
+    a.yaxis.set_major_locator(MaxNLocator(integer=True))
+    a.set_xlabel("epoch")
+    a.set_ylabel("active units")
+    a.set_title("Active units (Cov_x(E_q[z_u]) > threshold)")
+    if mi_rows:
+        e = np.array([r["epoch"] for r in mi_rows])
+        mi = np.array([r["mutual_information"] for r in mi_rows])
+        se = np.array([r.get("mutual_information_stderr") or 0.0 for r in mi_rows])
+        b.plot(e, mi, marker=".", color="C4", label="I(x; z), ± 2 stderr")
+        b.fill_between(e, mi - 2 * se, mi + 2 * se, color="C4", alpha=0.25, lw=0)
+        n = mi_rows[-1].get("monitor_points")
+        if n:
+            b.axhline(math.log(n), color="k", ls="--", lw=1, label=f"log N = {math.log(n):.2f} (the most)")
+        b.legend(fontsize=8, loc="lower right")
+        b.set_title(f"Mutual information I(x; z) on {n} images")
+    else:
+        b.text(0.5, 0.5, "I(x; z) not logged for this model", ha="center", va="center", transform=b.transAxes)
+        b.set_title("Mutual information I(x; z)")
+    b.set_xlabel("epoch")
+    b.set_ylabel("nats")
+    if kl_rows:
+        c = axes[0, 2]
+        kl = np.array([r["kl_per_unit"] for r in kl_rows]).T  # [units, epochs]
+        floor = 1e-4
+        e = [r["epoch"] for r in kl_rows]
+        extent = (e[0] - 0.5, e[-1] + 0.5, kl.shape[0] - 0.5, -0.5)
+        im = c.imshow(np.maximum(kl, floor), aspect="auto", interpolation="nearest", extent=extent,
+                      norm=LogNorm(vmin=floor, vmax=max(float(kl.max()), 10 * floor)), cmap="viridis")
+        fig.colorbar(im, ax=c, label="KL(q(z_u|x) || p(z_u)) (nats)")
+        c.yaxis.set_major_locator(MaxNLocator(integer=True))
+        c.xaxis.set_major_locator(MaxNLocator(integer=True))
+        c.set_xlabel("epoch")
+        c.set_ylabel("latent unit")
+        c.set_title("KL per unit (dark: collapsed)")
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    b.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("Collapse during training (train.monitor_every)")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..evaluation import seeded
+from ..evaluation import progress_bar, seeded
 from ..files import atomic_write_text
 from ..priors import GaussianMixturePrior
 from ..runs import write_json
@@ -42,8 +42,10 @@ def diagnose(
     split: str = "test",
     labels: Tensor | None = None,
     log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every diagnostic on ``x`` ``[N, D]`` (already on the model's device) and write the report."""
+    """Run every diagnostic on ``x`` ``[N, D]`` (already on the model's device) and write the report
+    (``progress``: a progress bar on each long stage, on a terminal)."""
     cfg, model = run.config, run.model
     e = cfg.eval
     k = k or max(e.bound_ks)
@@ -64,15 +66,19 @@ def diagnose(
         return value
 
     log(f"elbolab diagnose: {x.shape[0]} {split} points, K = {k} -> {out_dir}")
+    def bar(what: str) -> str | None:
+        return what if progress else None
+
     bvk = timed("bound_vs_k", lambda: bound_vs_k(model, x, _ks_up_to(e.bound_ks, k), e.batch_size,
-                                                 e.chunk_for(x.device),
-                                                 e.seed))
+                                                 e.chunk_for(x.device), e.seed,
+                                                 progress=bar(f"bound vs k, k <= {k}")))
     ll = bvk.log_likelihood()
     report["log_likelihood"] = ll.to_dict()
     report["bound_vs_k"] = bvk.to_dict()
     figures["bound_vs_k"] = plots.plot_bound_vs_k(bvk, out_dir / "diag-bound-vs-k.png", bvk.mean()[0]).name
 
-    au = timed("active_units", lambda: active_units(model, x, e.active_unit_threshold, e.batch_size, seed=e.seed))
+    au = timed("active_units", lambda: active_units(model, x, e.active_unit_threshold, e.batch_size, seed=e.seed,
+                                                    progress=bar("active units")))
     report["active_units"] = {**au.to_dict(), "label": str(au)}
     figures["active_units"] = plots.plot_active_units(au, out_dir / "diag-active-units.png").name
 
@@ -97,9 +103,11 @@ def diagnose(
 
     timed("images", pictures)
 
+    report["monitor"] = _monitor_section(getattr(run, "metrics", None) or [], out_dir, figures)
+
     if model.latent_dims == [2] and hasattr(model, "log_joint"):
         q_ew = timed("q_ew", lambda: _q_ew_section(model, x, bvk, e.q_ew_ks, e.seed, labels, ll.per_point,
-                                                   out_dir, figures))
+                                                   out_dir, figures, bar("q_EW on a grid")))
         report["q_ew"] = q_ew
     else:
         report["q_ew"] = {"skipped": "q_EW panels and the latent-space plot are drawn for 2-D latents"}
@@ -109,14 +117,18 @@ def diagnose(
     return report
 
 
-def _q_ew_section(model, x, bvk, ks, seed, labels, log_p, out_dir: Path, figures: dict) -> dict[str, Any]:
+def _q_ew_section(model, x, bvk, ks, seed, labels, log_p, out_dir: Path, figures: dict,
+                  progress: str | None = None) -> dict[str, Any]:
     with torch.no_grad():
         means = model.posterior(x).mean
     color, label = (labels, "label") if labels is not None else (log_p, "log p(x), IS estimate (nats)")
     figures["latent_space"] = plots.plot_latent_space(means, out_dir / "diag-latent-space.png", color, label).name
     points, grids, titles = [], [], []
-    for i in range(min(3, x.shape[0])):
+    n_points = min(3, x.shape[0])
+    bar = progress_bar(n_points, progress, unit="point")
+    for i in range(n_points):
         g = q_ew_on_grid(model, x[i], ks=tuple(ks), seed=seed)
+        bar.update(1)
         grids.append(g)
         titles.append({"log_p": g.log_marginal, **{kk: g.elbo(kk) for kk in ks}})
         points.append({
@@ -126,8 +138,23 @@ def _q_ew_section(model, x, bvk, ks, seed, labels, log_p, out_dir: Path, figures
             "normalization": {str(kk): g.normalization(kk) for kk in ks},
             "l_k": {str(kk): float(bvk.per_point[i, bvk.ks.index(kk)]) for kk in ks if kk in bvk.ks},
         })
+    bar.close()
     figures["q_ew"] = plots.plot_q_ew(grids, ks, out_dir / "diag-q-ew.png", titles).name
     return {"ks": list(ks), "method": "numerical integration on a grid", "points": points}
+
+
+def _monitor_section(metrics: list[dict[str, Any]], out_dir: Path, figures: dict) -> dict[str, Any]:
+    """The collapse monitor's numbers over training (metrics.jsonl), plotted against the epoch."""
+    rows = plots.monitored_rows(metrics)
+    if not rows:
+        return {"skipped": "no monitored epochs in metrics.jsonl (train.monitor_every=0, or not an elbolab run)"}
+    figures["monitor"] = plots.plot_monitor(rows, out_dir / "diag-monitor.png").name
+    last = rows[-1]
+    return {"epochs": [r["epoch"] for r in rows], "points": last.get("monitor_points"),
+            "active_units": [r["active_units"] for r in rows],
+            "mutual_information": [r.get("mutual_information") for r in rows],
+            "last": {k: last[k] for k in ("epoch", "active_units", "mutual_information", "mutual_information_stderr")
+                     if k in last}}
 
 
 def _au_method(au: dict[str, Any]) -> str:
@@ -164,6 +191,17 @@ def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | No
                   f"posterior over all N = {r['n']} points.", "", surgery_table, "", "![surgery](diag-surgery.png)"]
     else:
         lines.append(f"Skipped: {s['skipped']}")
+    lines += ["", "## Collapse during training", ""]
+    m = r.get("monitor", {"skipped": "not recorded"})
+    if "skipped" in m:
+        lines.append(f"Skipped: {m['skipped']}")
+    else:
+        last = m["last"]
+        mi = (f", I(x; z) = {last['mutual_information']:.2f} ± {last['mutual_information_stderr']:.2f} nats"
+              if last.get("mutual_information") is not None else "")
+        lines += [f"Logged during training on a fixed subsample of {m['points']} images, {len(m['epochs'])} "
+                  f"epochs; at epoch {last['epoch']}: {last['active_units']} active units{mi}.", "",
+                  "![collapse during training](diag-monitor.png)"]
     lines += ["", "## Samples and reconstructions", "", "![samples](diag-samples.png)", "",
               "![reconstructions](diag-reconstructions.png)", ""]
     if "prior_components" in r.get("figures", {}):

@@ -20,17 +20,21 @@ def summarize(
     chunk_size: int = 50,
     threshold: float = 0.01,
     seed: int = 1,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Test L_1 (ELBO), L_k at the training k, IS log-likelihood at K, active units."""
+    """Test L_1 (ELBO), L_k at the training k, IS log-likelihood at K, active units
+    (``progress``: a progress bar on the long stages)."""
     out: dict[str, Any] = {"n_test": int(x_test.shape[0])}
     b = evaluate_bounds(model, x_test, k=max(k_train, 1), batch_size=batch_size, seed=seed)
     out["elbo"] = b["elbo"]
     out["iwae_k"] = k_train
     out[f"iwae_{k_train}"] = b[f"iwae_{k_train}"]
-    ll = log_likelihood(model, x_test, k=k_importance, batch_size=batch_size, chunk_size=chunk_size, seed=seed)
+    ll = log_likelihood(model, x_test, k=k_importance, batch_size=batch_size, chunk_size=chunk_size, seed=seed,
+                        progress=f"test log p(x), IS K={k_importance}" if progress else None)
     out["log_likelihood"] = ll.to_dict()
     try:
-        au = active_units(model, x_test, threshold=threshold, batch_size=batch_size, seed=seed)
+        au = active_units(model, x_test, threshold=threshold, batch_size=batch_size, seed=seed,
+                          progress="active units" if progress else None)
     except NoPosterior as e:  # a model whose q(z|x) is not a diagonal Gaussian
         out["active_units"] = {"skipped": str(e), "threshold": threshold, "label": "n/a (no Gaussian posterior)"}
         return out
@@ -40,13 +44,13 @@ def summarize(
 
 
 def format_summary(s: dict[str, Any]) -> str:
+    """The report as aligned lines; L_k is left out at k = 1, where it is the ELBO."""
     k = s["iwae_k"]
     ll = s["log_likelihood"]
-    lines = [
-        f"test points              {s['n_test']}",
-        f"test ELBO (L_1)          {s['elbo']:.2f} nats",
-        f"test L_{k:<17} {s[f'iwae_{k}']:.2f} nats",
-        f"test log p(x), IS K={ll['k']:<4} {ll['mean']:.2f} +- {ll['stderr']:.2f} nats",
-        f"active units             {s['active_units']['label']} (threshold {s['active_units']['threshold']})",
-    ]
-    return "\n".join(lines)
+    rows = [("test points", f"{s['n_test']}"), ("test ELBO (L_1)", f"{s['elbo']:.2f} nats")]
+    if k > 1:
+        rows.append((f"test L_{k}", f"{s[f'iwae_{k}']:.2f} nats"))
+    rows += [(f"test log p(x), IS K={ll['k']}", f"{ll['mean']:.2f} +- {ll['stderr']:.2f} nats"),
+             ("active units", f"{s['active_units']['label']} (threshold {s['active_units']['threshold']})")]
+    width = max(len(name) for name, _ in rows) + 1
+    return "\n".join(f"{name:<{width}}{value}" for name, value in rows)

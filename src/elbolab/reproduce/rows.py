@@ -20,6 +20,7 @@ from ..config import RunConfig
 from ..data import evaluation_images, load
 from ..devices import resolve_device
 from ..diagnostics import active_units
+from ..diagnostics.monitor import CollapseMonitor
 from ..diagnostics.surgery import elbo_surgery
 from ..evaluation import log_likelihood
 from ..fastpaths import retain_freed_memory
@@ -95,7 +96,8 @@ def _train(cfg: RunConfig, run_dir: Path, dataset):
         resume = info is not None and (run_dir / "checkpoint.pt").exists()
         if info is not None and not resume:  # killed before its first checkpoint: start again
             shutil.rmtree(run_dir)
-        Trainer(cfg, run_dir, dataset).fit(resume=resume)
+        monitor = CollapseMonitor.for_run(cfg, dataset, resolve_device(cfg.train.device))
+        Trainer(cfg, run_dir, dataset, monitor).fit(resume=resume)
     device = str(resolve_device(cfg.train.device))
     return load_run(run_dir, device=device, weights=_weights(cfg)).model
 

@@ -240,7 +240,10 @@ class RowPlan:
 
 #: keys that do not change what a row computes, left out of its cache key
 _KEY_IGNORED = {("train", "threads"), ("train", "progress"), ("train", "device"), ("train", "compile"),
-                ("data", "data_dir"), ("eval", "gpu_chunk_size")}
+                ("data", "data_dir"), ("eval", "gpu_chunk_size"),
+                # logging and monitoring never change what is trained
+                ("train", "monitor_every"), ("train", "monitor_points"), ("train", "wandb"),
+                ("train", "wandb_mode"), ("train", "wandb_project")}
 
 
 def _same_as_vae_k1(cfg: RunConfig) -> bool:

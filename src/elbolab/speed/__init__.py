@@ -49,6 +49,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
     info["clock"] = args.clock
     log(f"elbolab bench ({mode}) on {info['cpu']} / {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.clock} clock; load average {info.get('loadavg_at_start')}")
+    load = (info.get("loadavg_at_start") or [0.0])[0]
+    if device.type == "cpu" and args.clock == "wall" and load >= 0.5 * (os.cpu_count() or 1):
+        log(f"warning: load average {load} on {os.cpu_count()} cores: other work competes for them, and "
+            f"wall-clock timings with {threads} threads read low (rows say BUSY MACHINE when their process got "
+            "under half its CPU time); --threads 1 --clock cpu holds up on a busy machine")
     peak = matmul_peak_flops(device, n=8192 if device.type == "cuda" else 2048 if args.quick else 4096)
     log(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     bench = Bench(settings, device, peak, use_pythae=not args.no_pythae, log=log, compiled=args.compile)
@@ -105,6 +110,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
                     f"torch {torch.__version__} ({mode})")
     log("")
     log(format_table(final["rows"]))
+    busy = [r["name"] for r in final["rows"] if "BUSY MACHINE" in r["note"]]
+    if busy:
+        log(f"\n{len(busy)} of {len(final['rows'])} rows ran on a busy machine (see their notes): their wall-clock "
+            "img/s are not this machine's speed")
     log(f"\nwrote {out / (name + '.json')}" + (f" and {name}.png" if curves else "")
         + f"; load average at end {info.get('loadavg_at_end')}")
     return final

@@ -99,9 +99,19 @@ def use_cpu_clock(enabled: bool) -> None:
     _clock = time.process_time if enabled else time.perf_counter
 
 
+def timing_clock() -> str:
+    """"wall" or "cpu": the clock timings read now (:func:`use_cpu_clock`)."""
+    return "cpu" if _clock is time.process_time else "wall"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+#: below this CPU share (process CPU seconds / (wall seconds x threads)) a repeat ran on a busy
+#: machine: on 2 busy cores, 2-thread steps measured 30x below the same steps on a quiet machine
+BUSY_SHARE = 0.5
 
 
 @dataclass
@@ -109,14 +119,33 @@ class Throughput:
     """Items per second of every repeat; ``best`` is the least disturbed one."""
 
     per_repeat: list[float] = field(default_factory=list)
+    #: per repeat on a CPU: process CPU seconds / (wall seconds x torch threads); near 1 (or
+    #: above, spinning threads) on a quiet machine, far below when the threads waited for cores
+    cpu_share: list[float] = field(default_factory=list)
 
     @property
     def best(self) -> float:
         return max(self.per_repeat) if self.per_repeat else float("nan")
 
     @property
+    def best_cpu_share(self) -> float | None:
+        """The CPU share of the repeat ``best`` reports (None on a GPU)."""
+        if not self.cpu_share:
+            return None
+        return self.cpu_share[self.per_repeat.index(self.best)]
+
+    @property
     def median(self) -> float:
         return statistics.median(self.per_repeat) if self.per_repeat else float("nan")
+
+
+def busy_note(cpu_share: float | None, threads: int) -> str:
+    """A warning for a wall-clock timing whose process got too little CPU, else ""."""
+    if cpu_share is None or cpu_share >= BUSY_SHARE:
+        return ""
+    return (f"BUSY MACHINE: ran {100 * cpu_share:.0f}% of the wall time its {threads} thread"
+            f"{'s' if threads > 1 else ''} asked for, so img/s is far too low; rerun on a quiet machine "
+            "or with --threads 1 --clock cpu")
 
 
 def calibrate(step: Callable[[], None], device: torch.device, target_s: float, max_calls: int = 10_000) -> int:
@@ -161,13 +190,18 @@ def compare(
             calls[name] = calibrate(step, device, target_s) if target_s > 0 else 1
         peaks[name] = mem.peak_bytes
     out = {name: Throughput() for name in steps}
+    threads = torch.get_num_threads()
     for r in range(repeats):
         for name, (step, items) in steps.items():
             with PeakMemory(device) if r == 0 else contextlib.nullcontext() as mem:
+                wall0, cpu0 = time.perf_counter(), time.process_time()
                 seconds = time_calls(step, calls[name], device)
+                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             if r == 0:
                 peaks[name] = max(peaks[name], mem.peak_bytes)
             out[name].per_repeat.append(items * calls[name] / seconds)
+            if device.type == "cpu":
+                out[name].cpu_share.append(cpu / max(wall * threads, 1e-9))
     return {name: (out[name], peaks[name]) for name in steps}
 
 

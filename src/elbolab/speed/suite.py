@@ -27,7 +27,7 @@ from ..objectives import make_objective
 from ..optimizers import make_optimizer
 from ..training import NonFiniteError, take_step
 from . import pythae_models
-from .measure import Throughput, compare, count_flops, matmul_step
+from .measure import Throughput, busy_note, compare, count_flops, matmul_step, timing_clock
 
 #: the reference matrix product timed beside every row
 PEAK = "matmul"
@@ -86,6 +86,9 @@ class Row:
     #: achieved matmul FLOP/s divided by the measured peak
     of_peak: float | None = None
     note: str = ""
+    #: process CPU seconds / (wall seconds x threads) of the reported repeat (CPU only;
+    #: measure.busy_note flags a row below measure.BUSY_SHARE)
+    cpu_share: float | None = None
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -96,6 +99,8 @@ class Bench:
     def __init__(self, settings: Settings, device: torch.device, peak_flops: float, use_pythae: bool = True,
                  log: Callable[[str], None] = print, compiled: bool = False) -> None:
         self.s = settings
+        #: a busy machine makes wall-clock timings wrong (measure.busy_note); CPU-clock ones hold up
+        self.wall_clock = timing_clock() == "wall"
         #: also time the training step as train.compile=true runs it (CUDA graphs on a GPU)
         self.compiled = compiled
         self.device = device
@@ -143,9 +148,14 @@ class Bench:
             achieved = flops * tp.best if flops else None
             rows.append(Row(name=name, library=lib, images_per_s=tp.best, images_per_s_median=tp.median,
                             peak_mb=peak / 2**20, flops_per_image=flops,
-                            of_peak=achieved / peak_flops if achieved else None,
-                            extra={"per_repeat": tp.per_repeat, "matmul_flops_per_s": peak_flops}))
+                            of_peak=achieved / peak_flops if achieved else None, cpu_share=tp.best_cpu_share,
+                            extra={"per_repeat": tp.per_repeat, "matmul_flops_per_s": peak_flops,
+                                   "cpu_share_per_repeat": tp.cpu_share}))
         rows[-1].note = items_note
+        if self.wall_clock:
+            for row in rows:
+                busy = busy_note(row.cpu_share, torch.get_num_threads())
+                row.note = "; ".join(n for n in (busy, row.note) if n)
         if "pythae" in results:
             for row in rows:
                 if row.library != "pythae":
@@ -294,7 +304,10 @@ class Bench:
             rows = self.training_row(f"batch {b}", [], objective, k, b, with_pythae=True)
             for r in rows:
                 curve.setdefault(r.library, []).append(r.images_per_s)
-            self.log(f"  batch={b}: " + ", ".join(f"{r.library} {r.images_per_s:,.0f} img/s" for r in rows))
+                curve.setdefault(f"{r.library}_cpu_share", []).append(r.cpu_share)
+            self.log(f"  batch={b}: " + ", ".join(f"{r.library} {r.images_per_s:,.0f} img/s"
+                                                  + (" (BUSY MACHINE)" if "BUSY MACHINE" in r.note else "")
+                                                  for r in rows))
         return curve
 
 
