@@ -107,7 +107,7 @@ def test_cli_on_an_in_memory_run_needs_the_data_file_then_agrees(in_memory_run, 
     assert json.loads((out / "diagnostics.json").read_text())["n"] == 60
     capsys.readouterr()
     assert cli.main(["snr", str(run.path), "--k", "1", "3", "--estimators", "dreg", "--draws", "3", "--batch", "5",
-                     "--data-file", str(tmp_path / "test.npy")]) == 0
+                     "--data-file", str(tmp_path / "test.npy"), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [(r["estimator"], r["k"]) for r in rows] == [("dreg", 1), ("dreg", 3)]
 

@@ -55,6 +55,7 @@ def outcome(run: Path) -> tuple[bytes, bytes, list[dict]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         r.pop("seconds")
+        r.pop("monitor_seconds", None)
     return (run / "model.safetensors").read_bytes(), (run / "best.safetensors").read_bytes(), rows
 
 

@@ -374,7 +374,10 @@ def _plain_key(cfg) -> str:
 
     d = cfg.to_dict()
     for section, key in (("train", "threads"), ("train", "progress"), ("train", "device"), ("train", "compile"),
-                         ("data", "data_dir"), ("eval", "gpu_chunk_size")):
+                         ("data", "data_dir"), ("eval", "gpu_chunk_size"),
+                         # logging and monitoring keys, added later, leave every key as it was
+                         ("train", "monitor_every"), ("train", "monitor_points"), ("train", "wandb"),
+                         ("train", "wandb_mode"), ("train", "wandb_project")):
         d[section].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import rng
 from .config import ConfigError, RunConfig
@@ -405,7 +404,7 @@ class Trainer:
         sinks = open_sinks(cfg, self.run_dir, self.epoch + 1)
         self._last_checkpoint = time.monotonic()
         try:
-            with self._graceful_signals(), logging_redirect_tqdm():
+            with self._graceful_signals():
                 while self.epoch < cfg.train.epochs and not self.finished:
                     t0 = time.perf_counter()
                     row: dict[str, Any] = {"epoch": self.epoch + 1}

@@ -14,6 +14,8 @@ import argparse
 import logging
 import sys
 
+from tqdm.auto import tqdm
+
 from ..config import ConfigError
 from ..data import DataError
 from ..fastpaths import retain_freed_memory
@@ -45,15 +47,30 @@ class _Lines(logging.Formatter):
         return f"{self.formatTime(record, '%H:%M:%S')} {text}" if self.verbose else text
 
 
+class _AboveBars(logging.StreamHandler):
+    """Writes through tqdm, so a line lands above a progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own policy for a failing handler
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool) -> None:
-    """elbolab's progress lines (one per epoch, stages) at INFO by default, DEBUG with -v;
-    other libraries' loggers stay at WARNING. A root logger that already has handlers
-    (a test harness, an application) is left as it is."""
+    """elbolab's progress lines (one per epoch, stages) at INFO by default, DEBUG with -v, on
+    stdout with what the commands print; warnings and errors on stderr, where an error stays one
+    line. Other libraries' loggers stay at WARNING. A root logger that already has handlers (a
+    test harness, an application) is left as it is."""
     root = logging.getLogger()
     if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(_Lines(verbose))
-        root.addHandler(handler)
+        progress = _AboveBars(sys.stdout)
+        progress.addFilter(lambda record: record.levelno < logging.WARNING)
+        problems = _AboveBars(sys.stderr)
+        problems.setLevel(logging.WARNING)
+        for handler in (progress, problems):
+            handler.setFormatter(_Lines(verbose))
+            root.addHandler(handler)
         root.setLevel(logging.WARNING)
     logging.getLogger("elbolab").setLevel(logging.DEBUG if verbose else logging.INFO)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..reproduce import BUDGETS, EXECUTORS, load_tables, reproduce
-from ..reproduce.tables import get_table, plan_rows
+from ..reproduce.tables import get_table, plan_rows, select_rows
 from .common import add_data_dir
 
 
@@ -21,11 +21,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                   f"{c.objective.name} k={c.objective.k}, {c.train.epochs} epochs")
         return 0
 
-    def progress(entry) -> None:
-        note = f" ({entry.error})" if entry.error else ""
-        print(f"  {entry.row}: {entry.status}{note}", flush=True)
+    planned = len(select_rows(get_table(args.table), args.only))
+    done = 0
 
-    print(f"elbolab: reproducing {args.table} at budget {args.budget} "
+    def progress(entry) -> None:
+        nonlocal done
+        done += 1
+        note = f" ({entry.error})" if entry.error else ""
+        print(f"  row {done}/{planned} {entry.row}: {entry.status}{note}", flush=True)
+
+    print(f"elbolab: reproducing {planned} row{'s' if planned != 1 else ''} of {args.table} at budget {args.budget} "
           f"({args.executor}, {args.workers} worker{'s' if args.workers > 1 else ''}) -> {args.results}", flush=True)
     rep = reproduce(args.table, budget=args.budget, only=args.only, executor=args.executor, workers=args.workers,
                     results=args.results, data_dir=args.data_dir, overrides=args.set or [], on_row=progress,

@@ -93,9 +93,11 @@ def reproduce(
         _fill_k(spec, budget, committed, data_dir, overrides)
     threads = max(1, (os.cpu_count() or 1) // workers)
     tasks, by_row, claimed = [], {}, {}
+    # rows in parallel report when they finish (their progress bars would interleave); one row at a
+    # time in this process shows its bars and epoch lines as `elbolab train` does
+    in_process = executor == "local" and workers == 1
     for p in plans:
-        # rows report when they finish; per-batch progress bars of parallel rows would interleave
-        cfg = p.config.with_overrides({"train.progress": False})
+        cfg = p.config if in_process else p.config.with_overrides({"train.progress": False})
         if cfg.train.threads == 0:  # share the cores between the workers
             cfg = cfg.with_overrides({"train.threads": threads})
         row_dir = row_dir_for(out / "rows", p.row.id, p.key, claimed)

@@ -7,6 +7,7 @@ row is finished. A killed row resumes from its run folder's checkpoint.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from ..training import Trainer
 
 RESULT_FILE = "result.json"
 
+log = logging.getLogger("elbolab")
+
 
 @dataclass(frozen=True)
 class RowTask:
@@ -50,7 +53,7 @@ def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any
     x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed).to(device)
     e = cfg.eval
     ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_for(device),
-                        seed=e.seed)
+                        seed=e.seed, progress=f"test log p(x), IS K={e.k_importance}" if cfg.train.progress else None)
     au = active_units(model, x, threshold=e.active_unit_threshold, batch_size=e.batch_size, seed=e.seed)
     return {
         "log_likelihood": ll.mean, "log_likelihood_stderr": ll.stderr,
@@ -114,8 +117,11 @@ def run_row(task: RowTask) -> dict[str, Any]:
     t0 = time.perf_counter()
     dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
     run_dir = row_dir / "run"
+    log.info("%s %s: training %s on %s, at most %d epochs -> %s", task.table, task.row_id, cfg.model.name,
+             task.data_label, cfg.train.epochs, run_dir)
     model = _train(cfg, run_dir, dataset)
     device = next(model.parameters()).device
+    log.info("%s %s: evaluating (%s)", task.table, task.row_id, task.evaluation)
     t1 = time.perf_counter()
     with torch.no_grad():
         metrics = EVALUATORS[task.evaluation](model, dataset, cfg, device)
