@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import matplotlib
+import pytest
 import torch
 import yaml
 
@@ -204,3 +205,25 @@ def test_snr_figure_labels_do_not_run_into_the_titles():
         for t in titles:
             assert not label.overlaps(_bbox(t, renderer)), (ax.get_ylabel(), t.get_text())
     matplotlib.pyplot.close(fig)
+
+
+@pytest.mark.parametrize("machine_output", [False, True])
+def test_progress_lines_go_to_stdout_unless_it_carries_json(capsys, machine_output):
+    from elbolab.cli import setup_logging
+
+    root = logging.getLogger()
+    saved, saved_level = root.handlers[:], root.level
+    root.handlers = []
+    try:
+        setup_logging(verbose=False, machine_output=machine_output)
+        logging.getLogger("elbolab").info("epoch 1/2: a progress line")
+        logging.getLogger("elbolab").warning("a warning")
+        logging.getLogger("matplotlib").info("another library's chatter")
+    finally:
+        root.handlers, root.level = saved, saved_level
+    out, err = capsys.readouterr()
+    progress = err if machine_output else out
+    assert "epoch 1/2: a progress line" in progress and "chatter" not in out + err
+    assert err.splitlines()[-1] == "elbolab: warning: a warning"
+    if machine_output:
+        assert out == ""  # stdout holds the JSON alone

@@ -57,14 +57,15 @@ class _AboveBars(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, machine_output: bool = False) -> None:
     """elbolab's progress lines (one per epoch, stages) at INFO by default, DEBUG with -v, on
-    stdout with what the commands print; warnings and errors on stderr, where an error stays one
-    line. Other libraries' loggers stay at WARNING. A root logger that already has handlers (a
-    test harness, an application) is left as it is."""
+    stdout with what the commands print (on stderr when stdout carries JSON, ``machine_output``);
+    warnings and errors on stderr, where an error stays one line. Other libraries' loggers stay
+    at WARNING. A root logger that already has handlers (a test harness, an application) is left
+    as it is."""
     root = logging.getLogger()
     if not root.handlers:
-        progress = _AboveBars(sys.stdout)
+        progress = _AboveBars(sys.stderr if machine_output else sys.stdout)
         progress.addFilter(lambda record: record.levelno < logging.WARNING)
         problems = _AboveBars(sys.stderr)
         problems.setLevel(logging.WARNING)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["train"]  # the main job: `elbolab` alone trains the embedded default
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, machine_output=bool(getattr(args, "json", False)))
     retain_freed_memory()  # every command makes big CPU temporaries (fastpaths.py)
     try:
         return args.func(args)
