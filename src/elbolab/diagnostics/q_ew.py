@@ -78,7 +78,7 @@ HEAD, TAIL = 30.0, 4.5
 
 
 def log_ratio_by_integration(log_w_hat: Tensor, log_pi: Tensor, k: int, du: float = 0.2,
-                             max_nodes: int = 10_000_000, chunk: int = 1 << 22) -> Tensor:
+                             max_nodes: int = 10_000_000, chunk: int = 1 << 20) -> Tensor:
     """log r_K at every grid point, ``[G]`` float64.
 
     ``log_w_hat`` ``[G]``: log weights on the grid, shifted by any constant (r_K is
@@ -307,7 +307,7 @@ def q_ew_on_grid(model, x: Tensor, ks: tuple[int, ...] = (1, 10, 100), tol: floa
     location and scale come from importance sampling at first, then from the previous
     grid. The node density is doubled until log p(x) and every ELBO(q_EW) change by at
     most ``tol`` nats (``QEWGrid.changes``), within ``max_points`` grid points: memory
-    ~ 8 (len(ks) + 10) max_points bytes, time ~ max_points (HEAD + TAIL) / du per K.
+    ~ 8 (len(ks) + 20) bytes a point, time ~ points (HEAD + TAIL) / du per K.
     If the tolerance is not met: ValueError, or with ``strict=False`` a RuntimeWarning
     and the densest grid (``converged`` False).
     Needs ``model.log_joint(x, z)`` and a latent of dimension 1 or 2.
