@@ -95,7 +95,11 @@ def diagnose(
 
     timed("images", pictures)
 
-    if model.latent_dims == [2] and hasattr(model, "log_joint"):
+    flow = getattr(model, "posterior_flow", "none")
+    if flow != "none":
+        report["q_ew"] = {"skipped": f"q_EW panels need log q(z|x) on a grid, which a {flow} flow posterior "
+                                     "gives only at its own samples"}
+    elif model.latent_dims == [2] and hasattr(model, "log_joint"):
         q_ew = timed("q_ew", lambda: _q_ew_section(model, x, bvk, e.q_ew_ks, e.seed, labels, ll.per_point,
                                                    out_dir, figures))
         report["q_ew"] = q_ew
