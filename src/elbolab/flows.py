@@ -12,7 +12,7 @@ model: a model keeps its Gaussian and adds a :class:`Flow` after it.
   u_hat = u + (m(w.u) - w.u) w / |w|^2 with m(a) = -1 + softplus(a) keeps w.u_hat > -1,
   which makes each step invertible (its determinant 1 + (1 - tanh^2) w.u_hat > 0).
 - ``iaf`` (Kingma et al. 2016): the encoder emits a context c = W h; each step runs a
-  MADE network (masked, so output i reads z_j for j < i only) on (z, c), giving m and s,
+  MADE network (masked, so output i reads z_j for j < i only, and c) on (z, c), giving m and s,
   and updates z = sigma z + (1 - sigma) m with sigma = sigmoid(s) (their numerically
   stable form), log |det| = sum log sigma. Steps alternate between the natural and the
   reversed variable order.
@@ -147,9 +147,10 @@ class IAFStep(nn.Module):
     """[m, s] = MADE(z, c); sigma = sigmoid(s); z' = sigma z + (1 - sigma) m; log|det| = sum log sigma.
 
     MADE (Germain et al. 2015) with two hidden layers of ``width`` units: variable i (in this
-    step's order) has degree i, hidden units degrees in 1..D-1, and a connection exists only
+    step's order) has degree i, hidden units degrees in 0..D-1, and a connection exists only
     from lower-or-equal degree to hidden and strictly lower degree to output, so m_i and s_i
-    read z_j for j before i only. The context enters the first hidden layer unmasked.
+    read z_j for j before i only. The context enters the first hidden layer unmasked; units of
+    degree 0 read it alone, which carries it to every output, the first variable's included.
     """
 
     def __init__(self, latent_dim: int, width: int, reverse: bool) -> None:
@@ -158,7 +159,7 @@ class IAFStep(nn.Module):
         order = torch.arange(d - 1, -1, -1) if reverse else torch.arange(d)
         degree_in = torch.empty(d, dtype=torch.long)
         degree_in[order] = torch.arange(1, d + 1)
-        degree_h = torch.arange(width) % max(d - 1, 1) + 1
+        degree_h = torch.arange(width) % d
         self.reverse = reverse
         self.inp = MaskedLinear(d, width, degree_h[:, None] >= degree_in[None, :])
         self.ctx = nn.Linear(width, width)
