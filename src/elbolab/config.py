@@ -220,7 +220,7 @@ class ModelConfig:
         _require(
             not (self.posterior.active and self.prior.name.startswith("vampprior")),
             f"{key}.posterior.flow",
-            f"a VampPrior's components are q(z|u_k), which a {self.posterior.flow} flow posterior cannot evaluate "
+            f"a VampPrior's components are q(z|u_k), which a flow posterior ({self.posterior.flow}) cannot evaluate "
             "at other points' z; use model.prior.name standard or mog with a flow",
         )
 

@@ -173,7 +173,7 @@ def q_ew_on_grid(model, x: Tensor, ks: tuple[int, ...] = (1, 10, 100), points_pe
     if not hasattr(model, "log_joint"):
         raise ValueError(f"{type(model).__name__}: q_EW densities need model.log_joint(x, z)")
     if (flow := getattr(model, "posterior_flow", "none")) != "none":
-        raise ValueError(f"q_EW on a grid needs log q(z|x) at grid points, which a {flow} flow posterior "
+        raise ValueError(f"q_EW on a grid needs log q(z|x) at grid points, which a flow posterior ({flow}) "
                          "gives only at its own samples (sample_q_ew and elbo_q_ew_nested work)")
     device = model_device(model)
     x = x.reshape(1, -1).to(device)

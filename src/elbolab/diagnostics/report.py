@@ -51,6 +51,7 @@ def diagnose(
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"run": str(run.path), "split": split, "n": int(x.shape[0]), "k": k,
                               "model": cfg.model.name, "prior": cfg.model.prior.name,
+                              "posterior_flow": getattr(model, "posterior_flow", "none"),
                               "latent_dims": list(model.latent_dims), "seconds": {}, "figures": {}}
     figures = report["figures"]
 
@@ -97,7 +98,7 @@ def diagnose(
 
     flow = getattr(model, "posterior_flow", "none")
     if flow != "none":
-        report["q_ew"] = {"skipped": f"q_EW panels need log q(z|x) on a grid, which a {flow} flow posterior "
+        report["q_ew"] = {"skipped": f"q_EW panels need log q(z|x) on a grid, which a flow posterior ({flow}) "
                                      "gives only at its own samples"}
     elif model.latent_dims == [2] and hasattr(model, "log_joint"):
         q_ew = timed("q_ew", lambda: _q_ew_section(model, x, bvk, e.q_ew_ks, e.seed, labels, ll.per_point,
@@ -132,10 +133,17 @@ def _q_ew_section(model, x, bvk, ks, seed, labels, log_p, out_dir: Path, figures
     return {"ks": list(ks), "method": "numerical integration on a grid", "points": points}
 
 
-def _au_method(au: dict[str, Any]) -> str:
-    """How the upper layers' posterior means were estimated, if they had to be."""
+def _flow_note(r: dict[str, Any]) -> str:
+    flow = r.get("posterior_flow", "none")
+    return "" if flow == "none" else f", q a Gaussian pushed through a flow ({flow}; docs/flows.md)"
+
+
+def _au_method(au: dict[str, Any], flow: str = "none") -> str:
+    """How the layers' posterior means were estimated, if they had to be."""
     if not au.get("samples"):
         return ""
+    if flow != "none":
+        return f"; every layer's mean from {au['samples']} draws of q per point (no closed form with a flow)"
     return f"; upper-layer means from {au['samples']} draws of the first-sampled layer per point"
 
 
@@ -145,13 +153,13 @@ def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | No
         f"# Diagnostics of `{r['run']}`",
         "",
         f"{r['n']} {r['split']} points; model {r['model']} (latent {'+'.join(map(str, r['latent_dims']))}), "
-        f"prior {r['prior']}. All bounds in nats per data point.",
+        f"prior {r['prior']}{_flow_note(r)}. All bounds in nats per data point.",
         "",
         f"- **log p(x)** (importance sampled, K = {ll['k']}): **{ll['mean']:.2f} ± {ll['stderr']:.2f}** nats",
         f"- **ELBO** (L_1): {r['bound_vs_k']['mean'][0]:.2f} nats; gap to log p(x): "
         f"{-r['bound_vs_k']['gap_to_largest'][0]:.2f} ± {r['bound_vs_k']['gap_stderr'][0]:.2f} nats",
         f"- **active units**: {au['label']} of {'+'.join(str(len(a)) for a in au['activity'])} "
-        f"(threshold {au['threshold']:g}{_au_method(au)})",
+        f"(threshold {au['threshold']:g}{_au_method(au, r.get('posterior_flow', 'none'))})",
     ]
     s = r["surgery"]
     if "skipped" not in s:

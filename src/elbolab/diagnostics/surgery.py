@@ -140,8 +140,8 @@ def _single_layer(model) -> None:
     flow = getattr(model, "posterior_flow", "none")
     if flow != "none":
         raise SurgeryError(
-            f"ELBO surgery needs q(z|x_j) at every other point's z (the aggregate posterior), which a {flow} flow "
-            "posterior gives only at its own samples"
+            f"ELBO surgery needs q(z|x_j) at every other point's z (the aggregate posterior), which a flow "
+            f"posterior ({flow}) gives only at its own samples"
         )
     if len(dims) != 1:
         raise SurgeryError(
