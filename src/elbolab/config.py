@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, did_you_mean
-from .registry import check_name
+from .registry import INDEX, check_name
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "preset", "save_config"]
 
@@ -153,6 +153,37 @@ class HierarchicalConfig:
 
 
 @dataclass(frozen=True)
+class PosteriorConfig:
+    """q's form: each Gaussian layer of q, optionally pushed through a normalizing flow
+    (elbolab.flows; docs/flows.md)."""
+
+    #: none | planar (Rezende & Mohamed 2015) | iaf (Kingma et al. 2016), on every Gaussian layer of q
+    flow: str = "none"
+    #: flow steps per stochastic layer (0: the Gaussian itself)
+    length: int = 10
+    #: iaf: hidden units of each step's MADE and size of the encoder's context h(x) (planar: unused)
+    width: int = 320
+
+    @property
+    def active(self) -> bool:
+        """Whether q is more than its Gaussians."""
+        return self.flow != "none" and self.length > 0
+
+    def validate(self, key: str) -> None:
+        check_name("flow", self.flow, f"{key}.flow")
+        _require(self.length >= 0, f"{key}.length", f"must be >= 0, got {self.length}")
+        _require(self.width >= 1, f"{key}.width", f"must be >= 1, got {self.width}")
+
+
+def flow_stl_refusal(flow: str) -> str | None:
+    """Why the STL / DReG estimators cannot run with this flow (None: they can), read from its registry."""
+    registry = INDEX.get("flow")
+    if registry is None or not registry.knows(flow):
+        return None
+    return getattr(registry[registry.canonical(flow)], "stl_refusal", None)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     #: one-layer | two-layer | hierarchical (elbolab.models.MODELS)
     name: str = "one-layer"
@@ -170,6 +201,8 @@ class ModelConfig:
     two_layer: TwoLayerConfig = field(default_factory=TwoLayerConfig)
     #: sizes of model "hierarchical"
     hierarchical: HierarchicalConfig = field(default_factory=HierarchicalConfig)
+    #: q's form (a Gaussian per layer, or a normalizing flow after each)
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
 
     def validate(self, key: str) -> None:
         _require(self.latent_dim >= 1, f"{key}.latent_dim", f"must be >= 1, got {self.latent_dim}")
@@ -182,6 +215,14 @@ class ModelConfig:
         self.prior.validate(f"{key}.prior")
         self.two_layer.validate(f"{key}.two_layer")
         self.hierarchical.validate(f"{key}.hierarchical")
+        self.posterior.validate(f"{key}.posterior")
+        # a VampPrior mixes q(z|u_k) densities at any z; a flow gives log q only at its own samples
+        _require(
+            not (self.posterior.active and self.prior.name.startswith("vampprior")),
+            f"{key}.posterior.flow",
+            f"a VampPrior's components are q(z|u_k), which a flow posterior ({self.posterior.flow}) cannot evaluate "
+            "at other points' z; use model.prior.name standard or mog with a flow",
+        )
 
 
 @dataclass(frozen=True)
@@ -338,6 +379,15 @@ class RunConfig:
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        post = self.model.posterior
+        if post.active and self.objective.estimator in ("stl", "dreg"):
+            reason = flow_stl_refusal(post.flow)
+            _require(
+                reason is None,
+                "objective.estimator",
+                f"{self.objective.estimator} needs log q(z|x) at its sample with q's weights held fixed, and {reason}; "
+                "use estimator standard, or model.posterior.flow planar",
+            )
 
     # --- round trips -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

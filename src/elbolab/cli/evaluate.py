@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, flow_stl_refusal
 from ..diagnostics.gradient_snr import plot_snr_vs_k, snr_sweep
 from ..diagnostics.report import REPORT_MD, diagnose
 from ..diagnostics.summary import format_summary, summarize
@@ -48,6 +48,11 @@ def cmd_snr(args: argparse.Namespace) -> int:
     if args.draws < 2:
         raise ConfigError(f"--draws: must be >= 2 to estimate a standard deviation, got {args.draws}")
     o = open_run(args)
+    post = o.run.config.model.posterior
+    refused = [e for e in args.estimators if e != "standard"] if post.active and flow_stl_refusal(post.flow) else []
+    if refused:
+        raise ConfigError(f"--estimators: {', '.join(refused)} cannot run with this run's {post.flow} posterior: "
+                          f"{flow_stl_refusal(post.flow)}; pass --estimators standard")
     x = o.x[: args.batch]
     results = snr_sweep(o.run.model, x, args.k, args.estimators, n_draws=args.draws, seed=args.seed)
     for r in results:

@@ -316,6 +316,9 @@ def q_ew_on_grid(model, x: Tensor, ks: tuple[int, ...] = (1, 10, 100), tol: floa
         raise ValueError(f"{type(model).__name__}: q_EW densities need model.log_joint(x, z)")
     if not (tol > 0 and width > 0 and points_per_sd > 0):
         raise ValueError(f"tol, width and points_per_sd must be > 0, got {tol}, {width}, {points_per_sd}")
+    if (flow := getattr(model, "posterior_flow", "none")) != "none":
+        raise ValueError(f"q_EW on a grid needs log q(z|x) at grid points, which a flow posterior ({flow}) "
+                         "gives only at its own samples (sample_q_ew and elbo_q_ew_nested work)")
     device = model_device(model)
     x = x.reshape(1, -1).to(device)
     with seeded(seed, device), eval_mode(model):

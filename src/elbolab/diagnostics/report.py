@@ -54,6 +54,7 @@ def diagnose(
                               # a model elbolab did not build (an adapter) names itself
                               "model": getattr(model, "model_name", cfg.model.name),
                               "prior": getattr(model, "prior_name", cfg.model.prior.name),
+                              "posterior_flow": getattr(model, "posterior_flow", "none"),
                               "latent_dims": list(model.latent_dims), "seconds": {}, "figures": {}}
     figures = report["figures"]
 
@@ -98,7 +99,11 @@ def diagnose(
 
     timed("images", pictures)
 
-    if model.latent_dims == [2] and hasattr(model, "log_joint"):
+    flow = getattr(model, "posterior_flow", "none")
+    if flow != "none":
+        report["q_ew"] = {"skipped": f"q_EW panels need log q(z|x) on a grid, which a flow posterior ({flow}) "
+                                     "gives only at its own samples"}
+    elif model.latent_dims == [2] and hasattr(model, "log_joint"):
         q_ew = timed("q_ew", lambda: _q_ew_section(model, x, bvk, e.q_ew_ks, e.seed, labels, ll.per_point,
                                                    out_dir, figures, log))
         report["q_ew"] = q_ew
@@ -147,10 +152,17 @@ def _q_ew_section(model, x, bvk, ks, seed, labels, log_p, out_dir: Path, figures
     return {"ks": list(ks), "method": "numerical integration on a grid", "points": points}
 
 
-def _au_method(au: dict[str, Any]) -> str:
-    """How the upper layers' posterior means were estimated, if they had to be."""
+def _flow_note(r: dict[str, Any]) -> str:
+    flow = r.get("posterior_flow", "none")
+    return "" if flow == "none" else f", q a Gaussian pushed through a flow ({flow}; docs/flows.md)"
+
+
+def _au_method(au: dict[str, Any], flow: str = "none") -> str:
+    """How the layers' posterior means were estimated, if they had to be."""
     if not au.get("samples"):
         return ""
+    if flow != "none":
+        return f"; every layer's mean from {au['samples']} draws of q per point (no closed form with a flow)"
     return f"; upper-layer means from {au['samples']} draws of the first-sampled layer per point"
 
 
@@ -160,13 +172,13 @@ def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | No
         f"# Diagnostics of `{r['run']}`",
         "",
         f"{r['n']} {r['split']} points; model {r['model']} (latent {'+'.join(map(str, r['latent_dims']))}), "
-        f"prior {r['prior']}. All bounds in nats per data point.",
+        f"prior {r['prior']}{_flow_note(r)}. All bounds in nats per data point.",
         "",
         f"- **log p(x)** (importance sampled, K = {ll['k']}): **{ll['mean']:.2f} ± {ll['stderr']:.2f}** nats",
         f"- **ELBO** (L_1): {r['bound_vs_k']['mean'][0]:.2f} nats; gap to log p(x): "
         f"{-r['bound_vs_k']['gap_to_largest'][0]:.2f} ± {r['bound_vs_k']['gap_stderr'][0]:.2f} nats",
         f"- **active units**: {au['label']} of {'+'.join(str(len(a)) for a in au['activity'])} "
-        f"(threshold {au['threshold']:g}{_au_method(au)})",
+        f"(threshold {au['threshold']:g}{_au_method(au, r.get('posterior_flow', 'none'))})",
     ]
     s = r["surgery"]
     if "skipped" not in s:

@@ -154,6 +154,12 @@ def _single_layer(model) -> None:
     dims = getattr(model, "latent_dims", None)
     if dims is None or not hasattr(model, "posterior") or not hasattr(model, "prior"):
         raise SurgeryError(f"{type(model).__name__}: ELBO surgery needs posterior(x), prior and latent_dims")
+    flow = getattr(model, "posterior_flow", "none")
+    if flow != "none":
+        raise SurgeryError(
+            f"ELBO surgery needs q(z|x_j) at every other point's z (the aggregate posterior), which a flow "
+            f"posterior ({flow}) gives only at its own samples"
+        )
     if len(dims) != 1:
         raise SurgeryError(
             f"{type(model).__name__}: ELBO surgery needs one stochastic layer (q(z|x) Gaussian, p(z) the prior); "

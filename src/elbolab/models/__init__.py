@@ -36,6 +36,7 @@ def _one_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> La
         activation=cfg.activation,
         likelihood=cfg.likelihood,
         prior=make_prior(cfg.prior, cfg.latent_dim, data_dim, train_data),
+        posterior=cfg.posterior,
     )
 
 
@@ -49,6 +50,7 @@ def _two_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> La
         activation=cfg.activation,
         likelihood=cfg.likelihood,
         prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
+        posterior=cfg.posterior,
     )
 
 
@@ -61,6 +63,7 @@ def _hierarchical(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) ->
         log_var_range=sizes.log_var_range,
         likelihood=cfg.likelihood,
         prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
+        posterior=cfg.posterior,
     )
 
 

@@ -75,6 +75,10 @@ class LatentVariableModel(nn.Module, ABC):
     #: them otherwise sets this class attribute. Estimators that treat the two sides
     #: differently (DReG, PIWAE) and the gradient SNR diagnostic read this split.
     encoder_prefixes: tuple[str, ...] = ("encoder", "q_")
+    #: the normalizing flow after each Gaussian layer of q (elbolab.flows): "none" when q is
+    #: the Gaussians themselves. With a flow, :meth:`posterior` gives the Gaussian q0 before the
+    #: flow, and log q is known only at q's own samples (docs/flows.md)
+    posterior_flow: str = "none"
 
     def __init__(self) -> None:
         super().__init__()
@@ -100,6 +104,18 @@ class LatentVariableModel(nn.Module, ABC):
     def log_weights(self, x: Tensor, k: int) -> Tensor:
         """``[K, B]`` log importance weights; the one quantity every bound reads."""
         return self.log_weight_terms(x, k).log_weights()
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Stochastic layers as keyed in :class:`LogWeightTerms`, bottom first: "z", or "z1", "z2", ..."""
+        n = len(self.latent_dims)
+        return ["z"] if n == 1 else [f"z{i}" for i in range(1, n + 1)]
+
+    def sample_posterior(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False,
+                         generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """k reparameterized draws of every layer of q given x and their log q, keyed by layer:
+        ``[K, B, D_l]`` and ``[K, B]`` (``stop_posterior_grad`` as in :meth:`log_weight_terms`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not sample its posterior on its own")
 
     def is_encoder_parameter(self, name: str) -> bool:
         """Whether the parameter called ``name`` (as in ``named_parameters``) belongs to q(z|x)."""
@@ -137,7 +153,15 @@ class LatentVariableModel(nn.Module, ABC):
         Each of the K rows is an unbiased estimate of E_q[z_l | x], which active units
         need; a plug-in such as mu2(E_q[z1 | x]) is not one through a nonlinear network.
         """
+        if self.posterior_flow != "none":
+            return self.sampled_means(x, k, generator)
         return [self.posterior(x).mean]
+
+    def sampled_means(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """k draws of every layer of q, ``[K, B, D_l]`` each: unbiased estimates of E_q[z_l | x]
+        for any q, used where no mean is known in closed form (a flow posterior's)."""
+        z, _ = self.sample_posterior(x, k, generator=generator)
+        return [z[name] for name in self.layer_names]
 
     @abstractmethod
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -4,7 +4,9 @@ p(z) = N(0, I_d), p(x|z) = N(W z + b, s^2 I_D), q(z|x) = N(A x + c, diag exp(log
 
 It runs through the same ``log_weights`` protocol as every other model, so it is the
 yardstick for bounds, importance sampling, q_EW and gradient estimators: anything
-they estimate, this model knows exactly.
+they estimate, this model knows exactly. ``posterior`` pushes q through a normalizing
+flow conditioned on x (elbolab.flows): log p(x) stays exact, so flow posteriors are
+checked against it too.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..config import PosteriorConfig
 from ..distributions import LOG_2PI, DiagonalGaussian, log_normal_diag, log_standard_normal
+from ..flows import log_prob_fixed, make_flow, push_forward
 from ..priors import StandardNormal
 from .base import LatentVariableModel, LogWeightTerms
 
 
 class LinearGaussian(LatentVariableModel):
-    #: q(z|x) = N(A x + c, diag exp(q_log_var)); W, b and log_noise_var are p(x|z)
-    encoder_prefixes = ("A", "c", "q_log_var")
+    #: q(z|x) = N(A x + c, diag exp(q_log_var)) and its flow; W, b and log_noise_var are p(x|z)
+    encoder_prefixes = ("A", "c", "q_log_var", "q_flow")
 
     def __init__(self, data_dim: int, latent_dim: int, noise_std: float = 1.0, seed: int = 0,
-                 dtype: torch.dtype = torch.float64) -> None:
+                 dtype: torch.dtype = torch.float64, posterior: PosteriorConfig | None = None) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.data_dim = data_dim
@@ -36,6 +40,12 @@ class LinearGaussian(LatentVariableModel):
         self.c = nn.Parameter(torch.zeros(latent_dim, dtype=dtype))
         self.q_log_var = nn.Parameter(torch.zeros(latent_dim, dtype=dtype))
         self.prior = StandardNormal(latent_dim).to(dtype)
+        with torch.random.fork_rng():  # the flow's init depends on the seed only
+            torch.manual_seed(seed)
+            flow = make_flow(posterior, latent_dim, data_dim)
+        self.q_flow = None if flow is None else flow.to(dtype)
+        if self.q_flow is not None:
+            self.posterior_flow = posterior.flow
 
     # --- closed forms ------------------------------------------------------------
     def marginal_cov(self) -> Tensor:
@@ -69,7 +79,9 @@ class LinearGaussian(LatentVariableModel):
             self.q_log_var.copy_(torch.log(torch.diagonal(cov)))
 
     def elbo_closed_form(self, x: Tensor) -> Tensor:
-        """E_q[log p(x, z) - log q(z|x)] exactly, ``[B]``."""
+        """E_q[log p(x, z) - log q(z|x)] exactly, ``[B]`` (a Gaussian q only)."""
+        if self.q_flow is not None:
+            raise ValueError("the closed-form ELBO needs a Gaussian q; this model has a flow posterior")
         x = x.to(self.W.dtype)
         q = self.posterior(x)
         var = torch.exp(q.log_var)
@@ -92,11 +104,20 @@ class LinearGaussian(LatentVariableModel):
         log_px = log_normal_diag(x, z @ self.W.T + self.b, self.log_noise_var.expand(self.data_dim))
         return log_standard_normal(z) + log_px
 
-    def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
+    def sample_posterior(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False,
+                         generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         x = x.to(self.W.dtype)
         q = self.posterior(x)
-        z = q.rsample(k)
-        log_q = (q.detach() if stop_posterior_grad else q).log_prob(z)
+        z0 = q.rsample(k, generator)
+        z, log_q = push_forward(q, z0, self.q_flow, x)
+        if stop_posterior_grad:
+            log_q = log_prob_fixed(q.detach(), z0, z, self.q_flow, x)
+        return {"z": z}, {"z": log_q}
+
+    def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
+        x = x.to(self.W.dtype)
+        zs, log_qs = self.sample_posterior(x, k, stop_posterior_grad=stop_posterior_grad)
+        z, log_q = zs["z"], log_qs["z"]
         log_pz = log_standard_normal(z)
         log_px = log_normal_diag(x, z @ self.W.T + self.b, self.log_noise_var.expand(self.data_dim))
         return LogWeightTerms(log_px, {"z": log_pz}, {"z": log_q}, {"z": z})

@@ -18,7 +18,7 @@ from ..config import ConfigError
 from ..devices import resolve_device
 from .measure import machine_info, matmul_peak_flops, use_cpu_clock
 from .report import format_table, plot_curves, write_json
-from .suite import Bench, Row, Settings, stopwatch, training_plan
+from .suite import Bench, Row, Settings, flow_models, stopwatch, training_plan
 
 DEFAULT_OUT = Path("benchmarks") / "results"
 
@@ -90,6 +90,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
         with stopwatch(log, "IS log-likelihood"):
             rows += bench.likelihood_row()
         save()
+    for label, overrides in flow_models():
+        if _wanted(f"IS log-lik, {label}", args.only):
+            with stopwatch(log, f"IS log-likelihood, {label}"):
+                rows += bench.likelihood_row(overrides, label)
+            save()
     if _wanted("ELBO surgery", args.only):
         rows += bench.surgery_row()
         save()

@@ -204,14 +204,16 @@ class Bench:
         return self._rows(name, self.compare(steps, self.s.repeats, self.s.target_s), flops, note)
 
     # --- log-likelihood ----------------------------------------------------------------
-    def likelihood_row(self) -> list[Row]:
+    def likelihood_row(self, overrides: list[str] | None = None, label: str = "") -> list[Row]:
+        """The IS log-likelihood of the default model, or (``overrides``, ``label``) of another one,
+        timed on at most FLOW_LL_IMAGES images (pythae has no twin of those)."""
         k = self.s.ll_k
-        x = self.images(self.s.ll_images, "test")
-        model = self.model([])
+        x = self.images(self.s.ll_images if not overrides else min(self.s.ll_images, FLOW_LL_IMAGES), "test")
+        model = self.model(overrides or [])
         flops = count_flops(lambda: log_likelihood(model, x[:1], k=k))
         chunk = EvalConfig().chunk_for(self.device)  # what the CLI uses on this device
         steps = {"elbolab": (lambda: log_likelihood(model, x, k=k, chunk_size=chunk), x.shape[0])}
-        if self.pythae_reason is None:
+        if self.pythae_reason is None and not overrides:
             torch.manual_seed(0)
             pmodel = pythae_models.build("iwae", 1).to(self.device).eval()
             xp = x[: self.s.ll_images_pythae]
@@ -224,7 +226,7 @@ class Bench:
                 steps["pythae"] = (pythae_nll, xp.shape[0])
         res = self.compare(steps, repeats=1, target_s=0.0, warmup=0)  # one pass over the test set, as a user runs it
         n = x.shape[0]
-        rows = self._rows(f"IS log-lik K={k} ({n} test images)", res, flops)
+        rows = self._rows(f"IS log-lik K={k} ({n} test images)" + (f", {label}" if label else ""), res, flops)
         rows[0].extra["seconds_for_all"] = n / rows[0].images_per_s
         rows[0].note = f"{n} images: {n / rows[0].images_per_s:.1f} s (chunk {chunk})"
         if len(rows) > 1:
@@ -319,7 +321,23 @@ def training_plan() -> list[tuple[str, list[str], str, int, int, bool]]:
     plan.append(("two-layer IWAE k=50 B=100", ["model.name=two-layer"], "iwae", 50, 100, False))
     plan.append(("hierarchical VampPrior VAE k=1 B=100",
                  ["model.name=hierarchical", "model.prior.name=vampprior"], "vae", 1, 100, False))
+    for label, overrides in flow_models():
+        plan.append((f"one-layer 300-300-40 + {label} VAE k=1 B=100", overrides, "vae", 1, 100, False))
     return plan
+
+
+#: test images of the flow models' IS log-likelihood rows (their cost per image is what matters)
+FLOW_LL_IMAGES = 1000
+
+
+def flow_models() -> list[tuple[str, list[str]]]:
+    """(label, config overrides): the flow posteriors of the VampPrior table's one-layer rows."""
+    base = ["model.latent_dim=40", "model.hidden=[300,300]"]
+    return [
+        ("planar flow x80", [*base, "model.posterior.flow=planar", "model.posterior.length=80"]),
+        ("IAF x8 width 320", [*base, "model.posterior.flow=iaf", "model.posterior.length=8",
+                              "model.posterior.width=320"]),
+    ]
 
 
 def pythae_probe(pmodel, x: Tensor) -> None:
