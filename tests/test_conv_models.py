@@ -482,3 +482,15 @@ def test_pixel_row_saves_its_figure_beside_the_table(tmp_path, monkeypatch):
     assert row["figures"] == {"pseudo-input-samples": png.name} and row["k_importance"] == 5
     result = json.loads(next((out / "rows").iterdir()).joinpath("result.json").read_text())
     assert result["metrics"]["n_test"] == 10
+
+
+def test_the_benchmark_times_both_models_at_the_papers_sizes():
+    from elbolab.speed.suite import likelihood_plan, training_plan
+
+    training = {name: over for name, over, *_ in training_plan()}
+    likelihood = {name: over for name, over, _ in likelihood_plan()}
+    for name in MODELS:
+        for over in (training[f"{name} VampPrior VAE k=1 B=100"], likelihood[f"{name} VampPrior IS log-lik K=5000"]):
+            cfg = RunConfig().with_overrides(over).model
+            assert (cfg.name, cfg.prior.name, cfg.prior.components) == (name, "vampprior", 500)
+            assert getattr(cfg, name.replace("-", "_")) == type(getattr(cfg, name.replace("-", "_")))()

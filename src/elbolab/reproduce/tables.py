@@ -115,8 +115,8 @@ _CONV_ROWS = ("mnist-convhvae-vampprior", "mnist-pixelhvae-vampprior")
 _CONV_QUICK: dict[str, Any] = {
     "train.epochs": 1, "objective.warmup_epochs": 0, "eval.k_importance": 100, "eval.test_images": 500,
 }
-_CONV_QUICK_NOTE = ("1 epoch, no warm-up, test LL from K = 100 on 500 test images chosen at random (seed 0; "
-                    "one epoch takes about an hour on a 2-core CPU)")
+_CONV_QUICK_NOTE = ("1 epoch, no warm-up, test LL from K = 100 on 500 test images chosen at random (seed 0): "
+                    "one epoch takes 33-36 min of a CPU core, K = 1000 10-11 s per test image")
 
 #: The protocols. Epochs per budget are stated here and in docs/reproduce.md.
 PROTOCOLS: dict[str, Protocol] = {
@@ -179,8 +179,8 @@ PROTOCOLS: dict[str, Protocol] = {
             "paper": "at most 2000 epochs, warm-up 100, early stopping 50, K = 5000 (the paper)",
         },
         # ConvHVAE and PixelHVAE cost ~100x the MLP model per image (convolutions at 28 x 28
-        # with 64 channels, and 500 pseudo-inputs through a conv encoder every step): on a
-        # 2-core CPU one epoch takes about an hour and K = 1000 about 20 s per test image
+        # with 64 channels, and 500 pseudo-inputs through a conv encoder every step): one
+        # epoch is over half an hour of a CPU core and K = 1000 about 10 s per test image
         # (docs/priors.md), so their quick budget is one epoch scored on 500 test images
         row_budgets={row: {"quick": _CONV_QUICK} for row in _CONV_ROWS},
         row_budget_notes={row: {"quick": _CONV_QUICK_NOTE} for row in _CONV_ROWS},
