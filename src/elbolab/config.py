@@ -351,8 +351,9 @@ class EvalConfig:
     k_importance: int = 1000
     #: test points evaluated together
     batch_size: int = 100
-    #: score a seeded random subset of this many test images (0: the whole split); the same
-    #: images as `elbolab diagnose --points N`. For models too costly to score all of them on a CPU
+    #: `elbolab train`'s final evaluation and `elbolab reproduce` score a random subset of this
+    #: many test images (0: the whole split), the same images as `elbolab diagnose --points N`:
+    #: for models too costly to score them all on a CPU
     test_images: int = 0
     #: importance samples drawn per chunk on a CPU (bounds memory); batch_size x chunk_size =
     #: 5,000 decoder rows per pass keeps the activations in cache (docs/bench.md measures the choice)
