@@ -312,6 +312,9 @@ def test_layer_sizes_are_the_authors():
     q_z1 = [*twice(32, 1, 3, 3), *twice(32, 32, 3, 3), *twice(64, 32, 3, 3), *twice(64, 64, 3, 3),
             *twice(6, 64, 3, 3)]
     for model in (conv, pixel):
+        # DReG, PIWAE and the SNR diagnostic split the parameters here: q's networks are the encoder
+        q_params = [*model.q_z2.parameters(), *model.q_z1.parameters()]
+        assert [id(p) for p in model.encoder_parameters()] == [id(p) for p in q_params]
         assert model.q_z2.features.out_features == 294 == model.q_z1.x_features.out_features
         assert shapes(model.q_z2, c2d) == q_z2 and shapes(model.q_z1, c2d) == q_z1
         assert shapes(model.q_z2, lin) == [(80, 294)]  # mean and log-variance of 40 units
