@@ -152,6 +152,54 @@ class HierarchicalConfig:
         _require(lo < hi, f"{key}.log_var_range", f"needs min < max, got [{lo}, {hi}]")
 
 
+def _validate_conv(cfg: ConvHierarchicalConfig, key: str) -> None:
+    _require(all(d >= 1 for d in cfg.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
+    for name in ("encoder_channels", "image_shape"):
+        v = getattr(cfg, name)
+        _require(v is None or all(c >= 1 for c in v), f"{key}.{name}", f"sizes must be >= 1, got {v}")
+    for name in ("encoder_out_channels", "width", "decoder_channels", "decoder_layers"):
+        v = getattr(cfg, name)
+        _require(v >= 1, f"{key}.{name}", f"must be >= 1, got {v}")
+    lo, hi = cfg.log_var_range
+    _require(lo < hi, f"{key}.log_var_range", f"needs min < max, got [{lo}, {hi}]")
+
+
+@dataclass(frozen=True)
+class ConvHierarchicalConfig:
+    """Sizes of the VampPrior paper's convolutional two-level model (their convHVAE_2level.py)."""
+
+    #: units of z1 (bottom) and z2 (top)
+    latent_dims: tuple[int, int] = (40, 40)
+    #: channels of the encoders' gated convolutions: the first two layers, the next two (their 32, 64)
+    encoder_channels: tuple[int, int] = (32, 64)
+    #: channels of the encoders' last gated convolution, flattened into dense layers (their 6)
+    encoder_out_channels: int = 6
+    #: width of the gated dense layers of q(z1|x,z2), p(z1|z2) and the decoder's latent inputs (their 300)
+    width: int = 300
+    #: channels of the decoder's 3x3 convolutions (their 64)
+    decoder_channels: int = 64
+    #: number of the decoder's gated 3x3 convolutions (their 4)
+    decoder_layers: int = 4
+    #: hardtanh range of the Gaussian log-variances (their code: [-6, 2])
+    log_var_range: tuple[float, float] = (-6.0, 2.0)
+    #: (height, width) of the images; null: the dataset's
+    image_shape: tuple[int, int] | None = None
+
+    def validate(self, key: str) -> None:
+        _validate_conv(self, key)
+
+
+@dataclass(frozen=True)
+class PixelHierarchicalConfig(ConvHierarchicalConfig):
+    """The same encoders with a PixelCNN decoder (their PixelHVAE_2level.py); ``width`` sizes
+    q(z1|x,z2) and p(z1|z2) only (each latent maps straight to one image-sized map)."""
+
+    #: masked 3x3 convolutions of the PixelCNN: one of type A, then type B (their 8)
+    decoder_layers: int = 8
+    #: batch normalization after each masked convolution, as in their code (false: biases)
+    batch_norm: bool = True
+
+
 @dataclass(frozen=True)
 class PosteriorConfig:
     """q's form: each Gaussian layer of q, optionally pushed through a normalizing flow
@@ -185,7 +233,7 @@ def flow_stl_refusal(flow: str) -> str | None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    #: one-layer | two-layer | hierarchical (elbolab.models.MODELS)
+    #: one-layer | two-layer | hierarchical | conv-hierarchical | pixel-hierarchical (elbolab.models.MODELS)
     name: str = "one-layer"
     #: one-layer: units of z
     latent_dim: int = 50
@@ -203,6 +251,10 @@ class ModelConfig:
     hierarchical: HierarchicalConfig = field(default_factory=HierarchicalConfig)
     #: q's form (a Gaussian per layer, or a normalizing flow after each)
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
+    #: sizes of model "conv-hierarchical" (the VampPrior paper's ConvHVAE)
+    conv_hierarchical: ConvHierarchicalConfig = field(default_factory=ConvHierarchicalConfig)
+    #: sizes of model "pixel-hierarchical" (the VampPrior paper's PixelHVAE)
+    pixel_hierarchical: PixelHierarchicalConfig = field(default_factory=PixelHierarchicalConfig)
 
     def validate(self, key: str) -> None:
         _require(self.latent_dim >= 1, f"{key}.latent_dim", f"must be >= 1, got {self.latent_dim}")
@@ -223,6 +275,8 @@ class ModelConfig:
             f"a VampPrior's components are q(z|u_k), which a flow posterior ({self.posterior.flow}) cannot evaluate "
             "at other points' z; use model.prior.name standard or mog with a flow",
         )
+        self.conv_hierarchical.validate(f"{key}.conv_hierarchical")
+        self.pixel_hierarchical.validate(f"{key}.pixel_hierarchical")
 
 
 @dataclass(frozen=True)
@@ -338,6 +392,10 @@ class EvalConfig:
     k_importance: int = 1000
     #: test points evaluated together
     batch_size: int = 100
+    #: `elbolab train`'s final evaluation and `elbolab reproduce` score a random subset of this
+    #: many test images (0: the whole split), the same images as `elbolab diagnose --points N`:
+    #: for models too costly to score them all on a CPU
+    test_images: int = 0
     #: importance samples drawn per chunk on a CPU (bounds memory); batch_size x chunk_size =
     #: 5,000 decoder rows per pass keeps the activations in cache (docs/bench.md measures the choice)
     chunk_size: int = 50
@@ -362,6 +420,7 @@ class EvalConfig:
         for name in ("k_importance", "batch_size", "chunk_size", "gpu_chunk_size", "surgery_samples"):
             v = getattr(self, name)
             _require(v >= 1, f"{key}.{name}", f"must be >= 1, got {v}")
+        _require(self.test_images >= 0, f"{key}.test_images", f"must be >= 0, got {self.test_images}")
         _require(self.active_unit_threshold > 0, f"{key}.active_unit_threshold", "must be > 0")
         for name in ("bound_ks", "q_ew_ks"):
             v = getattr(self, name)

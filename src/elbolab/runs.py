@@ -280,7 +280,7 @@ def load_run(path: str | Path, device: str = "cpu", weights: str = "final") -> R
     except ConfigError as e:
         raise RunError(str(e)) from None
     try:
-        model = build_model(cfg.model, int(info["data_dim"]))
+        model = build_model(cfg.model, int(info["data_dim"]), image_shape=info.get("image_shape"))
     except (ValueError, TypeError, KeyError) as e:
         raise RunError(f"{path / CONFIG}: describes a model this elbolab cannot build ({e})") from None
     if weights == "last":

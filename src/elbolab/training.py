@@ -154,7 +154,8 @@ class Trainer:
         )
         train_float = self.dataset.as_float("train", "none")
         try:
-            model = build_model(cfg.model, self.dataset.data_dim, train_float, dataset=cfg.data.name)
+            model = build_model(cfg.model, self.dataset.data_dim, train_float, dataset=cfg.data.name,
+                                image_shape=self.dataset.image_shape)
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"model: cannot build {cfg.model.name!r} with this config: {e}") from None
         self.model: LatentVariableModel = model.to(self.device)

@@ -15,6 +15,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"{spec.title} ({spec.citation}, {spec.table})")
         for budget in BUDGETS:
             print(f"  budget {budget}: {spec.protocol.budget_notes[budget]}")
+            for row, note in spec.protocol.notes_for(budget).items():
+                print(f"    row {row}: {note}")
         for p in plan_rows(spec, args.budget, args.only, args.data_dir, args.set or []):
             c = p.config
             post = c.model.posterior

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config import PRESETS, ConfigError, RunConfig, load_config, preset
 from ..data import evaluation_images, load
 from ..diagnostics.summary import format_summary, summarize
+from ..evaluation import random_subset
 from ..preflight import preflight
 from ..runs import CONFIG, REPORT, write_json
 from ..training import Trainer
@@ -62,8 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_eval:
         print(f"trained in {train_seconds:.0f} s; run folder: {run_dir}")
         return 0
-    x_test = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed)
     e = cfg.eval
+    x_test = random_subset(evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed),
+                           e.test_images)
     t1 = time.perf_counter()
     report = summarize(trainer.model, x_test.to(trainer.device), cfg.objective.k, e.k_importance, e.batch_size,
                        e.chunk_for(trainer.device), e.active_unit_threshold, e.seed)

@@ -119,14 +119,15 @@ def plot_images(images: Tensor, image_shape: Sequence[int], path: Path, title: s
     return _save(fig, path)
 
 
-def plot_reconstructions(x: Tensor, recon: Tensor, image_shape: Sequence[int], path: Path) -> Path:
+def plot_reconstructions(x: Tensor, recon: Tensor, image_shape: Sequence[int], path: Path,
+                         what: str = "E[x | z = E_q[z|x]]") -> Path:
     """Row pairs: data (top) and the mean image decoded from the posterior mean (bottom)."""
     cols = x.shape[0]
     fig, ax = plt.subplots(figsize=(cols * 0.6, 1.6))
     top, bottom = image_grid(x, image_shape, cols), image_grid(recon, image_shape, cols)
     both = np.concatenate([top, np.ones((1, top.shape[1])), bottom])
     ax.imshow(both, cmap="gray", vmin=0, vmax=1)
-    ax.set_title("data (top) and reconstructions E[x | z = E_q[z|x]] (bottom)")
+    ax.set_title(f"data (top) and reconstructions {what} (bottom)")
     ax.axis("off")
     return _save(fig, path)
 

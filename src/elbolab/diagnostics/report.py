@@ -87,15 +87,20 @@ def diagnose(
         report["surgery"] = {"skipped": str(err)}
 
     def pictures() -> None:
+        # a PixelCNN decoder's mean has no closed form: its figures show autoregressive draws
+        exact = getattr(model, "exact_decode_mean", True)
         with torch.no_grad(), seeded(e.seed, x.device):
+            what = "E[x | z]" if exact else "conditional means along autoregressive samples of p(x | z)"
             figures["samples"] = plots.plot_images(model.sample(50), image_shape, out_dir / "diag-samples.png",
-                                                   "samples from the model: E[x | z], z ~ p(z)").name
+                                                   f"samples from the model: {what}, z ~ p(z)").name
             spread = x[:: max(1, x.shape[0] // 10)][:10]  # across the split (it may be sorted by class)
             figures["reconstructions"] = plots.plot_reconstructions(
-                spread, model.reconstruct(spread), image_shape, out_dir / "diag-reconstructions.png").name
+                spread, model.reconstruct(spread), image_shape, out_dir / "diag-reconstructions.png",
+                **({} if exact else {"what": "(conditional means along a sample at z = E_q[z|x])"})).name
             if isinstance(model.prior, GaussianMixturePrior) and len(image_shape) == 2:
                 figures["prior_components"] = plot_components(
-                    model, image_shape, out_dir / "diag-prior-components.png", seed=e.seed).name
+                    model, image_shape, out_dir / "diag-prior-components.png", seed=e.seed,
+                    components="most-used", data=x, images="mean" if exact else "sample").name
 
     timed("images", pictures)
 
@@ -196,7 +201,8 @@ def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | No
     lines += ["", "## Samples and reconstructions", "", "![samples](diag-samples.png)", "",
               "![reconstructions](diag-reconstructions.png)", ""]
     if "prior_components" in r.get("figures", {}):
-        lines += ["Each prior component (VampPrior: its pseudo-input, framed in red) and samples generated from it:",
+        lines += ["The prior components most used by these points' posterior means (VampPrior: each pseudo-input, "
+                  "framed in red) and images generated from them:",
                   "", "![prior components](diag-prior-components.png)", ""]
     lines += ["## The implicit posterior q_EW", ""]
     q = r["q_ew"]

@@ -79,6 +79,9 @@ class LatentVariableModel(nn.Module, ABC):
     #: the Gaussians themselves. With a flow, :meth:`posterior` gives the Gaussian q0 before the
     #: flow, and log q is known only at q's own samples (docs/flows.md)
     posterior_flow: str = "none"
+    #: whether :meth:`decode_mean` is E[x | z]; False where it has no closed form (a PixelCNN
+    #: decoder), so figures show drawn images (:meth:`decode_sample`) instead
+    exact_decode_mean: bool = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -169,7 +172,11 @@ class LatentVariableModel(nn.Module, ABC):
 
     @abstractmethod
     def decode_mean(self, z: Tensor) -> Tensor:
-        """The expected image E[x | z] in [0, 1] for decoder input z."""
+        """The expected image E[x | z] in [0, 1] for decoder input z (see ``exact_decode_mean``)."""
+
+    def decode_sample(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A draw x ~ p(x | z), ``[n, data_dim]``, for decoder input z as :meth:`sample_latents` returns it."""
+        raise NotImplementedError(f"{type(self).__name__} does not draw images x ~ p(x | z)")
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -101,7 +101,8 @@ def reproduce(
         row_dir = row_dir_for(out / "rows", p.row.id, p.key, claimed)
         claimed.setdefault(p.key, row_dir)
         task = RowTask(table=spec.name, row_id=p.row.id, config=cfg.to_dict(), row_dir=str(row_dir),
-                       evaluation=spec.protocol.evaluation, data_label=p.data_label)
+                       evaluation=spec.protocol.evaluation, data_label=p.data_label, figures=p.row.figures,
+                       figure_dir=str(out))
         tasks.append(task)
         by_row[p.row.id] = (p, row_dir)
     cached_tasks = [t for t in tasks if (Path(t.row_dir) / RESULT_FILE).exists()]

@@ -21,10 +21,11 @@ from ..data import evaluation_images, load
 from ..devices import resolve_device
 from ..diagnostics import active_units
 from ..diagnostics.surgery import elbo_surgery
-from ..evaluation import log_likelihood
+from ..evaluation import log_likelihood, random_subset
 from ..fastpaths import retain_freed_memory
 from ..runs import environment_info, load_run, read_json, read_metrics, write_json
 from ..training import Trainer
+from .figures import ROW_FIGURES
 
 RESULT_FILE = "result.json"
 
@@ -39,15 +40,20 @@ class RowTask:
     row_dir: str
     evaluation: str
     data_label: str
+    #: extra figures (figures.ROW_FIGURES names) and the folder they are saved in
+    figures: tuple[str, ...] = ()
+    figure_dir: str | None = None
 
 
 # --- evaluations: run folder + data -> the paper's metrics ---------------------------
 
 
 def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
-    """IS log-likelihood (K = eval.k_importance) and active units on the test set."""
-    x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed).to(device)
+    """IS log-likelihood (K = eval.k_importance) and active units on the test set (or the
+    random subset of eval.test_images of it)."""
     e = cfg.eval
+    x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed)
+    x = random_subset(x, e.test_images).to(device)
     ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_for(device),
                         seed=e.seed)
     au = active_units(model, x, threshold=e.active_unit_threshold, batch_size=e.batch_size, seed=e.seed)
@@ -117,6 +123,10 @@ def run_row(task: RowTask) -> dict[str, Any]:
     t1 = time.perf_counter()
     with torch.no_grad():
         metrics = EVALUATORS[task.evaluation](model, dataset, cfg, device)
+    figures = {}
+    for name in task.figures:
+        path = Path(task.figure_dir or row_dir) / f"{task.row_id}-{name}.png"
+        figures[name] = ROW_FIGURES[name](model, dataset, cfg, path).name
     metrics_rows = read_metrics(run_dir / "metrics.jsonl")
     result = {
         "table": task.table,
@@ -132,6 +142,7 @@ def run_row(task: RowTask) -> dict[str, Any]:
         "eval_seconds": round(time.perf_counter() - t1, 1),
         "session_seconds": round(time.perf_counter() - t0, 1),
         "hardware": hardware(),
+        "figures": figures,
         "config": task.config,
     }
     write_json(result_path, result)
