@@ -51,6 +51,11 @@ class Likelihood(nn.Module, ABC):
     def mean(self, params: Tensor) -> Tensor:
         """Expected image in [0, 1] (for reconstructions and sample grids)."""
 
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One draw x ~ p(x | params) per row, ``[..., P*D] -> [..., D]`` (data simulated
+        from the model, which bidirectional Monte Carlo needs)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample observations")
+
     def log_prob_from_features(self, x: Tensor, features: Tensor) -> Tensor:
         """``log_prob(x, head(features))``: ``x`` [B, D], ``features`` [..., B, H] -> [..., B].
 
@@ -96,6 +101,9 @@ class BernoulliLikelihood(Likelihood):
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
 
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.bernoulli(torch.sigmoid(params), generator=generator)
+
     def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         bias.copy_(_logit(pixel_mean))
 
@@ -131,6 +139,12 @@ class DiscretizedLogisticLikelihood(Likelihood):
         """The location (the logistic's mean before discretization)."""
         return self._params(params)[0]
 
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        loc, log_scale = self._params(params)
+        u = torch.rand(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device).clamp(1e-7, 1 - 1e-7)
+        x = loc + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))  # logistic(loc, s)
+        return (x * (self.levels - 1)).round().clamp(0, self.levels - 1) / (self.levels - 1)
+
     def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         d = pixel_mean.numel()
         bias[:d].copy_(_logit(pixel_mean))
@@ -165,6 +179,11 @@ class GaussianLikelihood(Likelihood):
     def mean(self, params: Tensor) -> Tensor:
         return self.split(params)[0].clamp(0.0, 1.0)
 
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mean, raw = self.split(params)
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return mean + torch.exp(0.5 * _floored_log_var(raw)) * eps
+
     def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         d = pixel_mean.numel()
         bias[:d].copy_(pixel_mean)
@@ -189,6 +208,10 @@ class GaussianPixelVarianceLikelihood(Likelihood):
 
     def mean(self, params: Tensor) -> Tensor:
         return params.clamp(0.0, 1.0)
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        eps = torch.randn(params.shape, generator=generator, dtype=params.dtype, device=params.device)
+        return params + torch.exp(0.5 * _floored_log_var(self.raw_log_var)) * eps
 
     def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         bias.copy_(pixel_mean)

@@ -1,6 +1,6 @@
 """The ``elbolab`` command: thin, it parses, validates and calls the library.
 
-One module per command group (train, evaluate, data, reproduce, bench), each adding its
+One module per command group (train, evaluate, gaps, data, reproduce, bench), each adding its
 subcommands with ``add_commands``. Process-wide settings are made here, once.
 
 Exit codes: 0 ok; 1 unexpected error; 2 bad input (usage, config, data, run folder,
@@ -21,12 +21,12 @@ from ..files import OutputError
 from ..runs import RunError
 from ..training import NonFiniteError
 from ..version import __version__
-from . import bench, data, evaluate, reproduce, train
+from . import bench, data, evaluate, gaps, reproduce, train
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 #: the command groups, in the order ``elbolab --help`` lists them
-GROUPS = (train, evaluate, data, reproduce, bench)
+GROUPS = (train, evaluate, gaps, data, reproduce, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
