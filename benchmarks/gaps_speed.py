@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -43,23 +44,29 @@ def main() -> None:
     x = o.x[keep.sort().values.to(o.x.device)]
     rows = []
 
-    t0 = time.perf_counter()
-    split = gap_split(o.run.model, x, GapSettings(ais=None))
-    seconds = time.perf_counter() - t0
-    rows.append({"stage": "gap split (ELBO(q_phi) + q* + IS K=5000)", "points": x.shape[0], "seconds": seconds,
-                 "points_per_s": x.shape[0] / seconds, "stages_s": split.seconds,
-                 "q_star_steps_mean": float(split.local.steps.double().mean())})
+    def timed(stage: str, fn) -> dict:
+        # wall time, and this process's CPU time (steadier on a shared machine: with one
+        # thread, CPU seconds are what the work would take on an idle core)
+        w0, c0 = time.perf_counter(), time.process_time()
+        extra = fn() or {}
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        return {"stage": stage, "points": x.shape[0], "wall_s": wall, "cpu_s": cpu,
+                "points_per_wall_s": x.shape[0] / wall, "points_per_cpu_s": x.shape[0] / cpu, **extra}
+
+    def split() -> dict:
+        s = gap_split(o.run.model, x, GapSettings(ais=None))
+        return {"stages_wall_s": s.seconds, "q_star_steps_mean": float(s.local.steps.double().mean())}
+
     settings = AISSettings(steps=args.ais_steps)
-    t0 = time.perf_counter()
-    ais(o.run.model, x, settings)
-    seconds = time.perf_counter() - t0
-    rows.append({"stage": f"AIS ({settings.steps} distributions, {settings.chains} chains, "
-                          f"{settings.leapfrog} leapfrog)", "points": x.shape[0], "seconds": seconds,
-                 "points_per_s": x.shape[0] / seconds})
-    print(f"{'stage':<62} {'points':>6} {'seconds':>9} {'points/s':>9}")
+    rows.append(timed("gap split (ELBO(q_phi) + q* + IS K=5000)", split))
+    rows.append(timed(f"AIS ({settings.steps} distributions, {settings.chains} chains, {settings.leapfrog} leapfrog)",
+                      lambda: ais(o.run.model, x, settings) and None))
+    print(f"{'stage':<62} {'points':>6} {'wall s':>8} {'CPU s':>8} {'pts/s wall':>10} {'pts/s CPU':>10}")
     for r in rows:
-        print(f"{r['stage']:<62} {r['points']:>6} {r['seconds']:>9.1f} {r['points_per_s']:>9.3f}")
-    env = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        print(f"{r['stage']:<62} {r['points']:>6} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} "
+              f"{r['points_per_wall_s']:>10.3f} {r['points_per_cpu_s']:>10.3f}")
+    env = {"command": "python benchmarks/gaps_speed.py " + " ".join(sys.argv[1:]), "device": args.device,
+           "torch": torch.__version__, "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine(), "load_average": os.getloadavg(), "run": args.run}
     atomic_write_text(args.out, json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     print(f"written: {args.out}")

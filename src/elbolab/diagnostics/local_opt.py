@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..distributions import DiagonalGaussian
 from ..evaluation import batches, eval_mode, model_device, model_dtype, seeded
+from ..priors import GaussianMixturePrior
 from ..registry import Registry
 
 
@@ -52,13 +53,16 @@ def progress_bar(enabled: bool, total: int, desc: str):
 @contextlib.contextmanager
 def frozen(model) -> Iterator[None]:
     """Hold the model's parameters out of autograd (gradients are only wanted in z or in q's
-    parameters), restoring each parameter's flag afterwards."""
+    parameters), restoring each parameter's flag afterwards; a mixture prior's components
+    (a VampPrior's encoder pass over its pseudo-inputs) are computed once for the block."""
     params = list(model.parameters()) if hasattr(model, "parameters") else []
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
+    prior = getattr(model, "prior", None)
     try:
-        yield
+        with prior.frozen_components() if isinstance(prior, GaussianMixturePrior) else contextlib.nullcontext():
+            yield
     finally:
         for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
