@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributions import log_bernoulli_logits, log_discretized_logistic, log_normal_diag
+from .errors import ModelCapabilityError
 from .fastpaths import bernoulli_log_prob
 from .registry import Registry
 
@@ -53,7 +54,7 @@ class Likelihood(nn.Module, ABC):
 
     def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A draw x ~ p(x | params): ``[..., P*D] -> [..., D]``, valued as the data are."""
-        raise NotImplementedError(f"{type(self).__name__} cannot draw images")
+        raise ModelCapabilityError(f"{type(self).__name__} cannot draw images")
 
     def log_prob_from_features(self, x: Tensor, features: Tensor) -> Tensor:
         """``log_prob(x, head(features))``: ``x`` [B, D], ``features`` [..., B, H] -> [..., B].

@@ -1,6 +1,6 @@
 """The ``elbolab`` command: thin, it parses, validates and calls the library.
 
-One module per command group (train, evaluate, data, reproduce, bench), each adding its
+One module per command group (train, evaluate, gaps, data, reproduce, bench), each adding its
 subcommands with ``add_commands``. Process-wide settings are made here, once.
 
 Exit codes: 0 ok; 1 unexpected error; 2 bad input (usage, config, data, run folder,
@@ -16,17 +16,18 @@ import sys
 
 from ..config import ConfigError
 from ..data import DataError
+from ..errors import ModelCapabilityError
 from ..fastpaths import retain_freed_memory
 from ..files import OutputError
 from ..runs import RunError
 from ..training import NonFiniteError
 from ..version import __version__
-from . import bench, data, evaluate, reproduce, train
+from . import bench, data, evaluate, gaps, reproduce, train
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 #: the command groups, in the order ``elbolab --help`` lists them
-GROUPS = (train, evaluate, data, reproduce, bench)
+GROUPS = (train, evaluate, gaps, data, reproduce, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()  # every command makes big CPU temporaries (fastpaths.py)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunError, OutputError) as e:
+    except (ConfigError, DataError, RunError, OutputError, ModelCapabilityError) as e:
         print(f"elbolab: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteError as e:

@@ -23,9 +23,12 @@ def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
 
 
-def add_run_options(p: argparse.ArgumentParser, split_flag: str = "--split") -> None:
-    """RUN, --weights, --data-dir, --device and the split to read."""
-    p.add_argument("run", help="run folder")
+def add_run_options(p: argparse.ArgumentParser, split_flag: str = "--split", runs: bool = False) -> None:
+    """RUN (or RUN... with ``runs``), --weights, --data-file, --data-dir, --device and the split to read."""
+    if runs:
+        p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
+    else:
+        p.add_argument("run", help="run folder")
     p.add_argument(split_flag, default="test", dest="split", help="data split (default: test)")
     p.add_argument("--weights", default="final", choices=list(WEIGHTS),
                    help="final, best (on validation) or last (the checkpoint)")
@@ -44,10 +47,11 @@ class OpenRun:
     device: torch.device
 
 
-def open_run(args: argparse.Namespace) -> OpenRun:
-    """The run folder, its dataset and the split's evaluation images, on ``--device``."""
+def open_run(args: argparse.Namespace, run_path: str | None = None) -> OpenRun:
+    """The run folder (``run_path``, else ``args.run``), its dataset and the split's evaluation
+    images, on ``--device``."""
     device = resolve_device(args.device or "cpu", "--device")
-    run = load_run(args.run, device=str(device), weights=args.weights)
+    run = load_run(run_path or args.run, device=str(device), weights=args.weights)
     rd = run_data(run, args.data_file, args.split, args.data_dir, device)
     return OpenRun(run, rd.dataset, rd.x, device)
 

@@ -178,3 +178,37 @@ def plot_q_ew(grids: Sequence[QEWGrid], ks: Sequence[int], path: Path, elbos: Se
     fig.suptitle("The implicit posterior q_EW of importance weighting (grey: true posterior)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_gaps(summaries: dict[str, dict], path: Path) -> Path:
+    """One stacked bar per model: amortization gap (bottom) + approximation gap (top) = the
+    inference gap log p(x) - ELBO(q_phi); error bars: standard errors over points."""
+    names = list(summaries)
+    amort = np.array([summaries[n]["amortization_gap"]["mean"] for n in names])
+    approx = np.array([summaries[n]["approximation_gap"]["mean"] for n in names])
+    amort_se = np.array([summaries[n]["amortization_gap"]["stderr"] for n in names])
+    approx_se = np.array([summaries[n]["approximation_gap"]["stderr"] for n in names])
+    total = amort + approx
+    scale = max(1.0, float(np.max(np.abs(total))))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.9 * len(names) + 1.5), 4.4))
+    pos = np.arange(len(names))
+    ax.bar(pos, amort, 0.6, color="C1", label="amortization gap  ELBO(q*) − ELBO(q_φ)")
+    ax.bar(pos, approx, 0.6, bottom=amort, color="C0", label="approximation gap  log p(x) − ELBO(q*)")
+    ax.errorbar(pos - 0.12, amort, yerr=amort_se, fmt="none", ecolor="k", capsize=3)
+    ax.errorbar(pos + 0.12, total, yerr=approx_se, fmt="none", ecolor="k", capsize=3)
+    for i, n in enumerate(names):
+        top = max(total[i], amort[i]) + max(amort_se[i], approx_se[i])
+        ax.text(i, top + 0.03 * scale, f"total {summaries[n]['inference_gap']['mean']:.2f}", ha="center",
+                va="bottom", fontsize=9)
+        for bottom, h in ((0.0, amort[i]), (amort[i], approx[i])):
+            if abs(h) > 0.08 * scale:
+                ax.text(i + 0.22, bottom + h / 2, f"{h:.2f}", ha="center", va="center", color="white", fontsize=8)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylim(min(0.0, float(np.min(amort)) - 0.1 * scale), float(np.max(total + approx_se)) + 0.2 * scale)
+    ax.set_xticks(pos, [f"{n}\n(log p(x): {summaries[n]['log_px_source'].split(' ')[0]}, {summaries[n]['points']} pts)"
+                        for n in names], fontsize=8)
+    ax.set_ylabel("nats per data point")
+    ax.set_title("Inference gap split (Cremer et al. 2018)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)

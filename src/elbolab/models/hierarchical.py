@@ -138,6 +138,36 @@ class HierarchicalVAE(LatentVariableModel):
         return LogWeightTerms(log_px, {"z1": log_p1, "z2": log_p2}, {"z1": log_q["z1"], "z2": log_q["z2"]},
                               {"z1": z1, "z2": z2})
 
+    # --- the flat latent [z1, z2] -----------------------------------------------------
+    def log_p_z(self, z: Tensor) -> Tensor:
+        z1, z2 = z.split(self.latent_dims, dim=-1)
+        return self.prior.log_prob(z2) + DiagonalGaussian(*self.p_z1(z2)).log_prob(z1)
+
+    def log_p_x_given_z(self, x: Tensor, z: Tensor) -> Tensor:
+        z1, z2 = z.split(self.latent_dims, dim=-1)
+        return self.likelihood.log_prob_from_features(x, self.p_x_features(z1, z2))
+
+    def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.sample_latents(n, generator)
+
+    def sample_x_given_z(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.likelihood.sample(self.decode(*z.split(self.latent_dims, dim=-1)), generator)
+
+    def local_posterior(self, x: Tensor) -> dict[str, Tensor]:
+        """q(z2|x)'s mean and log-variance, and per-point shifts (zero: the encoder) of the
+        mean and log-variance that q(z1|x, z2) computes; its dependence on z2 stays."""
+        q2 = self.posterior(x)
+        zeros = q2.mean.new_zeros(*q2.mean.shape[:-1], self.latent_dims[0])
+        return {"mean": q2.mean, "log_var": q2.log_var, "z1.mean_shift": zeros, "z1.log_var_shift": zeros.clone()}
+
+    def log_weights_local(self, x: Tensor, k: int, params: dict[str, Tensor]) -> Tensor:
+        q2 = DiagonalGaussian(params["mean"], params["log_var"])
+        z2 = q2.rsample(k)  # [K, B, D2]
+        m1, lv1 = self.q_z1(x, z2)
+        q1 = DiagonalGaussian(m1 + params["z1.mean_shift"], lv1 + params["z1.log_var_shift"])
+        z1 = draw(q1.mean, q1.log_var)
+        return self.log_joint(x, torch.cat([z1, z2], dim=-1)) - q1.log_prob(z1) - q2.log_prob(z2)
+
     def conditional_means(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> list[Tensor]:
         """[mu1(x, z2) at k draws z2 ~ q(z2|x) ``[K, B, D1]``, E_q[z2|x] ``[B, D2]``]: E_q[z1|x]
         is the average of mu1 over q(z2|x), with no closed form. With a flow: draws of both layers."""

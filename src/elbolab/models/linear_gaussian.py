@@ -57,6 +57,15 @@ class LinearGaussian(LatentVariableModel):
         dist = torch.distributions.MultivariateNormal(self.b, covariance_matrix=self.marginal_cov())
         return dist.log_prob(x.to(self.W.dtype))
 
+    def optimal_diagonal_posterior(self, x: Tensor) -> DiagonalGaussian:
+        """argmax of the ELBO over diagonal Gaussians, per row of x: the posterior mean and
+        variances 1 / diag(posterior precision) (KL(q || p) is minimized by matching the
+        precision's diagonal, not the covariance's)."""
+        mean, cov = self.exact_posterior(x)
+        precision = torch.linalg.inv(cov)
+        log_var = -torch.log(torch.diagonal(precision)).expand_as(mean)
+        return DiagonalGaussian(mean, log_var)
+
     def exact_posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean ``[B, d]`` and covariance ``[d, d]`` of p(z | x)."""
         s2 = torch.exp(self.log_noise_var)
@@ -78,12 +87,13 @@ class LinearGaussian(LatentVariableModel):
             self.c.copy_(-(cov @ self.W.T @ self.b) / s2)
             self.q_log_var.copy_(torch.log(torch.diagonal(cov)))
 
-    def elbo_closed_form(self, x: Tensor) -> Tensor:
-        """E_q[log p(x, z) - log q(z|x)] exactly, ``[B]`` (a Gaussian q only)."""
-        if self.q_flow is not None:
+    def elbo_closed_form(self, x: Tensor, q: DiagonalGaussian | None = None) -> Tensor:
+        """E_q[log p(x, z) - log q(z)] exactly, ``[B]``, for q(z|x) (the encoder's, Gaussian only)
+        or any diagonal Gaussian ``q`` with ``[B, d]`` parameters."""
+        if q is None and self.q_flow is not None:
             raise ValueError("the closed-form ELBO needs a Gaussian q; this model has a flow posterior")
         x = x.to(self.W.dtype)
-        q = self.posterior(x)
+        q = self.posterior(x) if q is None else q
         var = torch.exp(q.log_var)
         s2 = torch.exp(self.log_noise_var)
         resid = x - q.mean @ self.W.T - self.b
@@ -98,11 +108,19 @@ class LinearGaussian(LatentVariableModel):
         mean = x.to(self.W.dtype) @ self.A.T + self.c
         return DiagonalGaussian(mean, self.q_log_var.expand_as(mean))
 
-    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
-        """log p(x, z) at given z ``[..., B, d]``: ``[..., B]``."""
+    def log_p_z(self, z: Tensor) -> Tensor:
+        return log_standard_normal(z.to(self.W.dtype))
+
+    def log_p_x_given_z(self, x: Tensor, z: Tensor) -> Tensor:
         x, z = x.to(self.W.dtype), z.to(self.W.dtype)
-        log_px = log_normal_diag(x, z @ self.W.T + self.b, self.log_noise_var.expand(self.data_dim))
-        return log_standard_normal(z) + log_px
+        return log_normal_diag(x, z @ self.W.T + self.b, self.log_noise_var.expand(self.data_dim))
+
+    def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.sample_latents(n, generator)
+
+    def sample_x_given_z(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(*z.shape[:-1], self.data_dim, generator=generator, dtype=z.dtype, device=z.device)
+        return self.decode_mean(z) + torch.exp(0.5 * self.log_noise_var) * noise
 
     def sample_posterior(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False,
                          generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -59,9 +59,17 @@ class OneLayerVAE(LatentVariableModel):
         mean, log_var = self.encoder_head(self.encoder(x))
         return DiagonalGaussian(mean, log_var)
 
-    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
-        """log p(x, z) at given z ``[..., B, D]`` (e.g. a grid, for q_EW densities): ``[..., B]``."""
-        return self.prior.log_prob(z) + self.likelihood.log_prob_from_features(x, self.decoder(z))
+    def log_p_z(self, z: Tensor) -> Tensor:
+        return self.prior.log_prob(z)
+
+    def log_p_x_given_z(self, x: Tensor, z: Tensor) -> Tensor:
+        return self.likelihood.log_prob_from_features(x, self.decoder(z))
+
+    def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.prior.sample(n, generator)
+
+    def sample_x_given_z(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.likelihood.sample(self.decode(z), generator)
 
     def decode(self, z: Tensor) -> Tensor:
         """Likelihood parameters for z of shape ``[..., D]``: ``[..., P * data_dim]``."""

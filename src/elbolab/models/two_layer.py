@@ -113,6 +113,37 @@ class TwoLayerVAE(LatentVariableModel):
         log_px = self.likelihood.log_prob_from_features(x, self.p_x(z1))
         return LogWeightTerms(log_px, {"z1": log_p1, "z2": log_p2}, log_q, z)
 
+    # --- the flat latent [z1, z2] -----------------------------------------------------
+    def log_p_z(self, z: Tensor) -> Tensor:
+        z1, z2 = z.split(self.latent_dims, dim=-1)
+        return self.prior.log_prob(z2) + DiagonalGaussian(*self.p_z1(z2)).log_prob(z1)
+
+    def log_p_x_given_z(self, x: Tensor, z: Tensor) -> Tensor:
+        return self.likelihood.log_prob_from_features(x, self.p_x(z[..., : self.latent_dims[0]]))
+
+    def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        z2 = self.prior.sample(n, generator)
+        return torch.cat([self.latents_given_top(z2, generator), z2], dim=-1)
+
+    def sample_x_given_z(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        features = self.p_x(z[..., : self.latent_dims[0]])
+        return self.likelihood.sample(self.likelihood.head(features), generator)
+
+    def local_posterior(self, x: Tensor) -> dict[str, Tensor]:
+        """q(z1|x)'s mean and log-variance, and per-point shifts (zero: the encoder) of the
+        mean and log-variance that q(z2|z1) computes; its dependence on z1 stays."""
+        q1 = self.posterior(x)
+        zeros = q1.mean.new_zeros(*q1.mean.shape[:-1], self.latent_dims[1])
+        return {"mean": q1.mean, "log_var": q1.log_var, "z2.mean_shift": zeros, "z2.log_var_shift": zeros.clone()}
+
+    def log_weights_local(self, x: Tensor, k: int, params: dict[str, Tensor]) -> Tensor:
+        q1 = DiagonalGaussian(params["mean"], params["log_var"])
+        z1 = q1.rsample(k)  # [K, B, D1]
+        m2, lv2 = self.q_z2(z1)
+        q2 = DiagonalGaussian(m2 + params["z2.mean_shift"], lv2 + params["z2.log_var_shift"])
+        z2 = draw(q2.mean, q2.log_var)
+        return self.log_joint(x, torch.cat([z1, z2], dim=-1)) - q1.log_prob(z1) - q2.log_prob(z2)
+
     def conditional_means(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> list[Tensor]:
         """[E_q[z1|x] ``[B, D1]``, mu2(z1) at k draws z1 ~ q(z1|x) ``[K, B, D2]``]: E_q[z2|x] is
         the average of mu2 over q(z1|x), with no closed form. With a flow: draws of both layers."""
