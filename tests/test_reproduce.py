@@ -457,3 +457,30 @@ def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monk
     other = reproduce("iwae-table", budget="quick", only=ROWS[:1], results=tmp_path,
                       overrides={**TINY, "train.lr": 3e-4}, train=False)
     assert [e.status for e in other.entries] == ["not run"]
+
+
+def test_a_row_saved_before_a_config_key_existed_is_found_under_its_old_name(tiny_data, tmp_path, monkeypatch):
+    """Adding a config key (with a default) changes every row's hash; a finished row whose saved
+    config, read now, is the row's config is still answered from its folder, not retrained."""
+    import yaml
+
+    fits = _count_fits(monkeypatch)
+    row = ["mnist-1layer-iwae-k5"]
+    first = reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY)
+    assert len(fits) == 1
+    rows = tmp_path / "iwae-table" / "quick" / "rows"
+    (folder,) = rows.iterdir()
+    cfg_path = folder / "run" / "config.yaml"
+    saved = yaml.safe_load(cfg_path.read_text())
+    del saved["model"]["posterior"]  # as written before the key existed
+    cfg_path.write_text(yaml.safe_dump(saved))
+    folder.rename(rows / "mnist-1layer-iwae-k5-0123456789")
+    again = reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY)
+    assert len(fits) == 1 and again.cached == row
+    assert again.entries[0].cells["nll"].ours == first.entries[0].cells["nll"].ours
+    # a changed value is another config: that folder is not taken for this row
+    saved["objective"]["k"] = 7
+    cfg_path = rows / "mnist-1layer-iwae-k5-0123456789" / "run" / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(saved))
+    reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY)
+    assert len(fits) == 2
