@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..evaluation import seeded
-from ..files import atomic_write_text
+from ..files import atomic_write_text, check_writable_folder
 from ..priors import GaussianMixturePrior
 from ..runs import write_json
 from . import plots
@@ -48,7 +48,7 @@ def diagnose(
     e = cfg.eval
     k = k or max(e.bound_ks)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out_dir, "report folder (--out)")  # before minutes of computing, not after
     report: dict[str, Any] = {"run": str(run.path), "split": split, "n": int(x.shape[0]), "k": k,
                               "model": cfg.model.name, "prior": cfg.model.prior.name,
                               "latent_dims": list(model.latent_dims), "seconds": {}, "figures": {}}
