@@ -111,10 +111,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         finally:
             lock.release()
         return 0
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, run_dir, dataset)  # refuses, before anything is written, a run that cannot fit
     print(f"elbolab: training {cfg.model.name} ({cfg.objective.name}, k={cfg.objective.k}) on {dataset.name} "
           f"for {cfg.train.epochs} epochs -> {run_dir}", flush=True)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, run_dir, dataset)
     try:
         trainer.fit(resume=resume, keep_lock=True)  # held through the evaluation: one owner at a time
         train_seconds = time.perf_counter() - t0

@@ -131,9 +131,8 @@ class RayExecutor(Executor):
     Stopping: Ctrl-C or SIGTERM to the command shuts the local Ray instance down, which
     kills its tasks at once (no checkpoint at that step: the rerun resumes each row from
     its last one); a SIGKILLed driver is noticed by Ray itself, whose tasks die with it
-    and whose own helper processes exit within about a minute (tested by hand: see
-    README, Reliability). On a cluster ($RAY_ADDRESS) the cluster outlives the driver;
-    Ray cancels a dead driver's tasks."""
+    and whose helper processes exit by themselves minutes later (scripts/ray_stop_check.sh).
+    On a cluster ($RAY_ADDRESS) the cluster outlives the driver."""
 
     def run(self, tasks: list[RowTask], fn: Callable[[RowTask], dict[str, Any]] = run_row) -> Iterator[Outcome]:
         try:
