@@ -225,7 +225,7 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any], source: Path | str = "checkpoint") -> None:
         """Take up a checkpoint's state; every field is checked first, so a damaged or crafted
-        checkpoint is refused in one line naming the field, before anything changes."""
+        checkpoint is refused in one line naming the field, the run folder untouched."""
         model_state = _field(state, "model", dict, source)
         check_model_state(self.model, model_state, source)
         optimizer_state = _field(state, "optimizer", dict, source)
