@@ -232,6 +232,23 @@ def test_an_interrupted_row_resumes_from_its_checkpoint(tiny_data, tmp_path, mon
     assert [m["epoch"] for m in metrics] == [1, 2] and rep.entries[0].epochs == 2
 
 
+def test_a_row_killed_while_creating_its_run_folder_trains_on_the_rerun(tiny_data, tmp_path):
+    """A kill in the middle of creating a row's run folder: what an older elbolab left (config and
+    environment written, no run.json) and what this one leaves (a temporary folder beside it); the
+    rerun of the same command trains the row either way instead of failing it on every rerun."""
+
+    plan = plan_rows(get_table("iwae-table"), "quick", ROWS[:1], None, TINY)[0]
+    run = tmp_path / "iwae-table" / "quick" / "rows" / f"{ROWS[0]}-{plan.key}" / "run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("half")
+    (run / "environment.json").write_text("{}")
+    (run.parent / ".run.new-dead").mkdir()  # a temporary folder whose creator is gone
+    (run.parent / ".run.new-dead" / ".lock").touch()
+    rep = reproduce("iwae-table", budget="quick", only=ROWS[:1], results=tmp_path, overrides=TINY)
+    assert rep.trained == ROWS[:1] and not rep.failed
+    assert sorted(p.name for p in run.parent.iterdir()) == ["result.json", "run"]
+
+
 def test_cli_reproduce_lists_rows_and_reports_missing_pieces(capsys) -> None:
     assert main(["reproduce", "iwae-table", "--list", "--budget", "paper", "--only", "mnist-2layer-iwae-k50"]) == 0
     out = capsys.readouterr().out
