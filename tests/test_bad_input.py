@@ -606,7 +606,7 @@ def test_ctrl_c_in_the_final_evaluation_then_resume_writes_the_report(tmp_path, 
         return real(*a, **k)
 
     monkeypatch.setattr(train_cli, "summarize", interrupted_once)
-    argv = [a for a in train_args(out) if a != "--no-eval"]
+    argv = [a for a in train_args(out, "eval.k_importance=10") if a != "--no-eval"]
     code, err = run_cli(argv, capsys)
     assert code == 130 and "interrupted" in err
     assert json.loads((out / "run.json").read_text())["status"] == "finished" and not (out / "report.json").exists()

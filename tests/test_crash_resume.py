@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from elbolab import cli
 from elbolab.files import TEST_STOP_ENV
 from elbolab.runs import load_checkpoint
 
@@ -134,6 +135,15 @@ def tiny_args(out: Path) -> list[str]:
     return ["--out", str(out), *(a for s in TINY for a in ("--set", s))]
 
 
+def in_process(*argv: str) -> int:
+    """The CLI in this process (cheaper than a new one where the test needs no second process)."""
+    threads = torch.get_num_threads()
+    try:
+        return cli.main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def assert_nothing_or_resumable(run: Path) -> None:
     """What a kill may leave: no run folder, or one whose run.json says what to continue."""
     if run.exists():
@@ -152,8 +162,8 @@ def test_kill_while_the_run_folder_is_created_then_the_same_command_runs(tmp_pat
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert_nothing_or_resumable(run)
-    err = finish(elbolab_train(*tiny_args(run)))  # the very same command
-    assert json.loads((run / "run.json").read_text())["status"] == "finished", err
+    assert in_process("train", "--no-eval", *tiny_args(run)) == 0  # the very same command
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "a half-built folder was left beside the run"
 
 
@@ -164,14 +174,14 @@ def test_one_owner_per_run_and_a_killed_owner_never_blocks(tmp_path):
     owner = elbolab_train(*tiny_args(run), stop_at="step#4")  # holds the run, frozen mid-epoch
     try:
         wait_until_frozen(owner)
-        for args in (tiny_args(run), ["--resume", str(run)]):
-            err = finish(elbolab_train(*args), expect=2)
-            assert "in use by another elbolab process" in err and err.count("\n") == 1, err
+        err = finish(elbolab_train(*tiny_args(run)), expect=2)  # a second process, same command
+        assert "in use by another elbolab process" in err and err.count("\n") == 1, err
+        assert in_process("train", "--no-eval", "--resume", str(run)) == 2  # any other owner, this one too
         assert load_checkpoint(run / "checkpoint.pt")["step"] == 3  # untouched by the refused ones
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
-    finish(elbolab_train("--resume", str(run)))
+    assert in_process("train", "--no-eval", "--resume", str(run)) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]  # trained once, not once per process
 

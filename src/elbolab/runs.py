@@ -69,8 +69,9 @@ WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors", "last": CHE
 #: config keys that may differ between a run and its resumption: they do not change what
 #: is trained. A run resumed on another device continues correctly, but draws its remaining
 #: samples from that device's random stream, so it is bit-identical to an uninterrupted run
-#: only on the device it stopped on.
-RESUME_FREE_KEYS = ("data.data_dir", "train.progress", "train.compile", "train.device")
+#: only on the device it stopped on; other thread counts or compiling change float rounding
+#: only (reproduce sets the threads from --workers, which a rerun may change).
+RESUME_FREE_KEYS = ("data.data_dir", "train.progress", "train.compile", "train.device", "train.threads")
 #: sections free on resume but for the listed keys: evaluation settings are read after
 #: training, except ``eval.seed``, which seeds the validation bound (best weights, early stop)
 RESUME_FREE_SECTIONS = {"eval": ("eval.seed",)}

@@ -66,8 +66,8 @@ def _resume_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
     diff = config_differences(saved, cfg)
     if diff:
         raise ConfigError(f"--resume {run_dir}: would change what the run trains ({describe_differences(diff)}); "
-                          "a resumed run keeps its config, only progress, device, data folder, compile and eval "
-                          "settings (but eval.seed) may change")
+                          "a resumed run keeps its config, only progress, device, threads, data folder, compile and "
+                          "eval settings (but eval.seed) may change")
     return cfg
 
 
@@ -154,6 +154,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_device(p)
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint (or "
                    "evaluate a finished one whose evaluation was interrupted); --set may change only what "
-                   "leaves the result unchanged: train.progress, train.device, train.compile, data.data_dir, eval.*")
+                   "leaves the result unchanged: train.progress, train.device, train.threads, train.compile, "
+                   "data.data_dir, eval.* (but eval.seed)")
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
     p.set_defaults(func=cmd_train)
