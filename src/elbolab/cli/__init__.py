@@ -4,8 +4,9 @@ One module per command group (train, evaluate, data, reproduce, bench), each add
 subcommands with ``add_commands``. Process-wide settings are made here, once.
 
 Exit codes: 0 ok; 1 unexpected error; 2 bad input (usage, config, data, run folder,
-an output folder that cannot be written); 3 numerical fault (non-finite loss or
-gradient); 130 interrupted (Ctrl-C or SIGTERM; a checkpoint is written first).
+an output folder that cannot be written, a run that cannot fit in memory); 3 numerical
+fault (non-finite loss, gradient or evaluation result); 130 interrupted (Ctrl-C or
+SIGTERM, any command; a training run writes a checkpoint first) (cli/common.py).
 """
 
 from __future__ import annotations
