@@ -41,6 +41,26 @@ def _require(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+#: largest seed: torch, numpy and Python all take it (seeds derived from it add small offsets)
+MAX_SEED = 2**63 - 1
+#: caps far above any sensible run, below what breaks an int64 product or allocation:
+#: a value past them is a typo (an extra zero or three), refused naming the key
+MAX_SAMPLES = 10**6
+MAX_BATCH = 10**7
+MAX_WIDTH = 10**6
+MAX_EPOCHS = 10**8
+MAX_THREADS = 4096
+
+
+def _in_range(value: int | float, lo: int | float, hi: int | float, key: str) -> None:
+    _require(lo <= value <= hi, key, f"must be between {lo:,} and {hi:,}, got {value:,}")
+
+
+def _sizes(values: tuple[int, ...], key: str) -> None:
+    _require(all(1 <= v <= MAX_WIDTH for v in values), key,
+             f"sizes must be between 1 and {MAX_WIDTH:,}, got {list(values)}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     #: a name from ``elbolab data list``; the default ships inside the package
@@ -65,6 +85,7 @@ class DataConfig:
     def validate(self, key: str) -> None:
         check_name("dataset", self.name, f"{key}.name")
         _require(self.validation >= 0, f"{key}.validation", f"must be >= 0, got {self.validation}")
+        _in_range(self.binarization_seed, 0, MAX_SEED, f"{key}.binarization_seed")
         _require(
             self.binarization in ("static", "dynamic", "none"),
             f"{key}.binarization",
@@ -93,15 +114,18 @@ class PriorConfig:
     data_seed: int = 0
 
     def validate(self, key: str) -> None:
-        _require(self.components >= 1, f"{key}.components", f"must be >= 1, got {self.components}")
+        _in_range(self.components, 1, MAX_WIDTH, f"{key}.components")
+        _in_range(self.data_seed, 0, MAX_SEED, f"{key}.data_seed")
         check_name("prior", self.name, f"{key}.name")
         _require(
             self.pseudo_inputs_init in ("normal", "data"),
             f"{key}.pseudo_inputs_init",
             f"must be 'normal' or 'data', got {self.pseudo_inputs_init!r}",
         )
-        _require(self.pseudo_inputs_std is None or self.pseudo_inputs_std >= 0, f"{key}.pseudo_inputs_std",
-                 "must be >= 0")
+        _require(self.pseudo_inputs_std is None or 0 <= self.pseudo_inputs_std < math.inf, f"{key}.pseudo_inputs_std",
+                 "must be a finite number >= 0")
+        _require(self.pseudo_inputs_mean is None or math.isfinite(self.pseudo_inputs_mean), f"{key}.pseudo_inputs_mean",
+                 "must be a finite number")
 
     def with_pseudo_input_init(self, default: tuple[float, float]) -> PriorConfig:
         """This config with an unset pseudo-input mean and std taken from ``default`` (a dataset's)."""
@@ -129,9 +153,9 @@ class TwoLayerConfig:
     hidden2: tuple[int, ...] = (100, 100)
 
     def validate(self, key: str) -> None:
-        _require(all(d >= 1 for d in self.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
+        _sizes(self.latent_dims, f"{key}.latent_dims")
         for name in ("hidden1", "hidden2"):
-            _require(all(h >= 1 for h in getattr(self, name)), f"{key}.{name}", "sizes must be >= 1")
+            _sizes(getattr(self, name), f"{key}.{name}")
 
 
 @dataclass(frozen=True)
@@ -146,8 +170,8 @@ class HierarchicalConfig:
     log_var_range: tuple[float, float] = (-6.0, 2.0)
 
     def validate(self, key: str) -> None:
-        _require(all(d >= 1 for d in self.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
-        _require(self.width >= 1, f"{key}.width", f"must be >= 1, got {self.width}")
+        _sizes(self.latent_dims, f"{key}.latent_dims")
+        _in_range(self.width, 1, MAX_WIDTH, f"{key}.width")
         lo, hi = self.log_var_range
         _require(lo < hi, f"{key}.log_var_range", f"needs min < max, got [{lo}, {hi}]")
 
@@ -258,9 +282,8 @@ class ModelConfig:
 
     def validate(self, key: str) -> None:
         _require(self.latent_dim >= 1, f"{key}.latent_dim", f"must be >= 1, got {self.latent_dim}")
-        _require(
-            all(h >= 1 for h in self.hidden), f"{key}.hidden", f"sizes must be >= 1, got {list(self.hidden)}"
-        )
+        _in_range(self.latent_dim, 1, MAX_WIDTH, f"{key}.latent_dim")
+        _sizes(self.hidden, f"{key}.hidden")
         check_name("model", self.name, f"{key}.name")
         check_name("activation", self.activation, f"{key}.activation")
         check_name("likelihood", self.likelihood, f"{key}.likelihood")
@@ -300,9 +323,12 @@ class ObjectiveConfig:
     def validate(self, key: str) -> None:
         check_name("objective", self.name, f"{key}.name")
         _require(self.k >= 1, f"{key}.k", f"must be >= 1, got {self.k}")
+        _in_range(self.k, 1, MAX_SAMPLES, f"{key}.k")
         _require(self.warmup_epochs >= 0, f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _in_range(self.warmup_epochs, 0, MAX_EPOCHS, f"{key}.warmup_epochs")
         check_name("gradient estimator", self.estimator, f"{key}.estimator")
         _require(self.m >= 1, f"{key}.m", f"must be >= 1, got {self.m}")
+        _in_range(self.m * self.k, 1, MAX_SAMPLES, f"{key}.m x {key}.k")
         _require(
             self.m == 1 or self.name in ("miwae", "piwae"),
             f"{key}.m",
@@ -354,7 +380,10 @@ class TrainConfig:
 
     def validate(self, key: str) -> None:
         _require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
+        _in_range(self.epochs, 1, MAX_EPOCHS, f"{key}.epochs")
         _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _in_range(self.batch_size, 1, MAX_BATCH, f"{key}.batch_size")
+        _in_range(self.seed, 0, MAX_SEED, f"{key}.seed")
         _require(0 < self.lr < math.inf, f"{key}.lr", f"must be a finite number > 0, got {self.lr}")
         _require(0 < self.adam_eps < math.inf, f"{key}.adam_eps", f"must be a finite number > 0, got {self.adam_eps}")
         _require(
@@ -364,6 +393,7 @@ class TrainConfig:
         check_name("schedule", self.schedule, f"{key}.schedule")
         _require(self.early_stopping_patience >= 0, f"{key}.early_stopping_patience", "must be >= 0")
         _require(self.threads >= 0, f"{key}.threads", "must be >= 0")
+        _in_range(self.threads, 0, MAX_THREADS, f"{key}.threads")
         _require(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
         _require(
             self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
@@ -419,12 +449,15 @@ class EvalConfig:
     def validate(self, key: str) -> None:
         for name in ("k_importance", "batch_size", "chunk_size", "gpu_chunk_size", "surgery_samples"):
             v = getattr(self, name)
-            _require(v >= 1, f"{key}.{name}", f"must be >= 1, got {v}")
+            _in_range(v, 1, MAX_BATCH if name == "batch_size" else 10 * MAX_SAMPLES, f"{key}.{name}")
         _require(self.test_images >= 0, f"{key}.test_images", f"must be >= 0, got {self.test_images}")
-        _require(self.active_unit_threshold > 0, f"{key}.active_unit_threshold", "must be > 0")
+        _require(0 < self.active_unit_threshold < math.inf, f"{key}.active_unit_threshold",
+                 "must be a finite number > 0")
+        _in_range(self.seed, 0, MAX_SEED, f"{key}.seed")
         for name in ("bound_ks", "q_ew_ks"):
             v = getattr(self, name)
-            _require(len(v) > 0 and all(k >= 1 for k in v), f"{key}.{name}", f"must be k >= 1 values, got {list(v)}")
+            _require(len(v) > 0 and all(1 <= k <= 10 * MAX_SAMPLES for k in v), f"{key}.{name}",
+                     f"must be k values between 1 and {10 * MAX_SAMPLES:,}, got {list(v)}")
 
 
 @dataclass(frozen=True)
@@ -583,17 +616,58 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 # --- files and presets ----------------------------------------------------------
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml's safe loader (never executes code) that refuses a key given twice in one mapping,
+    where the plain loader silently keeps the last (a second ``train:`` section, say)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):  # unhashable: the base class refuses it
+                continue
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key].line + 1} and "
+                                    f"{key_node.start_mark.line + 1}); give each key once")
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"key {dup!r} appears twice in one object; give each key once")
+    return dict(pairs)
+
+
 def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML or JSON config (safe loader: never executes code)."""
+    """Read a YAML or JSON config (safe loader: never executes code; a key given twice is refused)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a config is YAML or JSON text)") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text file (it holds NUL bytes; a config is YAML or JSON text)")
     try:
-        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if path.suffix == ".json":
+            d = json.loads(text, object_pairs_hook=_unique_json_keys)
+        else:
+            d = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except (_DuplicateKey, ConfigError) as e:
+        raise ConfigError(f"{path}: {e}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+        why = " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {why}") from None
     if d is None:
         d = {}
     if not isinstance(d, dict):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,6 +16,26 @@ from ..config import ConfigError
 from ..data import ImageDataset
 from ..devices import resolve_device
 from ..runs import WEIGHTS, Run, load_run
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def strict_json(obj: Any, indent: int | None = None) -> tuple[str, list[str]]:
+    """``obj`` as standard JSON, which has no inf or NaN: those are written as null. Also returns
+    the dotted keys where that happened, for a message."""
+    bad: list[str] = []
+
+    def clean(x: Any, key: str) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            bad.append(key or "(value)")
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(x)]
+        return x
+
+    return json.dumps(clean(obj, ""), indent=indent, allow_nan=False), bad
 
 
 def add_data_dir(p: argparse.ArgumentParser) -> None:

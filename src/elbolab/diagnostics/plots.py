@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from ..files import OutputError  # noqa: E402
 from .active_units import ActiveUnits  # noqa: E402
 from .bound_vs_k import BoundVsK  # noqa: E402
 from .q_ew import QEWGrid  # noqa: E402
@@ -20,8 +21,12 @@ from .surgery import Surgery  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return path
 
 

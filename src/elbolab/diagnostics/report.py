@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..evaluation import seeded
-from ..files import atomic_write_text
+from ..files import atomic_write_text, check_writable_folder
 from ..priors import GaussianMixturePrior
 from ..runs import write_json
 from . import plots
@@ -49,7 +49,7 @@ def diagnose(
     e = cfg.eval
     k = k or max(e.bound_ks)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out_dir, "report folder (--out)")  # before minutes of computing, not after
     report: dict[str, Any] = {"run": str(run.path), "split": split, "n": int(x.shape[0]), "k": k,
                               # a model elbolab did not build (an adapter) names itself
                               "model": getattr(model, "model_name", cfg.model.name),

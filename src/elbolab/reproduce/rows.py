@@ -7,7 +7,6 @@ row is finished. A killed row resumes from its run folder's checkpoint.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from ..diagnostics import active_units
 from ..diagnostics.surgery import elbo_surgery
 from ..evaluation import log_likelihood, random_subset
 from ..fastpaths import retain_freed_memory
-from ..runs import environment_info, load_run, read_json, read_metrics, write_json
+from ..runs import environment_info, load_run, read_json_object, read_metrics, write_json
 from ..training import Trainer
 from .figures import ROW_FIGURES
 
@@ -94,14 +93,12 @@ def _weights(cfg: RunConfig) -> str:
 
 
 def _train(cfg: RunConfig, run_dir: Path, dataset):
-    """Train, resuming an interrupted run; returns the model to evaluate, in eval mode."""
-    info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else None
+    """Train, resuming an interrupted run (one killed before its first checkpoint starts from its
+    seed); returns the model to evaluate, in eval mode."""
+    info = read_json_object(run_dir / "run.json") if (run_dir / "run.json").exists() else None
     finished = info is not None and info.get("status") == "finished" and (run_dir / "model.safetensors").exists()
     if not finished:
-        resume = info is not None and (run_dir / "checkpoint.pt").exists()
-        if info is not None and not resume:  # killed before its first checkpoint: start again
-            shutil.rmtree(run_dir)
-        Trainer(cfg, run_dir, dataset).fit(resume=resume)
+        Trainer(cfg, run_dir, dataset).fit(resume=info is not None)
     device = str(resolve_device(cfg.train.device))
     return load_run(run_dir, device=device, weights=_weights(cfg)).model
 
@@ -112,7 +109,7 @@ def run_row(task: RowTask) -> dict[str, Any]:
     row_dir = Path(task.row_dir)
     result_path = row_dir / RESULT_FILE
     if result_path.exists():
-        return {**read_json(result_path), "cached": True}
+        return {**read_json_object(result_path, "a row result"), "cached": True}
     cfg = RunConfig.from_dict(task.config)
     row_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
