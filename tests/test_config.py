@@ -78,7 +78,7 @@ def test_evaluation_chunk_follows_the_device_and_keeps_reproduction_keys() -> No
     cfg = RunConfig()
     # a GPU-only evaluation setting does not move cached reproduction rows (like train.device)
     assert config_key(cfg) == config_key(cfg.with_overrides({"eval.gpu_chunk_size": 10}))
-    with pytest.raises(ConfigError, match="eval.gpu_chunk_size: must be >= 1"):
+    with pytest.raises(ConfigError, match="eval.gpu_chunk_size: must be between 1 and"):
         cfg.with_overrides({"eval.gpu_chunk_size": 0})
 
 
