@@ -178,7 +178,9 @@ def test_diagnose_reads_the_guide_and_the_prior(lg_and_x, tmp_path) -> None:
     torch.testing.assert_close(adapter.prior.log_prob(z), lg.prior.log_prob(z))
     report = elbolab.diagnose(adapter, x, out=tmp_path, k=50, quiet=True)
     s = report["surgery"]
-    assert abs(s["identity_error"]) < 4 * s["identity_stderr"] + 1e-9
+    # Pyro's prior has no closed-form KL here, so the average KL is Monte Carlo from the same
+    # draws and the identity is no independent check (reported as null)
+    assert s["identity_is_check"] is False and s["identity_error"] is None
     assert report["model"] == "linear-Gaussian (pyro)" and report["active_units"]["counts"] == [3]
     assert (tmp_path / "diagnostics.md").exists() and (tmp_path / "diag-samples.png").exists()
 

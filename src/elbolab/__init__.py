@@ -10,6 +10,7 @@ from .config import RunConfig
 
 # every module that owns a registry, so that config validation knows all their names
 from .data import DATASETS  # noqa: F401
+from .flows import FLOWS  # noqa: F401
 from .models import MODELS  # noqa: F401
 from .objectives import ESTIMATORS, OBJECTIVES  # noqa: F401
 from .optimizers import OPTIMIZERS  # noqa: F401

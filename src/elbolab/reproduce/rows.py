@@ -8,7 +8,6 @@ row is finished. A killed row resumes from its run folder's checkpoint.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +22,11 @@ from ..devices import resolve_device
 from ..diagnostics import active_units
 from ..diagnostics.monitor import CollapseMonitor
 from ..diagnostics.surgery import elbo_surgery
-from ..evaluation import log_likelihood
+from ..evaluation import log_likelihood, random_subset
 from ..fastpaths import retain_freed_memory
-from ..runs import environment_info, load_run, read_json, read_metrics, write_json
+from ..runs import environment_info, load_run, read_json_object, read_metrics, write_json
 from ..training import Trainer
+from .figures import ROW_FIGURES
 
 RESULT_FILE = "result.json"
 
@@ -43,15 +43,20 @@ class RowTask:
     row_dir: str
     evaluation: str
     data_label: str
+    #: extra figures (figures.ROW_FIGURES names) and the folder they are saved in
+    figures: tuple[str, ...] = ()
+    figure_dir: str | None = None
 
 
 # --- evaluations: run folder + data -> the paper's metrics ---------------------------
 
 
 def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
-    """IS log-likelihood (K = eval.k_importance) and active units on the test set."""
-    x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed).to(device)
+    """IS log-likelihood (K = eval.k_importance) and active units on the test set (or the
+    random subset of eval.test_images of it)."""
     e = cfg.eval
+    x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed)
+    x = random_subset(x, e.test_images).to(device)
     ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_for(device),
                         seed=e.seed, progress=f"test log p(x), IS K={e.k_importance}" if cfg.train.progress else None)
     au = active_units(model, x, threshold=e.active_unit_threshold, batch_size=e.batch_size, seed=e.seed)
@@ -92,15 +97,13 @@ def _weights(cfg: RunConfig) -> str:
 
 
 def _train(cfg: RunConfig, run_dir: Path, dataset):
-    """Train, resuming an interrupted run; returns the model to evaluate, in eval mode."""
-    info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else None
+    """Train, resuming an interrupted run (one killed before its first checkpoint starts from its
+    seed); returns the model to evaluate, in eval mode."""
+    info = read_json_object(run_dir / "run.json") if (run_dir / "run.json").exists() else None
     finished = info is not None and info.get("status") == "finished" and (run_dir / "model.safetensors").exists()
     if not finished:
-        resume = info is not None and (run_dir / "checkpoint.pt").exists()
-        if info is not None and not resume:  # killed before its first checkpoint: start again
-            shutil.rmtree(run_dir)
         monitor = CollapseMonitor.for_run(cfg, dataset, resolve_device(cfg.train.device))
-        Trainer(cfg, run_dir, dataset, monitor).fit(resume=resume)
+        Trainer(cfg, run_dir, dataset, monitor).fit(resume=info is not None)
     device = str(resolve_device(cfg.train.device))
     return load_run(run_dir, device=device, weights=_weights(cfg)).model
 
@@ -111,7 +114,7 @@ def run_row(task: RowTask) -> dict[str, Any]:
     row_dir = Path(task.row_dir)
     result_path = row_dir / RESULT_FILE
     if result_path.exists():
-        return {**read_json(result_path), "cached": True}
+        return {**read_json_object(result_path, "a row result"), "cached": True}
     cfg = RunConfig.from_dict(task.config)
     row_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -125,6 +128,10 @@ def run_row(task: RowTask) -> dict[str, Any]:
     t1 = time.perf_counter()
     with torch.no_grad():
         metrics = EVALUATORS[task.evaluation](model, dataset, cfg, device)
+    figures = {}
+    for name in task.figures:
+        path = Path(task.figure_dir or row_dir) / f"{task.row_id}-{name}.png"
+        figures[name] = ROW_FIGURES[name](model, dataset, cfg, path).name
     metrics_rows = read_metrics(run_dir / "metrics.jsonl")
     result = {
         "table": task.table,
@@ -140,6 +147,7 @@ def run_row(task: RowTask) -> dict[str, Any]:
         "eval_seconds": round(time.perf_counter() - t1, 1),
         "session_seconds": round(time.perf_counter() - t0, 1),
         "hardware": hardware(),
+        "figures": figures,
         "config": task.config,
     }
     write_json(result_path, result)
