@@ -3,9 +3,11 @@ logging them to metrics.jsonl, TensorBoard and W&B (offline) without changing wh
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from scipy.special import logsumexp
 from elbolab.cli import main
 from elbolab.config import ModelConfig, RunConfig
 from elbolab.data import ImageDataset
+from elbolab.diagnostics.active_units import active_units
 from elbolab.diagnostics.monitor import CollapseMonitor, collapse_metrics, per_unit_kl
 from elbolab.diagnostics.surgery import elbo_surgery
 from elbolab.models import build_model
@@ -156,6 +159,40 @@ def test_monitored_training_logs_every_n_epochs_and_the_last_and_trains_the_same
     assert len(rows[-1]["kl_per_unit"]) == 3 and 0 <= rows[-1]["mutual_information"] <= math.log(40) + 1e-9
 
 
+def test_each_logged_epoch_matches_the_offline_diagnostics_at_that_epochs_weights(tmp_path):
+    """Every monitored row against what `elbolab diagnose` computes (active_units, ELBO surgery)
+    afterwards, on the monitor's subsample, with a copy of the weights the trainer had at that epoch."""
+    cfg, ds = small_cfg(**{"train.epochs": 4, "train.monitor_points": 60, "train.lr": 0.01}), tiny_dataset()
+    mon = CollapseMonitor.for_run(cfg, ds)
+    copies = []
+
+    class Spy:
+        every = mon.every
+
+        def __call__(self, model):
+            copies.append(copy.deepcopy(model))  # the weights this epoch's numbers describe
+            return mon(model)
+
+    Trainer(cfg, tmp_path / "r", ds, Spy()).fit()
+    rows = [r for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
+            if "active_units" in r]
+    assert [r["epoch"] for r in rows] == [2, 4] and len(copies) == 2
+    kls = []
+    for row, model in zip(rows, copies, strict=True):
+        model.eval()
+        au = active_units(model, mon.x, threshold=cfg.eval.active_unit_threshold, seed=cfg.eval.seed)
+        assert (row["active_units"], row["active_units_per_layer"]) == (au.total, au.counts)
+        s = elbo_surgery(model, mon.x, samples=64, seed=11)
+        # ELBO surgery's average KL is closed form under the standard prior: the per-unit KLs sum to it
+        assert sum(row["kl_per_unit"]) == pytest.approx(s.average_kl, abs=5e-6)
+        # I(x; z): two Monte Carlo estimates of one quantity, within 4 of their joint standard errors
+        assert abs(row["mutual_information"] - s.mutual_information) < 4 * math.hypot(
+            row["mutual_information_stderr"], s.mutual_information_stderr)
+        kls.append(s.average_kl)
+    # the two epochs' weights differ enough that numbers logged from the wrong epoch would fail above
+    assert abs(kls[0] - kls[1]) > 100 * 5e-6
+
+
 def test_tensorboard_gets_the_monitor_numbers(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -186,6 +223,8 @@ def wandb_history(run_file: Path) -> dict[int, dict]:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
@@ -197,7 +236,7 @@ def wandb_history(run_file: Path) -> dict[int, dict]:
     return out
 
 
-def test_wandb_offline_gets_the_monitor_numbers(tmp_path, monkeypatch):
+def test_wandb_offline_gets_the_monitor_numbers(tmp_path, monkeypatch, caplog):
     pytest.importorskip("wandb")
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
@@ -206,8 +245,15 @@ def test_wandb_offline_gets_the_monitor_numbers(tmp_path, monkeypatch):
     assert cfg.train.wandb_mode == "offline"
     Trainer(cfg, tmp_path / "r", ds, CollapseMonitor.for_run(cfg, ds)).fit()
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]  # the sink never dropped
     (run_file,) = (tmp_path / "r" / "wandb").glob("offline-run-*/run-*.wandb")
-    history = wandb_history(run_file)
+    # W&B's service process writes the file; on a loaded machine its last records may land just
+    # after finish() returns, so wait (bounded) for them rather than read a file still being written
+    for _ in range(120):
+        history = wandb_history(run_file)
+        if len(history) == len(rows):
+            break
+        time.sleep(0.5)
     assert sorted(history) == [r["epoch"] for r in rows]
     for r in rows:
         h = history[r["epoch"]]

@@ -518,8 +518,11 @@ class Trainer:
             raise
         finally:
             for sink in sinks:
-                with contextlib.suppress(Exception):  # closing must not mask how the run ended
+                try:
                     sink.close()
+                except Exception as e:  # noqa: BLE001 - closing must not mask how the run ended
+                    log.warning("%s: closing failed (%s: %s); metrics.jsonl holds every row", type(sink).__name__,
+                                type(e).__name__, str(e)[:200])
         return self.run_dir
 
     def _write_info_quietly(self, status: str, error: str | None = None) -> None:

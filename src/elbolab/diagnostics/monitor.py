@@ -111,7 +111,7 @@ def collapse_metrics(model: Any, x: Tensor, threshold: float = 0.01, batch_size:
     """Active units, per-unit KL and I(x; z) of ``model`` on ``x`` ``[N, D]`` (see the module doc).
 
     Keys: ``active_units`` (total), ``active_units_per_layer`` (bottom first) and, where the
-    first-sampled layer carries the prior, ``kl_per_unit`` ``[D]`` (nats; None under a prior
+    first-sampled layer carries the prior, ``kl_per_unit`` ``[D]`` (nats, rounded to 1e-6; None under a prior
     with no per-unit marginal), ``mutual_information`` and its ``_stderr`` (nats), ``monitor_points``.
     """
     device = model_device(model)
