@@ -150,6 +150,13 @@ def test_long_stages_show_what_they_do_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", quiet)
     summarize(model, x, 5, k_importance=20, batch_size=10)
     assert quiet.getvalue() == ""
+    # diagnose's longest stage, bound vs K, names itself and counts the points
+    from elbolab.diagnostics.bound_vs_k import bound_vs_k
+
+    screen = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    bound_vs_k(model, x, (1, 5, 20), batch_size=10, progress="bound vs k, k <= 20")
+    assert "bound vs k, k <= 20:" in screen.getvalue() and "/30 [" in screen.getvalue()
 
 
 def test_the_first_compiled_step_says_it_is_compiling(tmp_path, caplog, monkeypatch):
