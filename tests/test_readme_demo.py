@@ -1,0 +1,77 @@
+"""README's demo block is what today's code prints: its lines in today's format, its numbers
+against a fresh run of the demo (`elbolab train`, 80 epochs on the embedded data, about a minute
+on a quiet 2-core CPU), and scripts/check_readme_demo.py's comparison able to fail."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from elbolab.cli.train import header
+from elbolab.config import RunConfig
+from elbolab.diagnostics.summary import format_summary
+from elbolab.training import epoch_line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def check():
+    spec = importlib.util.spec_from_file_location("check_readme_demo", ROOT / "scripts" / "check_readme_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def block(check) -> str:
+    return check.readme_block((ROOT / "README.md").read_text())
+
+
+def test_readme_block_is_in_todays_format(check, block):
+    lines = block.splitlines()
+    cfg = RunConfig()
+    assert lines[0].split(" -> ")[0] == header(cfg, "binarized-mnist-embedded", Path("x")).split(" -> ")[0]
+    n = check.demo_numbers(block)
+    assert (n["n_test"], n["iwae_k"], n["k_importance"]) == (2000, cfg.objective.k, cfg.eval.k_importance)
+    # the report lines, printed again by today's format_summary from the block's own numbers
+    report = {"n_test": n["n_test"], "elbo": n["elbo"], "iwae_k": n["iwae_k"], f"iwae_{n['iwae_k']}": n["iwae"],
+              "log_likelihood": {"k": n["k_importance"], "mean": n["log_p"], "stderr": n["log_p_stderr"]},
+              "active_units": {"label": str(n["active_units"]), "threshold": cfg.eval.active_unit_threshold}}
+    start = next(i for i, line in enumerate(lines) if line.startswith("test points"))
+    assert lines[start:start + 5] == format_summary(report).splitlines()
+    # every epoch line shown, printed again by today's epoch_line
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert epochs and epochs[-1].startswith(f"epoch {cfg.train.epochs}/{cfg.train.epochs}:")
+    for line in epochs:
+        g = re.match(check.PATTERNS["last_epoch"], line).groups()
+        row = {"epoch": int(g[0]), "train_bound": float(g[2]), f"valid_iwae_{g[3]}": float(g[4]),
+               "seconds": float(g[5])}
+        if g[6] is not None:
+            row.update(active_units=int(g[6]), mutual_information=float(g[7]))
+        assert epoch_line(row, int(g[1]), int(g[3])) == line
+
+
+def test_the_comparison_passes_within_tolerance_and_names_each_miss(check, block):
+    readme = check.demo_numbers(block)
+    tol = check.tolerances(readme)
+    assert tol["log_p"] == pytest.approx(3 * readme["log_p_stderr"]) and tol["n_test"] == 0
+    assert check.compare(readme, dict(readme)) == []
+    near = {**readme, "log_p": readme["log_p"] + 0.9 * tol["log_p"], "active_units": readme["active_units"] - 3}
+    assert check.compare(readme, near) == []
+    far = {**readme, "elbo": readme["elbo"] - 1.1 * tol["elbo"], "active_units": readme["active_units"] + 9,
+           "n_test": 1999}
+    misses = check.compare(readme, far)
+    assert [m.split(":")[0] for m in misses] == ["n_test", "elbo", "active_units"]
+    with pytest.raises(ValueError, match="lacks"):
+        check.demo_numbers("test points 2000\n")
+
+
+def test_readme_numbers_match_a_fresh_run_of_the_demo(check, block):
+    """The demo trains now, as a newcomer runs it; every number README shows must come back within
+    its tolerance (scripts/check_readme_demo.py: 3 standard errors of the test mean, 3 units)."""
+    fresh = check.demo_numbers(check.run_demo())
+    assert check.compare(check.demo_numbers(block), fresh) == []
