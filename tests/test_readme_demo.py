@@ -1,6 +1,6 @@
 """README's demo block is what today's code prints: its lines in today's format, its numbers
-against a fresh run of the demo (`elbolab train`, 80 epochs on the embedded data, about a minute
-on a quiet 2-core CPU), and scripts/check_readme_demo.py's comparison able to fail."""
+against a fresh run of the demo (`elbolab train`, 80 epochs on the embedded data),
+and scripts/check_readme_demo.py's comparison able to fail."""
 
 from __future__ import annotations
 
