@@ -261,30 +261,48 @@ class Trainer:
         self.step += 1
         if taken:
             return bound_sum
+        self.handle_fault(res, where, image_ids)
+        return None
+
+    def handle_fault(self, res: ObjectiveResult, where: str, image_ids: Tensor) -> None:
+        """A step with a non-finite loss or gradient was not taken: count it as skipped under
+        ``train.nonfinite``, or raise :class:`NonFiniteError` naming what went wrong."""
         msg = describe_fault(res.loss, res.terms, self.model, f"step {self.step} ({where})", image_ids)
         self.optimizer.zero_grad(set_to_none=True)
         t = self.cfg.train
         if t.nonfinite == "skip" and self.nonfinite_skips < t.max_nonfinite_skips:
             self.nonfinite_skips += 1
             log.warning("%s; step skipped (%d of %d allowed)", msg, self.nonfinite_skips, t.max_nonfinite_skips)
-            return None
+            return
         policy = ("train.nonfinite=stop" if t.nonfinite == "stop"
                   else f"{t.max_nonfinite_skips} skipped steps already (train.max_nonfinite_skips)")
         raise NonFiniteError(f"{msg}; stopped ({policy}); the last good checkpoint is kept")
 
     # --- the loop --------------------------------------------------------------
-    def train_epoch(self) -> dict[str, float]:
-        """Run the rest of the current epoch (all of it, unless resumed mid-epoch)."""
-        cfg = self.cfg
+    def begin_epoch(self) -> tuple[tuple[Tensor, ...], float]:
+        """The current epoch's batches of image indices (its permutation drawn when it starts)
+        and its learning rate, set on the optimizer."""
         if self.order is None:
             self.order = torch.randperm(len(self.batcher), generator=self.shuffle)
             self.next_batch, self.epoch_bound_sum, self.epoch_count = 0, 0.0, 0
         # one host-to-device copy of the permutation per epoch, none per step
-        batches = self.order.to(self.device).split(cfg.train.batch_size)
-        lr = learning_rate(cfg.train, self.epoch)
+        batches = self.order.to(self.device).split(self.cfg.train.batch_size)
+        lr = learning_rate(self.cfg.train, self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        return batches, lr
+
+    def epoch_summary(self, n_batches: int, lr: float) -> dict[str, float]:
+        """The epoch's metrics row so far: mean training bound, learning rate, last KL weight."""
+        mean = self.epoch_bound_sum / self.epoch_count if self.epoch_count else math.nan
+        beta = kl_weight(self.epoch + (n_batches - 1) / n_batches, self.cfg.objective.warmup_epochs)
+        return {"train_bound": mean, "lr": lr, "kl_weight": beta}
+
+    def train_epoch(self) -> dict[str, float]:
+        """Run the rest of the current epoch (all of it, unless resumed mid-epoch)."""
+        cfg = self.cfg
+        batches, lr = self.begin_epoch()
         bar = tqdm(range(self.next_batch, len(batches)), desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
                    leave=False, disable=not cfg.train.progress, unit="batch")
         for i in bar:
@@ -302,9 +320,7 @@ class Trainer:
                 self._raise_if_interrupted()
             if i % 10 == 0 and self.epoch_count:
                 bar.set_postfix(bound=f"{self.epoch_bound_sum / self.epoch_count:.2f}")
-        mean = self.epoch_bound_sum / self.epoch_count if self.epoch_count else math.nan
-        beta = kl_weight(self.epoch + (len(batches) - 1) / len(batches), cfg.objective.warmup_epochs)
-        return {"train_bound": mean, "lr": lr, "kl_weight": beta}
+        return self.epoch_summary(len(batches), lr)
 
     def _checkpoint_due(self) -> bool:
         t = self.cfg.train
@@ -348,7 +364,6 @@ class Trainer:
         """Train to the end; ``resume`` as in :meth:`prepare_run_dir` (None: automatic)."""
         self.prepare_run_dir(resume)
         cfg = self.cfg
-        metrics_path = self.run_dir / METRICS
         writer = self._tensorboard()
         self._last_checkpoint = time.monotonic()
         try:
@@ -357,32 +372,9 @@ class Trainer:
                     t0 = time.perf_counter()
                     row: dict[str, Any] = {"epoch": self.epoch + 1}
                     row.update(self.train_epoch())
-                    if cfg.train.eval_every and (self.epoch + 1) % cfg.train.eval_every == 0:
-                        row.update(self.validate())
-                    row["seconds"] = round(time.perf_counter() - t0, 3)
-                    self.epoch += 1
-                    self.order, self.next_batch = None, 0
-                    self._track_best(row)
-                    append_line(metrics_path, json.dumps(row))
-                    if writer is not None:
-                        for key, v in row.items():
-                            if key != "epoch":
-                                writer.add_scalar(key, v, self.epoch)
-                    log.info("epoch %d: %s", self.epoch,
-                             ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "epoch"))
-                    patience = cfg.train.early_stopping_patience
-                    if patience and self.epochs_since_best >= patience:
-                        log.info("early stopping: %d epochs without a better validation bound", patience)
-                        self.finished = True
-                    self.save_checkpoint()
-                    self._write_info("running")
+                    self.close_epoch(row, t0, writer)
                     self._raise_if_interrupted()
-                self.finished = True
-                save_weights(self.model, self.run_dir / "model.safetensors")
-                if not (self.run_dir / "best.safetensors").exists():
-                    save_weights(self.model, self.run_dir / "best.safetensors")
-                self.save_checkpoint()
-                self._write_info("finished")
+                self.finish()
         except KeyboardInterrupt:
             self._write_info_quietly("interrupted")
             raise
@@ -393,6 +385,38 @@ class Trainer:
             if writer is not None:
                 writer.close()
         return self.run_dir
+
+    def close_epoch(self, row: dict[str, Any], t0: float, writer: Any = None) -> None:
+        """After an epoch's last step: validate, log the metrics row, track the best weights and
+        early stopping, checkpoint. ``row`` holds the epoch number and the training metrics."""
+        cfg = self.cfg
+        if cfg.train.eval_every and (self.epoch + 1) % cfg.train.eval_every == 0:
+            row.update(self.validate())
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        self.epoch += 1
+        self.order, self.next_batch = None, 0
+        self._track_best(row)
+        append_line(self.run_dir / METRICS, json.dumps(row))
+        if writer is not None:
+            for key, v in row.items():
+                if key != "epoch":
+                    writer.add_scalar(key, v, self.epoch)
+        log.info("epoch %d: %s", self.epoch, ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "epoch"))
+        patience = cfg.train.early_stopping_patience
+        if patience and self.epochs_since_best >= patience:
+            log.info("early stopping: %d epochs without a better validation bound", patience)
+            self.finished = True
+        self.save_checkpoint()
+        self._write_info("running")
+
+    def finish(self) -> None:
+        """The run is done: final (and, without validation, best) weights, last checkpoint, status."""
+        self.finished = True
+        save_weights(self.model, self.run_dir / "model.safetensors")
+        if not (self.run_dir / "best.safetensors").exists():
+            save_weights(self.model, self.run_dir / "best.safetensors")
+        self.save_checkpoint()
+        self._write_info("finished")
 
     def _write_info_quietly(self, status: str, error: str | None = None) -> None:
         """Record how the run ended, unless the disk refuses that too (the real error wins)."""
