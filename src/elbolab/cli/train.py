@@ -13,6 +13,7 @@ from ..preflight import preflight
 from ..runs import CONFIG, REPORT, write_json
 from ..training import Trainer
 from .common import add_data_dir, add_device
+from .sweep import cmd_sweep, wants_sweep
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -36,6 +37,8 @@ def _default_out(cfg: RunConfig) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if wants_sweep(args):
+        return cmd_sweep(args)
     if args.resume:
         run_dir = Path(args.resume)
         if args.out and Path(args.out).resolve() != run_dir.resolve():
@@ -85,6 +88,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder to create, or an unfinished run of the same config to continue "
                    "(default: runs/<dataset>-<model>-<objective>-<time>)")
     add_device(p)
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (or sweep) from its last checkpoint")
+    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                   help="train one run per value (repeat for a grid); runs of one shape train as one stacked "
+                        "model, each in its own folder under --out")
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
     p.set_defaults(func=cmd_train)

@@ -263,12 +263,24 @@ TAIL_SENSITIVE: dict[Callable, Callable[..., _Rule]] = {
 }
 
 
-class RunwiseTails(TorchFunctionMode):
-    """Inside the block, :data:`TAIL_SENSITIVE` functions of ``[..., runs, B, D]`` tensors run run by run."""
+#: a run's block holding a multiple of this many bytes leaves no scalar tail in any kernel
+#: (two 64-byte vectors: AVX-512's width, twice AVX2's)
+TAIL_FREE_BYTES = 128
 
-    def __init__(self, runs: int) -> None:
+
+class RunwiseTails(TorchFunctionMode):
+    """Inside the block, :data:`TAIL_SENSITIVE` functions of ``[..., runs, B, D]`` tensors run run by run.
+
+    With ``record`` (a list), each such call also appends whether it needed to: whether a
+    run's block leaves a scalar tail (not a multiple of :data:`TAIL_FREE_BYTES`). A stack
+    whose calls never do can skip this mode and its per-call Python cost when one thread runs
+    every kernel (more threads split a kernel at points that depend on the whole tensor).
+    """
+
+    def __init__(self, runs: int, record: list[bool] | None = None) -> None:
         super().__init__()
         self.runs = runs
+        self.record = record
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -276,5 +288,7 @@ class RunwiseTails(TorchFunctionMode):
         if make is not None and self.runs > 1:
             x = args[0]
             if isinstance(x, Tensor) and x.dim() >= 3 and x.shape[-3] == self.runs:
+                if self.record is not None:
+                    self.record.append(x.numel() // self.runs * x.element_size() % TAIL_FREE_BYTES != 0)
                 return _Runwise.apply(x, make(*args, **kwargs))
         return func(*args, **kwargs)
