@@ -457,3 +457,25 @@ def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monk
     other = reproduce("iwae-table", budget="quick", only=ROWS[:1], results=tmp_path,
                       overrides={**TINY, "train.lr": 3e-4}, train=False)
     assert [e.status for e in other.entries] == ["not run"]
+
+
+def test_rows_of_one_shape_train_stacked_as_they_do_alone(tiny_data, tmp_path, monkeypatch) -> None:
+    """The k = 5 VAE and IWAE rows share a shape: one stacked training (no Trainer.fit), whose row
+    folders hold the bits the rows get trained one by one, and so the same table values."""
+    import pickle
+    from pathlib import Path
+
+    from elbolab.reproduce.rows import PackTask
+
+    fits = _count_fits(monkeypatch)
+    pair = ["mnist-1layer-vae-k5", "mnist-1layer-iwae-k5"]
+    stacked = reproduce("iwae-table", budget="quick", only=pair, results=tmp_path / "a", overrides=TINY)
+    assert len(fits) == 0 and sorted(stacked.trained) == sorted(pair)
+    alone = reproduce("iwae-table", budget="quick", only=pair, results=tmp_path / "b", overrides=TINY, stack=False)
+    assert len(fits) == 2
+    for a, b in zip(stacked.entries, alone.entries, strict=True):
+        assert a.cells["nll"].ours == b.cells["nll"].ours
+        assert (Path(a.row_dir) / "run" / "model.safetensors").read_bytes() == \
+            (Path(b.row_dir) / "run" / "model.safetensors").read_bytes()
+    task = RowTask(table="t", row_id="r", config={}, row_dir="", evaluation="likelihood", data_label="")
+    assert pickle.loads(pickle.dumps(PackTask((task, task)))).tasks[1] == task  # any executor can ship it

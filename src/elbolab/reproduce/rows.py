@@ -2,7 +2,9 @@
 
 A row lives in ``<table folder>/rows/<row id>-<config hash>/``: ``run/`` is an ordinary
 run folder, ``result.json`` is written last and atomically, so its presence means the
-row is finished. A killed row resumes from its run folder's checkpoint.
+row is finished. A killed row resumes from its run folder's checkpoint. Rows of one shape
+can train as one stacked model (:class:`PackTask`, elbolab.stacked) and are then evaluated
+one by one; each row's folder is the same as if it had trained alone.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..diagnostics.surgery import elbo_surgery
 from ..evaluation import log_likelihood
 from ..fastpaths import retain_freed_memory
 from ..runs import environment_info, load_run, read_json, read_metrics, write_json
+from ..stacked import StackedTrainer
 from ..training import Trainer
 
 RESULT_FILE = "result.json"
@@ -87,17 +90,27 @@ def _weights(cfg: RunConfig) -> str:
     return "best" if cfg.train.early_stopping_patience > 0 else "final"
 
 
-def _train(cfg: RunConfig, run_dir: Path, dataset):
-    """Train, resuming an interrupted run; returns the model to evaluate, in eval mode."""
+def _prepare(run_dir: Path) -> tuple[bool, bool]:
+    """(finished, resume) for a row's run folder; one killed before its first checkpoint is removed."""
     info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else None
     finished = info is not None and info.get("status") == "finished" and (run_dir / "model.safetensors").exists()
-    if not finished:
-        resume = info is not None and (run_dir / "checkpoint.pt").exists()
-        if info is not None and not resume:  # killed before its first checkpoint: start again
-            shutil.rmtree(run_dir)
-        Trainer(cfg, run_dir, dataset).fit(resume=resume)
+    resume = info is not None and (run_dir / "checkpoint.pt").exists()
+    if not finished and info is not None and not resume:  # killed before its first checkpoint: start again
+        shutil.rmtree(run_dir)
+    return finished, resume
+
+
+def _trained_model(cfg: RunConfig, run_dir: Path):
     device = str(resolve_device(cfg.train.device))
     return load_run(run_dir, device=device, weights=_weights(cfg)).model
+
+
+def _train(cfg: RunConfig, run_dir: Path, dataset):
+    """Train, resuming an interrupted run; returns the model to evaluate, in eval mode."""
+    finished, resume = _prepare(run_dir)
+    if not finished:
+        Trainer(cfg, run_dir, dataset).fit(resume=resume)
+    return _trained_model(cfg, run_dir)
 
 
 def run_row(task: RowTask) -> dict[str, Any]:
@@ -111,8 +124,14 @@ def run_row(task: RowTask) -> dict[str, Any]:
     row_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
+    model = _train(cfg, row_dir / "run", dataset)
+    return _evaluate_row(task, cfg, model, dataset, t0)
+
+
+def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> dict[str, Any]:
+    """Evaluate a trained row the paper's way and write its result.json."""
+    row_dir = Path(task.row_dir)
     run_dir = row_dir / "run"
-    model = _train(cfg, run_dir, dataset)
     device = next(model.parameters()).device
     t1 = time.perf_counter()
     with torch.no_grad():
@@ -134,5 +153,59 @@ def run_row(task: RowTask) -> dict[str, Any]:
         "hardware": hardware(),
         "config": task.config,
     }
-    write_json(result_path, result)
+    write_json(row_dir / RESULT_FILE, result)
     return {**result, "cached": False}
+
+
+@dataclass(frozen=True)
+class PackTask:
+    """Rows of one shape (elbolab.stacked.stack_key) trained as one stacked model, then evaluated
+    one by one. Plain picklable data, like a RowTask, for any executor."""
+
+    tasks: tuple[RowTask, ...]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The first row's config (executors read its device)."""
+        return self.tasks[0].config
+
+
+def run_pack(pack: PackTask) -> dict[str, Any]:
+    """Train the pack's unfinished rows stacked, evaluate each: ``{"rows": {row id: result or
+    {"error": message}}}``; a row that fails leaves the others' results intact."""
+    retain_freed_memory()
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    todo: list[tuple[RowTask, RunConfig]] = []
+    for task in pack.tasks:
+        path = Path(task.row_dir) / RESULT_FILE
+        if path.exists():
+            out[task.row_id] = {**read_json(path), "cached": True}
+        else:
+            Path(task.row_dir).mkdir(parents=True, exist_ok=True)
+            todo.append((task, RunConfig.from_dict(task.config)))
+    if not todo:
+        return {"rows": out}
+    d = todo[0][1].data
+    dataset = load(d.name, d.data_dir, validation=d.validation)
+    train_now = [(task, cfg) for task, cfg in todo if not _prepare(Path(task.row_dir) / "run")[0]]
+    status = {task.row_id: None for task, _ in todo}
+    if train_now:
+        outcomes = StackedTrainer([(cfg, Path(task.row_dir) / "run") for task, cfg in train_now], dataset).fit()
+        for (task, _), o in zip(train_now, outcomes, strict=True):
+            status[task.row_id] = o.error if o.status != "finished" else None
+    for task, cfg in todo:
+        if status[task.row_id] is not None:
+            out[task.row_id] = {"error": status[task.row_id]}
+            continue
+        try:
+            out[task.row_id] = _evaluate_row(task, cfg, _trained_model(cfg, Path(task.row_dir) / "run"), dataset, t0)
+        except Exception as e:  # noqa: BLE001 - one row's evaluation failing is that row's result
+            out[task.row_id] = {"error": f"{type(e).__name__}: {e}"}
+    return {"rows": out}
+
+
+def run_unit(unit: RowTask | PackTask) -> dict[str, Any]:
+    """What an executor runs: one row, or a pack of rows trained stacked."""
+    return run_pack(unit) if isinstance(unit, PackTask) else run_row(unit)
+
