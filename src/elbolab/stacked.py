@@ -44,7 +44,7 @@ from torch.optim.adam import adam as adam_update
 from .config import ConfigError, RunConfig
 from .data import ImageDataset, load
 from .distributions import noise_source
-from .fastpaths import retain_freed_memory
+from .fastpaths import add_float32_outputs, precision_context, retain_freed_memory
 from .files import fault_point
 from .models.base import LogWeightTerms
 from .models.stacked import RunwiseTails, run_noise, stack_models
@@ -202,6 +202,10 @@ class _Stack:
             self.model = first.trainer.model
             return
         self.model = stack_models([m.trainer.model for m in members])
+        self.precision = first.trainer.cfg.train.precision
+        self.device = first.trainer.device
+        if self.precision != "fp32":
+            add_float32_outputs(self.model)  # bf16 products, float32 results (fastpaths.with_precision)
         self.params = [p for _, p in self.model.named_parameters()]
         names = [n for n, _ in self.model.named_parameters()]
         self.member_params = [[dict(m.trainer.model.named_parameters())[n] for n in names] for m in members]
@@ -237,7 +241,7 @@ class _Stack:
         tails = self._tails.get(tuple(x.shape))
         record: list[bool] | None = [] if tails is None else None
         mode = RunwiseTails(self.runs, record) if tails in (None, True) else contextlib.nullcontext()
-        with noise_source(self.noise), mode:
+        with precision_context(self.precision, self.device), noise_source(self.noise), mode:
             terms = self.model.log_weight_terms(x, self.n_samples, stop_posterior_grad=self.detach)
         if record is not None:
             self._tails[tuple(x.shape)] = torch.get_num_threads() > 1 or any(record)
@@ -247,8 +251,9 @@ class _Stack:
             def collect(_: LogWeightTerms, scale: Tensor, i: int = i) -> None:
                 scales[i] = scale
 
-            results.append(estimate_from_terms(self.model, t, m.plan, m.estimator, betas[i], scale_samples=collect,
-                                               keep_graph=True))
+            with precision_context(self.precision, self.device):
+                results.append(estimate_from_terms(self.model, t, m.plan, m.estimator, betas[i],
+                                                   scale_samples=collect, keep_graph=True))
         if any(s is not None for s in scales):
             (z,) = terms.z.values()
             if z.requires_grad:

@@ -35,7 +35,7 @@ from .config import ConfigError, RunConfig
 from .data import Batcher, ImageDataset, evaluation_images, load
 from .devices import resolve_device
 from .evaluation import evaluate_bounds
-from .fastpaths import compile_objective, retain_freed_memory
+from .fastpaths import compile_objective, retain_freed_memory, with_precision
 from .files import OutputError, append_line, fault_point
 from .models import LatentVariableModel, build_model
 from .models.base import LogWeightTerms
@@ -155,7 +155,7 @@ class Trainer:
             raise ConfigError(f"model: cannot build {cfg.model.name!r} with this config: {e}") from None
         self.model: LatentVariableModel = model.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.train, self.device)
-        self.objective = make_objective(cfg.objective)
+        self.objective = with_precision(make_objective(cfg.objective), self.model, cfg.train.precision, self.device)
         if cfg.train.compile:
             self.objective = compile_objective(self.objective, self.device)
         self.shuffle = torch.Generator().manual_seed(cfg.train.seed + 7)

@@ -114,17 +114,24 @@ class _StackedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # as autocast runs addmm: every operand cast to its dtype
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
         ctx.save_for_backward(x, weight)
-        return _product("fwd", x, weight, bias, x.shape[2], weight.shape[1])
+        with torch.autocast(device, enabled=False):
+            return _product("fwd", x, weight, bias, x.shape[2], weight.shape[1])
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
         d_in, d_out = x.shape[2], weight.shape[1]
+        g = g.to(x.dtype)
         grad_x = _product("grad_in", g, weight, None, d_in, d_out) if ctx.needs_input_grad[0] else None
         grad_w = _product("grad_w", g, x, None, d_in, d_out) if ctx.needs_input_grad[1] else None
         grad_b = g.sum(1) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
+        return tuple(None if t is None else t.to(d) for t, d in zip((grad_x, grad_w, grad_b), ctx.dtypes, strict=True))
 
 
 class StackedLinear(nn.Linear):
