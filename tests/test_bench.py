@@ -125,3 +125,17 @@ def test_a_failing_peer_becomes_a_note_and_elbolab_is_still_timed(tmp_path, monk
 def test_bench_refuses_bad_timing_options_naming_them(flag, capsys) -> None:
     assert main(["bench", "--quick", "--no-pythae", *flag]) == 2
     assert flag[0] in capsys.readouterr().err
+
+
+def test_stacked_row_times_the_stack_against_runs_one_by_one_and_processes(tmp_path, monkeypatch) -> None:
+    import elbolab.speed
+
+    monkeypatch.setattr(elbolab.speed, "stacked_plan", lambda: [("stacked S=2: IWAE k=1, batch 20", 2, 20, 1)])
+    assert main(["bench", "--quick", "--no-pythae", "--only", "stacked", "--out", str(tmp_path), "--name", "t",
+                 "--threads", "1", "--clock", "cpu", "--seconds", "0.02", "--repeats", "1"]) == 0
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["library"] for r in rows] == ["2 runs one by one", "2 runs stacked", "2 processes"]
+    assert all(r["images_per_s"] > 0 and r["extra"]["runs"] == 2 for r in rows)
+    assert len(rows[2]["extra"]["per_process"]) == 2
+    one_by_one = rows[0]["extra"]["stacked_speedup"]
+    assert one_by_one == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])

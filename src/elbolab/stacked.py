@@ -33,7 +33,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +131,32 @@ class RunOutcome:
 
 
 @dataclass
-class _Member:
-    trainer: Trainer
-    #: the run's own random stream: the draws its steps take, as torch's global one would alone
-    generator: torch.Generator
+class StackRun:
+    """What one run brings to a stacked step: its model and optimizer (the stack steps them),
+    the objective it trains (the plain step's callable, and its bound plan and estimator),
+    and its own random stream, which draws the run's samples as torch's global one would alone."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: Any
     plan: BoundPlan
     estimator: str
+    generator: torch.Generator
+    precision: str = "fp32"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def of(cls, trainer: Trainer) -> StackRun:
+        """A trainer's run, its stream taken from torch's global one as it stands now."""
+        plan, estimator = objective_plan(trainer.cfg.objective)
+        return cls(trainer.model, trainer.optimizer, trainer.objective, plan, estimator,
+                   _take_generator(trainer.device), trainer.cfg.train.precision, trainer.device)
+
+
+@dataclass
+class _Member:
+    trainer: Trainer
+    run: StackRun
     #: the current epoch's batches (None between epochs), its learning rate and start time
     batches: tuple[Tensor, ...] | None = None
     lr: float = 0.0
@@ -144,6 +164,10 @@ class _Member:
     writer: Any = None
     status: str = "running"
     error: str | None = None
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.run.generator
 
     @property
     def position(self) -> tuple[int, int]:
@@ -189,38 +213,42 @@ def _split_runs(terms: LogWeightTerms, runs: int) -> list[LogWeightTerms]:
                            {k: v[i] for k, v in z.items()}) for i in range(runs)]
 
 
-class _Stack:
-    """The runs stepping together now: their stacked model and one training step for all."""
+class Stack:
+    """Runs stepping together: their stacked model and one training step for all.
 
-    def __init__(self, members: list[_Member]) -> None:
-        self.members = members
-        self.runs = len(members)
-        first = members[0]
+    The runs' models' parameters become views of the stack's (models.stacked.stack_models);
+    a stack of one steps its run with the plain step (training.take_step).
+    """
+
+    def __init__(self, runs: Sequence[StackRun]) -> None:
+        self.members = list(runs)
+        self.runs = len(self.members)
+        first = self.members[0]
         self.n_samples = first.plan.n_samples
         self.detach = detaches_posterior(first.estimator)
+        self.precision, self.device = first.precision, first.device
         if self.runs == 1:
-            self.model = first.trainer.model
+            self.model = first.model
             return
-        self.model = stack_models([m.trainer.model for m in members])
-        self.precision = first.trainer.cfg.train.precision
-        self.device = first.trainer.device
+        self.model = stack_models([r.model for r in self.members])
         if self.precision != "fp32":
             add_float32_outputs(self.model)  # bf16 products, float32 results (fastpaths.with_precision)
         self.params = [p for _, p in self.model.named_parameters()]
         names = [n for n, _ in self.model.named_parameters()]
-        self.member_params = [[dict(m.trainer.model.named_parameters())[n] for n in names] for m in members]
-        self.noise = run_noise([m.generator for m in members])
+        self.member_params = [[dict(r.model.named_parameters())[n] for n in names] for r in self.members]
+        self.noise = run_noise([r.generator for r in self.members])
         #: input shape -> whether elementwise tails need running run by run (models.stacked)
         self._tails: dict[tuple[int, ...], bool] = {}
 
     # --- one step ------------------------------------------------------------------
-    def step(self, x: Tensor, betas: list[float]) -> list[tuple[ObjectiveResult, float, bool]]:
-        """One optimizer step of every run on its batch ``x[i]``; per run: result, summed bound, taken."""
+    def step(self, x: Tensor, betas: Sequence[float]) -> list[tuple[ObjectiveResult, float, bool]]:
+        """One optimizer step of every run on its batch ``x[i]`` (``x``: [S, B, D]) at KL weight
+        ``betas[i]``; per run: its result, its summed bound and whether its step was taken."""
         if self.runs == 1:
-            m = self.members[0]
-            with noise_source(lambda shape, dtype, device: torch.randn(shape, generator=m.generator, dtype=dtype,
+            r = self.members[0]
+            with noise_source(lambda shape, dtype, device: torch.randn(shape, generator=r.generator, dtype=dtype,
                                                                        device=device)):
-                return [take_step(m.trainer.model, m.trainer.optimizer, m.trainer.objective, x[0], betas[0])]
+                return [take_step(r.model, r.optimizer, r.objective, x[0], betas[0])]
         results = self._losses(x, betas)
         for p in self.params:
             p.grad = None
@@ -230,13 +258,13 @@ class _Stack:
                 mp.grad = None if sp.grad is None else sp.grad[i]
         bound_sums, probes = self._readout(results)
         taken = [math.isfinite(probes[i]) or all_finite(results[i].loss, self._grads(i)) for i in range(self.runs)]
-        _step_optimizers([m.trainer.optimizer for m, t in zip(self.members, taken, strict=True) if t])
+        _step_optimizers([r.optimizer for r, t in zip(self.members, taken, strict=True) if t])
         return [(results[i], bound_sums[i], taken[i]) for i in range(self.runs)]
 
     def _grads(self, i: int) -> list[Tensor]:
         return [p.grad for p in self.member_params[i] if p.grad is not None]
 
-    def _losses(self, x: Tensor, betas: list[float]) -> list[ObjectiveResult]:
+    def _losses(self, x: Tensor, betas: Sequence[float]) -> list[ObjectiveResult]:
         """The stacked forward pass and each run's objective on its share of the terms."""
         tails = self._tails.get(tuple(x.shape))
         record: list[bool] | None = [] if tails is None else None
@@ -328,7 +356,7 @@ class StackedTrainer:
         self.members: list[_Member] = []
         self.outcomes: dict[Path, RunOutcome] = {}
         self._interrupt: str | None = None
-        self._stack: _Stack | None = None
+        self._stack: Stack | None = None
 
     # --- setting up -------------------------------------------------------------------
     def _add_member(self, cfg: RunConfig, run_dir: Path, resume: bool | None) -> None:
@@ -340,8 +368,7 @@ class StackedTrainer:
                 trainer.valid = m.trainer.valid
                 break
         trainer.prepare_run_dir(resume)  # a resumed run restores torch's stream from its checkpoint
-        plan, estimator = objective_plan(cfg.objective)
-        member = _Member(trainer, _take_generator(trainer.device), plan, estimator)
+        member = _Member(trainer, StackRun.of(trainer))
         member.writer = trainer._tensorboard()
         if trainer.epoch >= cfg.train.epochs or trainer.finished:
             self._finish(member)
@@ -404,8 +431,8 @@ class StackedTrainer:
 
     def _advance(self, active: list[_Member]) -> None:
         """One step of the runs at the lowest position, and the end of their epoch when it comes."""
-        if self._stack is None or [id(m) for m in self._stack.members] != [id(m) for m in active]:
-            self._stack = _Stack(active)
+        if self._stack is None or [id(r) for r in self._stack.members] != [id(m.run) for m in active]:
+            self._stack = Stack([m.run for m in active])
         for m in active:
             if m.batches is None:
                 m.batches, m.lr = m.trainer.begin_epoch()

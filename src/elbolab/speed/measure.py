@@ -99,6 +99,16 @@ def use_cpu_clock(enabled: bool) -> None:
     _clock = time.process_time if enabled else time.perf_counter
 
 
+def clock_name() -> str:
+    """Which clock timings read now: "cpu" or "wall"."""
+    return "cpu" if _clock is time.process_time else "wall"
+
+
+def now() -> float:
+    """The clock every timing reads, read now."""
+    return _clock()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
