@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.adam import adam as adam_update
+from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
 from .data import ImageDataset, load
@@ -111,7 +112,7 @@ def pack(configs: Sequence[RunConfig]) -> list[list[int]]:
 def check_stackable(configs: Sequence[RunConfig]) -> None:
     """A :class:`ConfigError` naming the first key on which a run differs from the first one."""
     first = stack_key(configs[0])
-    for i, cfg in enumerate(configs[1:], start=1):
+    for i, cfg in enumerate(configs):
         reason = stack_refusal(cfg)
         if reason:
             raise ConfigError(f"run {i}: cannot be stacked: {reason}")
@@ -357,6 +358,8 @@ class StackedTrainer:
         self.outcomes: dict[Path, RunOutcome] = {}
         self._interrupt: str | None = None
         self._stack: Stack | None = None
+        self._bar: Any = None
+        self._bar_key: tuple = ()
 
     # --- setting up -------------------------------------------------------------------
     def _add_member(self, cfg: RunConfig, run_dir: Path, resume: bool | None) -> None:
@@ -424,10 +427,25 @@ class StackedTrainer:
                     self._fail(m, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
             raise
         finally:
+            if self._bar is not None:
+                self._bar.close()
             for m in self.members:
                 if m.writer is not None:
                     m.writer.close()
         return [self.outcomes[run_dir] for _, run_dir in self.runs]
+
+    def _progress(self, active: list[_Member], i: int, n: int) -> None:
+        """One bar per epoch of the runs stepping, as ``Trainer.train_epoch`` shows one run's."""
+        t = active[0].trainer
+        key = (t.epoch, tuple(id(m) for m in active))
+        if self._bar is None or self._bar_key != key:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar_key = key
+            self._bar = tqdm(total=n, initial=i, leave=False, unit="batch",
+                             desc=f"epoch {t.epoch + 1}/{t.cfg.train.epochs}, {len(active)} runs stacked",
+                             disable=not any(m.trainer.cfg.train.progress for m in active))
+        self._bar.update(1)
 
     def _advance(self, active: list[_Member]) -> None:
         """One step of the runs at the lowest position, and the end of their epoch when it comes."""
@@ -439,6 +457,7 @@ class StackedTrainer:
                 m.t0 = time.perf_counter()
         i = active[0].trainer.next_batch
         n = len(active[0].batches)
+        self._progress(active, i, n)
         ids = [m.batches[i] for m in active]
         x = torch.stack([m.trainer.batcher.batch(idx) for m, idx in zip(active, ids, strict=True)])
         betas = [kl_weight(m.trainer.epoch + i / n, m.trainer.cfg.objective.warmup_epochs) for m in active]
