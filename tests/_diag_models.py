@@ -41,3 +41,19 @@ def data_from(model: LinearGaussian, n: int, seed: int = 0) -> Tensor:
     noise = torch.randn(n, model.data_dim, generator=g, dtype=torch.float64)
     with torch.no_grad():
         return model.decode_mean(z) + torch.exp(0.5 * model.log_noise_var) * noise
+
+
+def correlated_linear_gaussian() -> LinearGaussian:
+    """Columns of W strongly correlated: the posterior is far from diagonal."""
+    m = LinearGaussian(8, 3, noise_std=0.8, seed=1)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        m.W[:, 1] = m.W[:, 0] + 0.5 * torch.randn(8, generator=g, dtype=torch.float64)
+        m.W[:, 2] = -m.W[:, 0] + 0.5 * torch.randn(8, generator=g, dtype=torch.float64)
+    return m
+
+
+def simulated(m: LinearGaussian, n: int, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return m.sample_x_given_z(m.sample_z(n, g), g)

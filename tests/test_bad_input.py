@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -18,7 +19,7 @@ import elbolab.files as files
 import elbolab.training as training
 from elbolab import cli
 from elbolab.config import ConfigError, RunConfig, load_config
-from elbolab.runs import RunError, load_checkpoint, load_run
+from elbolab.runs import DIGEST, RunError, content_digest, load_checkpoint, load_run
 
 TINY = ["model.hidden=[8]", "model.latent_dim=2", "train.epochs=2", "train.batch_size=1000",
         "train.progress=false", "train.checkpoint_minutes=0", "train.threads=1"]
@@ -35,6 +36,12 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 
 def snapshot(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def save_signed(state: dict, path: Path) -> None:
+    """Write a checkpoint whose recorded checksum matches its contents, as elbolab would write it."""
+    state = {k: v for k, v in state.items() if k != DIGEST}
+    torch.save({**state, DIGEST: content_digest(state)}, path)
 
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
@@ -187,7 +194,7 @@ def test_truncated_checkpoint_is_refused_on_resume(unfinished, capsys):
 def test_checkpoint_of_another_architecture_is_refused_on_resume(unfinished, capsys):
     ckpt = torch.load(unfinished / "checkpoint.pt", weights_only=True)
     ckpt["model"]["encoder.0.weight"] = torch.zeros(9, 784)  # a 9-unit layer where the config says 8
-    torch.save(ckpt, unfinished / "checkpoint.pt")
+    save_signed(ckpt, unfinished / "checkpoint.pt")
     before = snapshot(unfinished)
     code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished)], capsys)
     assert code == 2 and "checkpoint.pt: does not fit the configured model" in err and err.count("\n") == 1
@@ -218,7 +225,7 @@ def test_a_checkpoint_from_a_gpu_resumes_on_the_cpu(unfinished, capsys, caplog, 
         state["rng"]["batcher_device"] = "cuda"
     else:
         state["rng"].pop("batcher_device", None)
-    torch.save(state, path)
+    save_signed(state, path)
     code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished)], capsys)
     assert code == 0, err
     warned = [r.getMessage() for r in caplog.records if "binarization stream cannot continue on cpu" in r.getMessage()]
@@ -335,3 +342,278 @@ def test_read_only_folder_changes_nothing(unfinished, monkeypatch, capsys):
 def test_config_error_is_raised_by_from_dict_too():
     with pytest.raises(ConfigError, match=r"train\.batchsize: unknown key \(did you mean 'batch_size'\?\)"):
         RunConfig.from_dict({"train": {"batchsize": 10}})
+
+
+# --- creating the run folder on a full disk -------------------------------------------------
+
+@pytest.mark.parametrize("name", ["config.yaml", "environment.json", "run.json"])
+def test_full_disk_while_the_run_folder_is_created_leaves_nothing(tmp_path, monkeypatch, capsys, name):
+    """ENOSPC at any write of the folder's creation: one line, no folder and nothing beside it;
+    the same command then runs once the disk has room."""
+    out = tmp_path / "run"
+    real_fsync = files.os.fsync
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):  # its temp file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    code, err = run_cli(train_args(out), capsys)
+    assert code == 2 and "No space left on device (ENOSPC)" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    code, err = run_cli(train_args(out), capsys)
+    assert code == 0, err
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_folder_left_by_an_older_elbolab_killed_while_creating_it_is_started_afresh(tmp_path, capsys):
+    """Older versions wrote config.yaml and environment.json in place before run.json: a kill
+    between left a folder neither a new run nor --resume would take."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("partial")
+    (out / "environment.json").write_text("{}")
+    code, err = run_cli(train_args(out), capsys)
+    assert code == 0, err
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+# --- corrupted state is detected ------------------------------------------------------------
+
+def flip_bit_in_tensor(path: Path, t: torch.Tensor, bit: int = 30) -> None:
+    """Flip one bit of the first element of tensor ``t`` where its bytes sit in the file
+    (bit 30 of a float32: the top of the exponent, so the value becomes ~1e38)."""
+    data = bytearray(path.read_bytes())
+    raw = t.detach().contiguous().reshape(-1).numpy().tobytes()
+    at = data.find(raw[:64])
+    assert at >= 0, "tensor bytes not found in the file"
+    data[at + bit // 8] ^= 1 << (bit % 8)
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_the_checkpoint_is_refused_on_resume(unfinished, capsys):
+    ckpt = unfinished / "checkpoint.pt"
+    flip_bit_in_tensor(ckpt, load_checkpoint(ckpt)["model"]["encoder.0.weight"])
+    before = snapshot(unfinished)
+    code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished)], capsys)
+    assert code == 2 and f"{ckpt}: checksum mismatch" in err and err.count("\n") == 1, err
+    assert snapshot(unfinished) == before
+
+
+def test_a_flipped_bit_in_the_weights_is_refused(finished, capsys):
+    from safetensors.torch import load_file
+
+    weights = finished / "model.safetensors"
+    flip_bit_in_tensor(weights, load_file(str(weights))["encoder.0.weight"])
+    code, err = run_cli(["evaluate", str(finished)], capsys)
+    assert code == 2 and f"{weights}: checksum mismatch" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.float16])
+def test_weights_of_another_dtype_are_refused_not_cast(finished, capsys, dtype):
+    from safetensors.torch import load_file, save_file
+
+    weights = finished / "model.safetensors"
+    state = load_file(str(weights))
+    state["encoder.0.weight"] = state["encoder.0.weight"].to(dtype)
+    save_file(state, str(weights))  # no checksum: as a file from before checksums would be
+    code, err = run_cli(["evaluate", str(finished)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{weights}: encoder.0.weight is {dtype}, the model holds torch.float32" in err
+
+
+def test_non_finite_weights_are_refused_and_json_output_is_always_json(finished, capsys, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    import elbolab.cli.evaluate as evaluate_cli
+
+    weights = finished / "model.safetensors"
+    good = weights.read_bytes()
+    state = load_file(str(weights))
+    state["encoder.0.bias"][0] = math.nan
+    save_file(state, str(weights))
+    code, err = run_cli(["evaluate", str(finished), "--json"], capsys)
+    assert code == 2 and "encoder.0.bias holds inf/NaN" in err and err.count("\n") == 1, err
+    # a bound that overflows on finite weights: printed as null (valid JSON), named, exit code 3
+    weights.write_bytes(good)
+    real = evaluate_cli.summarize
+
+    def overflowing(*a, **k):
+        return {**real(*a, **k), "elbo": -math.inf, "iwae_2": math.nan}
+
+    monkeypatch.setattr(evaluate_cli, "summarize", overflowing)
+    code = cli.main(["evaluate", str(finished), "--json", "--k", "10"])
+    out, err = capsys.readouterr()
+    doc = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} printed"))
+    assert doc["elbo"] is None and doc["iwae_2"] is None and doc["log_likelihood"]["mean"] < 0
+    assert code == cli.EXIT_NUMERICAL and "elbo, iwae_2 are not finite (printed as null)" in err
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("epoch", None, "checkpoint field 'epoch' missing"),
+    ("epoch", "3", "checkpoint field 'epoch' is str '3', expected int"),
+    ("step", -1, "checkpoint field 'step' is -1, expected >= 0"),
+    ("finished", 1, "checkpoint field 'finished' is int '1', expected bool"),
+    ("rng", None, "checkpoint field 'rng' missing"),
+    ("rng", {"torch": "x"}, "checkpoint field 'rng' is damaged"),
+    ("optimizer", [], "checkpoint field 'optimizer' is list '[]', expected dict"),
+    ("model", {"encoder.0.weight": 1.0}, "weights are not a mapping of names to tensors"),
+    ("position", {"order": torch.arange(5), "next_batch": 0}, "its epoch permutation covers 5 images"),
+    ("position", {"order": torch.zeros(10_000, dtype=torch.int64), "next_batch": 0},
+     "'position.order' is not a permutation"),
+    ("position", {"order": None, "next_batch": 99}, "'position.next_batch' is 99, past the epoch's end"),
+])
+def test_crafted_checkpoint_fields_are_named(unfinished, capsys, field, value, expected):
+    """A checkpoint with a valid checksum (as a crafted one would carry) but missing or mistyped
+    fields: refused in one line naming the field, the folder untouched."""
+    path = unfinished / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    if value is None:
+        del state[field]
+    else:
+        state[field] = value
+    save_signed(state, path)
+    before = snapshot(unfinished)
+    code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished)], capsys)
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert snapshot(unfinished) == before
+
+
+# --- metrics rows are never lost --------------------------------------------------------------
+
+def test_an_unreadable_metrics_line_is_kept_aside_not_dropped_with_the_rows_after_it(unfinished, capsys, caplog):
+    metrics = unfinished / "metrics.jsonl"
+    row1 = metrics.read_text()
+    assert [json.loads(x)["epoch"] for x in row1.splitlines()] == [1]
+    metrics.write_text('{"epoch": 0, "garbled\n' + row1 + '{"epoch": 2, "train_b')  # bad line, row, torn last line
+    code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished)], capsys)
+    assert code == 0, err
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0] == json.loads(row1)
+    assert (unfinished / "metrics.jsonl.bad-lines").read_text() == '1\t{"epoch": 0, "garbled\n'
+    assert "1 line(s) are not metrics rows (line 1); moved to" in caplog.text
+
+
+def test_binary_metrics_are_kept_aside_and_a_metrics_folder_is_one_line(unfinished, finished, capsys):
+    (unfinished / "metrics.jsonl").write_bytes(b"\x00\xff\xfe binary\n\x89PNG\r\n")
+    code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished)], capsys)
+    assert code == 0, err
+    assert len((unfinished / "metrics.jsonl.bad-lines").read_text().splitlines()) == 2
+    (finished / "metrics.jsonl").unlink()
+    (finished / "metrics.jsonl").mkdir()
+    code, err = run_cli(["evaluate", str(finished)], capsys)
+    assert code == 2 and "metrics.jsonl: is a folder" in err and err.count("\n") == 1, err
+
+
+# --- files that are not what they should be: one line, exit 2 -----------------------------------
+
+def test_binary_config_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_bytes(os.urandom(64) + b"\x00\xff")
+    code, err = run_cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "c.yaml: not a text file" in err and err.count("\n") == 1, err
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("train:\n  epochs: 3\nmodel:\n  latent_dim: 2\ntrain:\n  lr: 0.01\n")
+    code, err = run_cli(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "key 'train' appears twice (lines 1 and 5)" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name", ["run.json", "report.json"])
+def test_run_files_holding_a_json_list_are_one_line(finished, unfinished, capsys, name):
+    for run in (finished, unfinished):
+        (run / name).write_text("[]")
+    code, err = run_cli(["evaluate", str(finished)], capsys)
+    assert code == 2 and f"{name}: holds a JSON list" in err and err.count("\n") == 1, err
+    if name == "run.json":
+        code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished)], capsys)
+        assert code == 2 and "run.json: holds a JSON list" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["evaluate", "{run}", "--k", "-5"], "--k: must be >= 1, got -5"),
+    (["evaluate", "{run}", "--k", "0"], "--k: must be >= 1, got 0"),
+    (["snr", "{run}", "--draws", "0"], "--draws: must be >= 2"),
+    (["snr", "{run}", "--draws", "1"], "--draws: must be >= 2"),
+    (["snr", "{run}", "--batch", "0"], "--batch: must be >= 1, got 0"),
+    (["diagnose", "{run}", "--points", "-3"], "--points: must be >= 1, got -3"),
+    (["diagnose", "{run}", "--points", "0"], "--points: must be >= 1, got 0"),
+])
+def test_counts_below_one_are_refused_not_reinterpreted(finished, capsys, argv, expected):
+    code, err = run_cli([a.replace("{run}", str(finished)) for a in argv], capsys)
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+
+
+def test_diagnose_into_a_read_only_folder_or_a_file_is_one_line(finished, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("mine")
+    code, err = run_cli(["diagnose", str(finished), "--out", str(tmp_path / "a-file"), "--k", "5"], capsys)
+    assert code == 2 and "a-file: the report folder (--out) is a file" in err and err.count("\n") == 1, err
+    assert (tmp_path / "a-file").read_text() == "mine"
+    # tests run as root, where chmod does not stop writes: refuse file creation instead
+    monkeypatch.setattr(files.tempfile, "mkstemp", _raise(errno.EROFS))
+    code, err = run_cli(["diagnose", str(finished), "--k", "5"], capsys)
+    assert code == 2 and f"cannot write in {finished}: Read-only file system" in err and err.count("\n") == 1, err
+    assert "choose another report folder (--out)" in err
+
+
+def test_a_figure_that_cannot_be_written_is_one_line(finished, tmp_path, monkeypatch, capsys):
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _raise(errno.ENOSPC))
+    code, err = run_cli(["diagnose", str(finished), "--k", "5", "--points", "20", "--out", str(tmp_path / "d")],
+                        capsys)
+    assert code == 2 and "cannot write" in err and "diag-bound-vs-k.png" in err and err.count("\n") == 1, err
+
+
+# --- resuming: what may change, what may not -------------------------------------------------------
+
+def test_config_yaml_edited_between_kill_and_resume_is_refused(unfinished, capsys):
+    path = unfinished / "config.yaml"
+    path.write_text(path.read_text().replace("lr: 0.001", "lr: 0.01"))
+    before = snapshot(unfinished)
+    code, err = run_cli(["train", "--no-eval", "--resume", str(unfinished)], capsys)
+    assert code == 2 and "config.yaml: edited after the run started (train.lr: 0.001 -> 0.01" in err, err
+    assert err.count("\n") == 1 and snapshot(unfinished) == before
+
+
+def test_resume_accepts_overrides_that_leave_the_result_unchanged(unfinished, capsys):
+    code, err = run_cli(["train", "--resume", str(unfinished), "--set", "train.lr=0.002",
+                         "--set", "model.latent_dim=3"], capsys)
+    assert code == 2 and "would change what the run trains (model.latent_dim: 2 -> 3; train.lr: 0.001 -> 0.002)" in err
+    code, err = run_cli(["train", "--resume", str(unfinished), "--set", "eval.seed=5"], capsys)
+    assert code == 2 and "eval.seed: 1 -> 5" in err
+    code, err = run_cli(["train", "--resume", str(unfinished), "--set", "train.progress=false", "--set",
+                         "eval.k_importance=7", "--set", "train.compile=false", "--data-dir", str(unfinished)], capsys)
+    assert code == 0, err
+    report = json.loads((unfinished / "report.json").read_text())
+    assert report["log_likelihood"]["k"] == 7  # the evaluation setting given on resume was used
+    assert json.loads((unfinished / "run.json").read_text())["config"]["eval"]["k_importance"] == 7
+
+
+def test_ctrl_c_in_the_final_evaluation_then_resume_writes_the_report(tmp_path, monkeypatch, capsys):
+    import elbolab.cli.train as train_cli
+
+    out = tmp_path / "run"
+    real, calls = train_cli.summarize, {"n": 0}
+
+    def interrupted_once(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_cli, "summarize", interrupted_once)
+    argv = [a for a in train_args(out, "eval.k_importance=10") if a != "--no-eval"]
+    code, err = run_cli(argv, capsys)
+    assert code == 130 and "interrupted" in err
+    assert json.loads((out / "run.json").read_text())["status"] == "finished" and not (out / "report.json").exists()
+    weights = (out / "model.safetensors").read_bytes()
+    code, err = run_cli(["train", "--resume", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["n_test"] == 2000
+    assert (out / "model.safetensors").read_bytes() == weights  # evaluated, not trained again
+    code, err = run_cli(["train", "--resume", str(out)], capsys)
+    assert code == 2 and "already holds a finished and evaluated run" in err

@@ -78,5 +78,39 @@ def test_evaluation_chunk_follows_the_device_and_keeps_reproduction_keys() -> No
     cfg = RunConfig()
     # a GPU-only evaluation setting does not move cached reproduction rows (like train.device)
     assert config_key(cfg) == config_key(cfg.with_overrides({"eval.gpu_chunk_size": 10}))
-    with pytest.raises(ConfigError, match="eval.gpu_chunk_size: must be >= 1"):
+    with pytest.raises(ConfigError, match="eval.gpu_chunk_size: must be between 1 and"):
         cfg.with_overrides({"eval.gpu_chunk_size": 0})
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("objective.k", 10**7, "objective.k: must be between 1 and 1,000,000, got 10,000,000"),
+    ("train.batch_size", 10**8, "train.batch_size: must be between 1 and 10,000,000"),
+    ("train.threads", 100_000, "train.threads: must be between 0 and 4,096, got 100,000"),
+    ("train.seed", 10**29, "train.seed: must be between 0 and 9,223,372,036,854,775,807"),
+    ("train.seed", 2**63, "train.seed: must be between 0 and 9,223,372,036,854,775,807"),
+    ("train.seed", -1, "train.seed: must be between 0"),
+    ("eval.seed", 2**64, "eval.seed: must be between 0"),
+    ("data.binarization_seed", 2**70, "data.binarization_seed: must be between 0"),
+    ("model.prior.data_seed", -5, "model.prior.data_seed: must be between 0"),
+    ("model.hidden", [200, 10**7], "model.hidden: sizes must be between 1 and 1,000,000"),
+    ("model.latent_dim", 10**7, "model.latent_dim: must be between 1 and 1,000,000"),
+    ("model.prior.components", 10**7, "model.prior.components: must be between 1 and 1,000,000"),
+    ("train.epochs", 10**9, "train.epochs: must be between 1 and 100,000,000"),
+    ("eval.bound_ks", [1, 10**8], "eval.bound_ks: must be k values between 1 and 10,000,000"),
+    ("eval.active_unit_threshold", float("inf"), "eval.active_unit_threshold: must be a finite number > 0"),
+])
+def test_absurd_values_are_refused_naming_the_key(key, value, expected):
+    with pytest.raises(ConfigError) as err:
+        RunConfig().with_overrides({key: value})
+    assert expected in str(err.value)
+
+
+def test_the_largest_seed_is_accepted_and_usable():
+    cfg = RunConfig().with_overrides({"train.seed": 2**63 - 1, "eval.seed": 2**63 - 1})
+    import torch
+
+    torch.Generator().manual_seed(cfg.train.seed + 7)  # the shuffler's seed, as the trainer derives it
+    m = RunConfig().with_overrides({"objective.name": "miwae", "objective.m": 1000, "objective.k": 1000})
+    assert m.objective.m * m.objective.k == 10**6
+    with pytest.raises(ConfigError, match=r"objective\.m x objective\.k: must be between 1 and 1,000,000"):
+        m.with_overrides({"objective.k": 1001})

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from elbolab import cli
 from elbolab.files import TEST_STOP_ENV
 from elbolab.runs import load_checkpoint
 
@@ -147,3 +148,81 @@ def test_sigkill_of_a_stacked_sweep_then_resume_equals_each_run_alone(tmp_path, 
     finish(elbolab_train("--resume", str(sweep)))
     assert outcome(sweep / "seed=0") == reference
     assert outcome(sweep / "seed=1") == reference_seed1
+
+
+# --- creating the run folder, one owner per run ------------------------------------------
+
+#: one epoch of 10 steps of a tiny model on the embedded data: seconds, not minutes
+TINY = ["model.hidden=[8]", "model.latent_dim=2", "train.epochs=1", "train.batch_size=1000", "train.threads=1",
+        "train.progress=false", "train.checkpoint_minutes=0", "train.checkpoint_steps=3"]
+
+
+def tiny_args(out: Path) -> list[str]:
+    return ["--out", str(out), *(a for s in TINY for a in ("--set", s))]
+
+
+def in_process(*argv: str) -> int:
+    """The CLI in this process (cheaper than a new one where the test needs no second process)."""
+    threads = torch.get_num_threads()
+    try:
+        return cli.main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_nothing_or_resumable(run: Path) -> None:
+    """What a kill may leave: no run folder, or one whose run.json says what to continue."""
+    if run.exists():
+        info = json.loads((run / "run.json").read_text())
+        assert info["status"] == "running" and (run / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("point", ["write:config.yaml#1", "write:environment.json#1", "write:run.json#1",
+                                   "create:rename#1"])
+def test_kill_while_the_run_folder_is_created_then_the_same_command_runs(tmp_path, point):
+    run = tmp_path / "run"
+    proc = elbolab_train(*tiny_args(run), stop_at=point)
+    try:
+        wait_until_frozen(proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert_nothing_or_resumable(run)
+    assert in_process("train", "--no-eval", *tiny_args(run)) == 0  # the very same command
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "a half-built folder was left beside the run"
+
+
+def test_one_owner_per_run_and_a_killed_owner_never_blocks(tmp_path):
+    """A second process on a run that one is training is refused in one line (fresh start with the
+    same --out, or --resume); once the owner is SIGKILLed, --resume takes the run over at once."""
+    run = tmp_path / "run"
+    owner = elbolab_train(*tiny_args(run), stop_at="step#4")  # holds the run, frozen mid-epoch
+    try:
+        wait_until_frozen(owner)
+        err = finish(elbolab_train(*tiny_args(run)), expect=2)  # a second process, same command
+        assert "in use by another elbolab process" in err and err.count("\n") == 1, err
+        assert in_process("train", "--no-eval", "--resume", str(run)) == 2  # any other owner, this one too
+        assert load_checkpoint(run / "checkpoint.pt")["step"] == 3  # untouched by the refused ones
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    assert in_process("train", "--no-eval", "--resume", str(run)) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]  # trained once, not once per process
+
+
+def test_default_run_folders_are_unique_for_runs_started_in_the_same_second(tmp_path):
+    """Three `elbolab train &` with no --out, their clock frozen at the same second: three folders."""
+    code = ("import sys, time; time.strftime = lambda *a: '20250101-000000'; from elbolab.cli import main; "
+            f"sys.exit(main(['train', '--no-eval', *{[a for s in TINY for a in ('--set', s)]!r}]))")
+    env = {k: v for k, v in os.environ.items() if k != TEST_STOP_ENV}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        finish(p)
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 3 and all("20250101-000000" in r.name for r in runs)
+    for r in runs:
+        assert json.loads((r / "run.json").read_text())["status"] == "finished"
+        assert len((r / "metrics.jsonl").read_text().splitlines()) == 1

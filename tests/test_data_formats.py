@@ -225,3 +225,76 @@ def test_cache_rebuilds_when_damaged_or_stale(tmp_path: Path, monkeypatch: pytes
     cache_mod.cached_arrays("e", "k2", build)  # stale: built from other sources
     assert len(calls) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "e.npz"]
+
+
+# --- files that are not what they claim: one line naming the file, never a traceback -----------
+
+
+def test_empty_mat_and_a_zip_named_mat_are_data_errors(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    with pytest.raises(DataError, match=r"x\.mat: empty file"):
+        parse_mat(b"", tmp_path / "x.mat")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("data", "not a matrix")
+    with pytest.raises(DataError, match=r"x\.mat: not a readable MATLAB v5 \.mat file"):
+        parse_mat(buf.getvalue(), tmp_path / "x.mat")
+
+
+def test_huge_sparse_idx_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """A 100 GB (sparse) file where MNIST's training images belong: its IDX header fixes the size,
+    so it is refused from its length alone instead of being read into memory."""
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    path.parent.mkdir()
+    with path.open("wb") as f:
+        f.write(idx_bytes(2051, (60_000, 28, 28), b""))
+        f.truncate(100 * 10**9)
+    with pytest.raises(DataError, match=r"100,000,000,000 bytes, its format allows at most 47,040,016"):
+        load("mnist", tmp_path)
+
+
+def test_gzip_decompressing_past_the_format_size_is_refused(tmp_path: Path) -> None:
+    content = idx_bytes(2051, (60_000, 28, 28), bytes(60_000 * 784 + 10_000))
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    path.parent.mkdir()
+    path.write_bytes(gzip.compress(content))
+    with pytest.raises(DataError, match="decompresses to more than the 47,040,016 bytes"):
+        load("mnist", tmp_path)
+    assert sources.decompress(path, gzip.compress(b"ab") + gzip.compress(b"c"), limit=3) == b"abc"  # two members
+
+
+@pytest.mark.parametrize("kind", ["folder", "symlink loop"])
+def test_a_data_path_that_is_not_a_file_says_what_it_is(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "freyfaces" / "freyfaces.pkl"
+    path.parent.mkdir()
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(path)
+    want = "is a folder, not a file" if kind == "folder" else "a symlink loop"
+    with pytest.raises(DataError, match=want) as err:
+        load("freyfaces", tmp_path)
+    assert "file not found" not in str(err.value) and str(path) in str(err.value)
+    with pytest.raises(DataError, match=want):
+        read_bytes(path)
+
+
+@pytest.mark.parametrize("manifest", [b"[]", b"\xff\xfe\x00garbage", None])
+def test_a_damaged_cache_manifest_rebuilds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, manifest) -> None:
+    monkeypatch.setenv(cache_mod.CACHE_ENV_VAR, str(tmp_path))
+    calls = []
+
+    def build() -> dict[str, np.ndarray]:
+        calls.append(1)
+        return {"x": np.arange(5, dtype=np.uint8)}
+
+    cache_mod.cached_arrays("e", "k1", build)
+    if manifest is None:  # a folder where the manifest belongs: rebuilt, and the cache left unwritten
+        (tmp_path / "e.json").unlink()
+        (tmp_path / "e.json").mkdir()
+    else:
+        (tmp_path / "e.json").write_bytes(manifest)
+    np.testing.assert_array_equal(cache_mod.cached_arrays("e", "k1", build)["x"], np.arange(5))
+    assert len(calls) == 2

@@ -245,3 +245,44 @@ def test_cli_data_list(shared_data: Path, capsys: pytest.CaptureFixture) -> None
     assert out.count("verified ") == 4 + 4 + 3 + 2 + 1 + 1
     assert main(["data", "--data-dir", str(shared_data), "download", "nope"]) == 2
     assert "unknown dataset 'nope'" in capsys.readouterr().err
+
+
+def _documented_aliases() -> dict[str, str]:
+    """alias -> name, as docs/data.md's dataset table writes them: `name` (alias `short`)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    return {alias: name for name, alias in re.findall(r"\| `([\w-]+)` \(alias `([\w-]+)`\)", text)}
+
+
+def test_every_documented_alias_passes_preflight_loads_and_trains(shared_data: Path, loaded, tmp_path) -> None:
+    """`data.name=omniglot` (frey, caltech): config validation, preflight, the trainer's own load and
+    one epoch of a tiny model, under the name the docs give."""
+    from elbolab.config import RunConfig
+    from elbolab.preflight import preflight
+    from elbolab.training import Trainer
+
+    aliases = _documented_aliases()
+    assert aliases == {"omniglot": "omniglot-28-elbolab", "caltech": "caltech101-silhouettes", "frey": "freyfaces"}
+    assert aliases == DATASETS.aliases
+    for alias, name in aliases.items():
+        loaded(name)  # decoded (and OMNIGLOT built into the test cache) once per session
+        cfg = RunConfig().with_overrides({"data.name": alias, "data.data_dir": str(shared_data), "model.hidden": [8],
+                                          "model.latent_dim": 2, "train.epochs": 1, "train.batch_size": 1000,
+                                          "train.progress": False, "train.threads": 1, "eval.k_importance": 2})
+        assert cfg.data.name == alias
+        preflight(cfg)
+        trainer = Trainer(cfg, tmp_path / alias)
+        assert trainer.dataset.name == name
+        trainer.fit()
+        assert len((tmp_path / alias / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_omniglot_never_points_to_the_chardata_file(tmp_path: Path) -> None:
+    from elbolab.config import ConfigError, RunConfig
+
+    with pytest.raises(DataError) as err:
+        load("omniglot", tmp_path)
+    assert "omniglot-28-elbolab" in str(err.value) and "chardata" not in str(err.value)
+    with pytest.raises(ConfigError, match="did you mean 'omniglot'"):
+        RunConfig().with_overrides({"data.name": "omniglott"})

@@ -10,10 +10,17 @@ import torch
 from _diag_models import data_from
 from scipy import integrate, stats
 
-from elbolab.diagnostics.surgery import SurgeryError, aggregate_log_density, elbo_surgery, mutual_information_terms
+from elbolab.diagnostics.surgery import (
+    ANALYTIC_KL,
+    SurgeryError,
+    aggregate_log_density,
+    elbo_surgery,
+    mutual_information_terms,
+)
 from elbolab.distributions import log_normal_diag
 from elbolab.models.linear_gaussian import LinearGaussian
-from elbolab.priors import StandardNormal
+from elbolab.models.one_layer import OneLayerVAE
+from elbolab.priors import MixtureOfGaussians, StandardNormal
 
 
 def test_aggregate_log_density_matches_the_broadcast_formula_in_any_chunking():
@@ -96,9 +103,45 @@ def test_surgery_uses_monte_carlo_kl_when_the_prior_has_no_closed_form():
     mc = elbo_surgery(model, x, samples=20, seed=1)
     assert exact.average_kl_analytic and not mc.average_kl_analytic
     assert abs(mc.average_kl - exact.average_kl) < 4 * mc.average_kl_stderr
-    # with the KL from the same draws, MI + marginal KL reproduces it to rounding
+    # with the KL from the same draws, MI + marginal KL reproduces it to rounding: no check
     assert mc.identity_error == pytest.approx(0.0, abs=1e-9)
+    assert exact.identity_is_check and not mc.identity_is_check
     assert mc.mutual_information == pytest.approx(exact.mutual_information, abs=1e-12)
+
+
+def test_with_a_mixture_prior_the_identity_is_reported_as_no_check():
+    torch.manual_seed(0)
+    model = OneLayerVAE(6, 2, [8], "tanh", "bernoulli", MixtureOfGaussians(2, 3))
+    x = (torch.rand(40, 6, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    s = elbo_surgery(model, x, samples=5, seed=0)
+    assert not s.average_kl_analytic and not s.identity_is_check
+    assert s.mutual_information > 0.01 and s.marginal_kl > 0.01
+    # zero by construction (float32 terms against float64 ones), whatever the estimator's error
+    assert s.identity_error == pytest.approx(0.0, abs=1e-5)
+    d = s.to_dict()
+    assert d["identity_is_check"] is False and d["identity_error"] is None and d["identity_stderr"] is None
+    table = s.table()
+    assert "no check, 0 by construction" in table and "check: average KL" not in table
+
+
+class _WrongKL(StandardNormal):
+    """A standard normal prior whose registered closed-form KL is 0.5 nats too high."""
+
+
+def test_with_an_analytic_kl_the_identity_is_an_independent_check(monkeypatch):
+    model = LinearGaussian(4, 2, noise_std=0.8, seed=1)
+    x = data_from(model, 200, seed=2)
+    right = elbo_surgery(model, x, samples=20, seed=1)
+    assert right.identity_is_check and right.to_dict()["identity_is_check"] is True
+    assert abs(right.identity_error) < 4 * right.identity_stderr
+    assert "check: average KL − (MI + marginal KL)" in right.table()
+    # the same draws with a wrong closed form: the check sees the 0.5 nats
+    monkeypatch.setitem(ANALYTIC_KL, _WrongKL, lambda prior, q: q.kl_standard() + 0.5)
+    model.prior = _WrongKL(2).to(torch.float64)
+    wrong = elbo_surgery(model, x, samples=20, seed=1)
+    assert wrong.identity_is_check
+    assert wrong.identity_error == pytest.approx(right.identity_error + 0.5, abs=1e-9)
+    assert abs(wrong.identity_error) > 4 * wrong.identity_stderr
 
 
 def test_surgery_refuses_models_with_several_stochastic_layers():

@@ -232,7 +232,7 @@ def test_stl_bias_grows_with_k(lg):
 # T_ALPHA under Student's t with n - 1 degrees of freedom.
 
 T_ALPHA = 1e-4
-MODEL_NAMES = ("one-layer", "two-layer", "hierarchical")
+MODEL_NAMES = ("one-layer", "two-layer", "hierarchical", "conv-hierarchical", "pixel-hierarchical")
 PRIOR_NAMES = ("standard", "mog", "vampprior", "vampprior-data")
 
 
@@ -267,14 +267,27 @@ def _max_t(diff: torch.Tensor) -> tuple[float, float]:
 
 
 def _small_model(name: str, prior: str):
-    """A tiny model of the named kind (data_dim 16, 3 components or pseudo-inputs), float64,
-    and a batch of 4 random binary images."""
-    from elbolab.config import HierarchicalConfig, ModelConfig, PriorConfig, TwoLayerConfig
+    """A tiny model of the named kind (16 pixels as 4x4 images, 3 components or pseudo-inputs),
+    float64, and a batch of 4 random binary images. The PixelCNN runs without batch norm: in
+    training mode its batch statistics couple the samples, which no per-sample estimator
+    (DReG included) accounts for; in evaluation mode it is a fixed affine map."""
+    from elbolab.config import (
+        ConvHierarchicalConfig,
+        HierarchicalConfig,
+        ModelConfig,
+        PixelHierarchicalConfig,
+        PriorConfig,
+        TwoLayerConfig,
+    )
     from elbolab.models import build_model
 
+    conv = dict(latent_dims=(3, 2), encoder_channels=(2, 3), encoder_out_channels=2, width=6,
+                decoder_channels=4, decoder_layers=2, image_shape=(4, 4))
     cfg = ModelConfig(name=name, latent_dim=3, hidden=(8,), prior=PriorConfig(name=prior, components=3),
                       two_layer=TwoLayerConfig(latent_dims=(3, 2), hidden1=(8,), hidden2=(6,)),
-                      hierarchical=HierarchicalConfig(latent_dims=(3, 2), width=8))
+                      hierarchical=HierarchicalConfig(latent_dims=(3, 2), width=8),
+                      conv_hierarchical=ConvHierarchicalConfig(**conv),
+                      pixel_hierarchical=PixelHierarchicalConfig(**conv, batch_norm=False))
     data = (torch.rand(32, 16, generator=torch.Generator().manual_seed(1)) < 0.3).to(torch.float64)
     torch.manual_seed(0)
     return build_model(cfg, 16, data).to(torch.float64), data[:4]
@@ -301,9 +314,10 @@ def test_dreg_mean_gradient_equals_standard_for_every_model_and_prior(name, prio
 
 
 @pytest.mark.parametrize("prior", ["vampprior", "vampprior-data"])
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", MODEL_NAMES[:3])
 def test_dreg_equals_standard_on_every_draw_where_only_the_prior_reaches(name, prior):
-    """Encoder weights that read a pixel which is 0 in every image of the batch get their
+    """(Dense models: a convolution's weight reads every pixel.) Encoder weights that read a
+    pixel which is 0 in every image of the batch get their
     gradient only through the VampPrior's pseudo-inputs (the prior's direct dependence on q),
     which DReG must weight as the bound does: there the two estimators agree draw by draw."""
     model, x = _small_model(name, prior)

@@ -21,7 +21,7 @@ PACKAGE = SRC / "elbolab"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("version", "errors", "registry", "config", "bounds", "distributions", "fastpaths", "files", "devices", "rng",
      "sweep"),
-    ("priors", "likelihoods", "models", "data"),
+    ("priors", "likelihoods", "flows", "models", "data", "adapters"),
     ("objectives", "evaluation", "optimizers", "schedules"),
     ("runs", "preflight", "training", "stacked"),
     ("diagnostics", "reproduce", "speed", "api"),

@@ -232,6 +232,23 @@ def test_an_interrupted_row_resumes_from_its_checkpoint(tiny_data, tmp_path, mon
     assert [m["epoch"] for m in metrics] == [1, 2] and rep.entries[0].epochs == 2
 
 
+def test_a_row_killed_while_creating_its_run_folder_trains_on_the_rerun(tiny_data, tmp_path):
+    """A kill in the middle of creating a row's run folder: what an older elbolab left (config and
+    environment written, no run.json) and what this one leaves (a temporary folder beside it); the
+    rerun of the same command trains the row either way instead of failing it on every rerun."""
+
+    plan = plan_rows(get_table("iwae-table"), "quick", ROWS[:1], None, TINY)[0]
+    run = tmp_path / "iwae-table" / "quick" / "rows" / f"{ROWS[0]}-{plan.key}" / "run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("half")
+    (run / "environment.json").write_text("{}")
+    (run.parent / ".run.new-dead").mkdir()  # a temporary folder whose creator is gone
+    (run.parent / ".run.new-dead" / ".lock").touch()
+    rep = reproduce("iwae-table", budget="quick", only=ROWS[:1], results=tmp_path, overrides=TINY)
+    assert rep.trained == ROWS[:1] and not rep.failed
+    assert sorted(p.name for p in run.parent.iterdir()) == ["result.json", "run"]
+
+
 def test_cli_reproduce_lists_rows_and_reports_missing_pieces(capsys) -> None:
     assert main(["reproduce", "iwae-table", "--list", "--budget", "paper", "--only", "mnist-2layer-iwae-k50"]) == 0
     out = capsys.readouterr().out
@@ -479,3 +496,143 @@ def test_rows_of_one_shape_train_stacked_as_they_do_alone(tiny_data, tmp_path, m
             (Path(b.row_dir) / "run" / "model.safetensors").read_bytes()
     task = RowTask(table="t", row_id="r", config={}, row_dir="", evaluation="likelihood", data_label="")
     assert pickle.loads(pickle.dumps(PackTask((task, task)))).tasks[1] == task  # any executor can ship it
+
+
+def test_a_row_saved_before_a_config_key_existed_is_found_under_its_old_name(tiny_data, tmp_path, monkeypatch):
+    """Adding a config key (with a default) changes every row's hash; a finished row whose saved
+    config, read now, is the row's config is still answered from its folder, not retrained."""
+    import yaml
+
+    fits = _count_fits(monkeypatch)
+    row = ["mnist-1layer-iwae-k5"]
+    first = reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY)
+    assert len(fits) == 1
+    rows = tmp_path / "iwae-table" / "quick" / "rows"
+    (folder,) = rows.iterdir()
+    cfg_path = folder / "run" / "config.yaml"
+    saved = yaml.safe_load(cfg_path.read_text())
+    del saved["model"]["posterior"]  # as written before the key existed
+    cfg_path.write_text(yaml.safe_dump(saved))
+    folder.rename(rows / "mnist-1layer-iwae-k5-0123456789")
+    again = reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY)
+    assert len(fits) == 1 and again.cached == row
+    assert again.entries[0].cells["nll"].ours == first.entries[0].cells["nll"].ours
+    # a changed value is another config: that folder is not taken for this row
+    saved["objective"]["k"] = 7
+    cfg_path = rows / "mnist-1layer-iwae-k5-0123456789" / "run" / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(saved))
+    reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY)
+    assert len(fits) == 2
+
+
+# --- workers never outlive the command, and the rerun resumes ------------------------------------
+
+REAL_ROWS = ["mnist-1layer-vae-k5", "mnist-1layer-iwae-k5"]
+#: 10 steps a row on the embedded data, a tiny model, checkpoints every 2 steps
+REAL_TINY = ["data.name=binarized-mnist-embedded", "train.epochs=1", "train.batch_size=1000", "model.hidden=[8]",
+             "model.latent_dim=2", "eval.k_importance=5", "train.checkpoint_minutes=0", "train.checkpoint_steps=2"]
+
+
+def _reproduce_cli(results, stop_at: str | None = None):
+    import os
+    import subprocess
+    import sys
+
+    from elbolab.files import TEST_STOP_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != TEST_STOP_ENV}
+    if stop_at:
+        env[TEST_STOP_ENV] = stop_at  # inherited by the spawned workers: each freezes at its own step
+    # --no-stack: the two rows share a shape, and stacked they would be one worker's task
+    cmd = [sys.executable, "-m", "elbolab.cli", "reproduce", "iwae-table", "--only", *REAL_ROWS, "--workers", "2",
+           "--no-stack", "--results", str(results), *(a for s in REAL_TINY for a in ("--set", s))]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter (R, S, T, Z ...), None when it is gone."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _frozen_children(parent: int, n: int, timeout: float = 300.0) -> list[int]:
+    """Wait until ``n`` children of ``parent`` froze themselves at their fault point (state T)."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frozen = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent and fields[0] == "T":
+                frozen.append(int(stat.parent.name))
+        if len(frozen) == n:
+            return frozen
+        assert _state(parent) not in (None, "Z"), "the reproduction ended before its workers froze"
+        time.sleep(0.2)
+    raise AssertionError(f"{n} workers did not reach their fault point")
+
+
+def _wait_gone(pids: list[int], timeout: float = 90.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_state(p) not in (None, "Z") for p in pids):
+        time.sleep(0.2)
+    assert all(_state(p) in (None, "Z") for p in pids), f"orphan workers still running: {pids}"
+
+
+def test_workers_die_with_the_parent_on_sigterm_and_sigkill_and_the_rerun_resumes(tmp_path) -> None:
+    """`reproduce --workers 2` in real processes, both workers frozen mid-row (holding their runs).
+    SIGTERM to the parent alone: it stops its workers (each checkpoints) and exits 130 like Ctrl-C.
+    SIGKILL to the parent: the kernel's parent-death signal stops the workers. Each time no worker
+    is left running, and the last rerun finishes both rows from their checkpoints."""
+    import os
+    import signal
+
+    results = tmp_path / "results"
+    pids: list[int] = []
+    try:
+        parent = _reproduce_cli(results, stop_at="step#3")
+        pids = _frozen_children(parent.pid, 2)
+        parent.send_signal(signal.SIGTERM)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        _, err = parent.communicate(timeout=120)
+        assert parent.returncode == 130, err
+        _wait_gone(pids)
+        runs = sorted(results.glob("iwae-table/quick/rows/*/run"))
+        assert len(runs) == 2
+        for run in runs:  # stopped cleanly: checkpoint at the step they were at
+            assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+
+        parent = _reproduce_cli(results, stop_at="step#3")  # resumes, then freezes 3 steps further
+        pids = _frozen_children(parent.pid, 2)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        _wait_gone(pids)
+    finally:
+        for pid in pids:
+            if _state(pid) not in (None, "Z"):
+                os.kill(pid, signal.SIGKILL)
+    threads = torch.get_num_threads()
+    try:  # the rerun, in this process (one worker): every row resumes from its checkpoint
+        code = main(["reproduce", "iwae-table", "--only", *REAL_ROWS, "--results", str(results),
+                     *(a for s in REAL_TINY for a in ("--set", s))])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    for run in sorted(results.glob("iwae-table/quick/rows/*/run")):
+        assert json.loads((run / "run.json").read_text())["status"] == "finished"
+        assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+        assert (run.parent / "result.json").exists()

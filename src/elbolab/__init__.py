@@ -5,16 +5,18 @@ The heart is one tensor: ``model.log_weights(x, k)`` of shape [K, B]. Every boun
 """
 
 from . import bounds
+from .api import diagnose, evaluate, snr, train, train_model
 from .config import RunConfig
 
 # every module that owns a registry, so that config validation knows all their names
 from .data import DATASETS  # noqa: F401
+from .flows import FLOWS  # noqa: F401
 from .models import MODELS  # noqa: F401
 from .objectives import ESTIMATORS, OBJECTIVES  # noqa: F401
 from .optimizers import OPTIMIZERS  # noqa: F401
 from .runs import Run, load_run
 from .schedules import SCHEDULES  # noqa: F401
-from .training import train
 from .version import __version__
 
-__all__ = ["Run", "RunConfig", "__version__", "bounds", "load_run", "train"]
+__all__ = ["Run", "RunConfig", "__version__", "bounds", "diagnose", "evaluate", "load_run", "snr", "train",
+           "train_model"]

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, did_you_mean
-from .registry import check_name
+from .registry import INDEX, check_name
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "preset", "save_config"]
 
@@ -39,6 +39,26 @@ def split_binarization_suffix(name: str) -> tuple[str, str | None]:
 def _require(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
+
+
+#: largest seed: torch, numpy and Python all take it (seeds derived from it add small offsets)
+MAX_SEED = 2**63 - 1
+#: caps far above any sensible run, below what breaks an int64 product or allocation:
+#: a value past them is a typo (an extra zero or three), refused naming the key
+MAX_SAMPLES = 10**6
+MAX_BATCH = 10**7
+MAX_WIDTH = 10**6
+MAX_EPOCHS = 10**8
+MAX_THREADS = 4096
+
+
+def _in_range(value: int | float, lo: int | float, hi: int | float, key: str) -> None:
+    _require(lo <= value <= hi, key, f"must be between {lo:,} and {hi:,}, got {value:,}")
+
+
+def _sizes(values: tuple[int, ...], key: str) -> None:
+    _require(all(1 <= v <= MAX_WIDTH for v in values), key,
+             f"sizes must be between 1 and {MAX_WIDTH:,}, got {list(values)}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +85,7 @@ class DataConfig:
     def validate(self, key: str) -> None:
         check_name("dataset", self.name, f"{key}.name")
         _require(self.validation >= 0, f"{key}.validation", f"must be >= 0, got {self.validation}")
+        _in_range(self.binarization_seed, 0, MAX_SEED, f"{key}.binarization_seed")
         _require(
             self.binarization in ("static", "dynamic", "none"),
             f"{key}.binarization",
@@ -93,15 +114,18 @@ class PriorConfig:
     data_seed: int = 0
 
     def validate(self, key: str) -> None:
-        _require(self.components >= 1, f"{key}.components", f"must be >= 1, got {self.components}")
+        _in_range(self.components, 1, MAX_WIDTH, f"{key}.components")
+        _in_range(self.data_seed, 0, MAX_SEED, f"{key}.data_seed")
         check_name("prior", self.name, f"{key}.name")
         _require(
             self.pseudo_inputs_init in ("normal", "data"),
             f"{key}.pseudo_inputs_init",
             f"must be 'normal' or 'data', got {self.pseudo_inputs_init!r}",
         )
-        _require(self.pseudo_inputs_std is None or self.pseudo_inputs_std >= 0, f"{key}.pseudo_inputs_std",
-                 "must be >= 0")
+        _require(self.pseudo_inputs_std is None or 0 <= self.pseudo_inputs_std < math.inf, f"{key}.pseudo_inputs_std",
+                 "must be a finite number >= 0")
+        _require(self.pseudo_inputs_mean is None or math.isfinite(self.pseudo_inputs_mean), f"{key}.pseudo_inputs_mean",
+                 "must be a finite number")
 
     def with_pseudo_input_init(self, default: tuple[float, float]) -> PriorConfig:
         """This config with an unset pseudo-input mean and std taken from ``default`` (a dataset's)."""
@@ -129,9 +153,9 @@ class TwoLayerConfig:
     hidden2: tuple[int, ...] = (100, 100)
 
     def validate(self, key: str) -> None:
-        _require(all(d >= 1 for d in self.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
+        _sizes(self.latent_dims, f"{key}.latent_dims")
         for name in ("hidden1", "hidden2"):
-            _require(all(h >= 1 for h in getattr(self, name)), f"{key}.{name}", "sizes must be >= 1")
+            _sizes(getattr(self, name), f"{key}.{name}")
 
 
 @dataclass(frozen=True)
@@ -146,15 +170,94 @@ class HierarchicalConfig:
     log_var_range: tuple[float, float] = (-6.0, 2.0)
 
     def validate(self, key: str) -> None:
-        _require(all(d >= 1 for d in self.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
-        _require(self.width >= 1, f"{key}.width", f"must be >= 1, got {self.width}")
+        _sizes(self.latent_dims, f"{key}.latent_dims")
+        _in_range(self.width, 1, MAX_WIDTH, f"{key}.width")
         lo, hi = self.log_var_range
         _require(lo < hi, f"{key}.log_var_range", f"needs min < max, got [{lo}, {hi}]")
 
 
+def _validate_conv(cfg: ConvHierarchicalConfig, key: str) -> None:
+    _require(all(d >= 1 for d in cfg.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
+    for name in ("encoder_channels", "image_shape"):
+        v = getattr(cfg, name)
+        _require(v is None or all(c >= 1 for c in v), f"{key}.{name}", f"sizes must be >= 1, got {v}")
+    for name in ("encoder_out_channels", "width", "decoder_channels", "decoder_layers"):
+        v = getattr(cfg, name)
+        _require(v >= 1, f"{key}.{name}", f"must be >= 1, got {v}")
+    lo, hi = cfg.log_var_range
+    _require(lo < hi, f"{key}.log_var_range", f"needs min < max, got [{lo}, {hi}]")
+
+
+@dataclass(frozen=True)
+class ConvHierarchicalConfig:
+    """Sizes of the VampPrior paper's convolutional two-level model (their convHVAE_2level.py)."""
+
+    #: units of z1 (bottom) and z2 (top)
+    latent_dims: tuple[int, int] = (40, 40)
+    #: channels of the encoders' gated convolutions: the first two layers, the next two (their 32, 64)
+    encoder_channels: tuple[int, int] = (32, 64)
+    #: channels of the encoders' last gated convolution, flattened into dense layers (their 6)
+    encoder_out_channels: int = 6
+    #: width of the gated dense layers of q(z1|x,z2), p(z1|z2) and the decoder's latent inputs (their 300)
+    width: int = 300
+    #: channels of the decoder's 3x3 convolutions (their 64)
+    decoder_channels: int = 64
+    #: number of the decoder's gated 3x3 convolutions (their 4)
+    decoder_layers: int = 4
+    #: hardtanh range of the Gaussian log-variances (their code: [-6, 2])
+    log_var_range: tuple[float, float] = (-6.0, 2.0)
+    #: (height, width) of the images; null: the dataset's
+    image_shape: tuple[int, int] | None = None
+
+    def validate(self, key: str) -> None:
+        _validate_conv(self, key)
+
+
+@dataclass(frozen=True)
+class PixelHierarchicalConfig(ConvHierarchicalConfig):
+    """The same encoders with a PixelCNN decoder (their PixelHVAE_2level.py); ``width`` sizes
+    q(z1|x,z2) and p(z1|z2) only (each latent maps straight to one image-sized map)."""
+
+    #: masked 3x3 convolutions of the PixelCNN: one of type A, then type B (their 8)
+    decoder_layers: int = 8
+    #: batch normalization after each masked convolution, as in their code (false: biases)
+    batch_norm: bool = True
+
+
+@dataclass(frozen=True)
+class PosteriorConfig:
+    """q's form: each Gaussian layer of q, optionally pushed through a normalizing flow
+    (elbolab.flows; docs/flows.md)."""
+
+    #: none | planar (Rezende & Mohamed 2015) | iaf (Kingma et al. 2016), on every Gaussian layer of q
+    flow: str = "none"
+    #: flow steps per stochastic layer (0: the Gaussian itself)
+    length: int = 10
+    #: iaf: hidden units of each step's MADE and size of the encoder's context h(x) (planar: unused)
+    width: int = 320
+
+    @property
+    def active(self) -> bool:
+        """Whether q is more than its Gaussians."""
+        return self.flow != "none" and self.length > 0
+
+    def validate(self, key: str) -> None:
+        check_name("flow", self.flow, f"{key}.flow")
+        _require(self.length >= 0, f"{key}.length", f"must be >= 0, got {self.length}")
+        _require(self.width >= 1, f"{key}.width", f"must be >= 1, got {self.width}")
+
+
+def flow_stl_refusal(flow: str) -> str | None:
+    """Why the STL / DReG estimators cannot run with this flow (None: they can), read from its registry."""
+    registry = INDEX.get("flow")
+    if registry is None or not registry.knows(flow):
+        return None
+    return getattr(registry[registry.canonical(flow)], "stl_refusal", None)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    #: one-layer | two-layer | hierarchical (elbolab.models.MODELS)
+    #: one-layer | two-layer | hierarchical | conv-hierarchical | pixel-hierarchical (elbolab.models.MODELS)
     name: str = "one-layer"
     #: one-layer: units of z
     latent_dim: int = 50
@@ -170,18 +273,33 @@ class ModelConfig:
     two_layer: TwoLayerConfig = field(default_factory=TwoLayerConfig)
     #: sizes of model "hierarchical"
     hierarchical: HierarchicalConfig = field(default_factory=HierarchicalConfig)
+    #: q's form (a Gaussian per layer, or a normalizing flow after each)
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
+    #: sizes of model "conv-hierarchical" (the VampPrior paper's ConvHVAE)
+    conv_hierarchical: ConvHierarchicalConfig = field(default_factory=ConvHierarchicalConfig)
+    #: sizes of model "pixel-hierarchical" (the VampPrior paper's PixelHVAE)
+    pixel_hierarchical: PixelHierarchicalConfig = field(default_factory=PixelHierarchicalConfig)
 
     def validate(self, key: str) -> None:
         _require(self.latent_dim >= 1, f"{key}.latent_dim", f"must be >= 1, got {self.latent_dim}")
-        _require(
-            all(h >= 1 for h in self.hidden), f"{key}.hidden", f"sizes must be >= 1, got {list(self.hidden)}"
-        )
+        _in_range(self.latent_dim, 1, MAX_WIDTH, f"{key}.latent_dim")
+        _sizes(self.hidden, f"{key}.hidden")
         check_name("model", self.name, f"{key}.name")
         check_name("activation", self.activation, f"{key}.activation")
         check_name("likelihood", self.likelihood, f"{key}.likelihood")
         self.prior.validate(f"{key}.prior")
         self.two_layer.validate(f"{key}.two_layer")
         self.hierarchical.validate(f"{key}.hierarchical")
+        self.posterior.validate(f"{key}.posterior")
+        # a VampPrior mixes q(z|u_k) densities at any z; a flow gives log q only at its own samples
+        _require(
+            not (self.posterior.active and self.prior.name.startswith("vampprior")),
+            f"{key}.posterior.flow",
+            f"a VampPrior's components are q(z|u_k), which a flow posterior ({self.posterior.flow}) cannot evaluate "
+            "at other points' z; use model.prior.name standard or mog with a flow",
+        )
+        self.conv_hierarchical.validate(f"{key}.conv_hierarchical")
+        self.pixel_hierarchical.validate(f"{key}.pixel_hierarchical")
 
 
 @dataclass(frozen=True)
@@ -205,9 +323,12 @@ class ObjectiveConfig:
     def validate(self, key: str) -> None:
         check_name("objective", self.name, f"{key}.name")
         _require(self.k >= 1, f"{key}.k", f"must be >= 1, got {self.k}")
+        _in_range(self.k, 1, MAX_SAMPLES, f"{key}.k")
         _require(self.warmup_epochs >= 0, f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _in_range(self.warmup_epochs, 0, MAX_EPOCHS, f"{key}.warmup_epochs")
         check_name("gradient estimator", self.estimator, f"{key}.estimator")
         _require(self.m >= 1, f"{key}.m", f"must be >= 1, got {self.m}")
+        _in_range(self.m * self.k, 1, MAX_SAMPLES, f"{key}.m x {key}.k")
         _require(
             self.m == 1 or self.name in ("miwae", "piwae"),
             f"{key}.m",
@@ -264,7 +385,10 @@ class TrainConfig:
     def validate(self, key: str) -> None:
         _require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
         check_name("precision", self.precision, f"{key}.precision")
+        _in_range(self.epochs, 1, MAX_EPOCHS, f"{key}.epochs")
         _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _in_range(self.batch_size, 1, MAX_BATCH, f"{key}.batch_size")
+        _in_range(self.seed, 0, MAX_SEED, f"{key}.seed")
         _require(0 < self.lr < math.inf, f"{key}.lr", f"must be a finite number > 0, got {self.lr}")
         _require(0 < self.adam_eps < math.inf, f"{key}.adam_eps", f"must be a finite number > 0, got {self.adam_eps}")
         _require(
@@ -274,6 +398,7 @@ class TrainConfig:
         check_name("schedule", self.schedule, f"{key}.schedule")
         _require(self.early_stopping_patience >= 0, f"{key}.early_stopping_patience", "must be >= 0")
         _require(self.threads >= 0, f"{key}.threads", "must be >= 0")
+        _in_range(self.threads, 0, MAX_THREADS, f"{key}.threads")
         _require(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
         _require(
             self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
@@ -302,6 +427,10 @@ class EvalConfig:
     k_importance: int = 1000
     #: test points evaluated together
     batch_size: int = 100
+    #: `elbolab train`'s final evaluation and `elbolab reproduce` score a random subset of this
+    #: many test images (0: the whole split), the same images as `elbolab diagnose --points N`:
+    #: for models too costly to score them all on a CPU
+    test_images: int = 0
     #: importance samples drawn per chunk on a CPU (bounds memory); batch_size x chunk_size =
     #: 5,000 decoder rows per pass keeps the activations in cache (docs/bench.md measures the choice)
     chunk_size: int = 50
@@ -325,11 +454,15 @@ class EvalConfig:
     def validate(self, key: str) -> None:
         for name in ("k_importance", "batch_size", "chunk_size", "gpu_chunk_size", "surgery_samples"):
             v = getattr(self, name)
-            _require(v >= 1, f"{key}.{name}", f"must be >= 1, got {v}")
-        _require(self.active_unit_threshold > 0, f"{key}.active_unit_threshold", "must be > 0")
+            _in_range(v, 1, MAX_BATCH if name == "batch_size" else 10 * MAX_SAMPLES, f"{key}.{name}")
+        _require(self.test_images >= 0, f"{key}.test_images", f"must be >= 0, got {self.test_images}")
+        _require(0 < self.active_unit_threshold < math.inf, f"{key}.active_unit_threshold",
+                 "must be a finite number > 0")
+        _in_range(self.seed, 0, MAX_SEED, f"{key}.seed")
         for name in ("bound_ks", "q_ew_ks"):
             v = getattr(self, name)
-            _require(len(v) > 0 and all(k >= 1 for k in v), f"{key}.{name}", f"must be k >= 1 values, got {list(v)}")
+            _require(len(v) > 0 and all(1 <= k <= 10 * MAX_SAMPLES for k in v), f"{key}.{name}",
+                     f"must be k values between 1 and {10 * MAX_SAMPLES:,}, got {list(v)}")
 
 
 @dataclass(frozen=True)
@@ -343,6 +476,15 @@ class RunConfig:
     def validate(self, key: str = "") -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        post = self.model.posterior
+        if post.active and self.objective.estimator in ("stl", "dreg"):
+            reason = flow_stl_refusal(post.flow)
+            _require(
+                reason is None,
+                "objective.estimator",
+                f"{self.objective.estimator} needs log q(z|x) at its sample with q's weights held fixed, and {reason}; "
+                "use estimator standard, or model.posterior.flow planar",
+            )
 
     # --- round trips -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -479,17 +621,58 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 # --- files and presets ----------------------------------------------------------
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml's safe loader (never executes code) that refuses a key given twice in one mapping,
+    where the plain loader silently keeps the last (a second ``train:`` section, say)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):  # unhashable: the base class refuses it
+                continue
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key].line + 1} and "
+                                    f"{key_node.start_mark.line + 1}); give each key once")
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"key {dup!r} appears twice in one object; give each key once")
+    return dict(pairs)
+
+
 def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML or JSON config (safe loader: never executes code)."""
+    """Read a YAML or JSON config (safe loader: never executes code; a key given twice is refused)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a config is YAML or JSON text)") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text file (it holds NUL bytes; a config is YAML or JSON text)")
     try:
-        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if path.suffix == ".json":
+            d = json.loads(text, object_pairs_hook=_unique_json_keys)
+        else:
+            d = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except (_DuplicateKey, ConfigError) as e:
+        raise ConfigError(f"{path}: {e}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+        why = " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {why}") from None
     if d is None:
         d = {}
     if not isinstance(d, dict):

@@ -10,6 +10,11 @@ class ConfigError(ValueError):
     """A config value, option or name is unknown, mistyped or impossible; the message names the key."""
 
 
+class ModelCapabilityError(TypeError):
+    """A model does not provide what a diagnostic or estimator asks of it (a user's own model,
+    an adapter); the message names the model and the method it lacks."""
+
+
 def did_you_mean(name: str, options: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for a near miss, else `` (known: a, b, c)``."""
     options = sorted(options)

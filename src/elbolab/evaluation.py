@@ -80,6 +80,16 @@ def model_dtype(model: object) -> torch.dtype | None:
     return next((p.dtype for p in params if p.is_floating_point()), None)
 
 
+def random_subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
+    """``n`` rows of ``x`` ``[N, ...]`` chosen at random with ``seed``, in their stored order
+    (all of them when ``n`` is 0 or at least N); stored splits may be sorted by class.
+    The same rows as ``elbolab diagnose --points n``."""
+    if n <= 0 or n >= x.shape[0]:
+        return x
+    keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return x[keep.to(x.device)]
+
+
 def batches(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))

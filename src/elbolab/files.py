@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import os
 import signal
@@ -26,6 +27,7 @@ _stop_counts: Counter[str] = Counter()
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
 
 
 def fault_point(name: str) -> None:
@@ -104,6 +106,41 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
         with contextlib.suppress(OSError):  # a read-only folder fails on the next real write instead
             p.unlink(missing_ok=True)
     return stale
+
+
+def try_lock(path: str | Path) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if missing): its file descriptor, or None when
+    another open file holds it. The OS drops the lock when the process dies, however it dies,
+    so a killed holder never blocks the next one. Close the descriptor to release it."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    except OSError as e:
+        try:  # a read-only folder holding the file: flock needs no write access
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            raise _output_error(path, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def check_writable_folder(path: str | Path, what: str = "folder") -> None:
+    """Create ``path`` if needed and prove a file can be written in it, or raise :class:`OutputError`
+    naming it (a command that writes at its end checks this at its start)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: the {what} is a file, not a folder")
+    make_dir(path)
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test.", suffix=".tmp")
+    except OSError as e:
+        raise OutputError(f"cannot write in {path}: {e.strerror or e}; choose another {what}") from None
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
 
 
 def make_dir(path: str | Path) -> None:

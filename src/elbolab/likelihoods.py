@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributions import log_bernoulli_logits, log_discretized_logistic, log_normal_diag
+from .errors import ModelCapabilityError
 from .fastpaths import bernoulli_log_prob
 from .registry import Registry
 
@@ -50,6 +51,10 @@ class Likelihood(nn.Module, ABC):
     @abstractmethod
     def mean(self, params: Tensor) -> Tensor:
         """Expected image in [0, 1] (for reconstructions and sample grids)."""
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A draw x ~ p(x | params): ``[..., P*D] -> [..., D]``, valued as the data are."""
+        raise ModelCapabilityError(f"{type(self).__name__} cannot draw images")
 
     def log_prob_from_features(self, x: Tensor, features: Tensor) -> Tensor:
         """``log_prob(x, head(features))``: ``x`` [B, D], ``features`` [..., B, H] -> [..., B].
@@ -96,6 +101,9 @@ class BernoulliLikelihood(Likelihood):
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
 
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.bernoulli(torch.sigmoid(params), generator=generator)
+
     def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         bias.copy_(_logit(pixel_mean))
 
@@ -131,6 +139,14 @@ class DiscretizedLogisticLikelihood(Likelihood):
         """The location (the logistic's mean before discretization)."""
         return self._params(params)[0]
 
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A logistic draw rounded to the nearest level: the bins of :meth:`log_prob`."""
+        loc, log_scale = self._params(params)
+        u = torch.rand(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
+        y = loc + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))  # u = 0 gives -inf: level 0
+        top = self.levels - 1
+        return torch.round(y * top).clamp(0, top) / top
+
     def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         d = pixel_mean.numel()
         bias[:d].copy_(_logit(pixel_mean))
@@ -165,6 +181,11 @@ class GaussianLikelihood(Likelihood):
     def mean(self, params: Tensor) -> Tensor:
         return self.split(params)[0].clamp(0.0, 1.0)
 
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mean, raw = self.split(params)
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return mean + torch.exp(0.5 * _floored_log_var(raw)) * eps
+
     def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         d = pixel_mean.numel()
         bias[:d].copy_(pixel_mean)
@@ -189,6 +210,10 @@ class GaussianPixelVarianceLikelihood(Likelihood):
 
     def mean(self, params: Tensor) -> Tensor:
         return params.clamp(0.0, 1.0)
+
+    def sample(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        eps = torch.randn(params.shape, generator=generator, dtype=params.dtype, device=params.device)
+        return params + torch.exp(0.5 * _floored_log_var(self.raw_log_var)) * eps
 
     def _init_bias(self, bias: Tensor, pixel_mean: Tensor) -> None:
         bias.copy_(pixel_mean)

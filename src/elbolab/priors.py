@@ -11,9 +11,10 @@ Names (``model.prior.name``): ``standard``, ``mog``, ``vampprior``, ``vampprior-
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -74,14 +75,33 @@ class GaussianMixturePrior(Prior, ABC):
     def num_components(self) -> int:
         return self.components()[1].shape[0]
 
+    #: components held fixed by :meth:`frozen_components`, else None
+    _fixed: tuple[DiagonalGaussian, Tensor] | None = None
+
+    @contextlib.contextmanager
+    def frozen_components(self) -> Iterator[None]:
+        """Compute the components once and reuse them inside the block: for evaluations with
+        fixed weights that call ``log_prob`` thousands of times (AIS, q*), where a VampPrior
+        would otherwise run its encoder over every pseudo-input at each call."""
+        with torch.no_grad():
+            comp, log_mix = self.components()
+        self._fixed = (comp.detach(), log_mix.detach())
+        try:
+            yield
+        finally:
+            self._fixed = None
+
+    def _components(self) -> tuple[DiagonalGaussian, Tensor]:
+        return self._fixed if self._fixed is not None else self.components()
+
     def log_prob(self, z: Tensor) -> Tensor:
         """``[..., D] -> [...]``: two GEMMs and a logsumexp over C (float64 inside)."""
-        comp, log_mix = self.components()
+        comp, log_mix = self._components()
         return log_normal_diag_mixture(z, comp.mean, comp.log_var, log_mix)
 
     def sample_components(self, index: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One draw from each listed component: ``index`` ``[n]`` -> ``[n, D]``."""
-        comp, _ = self.components()
+        comp, _ = self._components()
         mean, std = comp.mean[index], comp.std[index]
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         return mean + std * eps

@@ -7,46 +7,81 @@
     model.safetensors  final weights (best.safetensors: best on validation)
     checkpoint.pt      last resumable state (tensors only; loaded with weights_only=True)
     report.json        the evaluation printed at the end
+    .lock              flocked by the process that trains the run (one owner at a time)
 
-This module owns the folder: creating it, reading and writing checkpoints, deciding
-whether a folder holds a run to continue, and ``load_run(path)``, which gives the model
-back in one call. What a checkpoint holds is the trainer's business (training.py).
+This module owns the folder: creating it (atomically: built under a temporary name and
+renamed, so a kill leaves either nothing or a run to resume), locking it, reading and
+writing checkpoints and weights (each carrying the SHA-256 of its contents, checked on
+load), deciding whether a folder holds a run to continue, and ``load_run(path)``, which
+gives the model back in one call. What a checkpoint holds is the trainer's business
+(training.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from .config import ConfigError, RunConfig, load_config
-from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, make_dir, remove_stale_temp_files
+from .data import data_source
+from .files import (
+    DIR_MODE,
+    OutputError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    fault_point,
+    make_dir,
+    remove_stale_temp_files,
+    try_lock,
+)
 from .models import LatentVariableModel, build_model
 from .version import __version__, same_major
 
 log = logging.getLogger("elbolab")
 
 CONFIG, INFO, ENVIRONMENT, METRICS = "config.yaml", "run.json", "environment.json", "metrics.jsonl"
-CHECKPOINT, REPORT = "checkpoint.pt", "report.json"
+CHECKPOINT, REPORT, LOCK = "checkpoint.pt", "report.json", ".lock"
+#: metrics lines that could not be read, kept here when a resume rewrites metrics.jsonl
+BAD_LINES = METRICS + ".bad-lines"
+#: checkpoint key / safetensors metadata key holding the SHA-256 of the contents
+DIGEST = "sha256"
 #: ``--weights`` / ``load_run(weights=...)`` -> the file holding them
 WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors", "last": CHECKPOINT}
 
 #: config keys that may differ between a run and its resumption: they do not change what
 #: is trained. A run resumed on another device continues correctly, but draws its remaining
 #: samples from that device's random stream, so it is bit-identical to an uninterrupted run
-#: only on the device it stopped on.
-RESUME_FREE_KEYS = ("data.data_dir", "train.progress", "train.compile", "train.device")
+#: only on the device it stopped on; other thread counts or compiling change float rounding
+#: only (reproduce sets the threads from --workers, which a rerun may change).
+RESUME_FREE_KEYS = ("data.data_dir", "train.progress", "train.compile", "train.device", "train.threads")
+#: sections free on resume but for the listed keys: evaluation settings are read after
+#: training, except ``eval.seed``, which seeds the validation bound (best weights, early stop)
+RESUME_FREE_SECTIONS = {"eval": ("eval.seed",)}
+
+
+def resume_free(key: str) -> bool:
+    """Whether the dotted config key may change between a run and its resumption."""
+    section = key.split(".", 1)[0]
+    return key in RESUME_FREE_KEYS or (section in RESUME_FREE_SECTIONS and key not in RESUME_FREE_SECTIONS[section])
 
 
 class RunError(RuntimeError):
@@ -61,6 +96,8 @@ class Run:
     info: dict[str, Any]
     metrics: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] | None = None
+    #: the data it trained on, when elbolab.train was handed it in this process (never saved)
+    data: Any = None
 
 
 def check_version(found: object, path: Path, what: str = "") -> None:
@@ -72,25 +109,84 @@ def check_version(found: object, path: Path, what: str = "") -> None:
 # --- weights and checkpoints -------------------------------------------------------------
 
 
+def content_digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's or weights' contents: every tensor's dtype, shape and bytes and
+    every plain value, in a fixed order. Stored inside the file, so the file and its checksum are
+    replaced by one rename; recomputed on load, it catches a flipped bit that the formats do not."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, list | tuple):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"V{x!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def _corrupt(path: Path, found: str, recorded: object) -> RunError:
+    return RunError(f"{path}: checksum mismatch (contents hash to {found[:16]}..., the file records "
+                    f"{str(recorded)[:16]}...); the file is corrupt, do not use it")
+
+
 def save_weights(model: torch.nn.Module, path: str | Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state))
+    atomic_write_bytes(path, save(state, metadata={DIGEST: content_digest(state)}))
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Read a .safetensors file into ``model``; its checksum (when it records one), dtypes and
+    finiteness are checked first (files written before checksums load unchecked by the first)."""
     path = Path(path)
     if not path.exists():
         raise RunError(f"{path}: weights file missing")
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(DIGEST)
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         why = " ".join(str(e).split())[:200]
         raise RunError(f"{path}: unreadable weights ({why}); the file is truncated or not safetensors") from None
+    if recorded is not None:
+        found = content_digest(state)
+        if found != recorded:
+            raise _corrupt(path, found, recorded)
     load_model_state(model, state, path)
 
 
+def check_model_state(model: torch.nn.Module, state: object, source: Path | str) -> None:
+    """Refuse weights that would load only by a silent cast, or that hold inf/NaN: every tensor
+    must have the dtype of the model's tensor of that name (keys of older layouts: the model's
+    floating dtype) and be finite."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RunError(f"{source}: the weights are not a mapping of names to tensors")
+    own = model.state_dict()
+    floating = next((v.dtype for v in own.values() if v.is_floating_point()), torch.float32)
+    for name, t in state.items():
+        want = own[name].dtype if name in own else floating
+        if t.dtype != want:
+            raise RunError(f"{source}: {name} is {t.dtype}, the model holds {want}; "
+                           "the file was altered or written for another model")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RunError(f"{source}: {name} holds inf/NaN values; the weights are unusable")
+
+
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """``model.load_state_dict(state)``, or a :class:`RunError` naming ``source``."""
+    """``model.load_state_dict(state)`` after :func:`check_model_state`, or a :class:`RunError` naming ``source``."""
+    check_model_state(model, state, source)
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError) as e:
@@ -99,13 +195,16 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
 
 
 def save_checkpoint(state: dict[str, Any], run_dir: Path) -> None:
-    """Write the trainer's state atomically; tensors and plain containers only."""
-    atomic_torch_save({"elbolab": __version__, **state}, Path(run_dir) / CHECKPOINT)
+    """Write the trainer's state atomically, with the SHA-256 of its contents; tensors and plain
+    containers only."""
+    payload = {"elbolab": __version__, **state}
+    atomic_torch_save({**payload, DIGEST: content_digest(payload)}, Path(run_dir) / CHECKPOINT)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint without unpickling code (weights_only=True): a file that asks
-    for anything but tensors and plain containers is refused, never run."""
+    for anything but tensors and plain containers is refused, never run. A checkpoint whose
+    contents do not hash to the checksum it records is refused as corrupt."""
     path = Path(path)
     if not path.exists():
         raise RunError(f"{path}: checkpoint missing")
@@ -117,6 +216,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "elbolab" not in state:
         raise RunError(f"{path}: not an elbolab checkpoint")
     check_version(state["elbolab"], path)
+    if DIGEST in state:  # checkpoints written before checksums have none
+        recorded = state.pop(DIGEST)
+        found = content_digest(state)
+        if found != recorded:
+            raise _corrupt(path, found, recorded)
+    if not isinstance(state["model"], dict):
+        raise RunError(f"{path}: checkpoint field 'model' is {type(state['model']).__name__}, not a mapping of tensors")
     return state
 
 
@@ -151,37 +257,86 @@ def environment_info() -> dict[str, Any]:
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())
     except FileNotFoundError:
         raise RunError(f"{path}: missing; is this an elbolab run folder?") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"{path}: unreadable ({e})") from None
+    except IsADirectoryError:
+        raise RunError(f"{path}: is a folder, not a file") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = " ".join(str(e).split())[:200]
+        raise RunError(f"{path}: unreadable ({why})") from None
+
+
+def read_json_object(path: Path, what: str = "an elbolab run description") -> dict[str, Any]:
+    """:func:`read_json` of a file that must hold a JSON object (``{...}``)."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise RunError(f"{path}: holds a JSON {type(obj).__name__}, not {what}")
+    return obj
 
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl; a torn last line (killed mid-write) is ignored."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
+@dataclass
+class MetricsFile:
+    """metrics.jsonl as read: the rows, the lines that are not rows, and whether the last line was torn."""
+
+    rows: list[dict[str, Any]]
+    #: (line number, the line as text) of every line that is not a row (a JSON object with an integer epoch)
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    #: the last line was cut short (no newline, not JSON): a write killed half-way, dropped
+    torn: bool = False
+
+
+def scan_metrics(path: Path) -> MetricsFile:
+    """Every row of metrics.jsonl. A line that does not parse is set aside, never allowed to hide
+    the rows after it; only an unterminated last line (a kill mid-write) counts as torn."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return MetricsFile([])
+    except IsADirectoryError:
+        raise RunError(f"{path}: is a folder, not the metrics file") from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
+    lines = data.split(b"\n")
+    last_unterminated = lines[-1] != b""
+    if not last_unterminated:
+        lines.pop()
+    out = MetricsFile([])
+    for i, raw in enumerate(lines, start=1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
+            row = json.loads(raw)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and _is_epoch(row.get("epoch")):
+            out.rows.append(row)
+        elif i == len(lines) and last_unterminated and row is None:
+            out.torn = True
+        elif raw.strip():
+            out.bad.append((i, raw.decode("utf-8", "backslashreplace")))
+    return out
 
 
-def write_info(run_dir: Path, status: str, cfg: RunConfig, dataset: Any, epoch: int, step: int,
-               error: str | None = None) -> None:
-    """run.json: version, status, the data's name and shape, progress, the config."""
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl; lines that are not rows are skipped with a warning."""
+    scan = scan_metrics(path)
+    if scan.bad:
+        log.warning("%s: %d line(s) are not metrics rows (line %s); they are skipped", path, len(scan.bad),
+                    ", ".join(str(n) for n, _ in scan.bad[:5]))
+    return scan.rows
+
+
+def run_info(status: str, cfg: RunConfig, dataset: Any, epoch: int, step: int,
+             error: str | None = None) -> dict[str, Any]:
+    """What run.json holds: version, status, the data's name, shape and source, progress, the config."""
     info = {
         "elbolab": __version__,
         "status": status,
         "dataset": dataset.name,
+        "data_source": data_source(dataset),
         "data_dim": dataset.data_dim,
         "image_shape": list(dataset.image_shape),
         "epochs_done": epoch,
@@ -190,55 +345,175 @@ def write_info(run_dir: Path, status: str, cfg: RunConfig, dataset: Any, epoch: 
     }
     if error:
         info["error"] = error
-    write_json(Path(run_dir) / INFO, info)
+    return info
+
+
+def write_info(run_dir: Path, status: str, cfg: RunConfig, dataset: Any, epoch: int, step: int,
+               error: str | None = None) -> None:
+    write_json(Path(run_dir) / INFO, run_info(status, cfg, dataset, epoch, step, error))
 
 
 # --- starting or continuing a run ---------------------------------------------------------
 
 
-def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
-    """Dotted keys whose values differ (ignoring :data:`RESUME_FREE_KEYS`)."""
+def config_differences(a: RunConfig, b: RunConfig, free: bool = False) -> list[str]:
+    """Dotted keys whose values differ, as ``key: old -> new``: those that change the result
+    (``free=False``: :func:`resume_free` keys ignored) or only the free ones (``free=True``)."""
     out: list[str] = []
 
     def walk(x: Any, y: Any, prefix: str) -> None:
         if isinstance(x, dict) and isinstance(y, dict):
             for k in sorted(set(x) | set(y)):
                 walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
-        elif x != y and prefix not in RESUME_FREE_KEYS:
+        elif x != y and resume_free(prefix) == free:
             out.append(f"{prefix}: {x!r} -> {y!r}")
 
     walk(a.to_dict(), b.to_dict(), "")
     return out
 
 
-def create_run_dir(run_dir: Path, cfg: RunConfig) -> None:
-    """A new run folder holding the config and the environment; refused if the folder holds anything."""
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise RunError(f"{run_dir}: exists and is not an empty folder or an elbolab run; choose another --out")
-    make_dir(run_dir)
-    atomic_write_text(run_dir / CONFIG, cfg.to_yaml())
-    write_json(run_dir / ENVIRONMENT, environment_info())
+def describe_differences(diff: list[str]) -> str:
+    return "; ".join(diff[:3]) + ("; ..." if len(diff) > 3 else "")
+
+
+class RunLock:
+    """The exclusive lock of a run folder: whoever holds it trains the run. The OS releases it
+    when the process ends, however it ends, so a killed owner never blocks a resume."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def lock_run(run_dir: Path) -> RunLock:
+    """Take the run folder's lock, or refuse in one line when another process holds it."""
+    fd = try_lock(Path(run_dir) / LOCK)
+    if fd is None:
+        raise RunError(f"{run_dir}: in use by another elbolab process (a train or resume of this run is "
+                       "still running); wait for it to end, or stop it")
+    return RunLock(fd)
+
+
+#: files a run folder holds before its run.json: a folder with only these (and temp files)
+#: is a creation killed by an older elbolab, which wrote them in place; it is started afresh
+_CREATION_FILES = {CONFIG, ENVIRONMENT, LOCK}
+
+
+def _unstarted(run_dir: Path) -> bool:
+    names = [p.name for p in run_dir.iterdir()]
+    return all(n in _CREATION_FILES or (n.startswith(".") and n.endswith(".tmp")) for n in names)
+
+
+def _remove_abandoned_creations(run_dir: Path) -> None:
+    """Delete temporary folders left beside ``run_dir`` by creations that were killed: their lock is
+    free (a live creator holds it); one without a lock file yet is left for a minute."""
+    for tmp in run_dir.parent.glob(f".{run_dir.name}.new-*"):
+        lock = tmp / LOCK
+        if lock.exists():
+            fd = try_lock(lock)
+            if fd is None:
+                continue
+            os.close(fd)
+        elif time.time() - tmp.stat().st_mtime < 60:
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def create_run_dir(run_dir: Path, cfg: RunConfig, info: dict[str, Any]) -> RunLock | None:
+    """Create the run folder atomically and hold its lock: config.yaml, environment.json and
+    run.json (``info``) are written into a temporary folder beside it, which is then renamed,
+    so a kill or a full disk at any instant leaves either no run folder or a complete one.
+
+    Refused if ``run_dir`` holds anything else. Returns None when another process created the
+    run in the meantime (the caller then treats it as an existing run).
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir}: exists and is not a folder; choose another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not _unstarted(run_dir):
+            raise RunError(f"{run_dir}: exists and is not an empty folder or an elbolab run; choose another --out")
+        log.warning("%s: holds only the first files of a run whose creation was killed; starting it afresh", run_dir)
+        for p in run_dir.iterdir():
+            p.unlink()
+    make_dir(run_dir.parent)
+    _remove_abandoned_creations(run_dir)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.new-", dir=run_dir.parent))
+    except OSError as e:
+        raise OutputError(f"cannot create a folder in {run_dir.parent}: {e.strerror or e}") from None
+    lock = None
+    try:
+        os.chmod(tmp, DIR_MODE)  # mkdtemp's 0700 -> what mkdir gives
+        lock = RunLock(try_lock(tmp / LOCK))  # a fresh folder: nobody else holds it
+        atomic_write_text(tmp / CONFIG, cfg.to_yaml())
+        write_json(tmp / ENVIRONMENT, environment_info())
+        write_json(tmp / INFO, info)
+        fault_point("create:rename")
+        try:
+            os.rename(tmp, run_dir)  # replaces an empty folder; fails on a non-empty one
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and (run_dir / INFO).exists():
+                lock.release()
+                shutil.rmtree(tmp, ignore_errors=True)
+                return None
+            raise OutputError(f"cannot create {run_dir}: {e.strerror or e}") from None
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable
+        dfd = os.open(run_dir.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return lock
 
 
 def holds_run(run_dir: Path) -> bool:
     return (Path(run_dir) / INFO).exists()
 
 
+def check_config_unedited(run_dir: Path, info: dict[str, Any], saved: RunConfig) -> None:
+    """Refuse a config.yaml edited after the run started: the epochs already trained followed the
+    config run.json records, and the folder must keep describing them."""
+    recorded = info.get("config")
+    if not isinstance(recorded, dict):
+        return  # run.json of an older elbolab: nothing to compare with
+    try:
+        trained = RunConfig.from_dict(recorded)
+    except ConfigError:
+        return
+    diff = config_differences(trained, saved)
+    if diff:
+        raise RunError(f"{run_dir / CONFIG}: edited after the run started ({describe_differences(diff)}; run.json "
+                       "records what was trained); restore it, or start a new run with the new config")
+
+
 def open_unfinished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """Check that ``run_dir`` holds an unfinished run of ``cfg`` and return its last checkpoint
     (None when it was killed before the first). Anything else is refused, the folder untouched."""
     info_path = run_dir / INFO
-    info = read_json(info_path)
+    info = read_json_object(info_path)
     check_version(info.get("elbolab", "?"), info_path, "; it cannot be resumed")
     try:
         saved = load_config(run_dir / CONFIG)
     except ConfigError as e:
         raise RunError(str(e)) from None
+    check_config_unedited(run_dir, info, saved)
     diff = config_differences(saved, cfg)
     if diff:
-        raise RunError(f"{run_dir}: holds a run of another config ({'; '.join(diff[:3])}"
-                       f"{'; ...' if len(diff) > 3 else ''}); nothing was changed. "
-                       f"Continue it with --resume {run_dir}, or choose another --out")
+        raise RunError(f"{run_dir}: holds a run of another config ({describe_differences(diff)}); nothing was "
+                       f"changed. Continue it with --resume {run_dir}, or choose another --out")
     if info.get("status") == "finished":
         raise RunError(f"{run_dir}: already holds a finished run of this config; choose another --out")
     for p in remove_stale_temp_files(run_dir):
@@ -248,9 +523,28 @@ def open_unfinished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
 
 
 def keep_metrics_upto(run_dir: Path, epoch: int) -> None:
-    """Drop metrics rows of epochs after ``epoch`` (a resumed run trains them again)."""
-    kept = [r for r in read_metrics(run_dir / METRICS) if r.get("epoch", 0) <= epoch]
-    atomic_write_text(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+    """Drop metrics rows of epochs after ``epoch`` (a resumed run trains them again). Lines that are
+    not rows are moved, with their line numbers, to metrics.jsonl.bad-lines, never dropped."""
+    path = run_dir / METRICS
+    scan = scan_metrics(path)
+    if scan.bad:
+        text = "".join(f"{n}\t{line}\n" for n, line in scan.bad)
+        try:
+            with (run_dir / BAD_LINES).open("a") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise OutputError(f"cannot write {run_dir / BAD_LINES}: {e.strerror or e}; {path} is unchanged") from None
+        log.warning("%s: %d line(s) are not metrics rows (line %s); moved to %s", path, len(scan.bad),
+                    ", ".join(str(n) for n, _ in scan.bad[:5]), run_dir / BAD_LINES)
+    kept = [r for r in scan.rows if r["epoch"] <= epoch]
+    if kept != scan.rows or scan.bad or scan.torn:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _is_epoch(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --- reloading ------------------------------------------------------------------------------
@@ -267,8 +561,8 @@ def load_run(path: str | Path, device: str = "cpu", weights: str = "final") -> R
         raise RunError(f"{path}: no such run folder")
     if weights not in WEIGHTS:
         raise RunError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    info = read_json(path / INFO)
-    if not isinstance(info, dict) or "data_dim" not in info:
+    info = read_json_object(path / INFO)
+    if "data_dim" not in info:
         raise RunError(f"{path / INFO}: not an elbolab run description")
     check_version(info.get("elbolab", "?"), path / INFO)
     try:
@@ -276,13 +570,13 @@ def load_run(path: str | Path, device: str = "cpu", weights: str = "final") -> R
     except ConfigError as e:
         raise RunError(str(e)) from None
     try:
-        model = build_model(cfg.model, int(info["data_dim"]))
-    except (ValueError, TypeError, KeyError) as e:
+        model = build_model(cfg.model, int(info["data_dim"]), image_shape=info.get("image_shape"))
+    except (ValueError, TypeError, KeyError, OverflowError) as e:
         raise RunError(f"{path / CONFIG}: describes a model this elbolab cannot build ({e})") from None
     if weights == "last":
         load_model_state(model, load_checkpoint(path / CHECKPOINT)["model"], path / CHECKPOINT)
     else:
         load_weights(model, path / WEIGHTS[weights])
     model.to(device).eval()
-    report = read_json(path / REPORT) if (path / REPORT).exists() else None
+    report = read_json_object(path / REPORT, "an evaluation report") if (path / REPORT).exists() else None
     return Run(path, cfg, model, info, read_metrics(path / METRICS), report)

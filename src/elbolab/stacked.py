@@ -372,10 +372,10 @@ class StackedTrainer:
                 break
         trainer.prepare_run_dir(resume)  # a resumed run restores torch's stream from its checkpoint
         member = _Member(trainer, StackRun.of(trainer))
+        self.members.append(member)  # from here its lock is released with the others'
         member.writer = trainer._tensorboard()
         if trainer.epoch >= cfg.train.epochs or trainer.finished:
             self._finish(member)
-        self.members.append(member)
 
     # --- persistence ------------------------------------------------------------------
     def _save(self, m: _Member) -> None:
@@ -403,11 +403,15 @@ class StackedTrainer:
         reported as failed and the others go on; Ctrl-C or SIGTERM checkpoints every run and
         raises KeyboardInterrupt.
         """
-        for cfg, run_dir in self.runs:
-            if _finished(run_dir):
-                self.outcomes[run_dir] = RunOutcome(run_dir, "finished")
-                continue
-            self._add_member(cfg, run_dir, resume)
+        try:
+            for cfg, run_dir in self.runs:
+                if _finished(run_dir):
+                    self.outcomes[run_dir] = RunOutcome(run_dir, "finished")
+                    continue
+                self._add_member(cfg, run_dir, resume)
+        except BaseException:  # a run refused (in use, damaged): the runs taken so far are let go untouched
+            self._release()
+            raise
         try:
             with self._graceful_signals():
                 while True:
@@ -429,10 +433,16 @@ class StackedTrainer:
         finally:
             if self._bar is not None:
                 self._bar.close()
-            for m in self.members:
-                if m.writer is not None:
-                    m.writer.close()
+            self._release()
         return [self.outcomes[run_dir] for _, run_dir in self.runs]
+
+    def _release(self) -> None:
+        """Close each run's writer and let go of its folder (the lock prepare_run_dir took)."""
+        for m in self.members:
+            if m.writer is not None:
+                m.writer.close()
+                m.writer = None
+            m.trainer.release()
 
     def _progress(self, active: list[_Member], i: int, n: int) -> None:
         """One bar per epoch of the runs stepping, as ``Trainer.train_epoch`` shows one run's."""

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import rng
 from .config import ConfigError, RunConfig
-from .data import Batcher, ImageDataset, evaluation_images, load
+from .data import DATASETS, Batcher, ImageDataset, evaluation_images, load
 from .devices import resolve_device
 from .evaluation import evaluate_bounds
 from .fastpaths import compile_objective, retain_freed_memory, with_precision
@@ -41,14 +41,19 @@ from .models import LatentVariableModel, build_model
 from .models.base import LogWeightTerms
 from .objectives import ObjectiveResult, make_objective
 from .optimizers import make_optimizer
-from .preflight import preflight
+from .preflight import check_memory, check_parameter_memory, preflight
 from .runs import (
+    CHECKPOINT,
     METRICS,
     RunError,
+    RunLock,
+    check_model_state,
     create_run_dir,
     holds_run,
     keep_metrics_upto,
+    lock_run,
     open_unfinished_run,
+    run_info,
     save_checkpoint,
     save_weights,
     write_info,
@@ -60,6 +65,24 @@ log = logging.getLogger("elbolab")
 
 class NonFiniteError(FloatingPointError):
     """A loss or gradient became inf/NaN; the message names the step, batch and terms."""
+
+
+def _field(state: dict[str, Any], key: str, kind: type | tuple[type, ...], source: Path | str,
+           default: Any = ...) -> Any:
+    """``state[key]`` checked to be a ``kind`` (a crafted or damaged checkpoint is named, not run)."""
+    if key not in state:
+        if default is not ...:
+            return default
+        raise RunError(f"{source}: checkpoint field {key!r} missing; not a complete elbolab checkpoint")
+    value = state[key]
+    bad_bool = isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    if not isinstance(value, kind) or bad_bool:
+        want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise RunError(f"{source}: checkpoint field {key!r} is {type(value).__name__} {str(value)[:40]!r}, "
+                       f"expected {want}")
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise RunError(f"{source}: checkpoint field {key!r} is {value}, expected >= 0")
+    return value
 
 
 def _term_labels(terms: LogWeightTerms) -> dict[str, Tensor]:
@@ -140,6 +163,10 @@ class Trainer:
         self.dataset = (
             dataset if dataset is not None else load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
         )
+        if self.dataset.name != DATASETS.canonical(cfg.data.name):
+            log.warning("data.name is %r but the data passed in is %r: run.json records it as passed-in data, "
+                        "and evaluate/diagnose will ask for it again (elbolab.train sets data.name=user)",
+                        cfg.data.name, self.dataset.name)
         torch.manual_seed(cfg.train.seed)
         d = cfg.data
         self.batcher = Batcher(self.dataset.split("train"), self.dataset.binary, d.binarization,
@@ -149,11 +176,15 @@ class Trainer:
             if "valid" in self.dataset.splits else None
         )
         train_float = self.dataset.as_float("train", "none")
+        check_parameter_memory(cfg, self.dataset.data_dim, self.device, train_float, cfg.data.name)
         try:
-            model = build_model(cfg.model, self.dataset.data_dim, train_float, dataset=cfg.data.name)
+            model = build_model(cfg.model, self.dataset.data_dim, train_float, dataset=cfg.data.name,
+                                image_shape=self.dataset.image_shape)
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"model: cannot build {cfg.model.name!r} with this config: {e}") from None
         self.model: LatentVariableModel = model.to(self.device)
+        # refused before anything is written: no run folder is left "running" by a step that cannot fit
+        check_memory(cfg, self.model, self.dataset.data_dim, 0 if self.valid is None else self.valid.shape[0])
         self.optimizer = make_optimizer(self.model, cfg.train, self.device)
         self.objective = with_precision(make_objective(cfg.objective), self.model, cfg.train.precision, self.device)
         if cfg.train.compile:
@@ -174,6 +205,8 @@ class Trainer:
         self.epoch_count = 0
         self._last_checkpoint = time.monotonic()
         self._interrupt: str | None = None
+        #: the run folder's lock, held from prepare_run_dir to the end of fit
+        self._lock: RunLock | None = None
 
     # --- persistence -----------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -196,27 +229,47 @@ class Trainer:
         }
 
     def load_state(self, state: dict[str, Any], source: Path | str = "checkpoint") -> None:
+        """Take up a checkpoint's state; every field is checked first, so a damaged or crafted
+        checkpoint is refused in one line naming the field, the run folder untouched."""
+        model_state = _field(state, "model", dict, source)
+        check_model_state(self.model, model_state, source)
+        optimizer_state = _field(state, "optimizer", dict, source)
+        epoch = _field(state, "epoch", int, source)
+        step = _field(state, "step", int, source)
+        best_valid = float(_field(state, "best_valid", (float, int), source))
+        epochs_since_best = _field(state, "epochs_since_best", int, source)
+        nonfinite_skips = _field(state, "nonfinite_skips", int, source, 0)
+        finished = _field(state, "finished", bool, source)
+        pos = _field(state, "position", (dict, type(None)), source, None) or {}
+        order = _field(pos, "order", (torch.Tensor, type(None)), source, None)
+        next_batch = _field(pos, "next_batch", int, source, 0)
+        bound_sum = float(_field(pos, "bound_sum", (float, int), source, 0.0))
+        count = _field(pos, "count", int, source, 0)
+        rng_state = _field(state, "rng", dict, source)
+        n = len(self.batcher)
+        if order is not None:
+            if order.numel() != n:
+                raise RunError(f"{source}: its epoch permutation covers {order.numel()} images, "
+                               f"the training split has {n}")
+            if order.dtype != torch.int64 or order.dim() != 1 or not torch.equal(order.sort().values, torch.arange(n)):
+                raise RunError(f"{source}: checkpoint field 'position.order' is not a permutation of the "
+                               f"{n} training images")
+        if next_batch > -(-n // self.cfg.train.batch_size):
+            raise RunError(f"{source}: checkpoint field 'position.next_batch' is {next_batch}, past the epoch's end")
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optimizer_state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
             why = " ".join(str(e).split())[:300]
             raise RunError(f"{source}: does not fit the configured model/optimizer ({why})") from None
-        self.epoch = int(state["epoch"])
-        self.step = int(state["step"])
-        self.best_valid = float(state["best_valid"])
-        self.epochs_since_best = int(state["epochs_since_best"])
-        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
-        self.finished = bool(state["finished"])
-        pos = state.get("position") or {}
-        self.order = pos.get("order")
-        self.next_batch = int(pos.get("next_batch", 0))
-        self.epoch_bound_sum = float(pos.get("bound_sum", 0.0))
-        self.epoch_count = int(pos.get("count", 0))
-        if self.order is not None and self.order.numel() != len(self.batcher):
-            raise RunError(f"{source}: its epoch permutation covers {self.order.numel()} images, "
-                           f"the training split has {len(self.batcher)}")
-        rng.restore(state["rng"], self.batcher.generator, self.shuffle, self.device)
+        try:
+            rng.restore(rng_state, self.batcher.generator, self.shuffle, self.device)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            why = " ".join(str(e).split())[:200]
+            raise RunError(f"{source}: checkpoint field 'rng' is damaged ({type(e).__name__}: {why})") from None
+        self.epoch, self.step, self.best_valid = epoch, step, best_valid
+        self.epochs_since_best, self.nonfinite_skips, self.finished = epochs_since_best, nonfinite_skips, finished
+        self.order, self.next_batch, self.epoch_bound_sum, self.epoch_count = order, next_batch, bound_sum, count
 
     def save_checkpoint(self) -> None:
         save_checkpoint(self.state(), self.run_dir)
@@ -232,20 +285,33 @@ class Trainer:
         if not holds_run(self.run_dir):
             if resume:
                 raise RunError(f"{self.run_dir}: no run to resume here (run.json missing)")
-            create_run_dir(self.run_dir, self.cfg)
-            self._write_info("running")
-            return False
+            info = run_info("running", self.cfg, self.dataset, self.epoch, self.step)
+            self._lock = create_run_dir(self.run_dir, self.cfg, info)
+            if self._lock is not None:
+                return False
+            # another process created this run a moment ago: handled as an existing run below
         if resume is False:
             raise RunError(f"{self.run_dir}: already holds a run; resume it or choose another --out")
-        state = open_unfinished_run(self.run_dir, self.cfg)
-        if state is not None:
-            self.load_state(state, self.run_dir / "checkpoint.pt")
-        # else: killed before the first checkpoint; the freshly seeded state is where it began
-        keep_metrics_upto(self.run_dir, self.epoch)
-        log.warning("continuing the unfinished run in %s at epoch %d, batch %d (step %d)",
-                    self.run_dir, self.epoch + 1, self.next_batch, self.step)
-        self._write_info("running")
+        self._lock = lock_run(self.run_dir)
+        try:
+            state = open_unfinished_run(self.run_dir, self.cfg)
+            if state is not None:
+                self.load_state(state, self.run_dir / CHECKPOINT)
+            # else: killed before the first checkpoint; the freshly seeded state is where it began
+            keep_metrics_upto(self.run_dir, self.epoch)
+            log.warning("continuing the unfinished run in %s at epoch %d, batch %d (step %d)",
+                        self.run_dir, self.epoch + 1, self.next_batch, self.step)
+            self._write_info("running")
+        except BaseException:
+            self.release()
+            raise
         return True
+
+    def release(self) -> None:
+        """Let go of the run folder (its lock); the OS does it too when the process ends."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _write_info(self, status: str, error: str | None = None) -> None:
         write_info(self.run_dir, status, self.cfg, self.dataset, self.epoch, self.step, error)
@@ -360,13 +426,25 @@ class Trainer:
         b = evaluate_bounds(self.model, self.valid, k=k, batch_size=500, seed=self.cfg.eval.seed)
         return {"valid_elbo": b["elbo"], f"valid_iwae_{k}": b[f"iwae_{k}"]}
 
-    def fit(self, resume: bool | None = None) -> Path:
-        """Train to the end; ``resume`` as in :meth:`prepare_run_dir` (None: automatic)."""
+    def fit(self, resume: bool | None = None, keep_lock: bool = False) -> Path:
+        """Train to the end; ``resume`` as in :meth:`prepare_run_dir` (None: automatic).
+        The run folder stays locked until :meth:`release` with ``keep_lock`` (the CLI evaluates it first)."""
         self.prepare_run_dir(resume)
+        ok = False
+        try:
+            path = self._fit()
+            ok = True
+            return path
+        finally:
+            if not (ok and keep_lock):
+                self.release()
+
+    def _fit(self) -> Path:
         cfg = self.cfg
-        writer = self._tensorboard()
+        writer = None
         self._last_checkpoint = time.monotonic()
         try:
+            writer = self._tensorboard()
             with self._graceful_signals():
                 while self.epoch < cfg.train.epochs and not self.finished:
                     t0 = time.perf_counter()
@@ -380,6 +458,9 @@ class Trainer:
             raise
         except (NonFiniteError, OutputError) as e:
             self._write_info_quietly("failed", str(e))
+            raise
+        except Exception as e:  # never leave a dead run marked "running"
+            self._write_info_quietly("failed", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
             raise
         finally:
             if writer is not None:

@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..api import run_data
 from ..config import ConfigError
-from ..data import ImageDataset, evaluation_images, load
+from ..data import ImageDataset
 from ..devices import resolve_device
 from ..runs import WEIGHTS, Run, load_run
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NUMERICAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def strict_json(obj: Any, indent: int | None = None) -> tuple[str, list[str]]:
+    """``obj`` as standard JSON, which has no inf or NaN: those are written as null. Also returns
+    the dotted keys where that happened, for a message."""
+    bad: list[str] = []
+
+    def clean(x: Any, key: str) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            bad.append(key or "(value)")
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(x)]
+        return x
+
+    return json.dumps(clean(obj, ""), indent=indent, allow_nan=False), bad
 
 
 def add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -22,12 +46,17 @@ def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
 
 
-def add_run_options(p: argparse.ArgumentParser, split_flag: str = "--split") -> None:
-    """RUN, --weights, --data-dir, --device and the split to read."""
-    p.add_argument("run", help="run folder")
+def add_run_options(p: argparse.ArgumentParser, split_flag: str = "--split", runs: bool = False) -> None:
+    """RUN (or RUN... with ``runs``), --weights, --data-file, --data-dir, --device and the split to read."""
+    if runs:
+        p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
+    else:
+        p.add_argument("run", help="run folder")
     p.add_argument(split_flag, default="test", dest="split", help="data split (default: test)")
     p.add_argument("--weights", default="final", choices=list(WEIGHTS),
                    help="final, best (on validation) or last (the checkpoint)")
+    p.add_argument("--data-file", help="the split's images as .npy, or a .npz of train/valid/test arrays: "
+                   "for a run trained on data passed in from Python (run.json data_source in-memory)")
     add_data_dir(p)
     add_device(p)
 
@@ -41,14 +70,13 @@ class OpenRun:
     device: torch.device
 
 
-def open_run(args: argparse.Namespace) -> OpenRun:
-    """The run folder, its dataset and the split's evaluation images, on ``--device``."""
+def open_run(args: argparse.Namespace, run_path: str | None = None) -> OpenRun:
+    """The run folder (``run_path``, else ``args.run``), its dataset and the split's evaluation
+    images, on ``--device``."""
     device = resolve_device(args.device or "cpu", "--device")
-    run = load_run(args.run, device=str(device), weights=args.weights)
-    d = run.config.data
-    dataset = load(d.name, args.data_dir or d.data_dir, validation=d.validation)
-    x = evaluation_images(dataset, args.split, d.binarization, d.binarization_seed).to(device)
-    return OpenRun(run, dataset, x, device)
+    run = load_run(run_path or args.run, device=str(device), weights=args.weights)
+    rd = run_data(run, args.data_file, args.split, args.data_dir, device)
+    return OpenRun(run, rd.dataset, rd.x, device)
 
 
 def positive(value: int | None, option: str) -> None:

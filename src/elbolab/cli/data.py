@@ -22,6 +22,8 @@ def cmd_data_list(args: argparse.Namespace) -> int:
         kind = "binary" if spec.binary else "grey 0..255"
         if spec.embedded:
             states, found = [], "embedded"
+        elif not spec.files:
+            states, found = [], "passed in (elbolab.train(data), docs/api.md)"
         else:
             states = [file_state(data_dir, f) for f in spec.files]
             n_found = sum(s.path is not None for s in states)
@@ -31,7 +33,7 @@ def cmd_data_list(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             dataset = load(name, data_dir)
             counts = _counts(dataset.counts().items()) + f" (loaded in {time.perf_counter() - t0:.2f} s)"
-        print(f"\n{name}: {found}  [{shape} {kind}]  {counts}")
+        print(f"\n{name}: {found}" + (f"  [{shape} {kind}]  {counts}" if spec.files or spec.embedded else ""))
         print(f"  {spec.description}")
         for s in states:
             where = s.path if s.path is not None else data_dir / s.relpath

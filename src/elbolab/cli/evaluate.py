@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, flow_stl_refusal
 from ..diagnostics.gradient_snr import plot_snr_vs_k, snr_sweep
 from ..diagnostics.report import REPORT_MD, diagnose
 from ..diagnostics.summary import format_summary, summarize
 from ..objectives import ESTIMATORS
-from .common import add_run_options, open_run, positive
+from .common import EXIT_NUMERICAL, add_run_options, open_run, positive, strict_json
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -23,7 +23,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = summarize(o.run.model, o.x, o.run.config.objective.k, args.k or e.k_importance, e.batch_size,
                        e.chunk_for(o.device), e.active_unit_threshold, e.seed)
     report["split"] = args.split
-    print(json.dumps(report, indent=2) if args.json else format_summary(report))
+    text, bad = strict_json(report, indent=2)
+    print(text if args.json else format_summary(report))
+    if bad:
+        print(f"elbolab: numerical fault: {', '.join(bad[:5])} {'is' if len(bad) == 1 else 'are'} not finite"
+              f"{' (printed as null)' if args.json else ''}; the weights give no usable bound", file=sys.stderr)
+        return EXIT_NUMERICAL
     return 0
 
 
@@ -48,10 +53,15 @@ def cmd_snr(args: argparse.Namespace) -> int:
     if args.draws < 2:
         raise ConfigError(f"--draws: must be >= 2 to estimate a standard deviation, got {args.draws}")
     o = open_run(args)
+    post = o.run.config.model.posterior
+    refused = [e for e in args.estimators if e != "standard"] if post.active and flow_stl_refusal(post.flow) else []
+    if refused:
+        raise ConfigError(f"--estimators: {', '.join(refused)} cannot run with this run's {post.flow} posterior: "
+                          f"{flow_stl_refusal(post.flow)}; pass --estimators standard")
     x = o.x[: args.batch]
     results = snr_sweep(o.run.model, x, args.k, args.estimators, n_draws=args.draws, seed=args.seed)
     for r in results:
-        print(json.dumps(r.to_dict()))
+        print(strict_json(r.to_dict())[0])
     if args.plot:
         print(f"figure: {plot_snr_vs_k(results, args.plot, title=f'{args.run}: batch {x.shape[0]}')}")
     return 0

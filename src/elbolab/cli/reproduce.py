@@ -15,9 +15,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"{spec.title} ({spec.citation}, {spec.table})")
         for budget in BUDGETS:
             print(f"  budget {budget}: {spec.protocol.budget_notes[budget]}")
+            for row, note in spec.protocol.notes_for(budget).items():
+                print(f"    row {row}: {note}")
         for p in plan_rows(spec, args.budget, args.only, args.data_dir, args.set or []):
             c = p.config
-            print(f"  {p.row.id:38s} {p.data_label}, {c.model.name}, prior {c.model.prior.name}, "
+            post = c.model.posterior
+            flow = f", {post.flow} flow x{post.length}" if post.active else ""
+            print(f"  {p.row.id:38s} {p.data_label}, {c.model.name}, prior {c.model.prior.name}{flow}, "
                   f"{c.objective.name} k={c.objective.k}, {c.train.epochs} epochs")
         return 0
 

@@ -10,8 +10,9 @@ from ..config import ConfigError, RunConfig, load_config, preset
 from ..data import evaluation_images, load
 from ..devices import resolve_device
 from ..diagnostics.summary import summarize
+from ..evaluation import random_subset
 from ..preflight import preflight
-from ..runs import CONFIG, REPORT, load_run, read_json, write_json
+from ..runs import CONFIG, REPORT, load_run, lock_run, read_json_object, write_json
 from ..stacked import pack, train_stacked
 from ..sweep import (
     SWEEP_FILE,
@@ -102,19 +103,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _evaluate(run_dir: Path, cfg: RunConfig, dataset) -> str:
     """report.json for a finished run (as ``train`` writes it after one run); one line to print."""
     if (run_dir / REPORT).exists():
-        report = read_json(run_dir / REPORT)
+        report = read_json_object(run_dir / REPORT, "a run report")
     else:
         if dataset is None:
             dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
-        device = resolve_device(cfg.train.device)
-        model = load_run(run_dir, device=str(device)).model
-        x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed).to(device)
-        e = cfg.eval
-        t1 = time.perf_counter()
-        report = summarize(model, x, cfg.objective.k, e.k_importance, e.batch_size, e.chunk_for(device),
-                           e.active_unit_threshold, e.seed)
-        report["eval_seconds"] = round(time.perf_counter() - t1, 1)
-        write_json(run_dir / REPORT, report)
+        lock = lock_run(run_dir)  # one owner at a time, as train holds a run through its evaluation
+        try:
+            device = resolve_device(cfg.train.device)
+            model = load_run(run_dir, device=str(device)).model
+            e = cfg.eval
+            x = random_subset(evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed),
+                              e.test_images).to(device)
+            t1 = time.perf_counter()
+            report = summarize(model, x, cfg.objective.k, e.k_importance, e.batch_size, e.chunk_for(device),
+                               e.active_unit_threshold, e.seed)
+            report["eval_seconds"] = round(time.perf_counter() - t1, 1)
+            write_json(run_dir / REPORT, report)
+        finally:
+            lock.release()
     ll = report["log_likelihood"]
     return f"test log p(x) {ll['mean']:.2f} +- {ll['stderr']:.2f} nats (IS K={ll['k']})"
 

@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import time
 from pathlib import Path
 
 from ..config import PRESETS, ConfigError, RunConfig, load_config, preset
 from ..data import evaluation_images, load
+from ..devices import resolve_device
 from ..diagnostics.summary import format_summary, summarize
+from ..evaluation import random_subset
+from ..files import fault_point
 from ..preflight import preflight
-from ..runs import CONFIG, REPORT, write_json
+from ..runs import (
+    CONFIG,
+    INFO,
+    METRICS,
+    REPORT,
+    RunError,
+    config_differences,
+    describe_differences,
+    holds_run,
+    load_run,
+    lock_run,
+    read_json_object,
+    read_metrics,
+    write_json,
+)
 from ..training import Trainer
 from .common import add_data_dir, add_device
 from .sweep import cmd_sweep, wants_sweep
@@ -25,15 +43,48 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _placement(args: argparse.Namespace) -> list[str]:
-    """Overrides for where a run reads its data and trains (--data-dir, --device): the only ones a
-    resumed run accepts, so a run killed on a GPU machine can continue on a CPU one."""
+    """Overrides for where a run reads its data and trains (--data-dir, --device): resume-free,
+    so a run killed on a GPU machine can continue on a CPU one."""
     return ([f"data.data_dir={args.data_dir}"] if args.data_dir else []) + (
         [f"train.device={args.device}"] if args.device else [])
 
 
 def _default_out(cfg: RunConfig) -> Path:
+    """runs/<dataset>-<model>-<objective><k>-<time>-<random>: unique even for runs started in the same second."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.data.name}-{cfg.model.name}-{cfg.objective.name}{cfg.objective.k}-{stamp}"
+    name = f"{cfg.data.name}-{cfg.model.name}-{cfg.objective.name}{cfg.objective.k}-{stamp}-{secrets.token_hex(3)}"
+    return Path("runs") / name
+
+
+def _resume_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
+    """The run's own config, with the overrides that leave its result unchanged (progress, device,
+    data folder, compile, evaluation settings); any other change is refused, naming the keys."""
+    if not holds_run(run_dir):
+        raise RunError(f"{run_dir}: no run to resume here (run.json missing)")
+    saved = load_config(run_dir / CONFIG)
+    base = load_config(args.config) if args.config else (preset(args.preset) if args.preset else saved)
+    overrides = list(args.set or []) + _placement(args)
+    cfg = base.with_overrides(overrides) if overrides else base
+    diff = config_differences(saved, cfg)
+    if diff:
+        raise ConfigError(f"--resume {run_dir}: would change what the run trains ({describe_differences(diff)}); "
+                          "a resumed run keeps its config, only progress, device, threads, data folder, compile and "
+                          "eval settings (but eval.seed) may change")
+    return cfg
+
+
+def _finished_unevaluated(run_dir: Path, cfg: RunConfig, args: argparse.Namespace) -> bool:
+    """Whether ``run_dir`` holds this config's run, trained to the end but without its report (an
+    interrupted final evaluation): then it is evaluated, not refused."""
+    if not holds_run(run_dir):
+        return False
+    info = read_json_object(run_dir / INFO)
+    if info.get("status") != "finished" or config_differences(load_config(run_dir / CONFIG), cfg):
+        return False  # the trainer continues it, or refuses it naming the differences
+    if args.no_eval or (run_dir / REPORT).exists():
+        raise RunError(f"{run_dir}: already holds a finished{'' if args.no_eval else ' and evaluated'} run of this "
+                       "config; nothing to resume (choose another --out for a new run)")
+    return True
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -43,40 +94,58 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if args.out and Path(args.out).resolve() != run_dir.resolve():
             raise ConfigError(f"--resume {run_dir} and --out {args.out}: a resumed run stays in its own folder")
-        cfg = load_config(run_dir / CONFIG)
-        if args.set or args.config or args.preset:
-            cfg_new = _config_from_args(args)
-            if cfg_new != cfg:
-                raise ConfigError(f"--resume {run_dir}: the run has its own config; drop --config/--set/--preset")
-        if _placement(args):
-            cfg = cfg.with_overrides(_placement(args))
+        cfg = _resume_config(args, run_dir)
+        resume: bool | None = True
     else:
         cfg = _config_from_args(args)
         run_dir = Path(args.out) if args.out else _default_out(cfg)
+        # a default folder is always new; an --out holding an unfinished run of the same config is continued
+        resume = None if args.out else False
     preflight(cfg)  # a device this machine lacks, a missing compiler: refused before the data is read
+    finished = _finished_unevaluated(run_dir, cfg, args) if (args.resume or args.out) else False
     dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
+    if finished:
+        print(f"elbolab: {run_dir} finished training but its evaluation did not; evaluating it", flush=True)
+        lock = lock_run(run_dir)
+        try:
+            device = resolve_device(cfg.train.device)
+            model = load_run(run_dir, device=str(device)).model
+            seconds = sum(float(r.get("seconds", 0.0)) for r in read_metrics(run_dir / METRICS))
+            _report(model, device, dataset, cfg, run_dir, seconds)
+        finally:
+            lock.release()
+        return 0
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, run_dir, dataset)  # refuses, before anything is written, a run that cannot fit
     print(f"elbolab: training {cfg.model.name} ({cfg.objective.name}, k={cfg.objective.k}) on {dataset.name} "
           f"for {cfg.train.epochs} epochs -> {run_dir}", flush=True)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, run_dir, dataset)
-    # without --resume, an unfinished run of the same config in --out is continued
-    trainer.fit(resume=True if args.resume else None)
-    train_seconds = time.perf_counter() - t0
-    if args.no_eval:
-        print(f"trained in {train_seconds:.0f} s; run folder: {run_dir}")
-        return 0
-    x_test = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed)
+    try:
+        trainer.fit(resume=resume, keep_lock=True)  # held through the evaluation: one owner at a time
+        train_seconds = time.perf_counter() - t0
+        if args.no_eval:
+            print(f"trained in {train_seconds:.0f} s; run folder: {run_dir}")
+            return 0
+        _report(trainer.model, trainer.device, dataset, cfg, run_dir, train_seconds)
+    finally:
+        trainer.release()
+    return 0
+
+
+def _report(model, device, dataset, cfg: RunConfig, run_dir: Path, train_seconds: float) -> None:
+    """Evaluate on the test split, write report.json, print the summary."""
     e = cfg.eval
+    x_test = random_subset(evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed),
+                           e.test_images)
     t1 = time.perf_counter()
-    report = summarize(trainer.model, x_test.to(trainer.device), cfg.objective.k, e.k_importance, e.batch_size,
-                       e.chunk_for(trainer.device), e.active_unit_threshold, e.seed)
+    report = summarize(model, x_test.to(device), cfg.objective.k, e.k_importance, e.batch_size,
+                       e.chunk_for(device), e.active_unit_threshold, e.seed)
     report["train_seconds"] = round(train_seconds, 1)
     report["eval_seconds"] = round(time.perf_counter() - t1, 1)
+    fault_point("report")
     write_json(run_dir / REPORT, report)
     print(format_summary(report))
     print(f"trained in {train_seconds:.0f} s, evaluated in {report['eval_seconds']:.0f} s")
     print(f"run folder: {run_dir}  (reload with elbolab.load_run('{run_dir}'))")
-    return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -86,9 +155,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
     add_data_dir(p)
     p.add_argument("--out", help="run folder to create, or an unfinished run of the same config to continue "
-                   "(default: runs/<dataset>-<model>-<objective>-<time>)")
+                   "(default: a new runs/<dataset>-<model>-<objective>-<time>-<random>)")
     add_device(p)
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (or sweep) from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run or sweep from its last checkpoint "
+                   "(or evaluate a finished run whose evaluation was interrupted); --set may change only what "
+                   "leaves the result unchanged: train.progress, train.device, train.threads, train.compile, "
+                   "data.data_dir, eval.* (but eval.seed)")
     p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
                    help="train one run per value (repeat for a grid); runs of one shape train as one stacked "
                         "model, each in its own folder under --out")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write_bytes, atomic_write_text
+from ..files import OutputError, atomic_write_bytes, atomic_write_text
 
 CACHE_ENV_VAR = "ELBOLAB_CACHE"
 log = logging.getLogger(__name__)
@@ -35,15 +35,19 @@ def cache_dir() -> Path:
 
 def _load(npz: Path, manifest: Path, key: str) -> dict[str, np.ndarray] | None:
     try:
-        meta = json.loads(manifest.read_text())
+        meta = json.loads(manifest.read_bytes())
         raw = npz.read_bytes()
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, a folder, not JSON, not UTF-8
         return None
-    if meta.get("key") != key or meta.get("sha256") != hashlib.sha256(raw).hexdigest():
+    if not isinstance(meta, dict) or meta.get("key") != key or meta.get("sha256") != hashlib.sha256(raw).hexdigest():
         log.info("cache %s is stale or damaged; rebuilding", npz)
         return None
-    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, KeyError, AttributeError):
+        log.info("cache %s is unreadable; rebuilding", npz)
+        return None
 
 
 def cached_arrays(name: str, key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -65,6 +69,6 @@ def cached_arrays(name: str, key: str, build: Callable[[], dict[str, np.ndarray]
         manifest.unlink(missing_ok=True)  # never a manifest vouching for a half-replaced .npz
         atomic_write_bytes(npz, data)
         atomic_write_text(manifest, json.dumps({"key": key, "sha256": hashlib.sha256(data).hexdigest()}))
-    except OSError as e:
+    except (OSError, OutputError) as e:
         log.warning("cannot write the cache %s (%s); it will be rebuilt next time", npz, e)
     return arrays

@@ -6,7 +6,10 @@ Batches are slices of that tensor, so drawing a batch costs one index operation.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,6 +32,9 @@ class ImageDataset:
     source: str = ""
     #: binarization picked by the name it was loaded under (``mnist-dynamic``); "none" otherwise
     default_binarization: str = "none"
+    #: where the data came from, as run.json records it (``data.user.data_source``): a
+    #: registered name, files with their SHA-256, or in-memory arrays with a checksum
+    origin: dict[str, Any] = field(default_factory=dict)
 
     @property
     def data_dim(self) -> int:
@@ -82,6 +88,15 @@ EVAL_DRAW_OFFSET = {"valid": 2, "test": 3, "train": 4}
 def evaluation_images(dataset: ImageDataset, split: str, binarization: str, binarization_seed: int) -> Tensor:
     """The float images of ``split`` that training, evaluate, diagnose and reproduce all score."""
     return dataset.as_float(split, binarization, binarization_seed + EVAL_DRAW_OFFSET.get(split, 3))
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def to_unit_float(x: Tensor, binary: bool) -> Tensor:

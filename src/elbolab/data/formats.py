@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import DataError
-from .sources import decompress
+from .sources import decompress, path_problem
 
 
 def read_bytes(path: Path) -> bytes:
     """Whole file, transparently gunzipped when it ends in .gz."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+    problem = path_problem(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -102,11 +103,17 @@ def parse_mat(content: bytes, path: Path) -> dict[str, np.ndarray]:
     """The variables of a MATLAB v5 .mat file (scipy.io; v7.3/HDF5 files are refused)."""
     import scipy.io
 
+    if not content:
+        raise DataError(f"{path}: empty file (0 bytes); fetch it again")
     try:
         mat = scipy.io.loadmat(io.BytesIO(content))
-    # scipy signals a v7.3 (HDF5) file by raising NotImplementedError: a format we refuse, not a stub
-    except (ValueError, TypeError, OSError, NotImplementedError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable MATLAB v5 .mat file ({e}); fetch it again") from None
+    # scipy reports a v7.3 (HDF5) file with NotImplementedError, and a file that is not a .mat at all
+    # (a zip, random bytes) with whatever its parser trips on (IndexError, struct.error, ...)
+    except Exception as e:  # noqa: BLE001 - any failure to parse means an unusable file
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise DataError(f"{path}: not a readable MATLAB v5 .mat file ({why}); fetch it again") from None
+    if not isinstance(mat, dict):
+        raise DataError(f"{path}: not a readable MATLAB v5 .mat file; fetch it again")
     return {k: v for k, v in mat.items() if not k.startswith("__")}
 
 
@@ -165,5 +172,8 @@ def parse_npz(content: bytes, path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(content), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e}); fetch it again") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, IndexError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise DataError(f"{path}: not a readable .npz file ({why}); fetch it again") from None
+    except AttributeError:  # np.load returned a bare array (a .npy), not an archive
+        raise DataError(f"{path}: a .npy array, not an .npz archive; fetch it again") from None

@@ -86,7 +86,10 @@ def load(name: str, data_dir: str | Path | None = None, validation: int = 0) -> 
     split (for datasets without one; ``data.validation`` in a run config).
     """
     spec, binarization = resolve_name(name)
-    dataset = spec.loader(resolve_data_dir(data_dir))
+    folder = resolve_data_dir(data_dir)
+    dataset = spec.loader(folder)
+    origin = {"kind": "registered", "name": spec.name, "data_dir": None if spec.embedded else str(folder)}
+    dataset = replace(dataset, origin=origin)
     if binarization is not None:
         dataset = replace(dataset, default_binarization=binarization)
     return dataset.with_validation(validation)

@@ -10,9 +10,11 @@ the recompressed copy in ``shared/data`` hold the same bytes). Values are from
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import os
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,31 +111,83 @@ def candidates(relpath: str) -> list[str]:
     return [relpath, other]
 
 
+def path_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable file ("file not found", "is a folder, not a file", a
+    symlink loop ...), or None when it is one."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "a symlink to a missing file" if path.is_symlink() else "file not found"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop (the link points back to itself), not a file"
+        return f"cannot read ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    return None
+
+
 def locate(data_dir: Path, relpath: str) -> Path | None:
     for name in candidates(relpath):
         path = data_dir / name
-        if path.is_file():
+        if path_problem(path) is None:
             return path
     return None
 
 
 def require(data_dir: Path, relpath: str, dataset: str) -> Path:
-    """The file's path, or a DataError saying where to put it."""
+    """The file's path, or a DataError saying what is wrong with it or where to put it."""
     path = locate(data_dir, relpath)
-    if path is None:
-        raise DataError(
-            f"{data_dir / relpath}: file not found (needed by dataset {dataset!r}); run "
-            f"`elbolab data download {dataset}` or put the file there (see `elbolab data list`)"
-        )
-    return path
+    if path is not None:
+        return path
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"{data_dir}: the data folder is a file, not a folder (needed by dataset {dataset!r})")
+    for name in candidates(relpath):  # a name that is there but is not a readable file says why
+        problem = path_problem(data_dir / name)
+        if problem != "file not found":
+            raise DataError(f"{data_dir / name}: {problem} (needed by dataset {dataset!r})")
+    raise DataError(
+        f"{data_dir / relpath}: file not found (needed by dataset {dataset!r}); run "
+        f"`elbolab data download {dataset}` or put the file there (see `elbolab data list`)"
+    )
 
 
-def decompress(path: Path, raw: bytes) -> bytes:
-    """Content of ``raw`` (gunzipped when ``path`` ends in .gz); truncation is a DataError."""
+class _TooLarge(Exception):
+    pass
+
+
+def _gunzip(raw: bytes, limit: int | None) -> bytes:
+    """gzip members of ``raw`` decompressed; more than ``limit`` bytes of output raises
+    :class:`_TooLarge` before they are held in memory (a decompression bomb or a wrong file)."""
+    if limit is None:
+        return gzip.decompress(raw)
+    out = bytearray()
+    data = raw
+    while data:
+        d = zlib.decompressobj(wbits=31)
+        out += d.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
+            raise _TooLarge
+        if not d.eof:
+            if d.unconsumed_tail:
+                raise _TooLarge
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+        data = d.unused_data.lstrip(b"\0")  # gzip tolerates zero padding after the last member
+    return bytes(out)
+
+
+def decompress(path: Path, raw: bytes, limit: int | None = None) -> bytes:
+    """Content of ``raw`` (gunzipped when ``path`` ends in .gz); truncation is a DataError, and so is
+    content past ``limit`` bytes (checked while decompressing, before it is held)."""
     if path.suffix != ".gz":
         return raw
     try:
-        return gzip.decompress(raw)
+        return _gunzip(raw, limit)
+    except _TooLarge:
+        raise DataError(f"{path}: decompresses to more than the {limit:,} bytes its format allows; "
+                        "a wrong or corrupt file, fetch it again") from None
     except (EOFError, OSError, zlib.error) as e:
         raise DataError(
             f"{path}: cannot decompress ({e}); the .gz is truncated or corrupt, fetch it again"
@@ -186,15 +240,20 @@ class SourceBytes:
     content: bytes
 
 
-def read_source(data_dir: Path, relpath: str, dataset: str) -> SourceBytes:
+def read_source(data_dir: Path, relpath: str, dataset: str, max_bytes: int | None = None) -> SourceBytes:
     """Locate, read and decompress one file; missing and truncated files are DataErrors.
 
-    Callers decode the content before calling :func:`check`, so a wrong format is
-    reported as such (e.g. a bad IDX magic), not as a bare checksum mismatch.
+    ``max_bytes``: the most content the format allows (an IDX file's header fixes its
+    length): a larger file is refused before it is read into memory, a .gz while it is
+    being decompressed. Callers decode the content before calling :func:`check`, so a
+    wrong format is reported as such (e.g. a bad IDX magic), not as a bare checksum mismatch.
     """
     path = require(data_dir, relpath, dataset)
+    if max_bytes is not None and path.suffix != ".gz" and path.stat().st_size > max_bytes:
+        raise DataError(f"{path}: {path.stat().st_size:,} bytes, its format allows at most {max_bytes:,}; "
+                        "a wrong or corrupt file, fetch it again")
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    return SourceBytes(path, raw, decompress(path, raw))
+    return SourceBytes(path, raw, decompress(path, raw, max_bytes))

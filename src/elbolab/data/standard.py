@@ -41,7 +41,9 @@ def _load_idx_dataset(data_dir: Path, folder: str, name: str) -> ImageDataset:
     for split, (images_file, labels_file, n) in IDX_FILES.items():
         parts = ((f"{folder}/{images_file}", 2051, (28, 28)), (f"{folder}/{labels_file}", 2049, ()))
         for relpath, magic, shape in parts:
-            src = read_source(data_dir, relpath, name)
+            # the length an IDX header for these dimensions fixes: a larger file is refused before it is read
+            size = 4 + 4 * (1 + len(shape)) + n * int(np.prod(shape, dtype=np.int64))
+            src = read_source(data_dir, relpath, name, max_bytes=size)
             array = parse_idx(src.content, src.path, magic, n, shape)
             statuses[src.path] = check(relpath, src.path, src.raw, src.content)
             if magic == 2051:

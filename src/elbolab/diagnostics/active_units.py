@@ -5,7 +5,9 @@ has the mean E_q(s|x)[mu(x, s)] over the first layer's draw s, with no closed fo
 plug-in mu(x, E_q[s|x]) is not it through a nonlinear network. It is estimated from draws
 of s, split into two independent halves a(x), b(x): the covariance over x of noisy
 per-point means would be inflated by their Monte Carlo variance, while Cov_x(a, b) is
-unbiased (the halves' noise is independent, so it cancels in expectation).
+unbiased (the halves' noise is independent, so it cancels in expectation). A flow
+posterior's mean has no closed form in any layer: every layer is then estimated from
+draws of z itself (``LatentVariableModel.sampled_means``), the same way.
 """
 
 from __future__ import annotations

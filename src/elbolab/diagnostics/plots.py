@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from ..files import OutputError  # noqa: E402
 from .active_units import ActiveUnits  # noqa: E402
 from .bound_vs_k import BoundVsK  # noqa: E402
 from .q_ew import QEWGrid  # noqa: E402
@@ -20,8 +21,12 @@ from .surgery import Surgery  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -88,7 +93,9 @@ def plot_surgery(s: Surgery, path: Path) -> Path:
            label="marginal KL(q(z) || p(z))", xerr=[s.marginal_kl_stderr])
     b.axvline(s.log_n, color="k", ls="--", lw=1, label=f"log N = {s.log_n:.2f} (MI ≤ log N)")
     b.set_xlabel("nats per data point")
-    b.set_title(f"Where the KL goes (N = {s.n}; difference {s.identity_error:+.3f} nats)")
+    check = (f"difference {s.identity_error:+.3f} nats" if s.identity_is_check
+             else "equal by construction: Monte Carlo KL")
+    b.set_title(f"Where the KL goes (N = {s.n}; {check})")
     b.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8, frameon=False)
     b.invert_yaxis()
     fig.tight_layout()
@@ -96,8 +103,9 @@ def plot_surgery(s: Surgery, path: Path) -> Path:
 
 
 def image_grid(images: Tensor, image_shape: Sequence[int], cols: int) -> np.ndarray:
-    """``[n, D]`` images in [0, 1] -> one ``[rows * h, cols * w]`` array with 1-pixel gaps."""
-    h, w = image_shape[-2], image_shape[-1]
+    """``[n, D]`` images in [0, 1] -> one ``[rows * h, cols * w]`` array with 1-pixel gaps
+    (flat vectors are one row of pixels; channels are stacked vertically)."""
+    h, w = math.prod(image_shape[:-1]), image_shape[-1]
     n = images.shape[0]
     rows = math.ceil(n / cols)
     out = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1))
@@ -116,14 +124,15 @@ def plot_images(images: Tensor, image_shape: Sequence[int], path: Path, title: s
     return _save(fig, path)
 
 
-def plot_reconstructions(x: Tensor, recon: Tensor, image_shape: Sequence[int], path: Path) -> Path:
+def plot_reconstructions(x: Tensor, recon: Tensor, image_shape: Sequence[int], path: Path,
+                         what: str = "E[x | z = E_q[z|x]]") -> Path:
     """Row pairs: data (top) and the mean image decoded from the posterior mean (bottom)."""
     cols = x.shape[0]
     fig, ax = plt.subplots(figsize=(cols * 0.6, 1.6))
     top, bottom = image_grid(x, image_shape, cols), image_grid(recon, image_shape, cols)
     both = np.concatenate([top, np.ones((1, top.shape[1])), bottom])
     ax.imshow(both, cmap="gray", vmin=0, vmax=1)
-    ax.set_title("data (top) and reconstructions E[x | z = E_q[z|x]] (bottom)")
+    ax.set_title(f"data (top) and reconstructions {what} (bottom)")
     ax.axis("off")
     return _save(fig, path)
 
@@ -172,5 +181,39 @@ def plot_q_ew(grids: Sequence[QEWGrid], ks: Sequence[int], path: Path, elbos: Se
             ax.set_xlabel("z_1 (latent units)")
             ax.set_ylabel("z_2 (latent units)")
     fig.suptitle("The implicit posterior q_EW of importance weighting (grey: true posterior)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_gaps(summaries: dict[str, dict], path: Path) -> Path:
+    """One stacked bar per model: amortization gap (bottom) + approximation gap (top) = the
+    inference gap log p(x) - ELBO(q_phi); error bars: standard errors over points."""
+    names = list(summaries)
+    amort = np.array([summaries[n]["amortization_gap"]["mean"] for n in names])
+    approx = np.array([summaries[n]["approximation_gap"]["mean"] for n in names])
+    amort_se = np.array([summaries[n]["amortization_gap"]["stderr"] for n in names])
+    approx_se = np.array([summaries[n]["approximation_gap"]["stderr"] for n in names])
+    total = amort + approx
+    scale = max(1.0, float(np.max(np.abs(total))))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.9 * len(names) + 1.5), 4.4))
+    pos = np.arange(len(names))
+    ax.bar(pos, amort, 0.6, color="C1", label="amortization gap  ELBO(q*) − ELBO(q_φ)")
+    ax.bar(pos, approx, 0.6, bottom=amort, color="C0", label="approximation gap  log p(x) − ELBO(q*)")
+    ax.errorbar(pos - 0.12, amort, yerr=amort_se, fmt="none", ecolor="k", capsize=3)
+    ax.errorbar(pos + 0.12, total, yerr=approx_se, fmt="none", ecolor="k", capsize=3)
+    for i, n in enumerate(names):
+        top = max(total[i], amort[i]) + max(amort_se[i], approx_se[i])
+        ax.text(i, top + 0.03 * scale, f"total {summaries[n]['inference_gap']['mean']:.2f}", ha="center",
+                va="bottom", fontsize=9)
+        for bottom, h in ((0.0, amort[i]), (amort[i], approx[i])):
+            if abs(h) > 0.08 * scale:
+                ax.text(i + 0.22, bottom + h / 2, f"{h:.2f}", ha="center", va="center", color="white", fontsize=8)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylim(min(0.0, float(np.min(amort)) - 0.1 * scale), float(np.max(total + approx_se)) + 0.2 * scale)
+    ax.set_xticks(pos, [f"{n}\n(log p(x): {summaries[n]['log_px_source'].split(' ')[0]}, {summaries[n]['points']} pts)"
+                        for n in names], fontsize=8)
+    ax.set_ylabel("nats per data point")
+    ax.set_title("Inference gap split (Cremer et al. 2018)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, frameon=False)
     fig.tight_layout()
     return _save(fig, path)

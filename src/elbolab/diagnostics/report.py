@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..evaluation import seeded
-from ..files import atomic_write_text
+from ..files import atomic_write_text, check_writable_folder
 from ..priors import GaussianMixturePrior
 from ..runs import write_json
 from . import plots
@@ -48,9 +49,12 @@ def diagnose(
     e = cfg.eval
     k = k or max(e.bound_ks)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out_dir, "report folder (--out)")  # before minutes of computing, not after
     report: dict[str, Any] = {"run": str(run.path), "split": split, "n": int(x.shape[0]), "k": k,
-                              "model": cfg.model.name, "prior": cfg.model.prior.name,
+                              # a model elbolab did not build (an adapter) names itself
+                              "model": getattr(model, "model_name", cfg.model.name),
+                              "prior": getattr(model, "prior_name", cfg.model.prior.name),
+                              "posterior_flow": getattr(model, "posterior_flow", "none"),
                               "latent_dims": list(model.latent_dims), "seconds": {}, "figures": {}}
     figures = report["figures"]
 
@@ -83,21 +87,30 @@ def diagnose(
         report["surgery"] = {"skipped": str(err)}
 
     def pictures() -> None:
+        # a PixelCNN decoder's mean has no closed form: its figures show autoregressive draws
+        exact = getattr(model, "exact_decode_mean", True)
         with torch.no_grad(), seeded(e.seed, x.device):
+            what = "E[x | z]" if exact else "conditional means along autoregressive samples of p(x | z)"
             figures["samples"] = plots.plot_images(model.sample(50), image_shape, out_dir / "diag-samples.png",
-                                                   "samples from the model: E[x | z], z ~ p(z)").name
+                                                   f"samples from the model: {what}, z ~ p(z)").name
             spread = x[:: max(1, x.shape[0] // 10)][:10]  # across the split (it may be sorted by class)
             figures["reconstructions"] = plots.plot_reconstructions(
-                spread, model.reconstruct(spread), image_shape, out_dir / "diag-reconstructions.png").name
+                spread, model.reconstruct(spread), image_shape, out_dir / "diag-reconstructions.png",
+                **({} if exact else {"what": "(conditional means along a sample at z = E_q[z|x])"})).name
             if isinstance(model.prior, GaussianMixturePrior) and len(image_shape) == 2:
                 figures["prior_components"] = plot_components(
-                    model, image_shape, out_dir / "diag-prior-components.png", seed=e.seed).name
+                    model, image_shape, out_dir / "diag-prior-components.png", seed=e.seed,
+                    components="most-used", data=x, images="mean" if exact else "sample").name
 
     timed("images", pictures)
 
-    if model.latent_dims == [2] and hasattr(model, "log_joint"):
+    flow = getattr(model, "posterior_flow", "none")
+    if flow != "none":
+        report["q_ew"] = {"skipped": f"q_EW panels need log q(z|x) on a grid, which a flow posterior ({flow}) "
+                                     "gives only at its own samples"}
+    elif model.latent_dims == [2] and hasattr(model, "log_joint"):
         q_ew = timed("q_ew", lambda: _q_ew_section(model, x, bvk, e.q_ew_ks, e.seed, labels, ll.per_point,
-                                                   out_dir, figures))
+                                                   out_dir, figures, log))
         report["q_ew"] = q_ew
     else:
         report["q_ew"] = {"skipped": "q_EW panels and the latent-space plot are drawn for 2-D latents"}
@@ -107,31 +120,54 @@ def diagnose(
     return report
 
 
-def _q_ew_section(model, x, bvk, ks, seed, labels, log_p, out_dir: Path, figures: dict) -> dict[str, Any]:
+def _q_ew_section(model, x, bvk, ks, seed, labels, log_p, out_dir: Path, figures: dict,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
     with torch.no_grad():
         means = model.posterior(x).mean
     color, label = (labels, "label") if labels is not None else (log_p, "log p(x), IS estimate (nats)")
     figures["latent_space"] = plots.plot_latent_space(means, out_dir / "diag-latent-space.png", color, label).name
     points, grids, titles = [], [], []
     for i in range(min(3, x.shape[0])):
-        g = q_ew_on_grid(model, x[i], ks=tuple(ks), seed=seed)
+        try:
+            with warnings.catch_warnings():  # not converged: said below, once, through log
+                warnings.simplefilter("ignore", RuntimeWarning)
+                g = q_ew_on_grid(model, x[i], ks=tuple(ks), seed=seed, strict=False)
+        except ValueError as err:
+            log(f"  q_EW point {i}: skipped: {err}")
+            points.append({"index": i, "skipped": str(err)})
+            continue
+        if not g.converged:
+            log(f"  q_EW point {i}: WARNING quadrature not converged: accuracy {g.accuracy:.3g} nats > tol {g.tol:g}")
         grids.append(g)
         titles.append({"log_p": g.log_marginal, **{kk: g.elbo(kk) for kk in ks}})
         points.append({
             "index": i,
             "log_p": g.log_marginal,
             "elbo_q_ew": {str(kk): g.elbo(kk) for kk in ks},
-            "normalization": {str(kk): g.normalization(kk) for kk in ks},
+            # largest change of log p(x) or any ELBO(q_EW) from the grid half as dense
+            "accuracy": g.accuracy,
+            "tol": g.tol,
+            "converged": g.converged,
+            "changes": {str(kk): v for kk, v in g.changes.items()},
+            "grid_shape": list(g.shape),
             "l_k": {str(kk): float(bvk.per_point[i, bvk.ks.index(kk)]) for kk in ks if kk in bvk.ks},
         })
-    figures["q_ew"] = plots.plot_q_ew(grids, ks, out_dir / "diag-q-ew.png", titles).name
+    if grids:
+        figures["q_ew"] = plots.plot_q_ew(grids, ks, out_dir / "diag-q-ew.png", titles).name
     return {"ks": list(ks), "method": "numerical integration on a grid", "points": points}
 
 
-def _au_method(au: dict[str, Any]) -> str:
-    """How the upper layers' posterior means were estimated, if they had to be."""
+def _flow_note(r: dict[str, Any]) -> str:
+    flow = r.get("posterior_flow", "none")
+    return "" if flow == "none" else f", q a Gaussian pushed through a flow ({flow}; docs/flows.md)"
+
+
+def _au_method(au: dict[str, Any], flow: str = "none") -> str:
+    """How the layers' posterior means were estimated, if they had to be."""
     if not au.get("samples"):
         return ""
+    if flow != "none":
+        return f"; every layer's mean from {au['samples']} draws of q per point (no closed form with a flow)"
     return f"; upper-layer means from {au['samples']} draws of the first-sampled layer per point"
 
 
@@ -141,13 +177,13 @@ def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | No
         f"# Diagnostics of `{r['run']}`",
         "",
         f"{r['n']} {r['split']} points; model {r['model']} (latent {'+'.join(map(str, r['latent_dims']))}), "
-        f"prior {r['prior']}. All bounds in nats per data point.",
+        f"prior {r['prior']}{_flow_note(r)}. All bounds in nats per data point.",
         "",
         f"- **log p(x)** (importance sampled, K = {ll['k']}): **{ll['mean']:.2f} ± {ll['stderr']:.2f}** nats",
         f"- **ELBO** (L_1): {r['bound_vs_k']['mean'][0]:.2f} nats; gap to log p(x): "
         f"{-r['bound_vs_k']['gap_to_largest'][0]:.2f} ± {r['bound_vs_k']['gap_stderr'][0]:.2f} nats",
         f"- **active units**: {au['label']} of {'+'.join(str(len(a)) for a in au['activity'])} "
-        f"(threshold {au['threshold']:g}{_au_method(au)})",
+        f"(threshold {au['threshold']:g}{_au_method(au, r.get('posterior_flow', 'none'))})",
     ]
     s = r["surgery"]
     if "skipped" not in s:
@@ -165,7 +201,8 @@ def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | No
     lines += ["", "## Samples and reconstructions", "", "![samples](diag-samples.png)", "",
               "![reconstructions](diag-reconstructions.png)", ""]
     if "prior_components" in r.get("figures", {}):
-        lines += ["Each prior component (VampPrior: its pseudo-input, framed in red) and samples generated from it:",
+        lines += ["The prior components most used by these points' posterior means (VampPrior: each pseudo-input, "
+                  "framed in red) and images generated from them:",
                   "", "![prior components](diag-prior-components.png)", ""]
     lines += ["## The implicit posterior q_EW", ""]
     q = r["q_ew"]
@@ -173,13 +210,21 @@ def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | No
         lines.append(f"Skipped: {q['skipped']}")
     else:
         ks = q["ks"]
-        lines += [f"Densities by {q['method']}. L_K ≤ ELBO(q_EW) ≤ log p(x) (Cremer et al., 2017).", "",
-                  "| point | " + " | ".join(f"L_{k} / ELBO(q_EW), K={k}" for k in ks) + " | log p(x) |",
-                  "|---:|" + "---:|" * (len(ks) + 1)]
+        lines += [f"Densities by {q['method']}. L_K ≤ ELBO(q_EW) ≤ log p(x) (Cremer et al., 2017). "
+                  "Quadrature accuracy: the largest change of log p(x) or any ELBO(q_EW) when the grid was "
+                  "made twice as dense.", "",
+                  "| point | " + " | ".join(f"L_{k} / ELBO(q_EW), K={k}" for k in ks) + " | log p(x) | accuracy |",
+                  "|---:|" + "---:|" * (len(ks) + 2)]
         for p in q["points"]:
+            if "skipped" in p:
+                lines.append(f"| {p['index']} | skipped: {p['skipped']} |")
+                continue
             cells = [f"{p['l_k'].get(str(k), math.nan):.2f} / {p['elbo_q_ew'][str(k)]:.2f}" for k in ks]
-            lines.append(f"| {p['index']} | " + " | ".join(cells) + f" | {p['log_p']:.2f} |")
-        lines += ["", "![latent space](diag-latent-space.png)", "", "![q_EW](diag-q-ew.png)"]
+            acc = f"{p['accuracy']:.1e}" + ("" if p["converged"] else f" > tol {p['tol']:g}: NOT converged")
+            lines.append(f"| {p['index']} | " + " | ".join(cells) + f" | {p['log_p']:.2f} | {acc} |")
+        lines += ["", "![latent space](diag-latent-space.png)", ""]
+        if "q_ew" in r.get("figures", {}):
+            lines.append("![q_EW](diag-q-ew.png)")
     secs = ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items())
     lines += ["", f"_Time: {secs}._", ""]
     return "\n".join(lines)

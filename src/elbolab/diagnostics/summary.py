@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from ..evaluation import evaluate_bounds, log_likelihood
+from ..models.base import NoPosterior
 from .active_units import active_units
 
 
@@ -28,7 +29,11 @@ def summarize(
     out[f"iwae_{k_train}"] = b[f"iwae_{k_train}"]
     ll = log_likelihood(model, x_test, k=k_importance, batch_size=batch_size, chunk_size=chunk_size, seed=seed)
     out["log_likelihood"] = ll.to_dict()
-    au = active_units(model, x_test, threshold=threshold, batch_size=batch_size, seed=seed)
+    try:
+        au = active_units(model, x_test, threshold=threshold, batch_size=batch_size, seed=seed)
+    except NoPosterior as e:  # a model whose q(z|x) is not a diagonal Gaussian
+        out["active_units"] = {"skipped": str(e), "threshold": threshold, "label": "n/a (no Gaussian posterior)"}
+        return out
     out["active_units"] = {"counts": au.counts, "total": au.total, "threshold": threshold,
                            "label": str(au)}
     return out

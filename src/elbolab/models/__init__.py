@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
 from ..config import ModelConfig
-from ..data.registry import PSEUDO_INPUTS_DEFAULT, pseudo_input_init
+from ..data.registry import PSEUDO_INPUTS_DEFAULT, pseudo_input_init, resolve_name
 from ..priors import make_prior
 from ..registry import Registry
 from .base import HasLogWeights, LatentVariableModel, LogWeightTerms
+from .conv_hierarchical import ConvHierarchicalVAE
 from .hierarchical import HierarchicalVAE
 from .one_layer import OneLayerVAE
+from .pixel_hierarchical import PixelHierarchicalVAE
 from .two_layer import TwoLayerVAE
 
 __all__ = [
+    "ConvHierarchicalVAE",
     "HasLogWeights",
     "HierarchicalVAE",
     "LatentVariableModel",
     "LogWeightTerms",
     "MODELS",
     "OneLayerVAE",
+    "PixelHierarchicalVAE",
     "TwoLayerVAE",
     "build_model",
 ]
@@ -36,6 +41,7 @@ def _one_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> La
         activation=cfg.activation,
         likelihood=cfg.likelihood,
         prior=make_prior(cfg.prior, cfg.latent_dim, data_dim, train_data),
+        posterior=cfg.posterior,
     )
 
 
@@ -49,6 +55,7 @@ def _two_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> La
         activation=cfg.activation,
         likelihood=cfg.likelihood,
         prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
+        posterior=cfg.posterior,
     )
 
 
@@ -61,6 +68,37 @@ def _hierarchical(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) ->
         log_var_range=sizes.log_var_range,
         likelihood=cfg.likelihood,
         prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
+        posterior=cfg.posterior,
+    )
+
+
+def _image_shape(shape: Sequence[int] | None, data_dim: int, key: str) -> tuple[int, int]:
+    """The configured (height, width), else the square image of ``data_dim`` pixels."""
+    if shape is None:
+        side = math.isqrt(data_dim)
+        if side * side != data_dim:
+            raise ValueError(f"{key}: {data_dim} pixels are not a square image; set [height, width]")
+        shape = (side, side)
+    if len(shape) != 2 or shape[0] * shape[1] != data_dim:
+        raise ValueError(f"{key}: {list(shape)} does not hold the data's {data_dim} pixels")
+    return int(shape[0]), int(shape[1])
+
+
+def _conv_hierarchical(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
+    s = cfg.conv_hierarchical
+    return ConvHierarchicalVAE(
+        _image_shape(s.image_shape, data_dim, "model.conv_hierarchical.image_shape"), s.latent_dims, cfg.likelihood,
+        make_prior(cfg.prior, s.latent_dims[1], data_dim, train_data), s.encoder_channels, s.encoder_out_channels,
+        s.width, s.decoder_channels, s.decoder_layers, s.log_var_range,
+    )
+
+
+def _pixel_hierarchical(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
+    s = cfg.pixel_hierarchical
+    return PixelHierarchicalVAE(
+        _image_shape(s.image_shape, data_dim, "model.pixel_hierarchical.image_shape"), s.latent_dims, cfg.likelihood,
+        make_prior(cfg.prior, s.latent_dims[1], data_dim, train_data), s.encoder_channels, s.encoder_out_channels,
+        s.width, s.decoder_channels, s.decoder_layers, s.log_var_range, s.batch_norm,
     )
 
 
@@ -69,17 +107,34 @@ MODELS: Registry[Callable[[ModelConfig, int, Tensor | None], LatentVariableModel
     "one-layer": _one_layer,
     "two-layer": _two_layer,
     "hierarchical": _hierarchical,
+    "conv-hierarchical": _conv_hierarchical,
+    "pixel-hierarchical": _pixel_hierarchical,
 })
 
 
-def build_model(cfg: ModelConfig, data_dim: int, train_data: Tensor | None = None, dataset: str | None = None
-                ) -> LatentVariableModel:
+def with_image_shape(cfg: ModelConfig, shape: Sequence[int]) -> ModelConfig:
+    """``cfg`` with the convolutional models' unset ``image_shape`` set to ``shape``."""
+    sections = {}
+    for name in ("conv_hierarchical", "pixel_hierarchical"):
+        section = getattr(cfg, name)
+        if section.image_shape is None:
+            sections[name] = dataclasses.replace(section, image_shape=tuple(shape))
+    return dataclasses.replace(cfg, **sections)
+
+
+def build_model(cfg: ModelConfig, data_dim: int, train_data: Tensor | None = None, dataset: str | None = None,
+                image_shape: Sequence[int] | None = None) -> LatentVariableModel:
     """Build the model a config names; ``train_data`` (float, [N, D]) sets the output bias
     to the data's mean image and provides images for data-initialized priors; ``dataset``
     (a ``data.name``) supplies what the config leaves to the dataset (the VampPrior's
-    pseudo-input init, set per dataset in its authors' code)."""
+    pseudo-input init, set per dataset in its authors' code, and the image shape of the
+    convolutional models); ``image_shape`` (height, width) overrides the dataset's."""
     init = pseudo_input_init(dataset) if dataset else PSEUDO_INPUTS_DEFAULT
     cfg = dataclasses.replace(cfg, prior=cfg.prior.with_pseudo_input_init(init))
+    if image_shape is None and dataset:
+        image_shape = resolve_name(dataset)[0].image_shape
+    if image_shape is not None:
+        cfg = with_image_shape(cfg, image_shape)
     model = MODELS.get_checked(cfg.name, "model.name")(cfg, data_dim, train_data)
     if train_data is not None:
         model.likelihood.init_output_bias(train_data.float().mean(0))

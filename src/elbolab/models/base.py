@@ -16,6 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from ..distributions import DiagonalGaussian
+from ..errors import ModelCapabilityError
+
+
+class NoPosterior(ModelCapabilityError):
+    """The model's q(z|x) is not one diagonal Gaussian (e.g. a Pyro guide of another family):
+    the diagnostics that read its density (active units, ELBO surgery) do not apply."""
 
 
 @runtime_checkable
@@ -70,6 +76,13 @@ class LatentVariableModel(nn.Module, ABC):
     #: them otherwise sets this class attribute. Estimators that treat the two sides
     #: differently (DReG, PIWAE) and the gradient SNR diagnostic read this split.
     encoder_prefixes: tuple[str, ...] = ("encoder", "q_")
+    #: the normalizing flow after each Gaussian layer of q (elbolab.flows): "none" when q is
+    #: the Gaussians themselves. With a flow, :meth:`posterior` gives the Gaussian q0 before the
+    #: flow, and log q is known only at q's own samples (docs/flows.md)
+    posterior_flow: str = "none"
+    #: whether :meth:`decode_mean` is E[x | z]; False where it has no closed form (a PixelCNN
+    #: decoder), so figures show drawn images (:meth:`decode_sample`) instead
+    exact_decode_mean: bool = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -95,6 +108,18 @@ class LatentVariableModel(nn.Module, ABC):
     def log_weights(self, x: Tensor, k: int) -> Tensor:
         """``[K, B]`` log importance weights; the one quantity every bound reads."""
         return self.log_weight_terms(x, k).log_weights()
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Stochastic layers as keyed in :class:`LogWeightTerms`, bottom first: "z", or "z1", "z2", ..."""
+        n = len(self.latent_dims)
+        return ["z"] if n == 1 else [f"z{i}" for i in range(1, n + 1)]
+
+    def sample_posterior(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False,
+                         generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """k reparameterized draws of every layer of q given x and their log q, keyed by layer:
+        ``[K, B, D_l]`` and ``[K, B]`` (``stop_posterior_grad`` as in :meth:`log_weight_terms`)."""
+        raise ModelCapabilityError(f"{type(self).__name__} does not sample its posterior on its own")
 
     def is_encoder_parameter(self, name: str) -> bool:
         """Whether the parameter called ``name`` (as in ``named_parameters``) belongs to q(z|x)."""
@@ -132,15 +157,88 @@ class LatentVariableModel(nn.Module, ABC):
         Each of the K rows is an unbiased estimate of E_q[z_l | x], which active units
         need; a plug-in such as mu2(E_q[z1 | x]) is not one through a nonlinear network.
         """
+        if self.posterior_flow != "none":
+            return self.sampled_means(x, k, generator)
         return [self.posterior(x).mean]
+
+    def sampled_means(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """k draws of every layer of q, ``[K, B, D_l]`` each: unbiased estimates of E_q[z_l | x]
+        for any q, used where no mean is known in closed form (a flow posterior's)."""
+        z, _ = self.sample_posterior(x, k, generator=generator)
+        return [z[name] for name in self.layer_names]
 
     @abstractmethod
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Ancestral samples of the latent(s) that the decoder reads, ``[n, ...]``."""
 
+    # --- the joint density over every latent, for MCMC and per-point optimization ------
+    # AIS, HMC, BDMC and the optimal local posterior q* work on one flat vector holding
+    # every stochastic layer (in ``latent_layout`` order), so they never need to know
+    # how many layers a model has or how they connect.
+
+    def latent_layout(self) -> dict[str, int]:
+        """Name -> size of each stochastic layer, in the order they sit in a flat latent."""
+        if len(self.latent_dims) == 1:
+            return {"z": self.latent_dims[0]}
+        return {f"z{i + 1}": d for i, d in enumerate(self.latent_dims)}
+
+    def split_latents(self, z: Tensor) -> dict[str, Tensor]:
+        """A flat latent ``[..., D_total]`` -> layer name -> ``[..., D_l]``."""
+        layout = self.latent_layout()
+        return dict(zip(layout, z.split(list(layout.values()), dim=-1), strict=True))
+
+    def flatten_latents(self, z: dict[str, Tensor]) -> Tensor:
+        """Layer name -> ``[..., D_l]`` -> one flat ``[..., D_total]`` in layout order."""
+        return torch.cat([z[name] for name in self.latent_layout()], dim=-1)
+
+    def log_p_z(self, z: Tensor) -> Tensor:
+        """log p(z) of the whole latent (every layer), flat ``[..., B, D_total]`` -> ``[..., B]``."""
+        raise ModelCapabilityError(f"{type(self).__name__} does not expose log p(z) (log_p_z)")
+
+    def log_p_x_given_z(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x | z), ``x`` ``[B, Dx]``, flat ``z`` ``[..., B, D_total]`` -> ``[..., B]``."""
+        raise ModelCapabilityError(f"{type(self).__name__} does not expose log p(x | z) (log_p_x_given_z)")
+
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x, z) at a given flat latent ``[..., B, D_total]``: ``[..., B]``."""
+        return self.log_p_z(z) + self.log_p_x_given_z(x, z)
+
+    def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` flat latents drawn from the prior over every layer, ``[n, D_total]``."""
+        raise ModelCapabilityError(f"{type(self).__name__} cannot sample its flat latent (sample_z)")
+
+    def sample_x_given_z(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One observation x ~ p(x | z) per flat latent ``[n, D_total]``: ``[n, Dx]``."""
+        raise ModelCapabilityError(f"{type(self).__name__} cannot sample p(x | z) (sample_x_given_z)")
+
+    def local_posterior(self, x: Tensor) -> dict[str, Tensor]:
+        """The encoder's output for ``x`` as free per-point parameters, name -> ``[B, ...]``.
+
+        Setting them back into :meth:`log_weights_local` gives q_phi(z|x) exactly; optimizing
+        them per point gives q*, the best member of the encoder's family for that x
+        (Cremer et al. 2018). One stochastic layer: its Gaussian's mean and log-variance.
+        """
+        if len(self.latent_dims) != 1:
+            raise ModelCapabilityError(f"{type(self).__name__}: a multi-layer model defines local_posterior")
+        q = self.posterior(x)
+        return {"mean": q.mean, "log_var": q.log_var}
+
+    def log_weights_local(self, x: Tensor, k: int, params: dict[str, Tensor]) -> Tensor:
+        """``[K, B]`` log weights log p(x, z) - log q(z) with q given by :meth:`local_posterior`'s
+        parameters instead of the encoder's output; reparameterized in ``params``."""
+        if len(self.latent_dims) != 1:
+            raise ModelCapabilityError(f"{type(self).__name__}: a multi-layer model defines log_weights_local")
+        q = DiagonalGaussian(params["mean"], params["log_var"])
+        z = q.rsample(k)
+        return self.log_joint(x, z) - q.log_prob(z)
+
     @abstractmethod
     def decode_mean(self, z: Tensor) -> Tensor:
-        """The expected image E[x | z] in [0, 1] for decoder input z."""
+        """The expected image E[x | z] in [0, 1] for decoder input z (see ``exact_decode_mean``)."""
+
+    def decode_sample(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A draw x ~ p(x | z), ``[n, data_dim]``, for decoder input z as :meth:`sample_latents` returns it."""
+        raise ModelCapabilityError(f"{type(self).__name__} does not draw images x ~ p(x | z)")
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from ..distributions import standard_normal
 from ..fastpaths import Tanh
+from ..flows import Flow
+from ..priors import Prior, VampPriorBase
 from ..registry import Registry
 
 #: ``model.activation`` -> its module class (tanh: torch's, faster without gradients)
@@ -50,6 +52,13 @@ def with_detached_params(module: nn.Module, *inputs: Tensor):
     """
     params = {name: p.detach() for name, p in module.named_parameters()}
     return torch.func.functional_call(module, params, inputs)
+
+
+def check_flow_prior(flow: Flow | None, prior: Prior) -> None:
+    """Refuse a VampPrior with a flow posterior: its components would be the flow's q(z|u_k),
+    whose density at other points' z the flow cannot give (docs/flows.md)."""
+    if flow is not None and isinstance(prior, VampPriorBase):
+        raise ValueError(f"a VampPrior needs q(z|u_k) at any z, which a {type(flow).__name__} posterior cannot give")
 
 
 class GaussianHead(nn.Module):

@@ -1,6 +1,7 @@
 """One stochastic layer: the IWAE paper's 784-200-200-50 model (and any MLP sizes).
 
-q(z|x) = N(mu(x), diag sigma^2(x)); p(z) = any prior; p(x|z) from the decoder through a
+q(z|x) = N(mu(x), diag sigma^2(x)), optionally pushed through a normalizing flow conditioned
+on the encoder's last layer (elbolab.flows); p(z) = any prior; p(x|z) from the decoder through a
 likelihood (Bernoulli on logits by default), which owns the decoder's output layer.
 """
 
@@ -11,16 +12,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..config import PosteriorConfig
 from ..distributions import DiagonalGaussian
+from ..flows import log_prob_fixed, make_flow, push_forward
 from ..likelihoods import make_likelihood
 from ..priors import Prior
 from .base import LatentVariableModel, LogWeightTerms
-from .layers import GaussianHead, mlp
+from .layers import GaussianHead, check_flow_prior, mlp
 
 
 class OneLayerVAE(LatentVariableModel):
-    #: q(z|x) is the MLP ``encoder`` and its ``encoder_head``; the decoder and prior are p
-    encoder_prefixes = ("encoder", "encoder_head")
+    #: q(z|x) is the MLP ``encoder``, its ``encoder_head`` and ``encoder_flow``; the decoder and prior are p
+    encoder_prefixes = ("encoder", "encoder_head", "encoder_flow")
 
     def __init__(
         self,
@@ -30,6 +33,7 @@ class OneLayerVAE(LatentVariableModel):
         activation: str,
         likelihood: str,
         prior: Prior,
+        posterior: PosteriorConfig | None = None,
     ) -> None:
         super().__init__()
         self.data_dim = data_dim
@@ -39,6 +43,10 @@ class OneLayerVAE(LatentVariableModel):
         self.encoder_head = GaussianHead(width, latent_dim)
         self.decoder, dec_width = mlp(latent_dim, list(reversed(hidden)), activation)
         self.likelihood = make_likelihood(likelihood, data_dim, dec_width)
+        self.encoder_flow = make_flow(posterior, latent_dim, width)
+        if self.encoder_flow is not None:
+            self.posterior_flow = posterior.flow
+        check_flow_prior(self.encoder_flow, prior)
         self.prior = prior
         prior.attach(self)
 
@@ -47,27 +55,54 @@ class OneLayerVAE(LatentVariableModel):
         return {f"decoder.{len(self.decoder)}.": "likelihood.head."}
 
     def posterior(self, x: Tensor) -> DiagonalGaussian:
+        """q(z|x), or with a flow the Gaussian q0 before it."""
         mean, log_var = self.encoder_head(self.encoder(x))
         return DiagonalGaussian(mean, log_var)
 
-    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
-        """log p(x, z) at given z ``[..., B, D]`` (e.g. a grid, for q_EW densities): ``[..., B]``."""
-        return self.prior.log_prob(z) + self.likelihood.log_prob_from_features(x, self.decoder(z))
+    def log_p_z(self, z: Tensor) -> Tensor:
+        return self.prior.log_prob(z)
+
+    def log_p_x_given_z(self, x: Tensor, z: Tensor) -> Tensor:
+        return self.likelihood.log_prob_from_features(x, self.decoder(z))
+
+    def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.prior.sample(n, generator)
+
+    def sample_x_given_z(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.likelihood.sample(self.decode(z), generator)
 
     def decode(self, z: Tensor) -> Tensor:
         """Likelihood parameters for z of shape ``[..., D]``: ``[..., P * data_dim]``."""
         return self.likelihood.head(self.decoder(z))
 
+    def sample_posterior(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False,
+                         generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        h = self.encoder(x)
+        q = DiagonalGaussian(*self.encoder_head(h))
+        z0 = q.rsample(k, generator)  # [K, B, D]
+        z, log_q = push_forward(q, z0, self.encoder_flow, h)
+        if stop_posterior_grad:  # x carries no gradient, so detached outputs are detached weights
+            log_q = log_prob_fixed(q.detach(), z0, z, self.encoder_flow, h.detach())
+        return {"z": z}, {"z": log_q}
+
     def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
-        q = self.posterior(x)
-        z = q.rsample(k)  # [K, B, D]
-        log_q = (q.detach() if stop_posterior_grad else q).log_prob(z)
+        zs, log_qs = self.sample_posterior(x, k, stop_posterior_grad=stop_posterior_grad)
+        z = zs["z"]
         log_pz = self.prior.log_prob(z)
         log_px = self.likelihood.log_prob_from_features(x, self.decoder(z))
-        return LogWeightTerms(log_px, {"z": log_pz}, {"z": log_q}, {"z": z})
+        return LogWeightTerms(log_px, {"z": log_pz}, log_qs, zs)
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return self.prior.sample(n, generator)
 
     def decode_mean(self, z: Tensor) -> Tensor:
         return self.likelihood.mean(self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Mean image decoded from q0's mean pushed through the flow, if any (no sampling)."""
+        h = self.encoder(x)
+        z = self.encoder_head(h)[0]
+        if self.encoder_flow is not None:
+            z = self.encoder_flow(z, h)[0]
+        return self.decode_mean(z)

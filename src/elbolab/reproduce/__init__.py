@@ -20,13 +20,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, RunConfig, parse_overrides
+from ..config import ConfigError, RunConfig, load_config, parse_overrides
 from ..preflight import preflight
+from ..runs import CONFIG
 from ..stacked import pack
 from .executors import EXECUTORS, make_executor
 from .output import Entry, make_entry, read_committed, write_outputs
 from .rows import RESULT_FILE, PackTask, RowTask, run_row, run_unit
-from .tables import BUDGETS, get_table, load_tables, plan_rows, result_overrides, row_config
+from .tables import BUDGETS, config_key, get_table, load_tables, plan_rows, result_overrides, row_config
 
 __all__ = ["BUDGETS", "EXECUTORS", "Reproduction", "get_table", "load_tables", "reproduce"]
 
@@ -59,7 +60,24 @@ def row_dir_for(rows: Path, row_id: str, key: str, claimed: dict[str, Path]) -> 
     twins = sorted(d for d in rows.glob(f"*-{key}") if (d / RESULT_FILE).exists())
     if twins:
         return twins[0]
-    return claimed.get(key, own)
+    if key in claimed:
+        return claimed[key]
+    return _same_config_under_another_key(rows, row_id, key) or own
+
+
+def _same_config_under_another_key(rows: Path, row_id: str, key: str) -> Path | None:
+    """A folder of this row whose saved config, read by this version of elbolab, is this
+    row's config: written before a config key was added (its default then fills it in), so
+    its name carries an older hash. A finished one first, else one to resume."""
+    found = []
+    for d in sorted(rows.glob(f"{row_id}-*")):
+        try:
+            if config_key(load_config(d / "run" / CONFIG)) == key:
+                found.append(d)
+        except (ConfigError, OSError):
+            continue
+    found.sort(key=lambda d: not (d / RESULT_FILE).exists())
+    return found[0] if found else None
 
 
 def reproduce(
@@ -107,7 +125,8 @@ def reproduce(
         row_dir = row_dir_for(out / "rows", p.row.id, p.key, claimed)
         claimed.setdefault(p.key, row_dir)
         task = RowTask(table=spec.name, row_id=p.row.id, config=cfg.to_dict(), row_dir=str(row_dir),
-                       evaluation=spec.protocol.evaluation, data_label=p.data_label)
+                       evaluation=spec.protocol.evaluation, data_label=p.data_label, figures=p.row.figures,
+                       figure_dir=str(out))
         tasks.append(task)
         by_row[p.row.id] = (p, row_dir)
     cached_tasks = [t for t in tasks if (Path(t.row_dir) / RESULT_FILE).exists()]

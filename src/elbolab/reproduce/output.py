@@ -48,6 +48,8 @@ class Entry:
     row_dir: str | None = None
     #: importance samples of the test log-likelihood (likelihood tables)
     k_importance: int | None = None
+    #: extra figures of the row: name -> PNG file beside the table
+    figures: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -90,6 +92,7 @@ def make_entry(table: TableSpec, row_id: str, data: str, result: dict[str, Any] 
         cells={m.name: make_cell(m, row.values.get(m.name), metrics) for m in table.metrics},
         epochs=result["epochs"], wall_seconds=result["train_seconds"] + result["eval_seconds"],
         hardware=result["hardware"], row_dir=row_dir, k_importance=metrics.get("k_importance"),
+        figures=dict(result.get("figures") or {}),
     )
 
 
@@ -127,7 +130,7 @@ def read_committed(path: Path, table: TableSpec, budget: str, overrides: list[st
             row=row.id, data=str(r.get("data", "")), status="committed",
             cells={m.name: make_cell(m, row.values.get(m.name), metrics) for m in table.metrics},
             epochs=r.get("epochs"), wall_seconds=r.get("wall_seconds"), hardware=r.get("hardware"),
-            row_dir=r.get("row_dir"), k_importance=r.get("k_importance"),
+            row_dir=r.get("row_dir"), k_importance=r.get("k_importance"), figures=dict(r.get("figures") or {}),
         )
     return out
 
@@ -169,6 +172,8 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
         "",
         f"Source: {table.citation}, {table.table}.  ",
         f"Budget: **{budget}**: {table.protocol.budget_notes.get(budget, '')}.  ",
+        *(f"Row {row}: {note}.  " for row, note in table.protocol.notes_for(budget).items()
+          if any(e.row == row for e in entries)),
         *([f"Overrides in every row (--set): {', '.join(overrides)}.  "] if overrides else []),
         "Δ = ours − paper (NLL: positive is worse than the paper; log-likelihood and ELBO: negative is worse; "
         "active units: difference in total units). Ours ± one Monte Carlo standard error where one exists.",
@@ -201,6 +206,8 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
     if any(e.status == "committed" for e in entries):
         lines += ["", f"{KEPT} not rerun here: read from the table.json this folder held before (no row cache for "
                       "it here); its config may predate the current protocol (see docs/reproduce.md)."]
+    for e in entries:
+        lines += [f"\n{e.row}, {name}:\n\n![{e.row} {name}]({file})" for name, file in e.figures.items()]
     if failed:
         lines += ["", "Rows that failed:"] + [
             f"- {e.row}: {e.error}" + (" (the committed value is kept)" if e.status == "committed" else "")
@@ -216,7 +223,8 @@ def write_outputs(table: TableSpec, budget: str, entries: list[Entry], out_dir: 
     atomic_write_text(paths["markdown"], to_markdown(table, budget, entries, overrides))
     doc = {
         "table": table.name, "title": table.title, "source": table.citation, "paper_table": table.table,
-        "budget": budget, "budget_note": table.protocol.budget_notes.get(budget, ""), "overrides": overrides or [],
+        "budget": budget, "budget_note": table.protocol.budget_notes.get(budget, ""),
+        "row_budget_notes": table.protocol.notes_for(budget), "overrides": overrides or [],
         "rows": [e.to_dict() for e in entries],
     }
     atomic_write_text(paths["json"], json.dumps(doc, indent=2) + "\n")

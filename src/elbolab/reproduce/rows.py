@@ -9,7 +9,6 @@ one by one; each row's folder is the same as if it had trained alone.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,11 +22,12 @@ from ..data import evaluation_images, load
 from ..devices import resolve_device
 from ..diagnostics import active_units
 from ..diagnostics.surgery import elbo_surgery
-from ..evaluation import log_likelihood
+from ..evaluation import log_likelihood, random_subset
 from ..fastpaths import retain_freed_memory
-from ..runs import environment_info, load_run, read_json, read_metrics, write_json
+from ..runs import environment_info, load_run, read_json_object, read_metrics, write_json
 from ..stacked import StackedTrainer
 from ..training import Trainer
+from .figures import ROW_FIGURES
 
 RESULT_FILE = "result.json"
 
@@ -42,15 +42,20 @@ class RowTask:
     row_dir: str
     evaluation: str
     data_label: str
+    #: extra figures (figures.ROW_FIGURES names) and the folder they are saved in
+    figures: tuple[str, ...] = ()
+    figure_dir: str | None = None
 
 
 # --- evaluations: run folder + data -> the paper's metrics ---------------------------
 
 
 def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
-    """IS log-likelihood (K = eval.k_importance) and active units on the test set."""
-    x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed).to(device)
+    """IS log-likelihood (K = eval.k_importance) and active units on the test set (or the
+    random subset of eval.test_images of it)."""
     e = cfg.eval
+    x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed)
+    x = random_subset(x, e.test_images).to(device)
     ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_for(device),
                         seed=e.seed)
     au = active_units(model, x, threshold=e.active_unit_threshold, batch_size=e.batch_size, seed=e.seed)
@@ -90,14 +95,12 @@ def _weights(cfg: RunConfig) -> str:
     return "best" if cfg.train.early_stopping_patience > 0 else "final"
 
 
-def _prepare(run_dir: Path) -> tuple[bool, bool]:
-    """(finished, resume) for a row's run folder; one killed before its first checkpoint is removed."""
-    info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else None
+def _finished(run_dir: Path) -> tuple[bool, bool]:
+    """(finished, started) for a row's run folder: trained to the end, or begun (a killed one,
+    before its first checkpoint or after, is continued by the trainer from where it was)."""
+    info = read_json_object(run_dir / "run.json") if (run_dir / "run.json").exists() else None
     finished = info is not None and info.get("status") == "finished" and (run_dir / "model.safetensors").exists()
-    resume = info is not None and (run_dir / "checkpoint.pt").exists()
-    if not finished and info is not None and not resume:  # killed before its first checkpoint: start again
-        shutil.rmtree(run_dir)
-    return finished, resume
+    return finished, info is not None
 
 
 def _trained_model(cfg: RunConfig, run_dir: Path):
@@ -106,10 +109,11 @@ def _trained_model(cfg: RunConfig, run_dir: Path):
 
 
 def _train(cfg: RunConfig, run_dir: Path, dataset):
-    """Train, resuming an interrupted run; returns the model to evaluate, in eval mode."""
-    finished, resume = _prepare(run_dir)
+    """Train, resuming an interrupted run (one killed before its first checkpoint starts from its
+    seed); returns the model to evaluate, in eval mode."""
+    finished, started = _finished(run_dir)
     if not finished:
-        Trainer(cfg, run_dir, dataset).fit(resume=resume)
+        Trainer(cfg, run_dir, dataset).fit(resume=started)
     return _trained_model(cfg, run_dir)
 
 
@@ -119,7 +123,7 @@ def run_row(task: RowTask) -> dict[str, Any]:
     row_dir = Path(task.row_dir)
     result_path = row_dir / RESULT_FILE
     if result_path.exists():
-        return {**read_json(result_path), "cached": True}
+        return {**read_json_object(result_path, "a row result"), "cached": True}
     cfg = RunConfig.from_dict(task.config)
     row_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -136,6 +140,10 @@ def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> d
     t1 = time.perf_counter()
     with torch.no_grad():
         metrics = EVALUATORS[task.evaluation](model, dataset, cfg, device)
+    figures = {}
+    for name in task.figures:
+        path = Path(task.figure_dir or row_dir) / f"{task.row_id}-{name}.png"
+        figures[name] = ROW_FIGURES[name](model, dataset, cfg, path).name
     metrics_rows = read_metrics(run_dir / "metrics.jsonl")
     result = {
         "table": task.table,
@@ -151,6 +159,7 @@ def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> d
         "eval_seconds": round(time.perf_counter() - t1, 1),
         "session_seconds": round(time.perf_counter() - t0, 1),
         "hardware": hardware(),
+        "figures": figures,
         "config": task.config,
     }
     write_json(row_dir / RESULT_FILE, result)
@@ -180,7 +189,7 @@ def run_pack(pack: PackTask) -> dict[str, Any]:
     for task in pack.tasks:
         path = Path(task.row_dir) / RESULT_FILE
         if path.exists():
-            out[task.row_id] = {**read_json(path), "cached": True}
+            out[task.row_id] = {**read_json_object(path, "a row result"), "cached": True}
         else:
             Path(task.row_dir).mkdir(parents=True, exist_ok=True)
             todo.append((task, RunConfig.from_dict(task.config)))
@@ -188,7 +197,7 @@ def run_pack(pack: PackTask) -> dict[str, Any]:
         return {"rows": out}
     d = todo[0][1].data
     dataset = load(d.name, d.data_dir, validation=d.validation)
-    train_now = [(task, cfg) for task, cfg in todo if not _prepare(Path(task.row_dir) / "run")[0]]
+    train_now = [(task, cfg) for task, cfg in todo if not _finished(Path(task.row_dir) / "run")[0]]
     status = {task.row_id: None for task, _ in todo}
     if train_now:
         outcomes = StackedTrainer([(cfg, Path(task.row_dir) / "run") for task, cfg in train_now], dataset).fit()

@@ -23,6 +23,7 @@ from ..data import resolve_data_dir
 from ..errors import did_you_mean
 from ..objectives import OBJECTIVES, vae_plan
 from ..schedules import iwae_epochs
+from .figures import ROW_FIGURES
 
 PAPERS_FILE = Path(__file__).with_name("papers.yaml")
 
@@ -58,6 +59,8 @@ class RowSpec:
     #: dotted config keys that make this row (model, objective, k, dataset, prior...)
     setup: dict[str, Any]
     values: dict[str, PaperValue]
+    #: extra figures the row saves beside the table (names of figures.ROW_FIGURES)
+    figures: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,15 @@ class Protocol:
     #: rows drawn in curve.png: ids ending with one of these (empty, or none of them
     #: run: every row); a 24-row table would otherwise be 48 overlapping lines
     curve_rows: tuple[str, ...] = ()
+    #: row id -> budget -> keys set on top of the budget's, for rows too costly for the
+    #: table's protocol at that budget (stated in ``row_budget_notes``)
+    row_budgets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    #: row id -> budget -> one line saying what that row's budget is
+    row_budget_notes: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def notes_for(self, budget: str) -> dict[str, str]:
+        """Row id -> its own budget note, for the rows whose protocol differs at ``budget``."""
+        return {row: notes[budget] for row, notes in self.row_budget_notes.items() if budget in notes}
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,14 @@ class TableSpec:
         hint = did_you_mean(row_id, [r.id for r in self.rows])
         raise ConfigError(f"--only {row_id}: no such row in {self.name}{hint}")
 
+
+#: the VampPrior table's convolutional rows and their quick budget (see PROTOCOLS)
+_CONV_ROWS = ("mnist-convhvae-vampprior", "mnist-pixelhvae-vampprior")
+_CONV_QUICK: dict[str, Any] = {
+    "train.epochs": 1, "objective.warmup_epochs": 0, "eval.k_importance": 100, "eval.test_images": 500,
+}
+_CONV_QUICK_NOTE = ("1 epoch, no warm-up, test LL from K = 100 on 500 test images chosen at random (seed 0): "
+                    "one epoch takes 33-36 min of a CPU core, K = 1000 10-11 s per test image")
 
 #: The protocols. Epochs per budget are stated here and in docs/reproduce.md.
 PROTOCOLS: dict[str, Protocol] = {
@@ -153,10 +173,17 @@ PROTOCOLS: dict[str, Protocol] = {
         },
         evaluation="likelihood",
         budget_notes={
-            "quick": "10 epochs, KL warm-up over 5, no early stopping, test LL from K = 1000",
+            "quick": "10 epochs, KL warm-up over 5, no early stopping, test LL from K = 1000 "
+                     "(the convolutional rows: their own, below)",
             "medium": "at most 200 epochs, warm-up 100, early stopping 50, K = 5000",
             "paper": "at most 2000 epochs, warm-up 100, early stopping 50, K = 5000 (the paper)",
         },
+        # ConvHVAE and PixelHVAE cost ~100x the MLP model per image (convolutions at 28 x 28
+        # with 64 channels, and 500 pseudo-inputs through a conv encoder every step): one
+        # epoch is over half an hour of a CPU core and K = 1000 about 10 s per test image
+        # (docs/priors.md), so their quick budget is one epoch scored on 500 test images
+        row_budgets={row: {"quick": _CONV_QUICK} for row in _CONV_ROWS},
+        row_budget_notes={row: {"quick": _CONV_QUICK_NOTE} for row in _CONV_ROWS},
     ),
 }
 
@@ -186,10 +213,17 @@ def load_tables(path: Path = PAPERS_FILE) -> dict[str, TableSpec]:
             unknown = set(values) - {m.name for m in metrics}
             if unknown:
                 raise ConfigError(f"{path}: {name}/{r['id']}: unknown metrics {sorted(unknown)}")
-            rows.append(RowSpec(id=r["id"], setup=dict(r["setup"]), values=values))
+            figures = tuple(r.get("figures") or ())
+            bad = [f for f in figures if f not in ROW_FIGURES]
+            if bad:
+                raise ConfigError(f"{path}: {name}/{r['id']}: unknown figures {bad}; known: {sorted(ROW_FIGURES)}")
+            rows.append(RowSpec(id=r["id"], setup=dict(r["setup"]), values=values, figures=figures))
         ids = [r.id for r in rows]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"{path}: {name}: duplicate row ids")
+        stray = sorted(set(PROTOCOLS[name].row_budgets) - set(ids))
+        if stray:
+            raise ConfigError(f"{path}: {name}: tables.PROTOCOLS sets budgets for rows it lacks: {stray}")
         src = sources[t["source"]]
         tables[name] = TableSpec(
             name=name, title=t["title"], source=t["source"], citation=src["citation"], table=t["table"],
@@ -286,6 +320,7 @@ def row_config(
     keys: dict[str, Any] = dict(protocol.base)
     keys.update(row.setup)
     keys.update(protocol.budgets[budget])
+    keys.update(protocol.row_budgets.get(row.id, {}).get(budget, {}))
     data_label = str(keys.get("data.name", ""))
     if keys.get("data.name") == "omniglot":
         keys["data.name"], data_label = resolve_omniglot(data_dir)

@@ -18,7 +18,7 @@ from ..config import ConfigError
 from ..devices import resolve_device
 from .measure import machine_info, matmul_peak_flops, use_cpu_clock
 from .report import format_table, plot_curves, write_json
-from .suite import Bench, Row, Settings, stacked_plan, stopwatch, training_plan
+from .suite import Bench, Row, Settings, likelihood_plan, stacked_plan, stopwatch, training_plan
 
 DEFAULT_OUT = Path("benchmarks") / "results"
 
@@ -98,6 +98,13 @@ def run(args: argparse.Namespace, log=print) -> dict:
         with stopwatch(log, "IS log-likelihood"):
             rows += bench.likelihood_row()
         save()
+    for row_name, overrides, chunk in likelihood_plan():
+        if _wanted(row_name, args.only):
+            with stopwatch(log, row_name):
+                rows += bench.model_likelihood_row(row_name, overrides, chunk)
+            for line in format_table([r.to_dict() for r in rows if r.name == row_name]).splitlines()[2:]:
+                log(line)
+            save()
     if _wanted("ELBO surgery", args.only):
         rows += bench.surgery_row()
         save()

@@ -14,12 +14,17 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _rate(v: float | None) -> str:
+    """Images/s: whole numbers, or two significant digits below 10 (a costly model's 0.016)."""
+    return _fmt(v, ",.0f" if v is None or v >= 10 else ".2g")
+
+
 def format_table(rows: list[dict]) -> str:
     """Rows (``Row.to_dict()``) as an aligned text table, one line per (row, library)."""
     lines = [COLUMNS]
     for r in rows:
         lines.append((
-            r["name"], r["library"], _fmt(r["images_per_s"], ",.0f"), _fmt(r["images_per_s_median"], ",.0f"),
+            r["name"], r["library"], _rate(r["images_per_s"]), _rate(r["images_per_s_median"]),
             _fmt(r["peak_mb"], ".0f"), _fmt(r["vs_pythae"], ".2f") + ("x" if r["vs_pythae"] else ""),
             _fmt(r["flops_per_image"] and r["flops_per_image"] / 1e9, ".4f"),
             _fmt(r["of_peak"] and 100 * r["of_peak"], ".0f") + ("%" if r["of_peak"] else ""), r["note"],

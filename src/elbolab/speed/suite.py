@@ -52,6 +52,8 @@ class Settings:
     ll_images_pythae: int
     #: importance samples of the log-likelihood row
     ll_k: int
+    #: test images of the other models' log-likelihood rows (flows, conv models: seconds per image on a CPU)
+    model_ll_images: int
     #: training points of the ELBO surgery row
     surgery_points: int
     #: sample counts and batch sizes of the scaling curves
@@ -64,13 +66,13 @@ class Settings:
 
     @staticmethod
     def quick() -> Settings:
-        return Settings(target_s=0.12, repeats=3, ll_images=20, ll_images_pythae=2, ll_k=5000,
+        return Settings(target_s=0.12, repeats=3, ll_images=20, ll_images_pythae=2, ll_k=5000, model_ll_images=1,
                         surgery_points=60_000, curve_ks=(1, 10, 100, 1000, 5000),
                         curve_batches=(1, 20, 100, 500), curve_chunks=(20, 50, 500), curve_sample_budget=20_000)
 
     @staticmethod
     def full() -> Settings:
-        return Settings(target_s=1.0, repeats=5, ll_images=10_000, ll_images_pythae=50, ll_k=5000,
+        return Settings(target_s=1.0, repeats=5, ll_images=10_000, ll_images_pythae=50, ll_k=5000, model_ll_images=4,
                         surgery_points=60_000, curve_ks=(1, 5, 10, 50, 100, 500, 1000, 5000),
                         curve_batches=(1, 10, 20, 50, 100, 200, 500, 1000),
                         curve_chunks=(10, 20, 50, 100, 200, 500, 1000), curve_sample_budget=500_000)
@@ -246,6 +248,7 @@ class Bench:
 
     # --- log-likelihood ----------------------------------------------------------------
     def likelihood_row(self) -> list[Row]:
+        """The IS log-likelihood of the default model over the test images, beside pythae's get_nll."""
         k = self.s.ll_k
         x = self.images(self.s.ll_images, "test")
         model = self.model([])
@@ -272,6 +275,21 @@ class Bench:
             rows[1].extra["seconds_extrapolated"] = n / rows[1].images_per_s
             rows[1].note = (f"get_nll timed on {self.s.ll_images_pythae} images; "
                             f"{n} images extrapolated: {n / rows[1].images_per_s:.0f} s")
+        return rows
+
+    def model_likelihood_row(self, name: str, overrides: list[str], chunk: int) -> list[Row]:
+        """IS log-likelihood at K = ll_k of a costly model on a few test images (elbolab alone):
+        ``chunk`` samples per image and pass, so a pass holds images x chunk decoder rows."""
+        k, n = self.s.ll_k, self.s.model_ll_images
+        x = self.images(n, "test")
+        model = self.model(overrides)
+        # every pass costs the same: count one, then scale to the k / chunk passes of a run
+        flops = count_flops(lambda: log_likelihood(model, x, k=chunk, chunk_size=chunk)) * k / chunk / n
+        steps = {"elbolab": (lambda: log_likelihood(model, x, k=k, chunk_size=chunk), n)}
+        res = self.compare(steps, repeats=1, target_s=0.0, warmup=0)
+        rows = self._rows(name, res, flops)
+        rows[0].extra["seconds_per_image"] = 1 / rows[0].images_per_s
+        rows[0].note = f"{n} image(s): {1 / rows[0].images_per_s:.2f} s each (chunk {chunk}); pythae has no such model"
         return rows
 
     # --- ELBO surgery -------------------------------------------------------------------
@@ -425,7 +443,37 @@ def training_plan() -> list[tuple[str, list[str], str, int, int, bool]]:
     plan.append(("two-layer IWAE k=50 B=100", ["model.name=two-layer"], "iwae", 50, 100, False))
     plan.append(("hierarchical VampPrior VAE k=1 B=100",
                  ["model.name=hierarchical", "model.prior.name=vampprior"], "vae", 1, 100, False))
+    for label, overrides in flow_models():
+        plan.append((f"one-layer 300-300-40 + {label} VAE k=1 B=100", overrides, "vae", 1, 100, False))
+    for name in CONV_MODELS:
+        plan.append((f"{name} VampPrior VAE k=1 B=100", [f"model.name={name}", "model.prior.name=vampprior"],
+                     "vae", 1, 100, False))
     return plan
+
+
+def flow_models() -> list[tuple[str, list[str]]]:
+    """(label, config overrides): the flow posteriors of the VampPrior table's one-layer rows."""
+    base = ["model.latent_dim=40", "model.hidden=[300,300]"]
+    return [
+        ("planar flow x80", [*base, "model.posterior.flow=planar", "model.posterior.length=80"]),
+        ("IAF x8 width 320", [*base, "model.posterior.flow=iaf", "model.posterior.length=8",
+                              "model.posterior.width=320"]),
+    ]
+
+
+#: the VampPrior paper's convolutional models, timed at their paper sizes (elbolab alone)
+CONV_MODELS = ("conv-hierarchical", "pixel-hierarchical")
+#: importance samples per image and pass of their log-likelihood rows: one pass of a few
+#: images then holds a few thousand decoder rows, so the VampPrior's 500 pseudo-inputs,
+#: encoded once per pass, stay a small part of the cost
+CONV_CHUNK = 1000
+
+
+def likelihood_plan() -> list[tuple[str, list[str], int]]:
+    """(row name, config overrides, chunk) of the per-model IS log-likelihood rows."""
+    flows = [(f"IS log-lik K=5000, {label}", overrides, EvalConfig().chunk_size) for label, overrides in flow_models()]
+    return flows + [(f"{name} VampPrior IS log-lik K=5000", [f"model.name={name}", "model.prior.name=vampprior"],
+                     CONV_CHUNK) for name in CONV_MODELS]
 
 
 def pythae_probe(pmodel, x: Tensor) -> None:
