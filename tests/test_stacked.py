@@ -211,3 +211,21 @@ def test_sweep_grid_names_and_config_section(tmp_path):
     f.write_text("sweep:\n  train.seed: 4\n")
     with pytest.raises(ConfigError, match="non-empty list"):
         load_config_with_sweep(f)
+
+
+def test_a_sweep_names_its_diverging_run_and_exits_3(tmp_path, capsys):
+    """`train --sweep`: the run whose learning rate diverges is named on stderr and the command exits
+    3 (numerical fault); the other run finishes with the bits of the same config trained alone."""
+    from elbolab.cli import main
+
+    args = [a for k, v in {**BASE, "train.epochs": 1}.items()
+            for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, list) else v}")]
+    assert main(["train", "--no-eval", "--out", str(tmp_path / "sweep"), *args,
+                 "--sweep", "train.lr=0.001,1e30", "--set", "train.nonfinite=stop"]) == 3
+    names = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
+    good, bad = names
+    err = capsys.readouterr().err
+    assert "numerical fault" in err and f"{bad}:" in err and f"{good}:" not in err, err
+    assert json.loads((tmp_path / "sweep" / bad / "run.json").read_text())["status"] == "failed"
+    assert main(["train", "--no-eval", "--out", str(tmp_path / "alone"), *args, "--set", "train.lr=0.001"]) == 0
+    assert_same_run(tmp_path / "sweep" / good, tmp_path / "alone")
