@@ -19,7 +19,7 @@ from elbolab.data import load
 from elbolab.models import build_model
 from elbolab.models.stacked import TAIL_SENSITIVE, _plain, batched_agrees, stack_models
 from elbolab.runs import load_checkpoint
-from elbolab.stacked import StackedTrainer, check_stackable, pack
+from elbolab.stacked import StackedTrainer, check_stackable, pack, stack_refusal
 from elbolab.sweep import expand, load_config_with_sweep, parse_sweep
 from elbolab.training import Trainer
 
@@ -191,6 +191,10 @@ def test_pack_and_refusals():
     assert pack([config(), config(**{"objective.estimator": "stl"})]) == [[0], [1]]
     with pytest.raises(ConfigError, match="model.latent_dim"):
         check_stackable([config(), config(**{"model.latent_dim": 9})])
+    # a prior with its own parameters (VampPrior's pseudo-inputs) trains alone, not in a failing stack
+    vamp = [config(**{"model.prior.name": "vampprior", "train.seed": s}) for s in (0, 1)]
+    assert pack(vamp) == [[0], [1]] and "prior." in (stack_refusal(vamp[0]) or "")
+    assert stack_refusal(config()) is None
     with pytest.raises(ValueError, match="not in a Linear layer"):
         stack_models([build_model(RunConfig().with_overrides({"model.prior.name": "mog"}).model, 784)] * 2)
 

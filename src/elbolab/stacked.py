@@ -26,6 +26,7 @@ of one run enters another's arithmetic, so one run's NaN leaves the others' bits
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from .data import ImageDataset, load
 from .distributions import noise_source
 from .fastpaths import add_float32_outputs, precision_context, retain_freed_memory
 from .files import fault_point
+from .models import build_model
 from .models.base import LogWeightTerms
 from .models.stacked import RunwiseTails, run_noise, stack_models
 from .objectives import BoundPlan, ObjectiveResult, detaches_posterior, estimate_from_terms, objective_plan
@@ -92,11 +94,28 @@ def stack_key(cfg: RunConfig) -> dict[str, Any]:
     return key
 
 
+@functools.lru_cache(maxsize=64)
+def _parameter_outside_linear(model_json: str, dataset: str) -> str | None:
+    """Why the model a config section builds cannot be stacked (a parameter outside an ``nn.Linear``
+    layer: models.stacked stacks only those), or None. Built on the meta device: the structure
+    without its memory or arithmetic."""
+    model_cfg = RunConfig.from_dict({"model": json.loads(model_json), "data": {"name": dataset}}).model
+    try:
+        with torch.device("meta"):
+            model = build_model(model_cfg, 784, dataset=dataset)
+    except Exception as e:  # noqa: BLE001 - a model that cannot be built here is not stacked
+        return f"its model could not be checked ({type(e).__name__})"
+    inside = {f"{n}.{p}" for n, m in model.named_modules() if type(m) is torch.nn.Linear for p, _ in
+              m.named_parameters(recurse=False)}
+    outside = next((n for n, _ in model.named_parameters() if n not in inside), None)
+    return None if outside is None else f"parameter {outside!r} is not in a Linear layer"
+
+
 def stack_refusal(cfg: RunConfig) -> str | None:
     """Why ``cfg`` trains alone whatever it is packed with, or None."""
     if cfg.train.compile:
         return "train.compile=true (a compiled step is not stacked)"
-    return None
+    return _parameter_outside_linear(json.dumps(cfg.to_dict()["model"], sort_keys=True, default=str), cfg.data.name)
 
 
 def pack(configs: Sequence[RunConfig]) -> list[list[int]]:
