@@ -233,3 +233,20 @@ def test_a_sweep_names_its_diverging_run_and_exits_3(tmp_path, capsys):
     assert json.loads((tmp_path / "sweep" / bad / "run.json").read_text())["status"] == "failed"
     assert main(["train", "--no-eval", "--out", str(tmp_path / "alone"), *args, "--set", "train.lr=0.001"]) == 0
     assert_same_run(tmp_path / "sweep" / good, tmp_path / "alone")
+
+
+def test_a_sweep_resumes_with_only_result_free_changes(tmp_path, capsys):
+    """`train --resume SWEEP` takes the --set keys a run's resume takes (progress, threads, eval ...)
+    and refuses, naming the key, one that would change what a run trains."""
+    from elbolab.cli import main
+
+    args = [a for k, v in {**BASE, "train.epochs": 1}.items()
+            for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, list) else v}")]
+    sweep = tmp_path / "sweep"
+    assert main(["train", "--no-eval", "--out", str(sweep), *args, "--sweep", "train.seed=0,1"]) == 0
+    weights = [(sweep / n / "model.safetensors").read_bytes() for n in ("seed=0", "seed=1")]
+    assert main(["train", "--no-eval", "--resume", str(sweep), "--set", "train.lr=0.5"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    assert main(["train", "--no-eval", "--resume", str(sweep), "--set", "train.progress=false",
+                 "--set", "eval.k_importance=7"]) == 0
+    assert [(sweep / n / "model.safetensors").read_bytes() for n in ("seed=0", "seed=1")] == weights

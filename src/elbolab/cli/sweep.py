@@ -12,7 +12,16 @@ from ..devices import resolve_device
 from ..diagnostics.summary import summarize
 from ..evaluation import random_subset
 from ..preflight import preflight
-from ..runs import CONFIG, REPORT, load_run, lock_run, read_json_object, write_json
+from ..runs import (
+    CONFIG,
+    REPORT,
+    config_differences,
+    describe_differences,
+    load_run,
+    lock_run,
+    read_json_object,
+    write_json,
+)
 from ..stacked import pack, train_stacked
 from ..sweep import (
     SWEEP_FILE,
@@ -42,14 +51,24 @@ def _planned(args: argparse.Namespace) -> tuple[Path, list[tuple[str, RunConfig]
     """The sweep's folder and its runs (name, config), from the options or the folder to resume."""
     if args.resume:
         folder = Path(args.resume)
-        if args.sweep or args.config or args.preset or args.set:
-            raise ConfigError(f"--resume {folder}: a sweep's runs keep their configs; drop --config/--set/--sweep")
+        if args.sweep or args.config or args.preset:
+            raise ConfigError(f"--resume {folder}: a sweep's runs keep their configs; drop --config/--preset/--sweep")
         names = read_sweep_file(folder)
         runs = [(n, load_config(folder / n / CONFIG)) for n in names if (folder / n / CONFIG).exists()]
         if len(runs) != len(names):
             missing = next(n for n in names if not (folder / n / CONFIG).exists())
             raise ConfigError(f"{folder / missing}: listed in {SWEEP_FILE} but holds no run config")
-        return folder, [(n, c.with_overrides(_placement(args)) if _placement(args) else c) for n, c in runs]
+        overrides = list(args.set or []) + [f"{k}={v}" for k, v in _placement(args).items()]
+        resumed = []
+        for name, saved in runs:
+            cfg = saved.with_overrides(overrides) if overrides else saved
+            diff = config_differences(saved, cfg)
+            if diff:  # as train --resume of one run: only what leaves the result unchanged may change
+                raise ConfigError(f"--resume {folder}: would change what run {name} trains "
+                                  f"({describe_differences(diff)}); only progress, device, threads, data folder, "
+                                  "compile and eval settings (but eval.seed) may change")
+            resumed.append((name, cfg))
+        return folder, resumed
     if args.config and args.preset:
         raise ConfigError("--config and --preset: give one of them, not both")
     sweep = {}
