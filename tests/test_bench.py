@@ -152,3 +152,17 @@ def test_rows_carry_the_busy_flag_only_on_the_wall_clock() -> None:
     quiet = {"elbolab": (measure.Throughput([500.0], [0.97]), 0)}
     bench.wall_clock = True
     assert bench._rows("r", quiet, None)[0].note == ""
+
+
+def test_stacked_row_times_the_stack_against_runs_one_by_one_and_processes(tmp_path, monkeypatch) -> None:
+    import elbolab.speed
+
+    monkeypatch.setattr(elbolab.speed, "stacked_plan", lambda: [("stacked S=2: IWAE k=1, batch 20", 2, 20, 1)])
+    assert main(["bench", "--quick", "--no-pythae", "--only", "stacked", "--out", str(tmp_path), "--name", "t",
+                 "--threads", "1", "--clock", "cpu", "--seconds", "0.02", "--repeats", "1"]) == 0
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["library"] for r in rows] == ["2 runs one by one", "2 runs stacked", "2 processes"]
+    assert all(r["images_per_s"] > 0 and r["extra"]["runs"] == 2 for r in rows)
+    assert len(rows[2]["extra"]["per_process"]) == 2
+    one_by_one = rows[0]["extra"]["stacked_speedup"]
+    assert one_by_one == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])

@@ -125,6 +125,32 @@ def test_ctrl_c_writes_checkpoint_exits_130_and_resumes_exactly(tmp_path, refere
     assert outcome(run) == reference
 
 
+@pytest.fixture(scope="module")
+def reference_seed1(tmp_path_factory) -> tuple[bytes, bytes, list[dict]]:
+    run = tmp_path_factory.mktemp("ref1") / "run"
+    finish(elbolab_train(*fresh_args(run), "--set", "train.seed=1"))
+    return outcome(run)
+
+
+def test_sigkill_of_a_stacked_sweep_then_resume_equals_each_run_alone(tmp_path, reference, reference_seed1):
+    """Two seeds trained as one stacked model, SIGKILLed mid-epoch, resumed with --resume: each
+    run's weights and metrics are those of the same run trained alone, uninterrupted."""
+    sweep = tmp_path / "sweep"
+    proc = elbolab_train(*fresh_args(sweep), "--sweep", "train.seed=0,1", stop_at="step#75")
+    try:
+        wait_until_frozen(proc)
+        for name in ("seed=0", "seed=1"):
+            ckpt = load_checkpoint(sweep / name / "checkpoint.pt")  # each run's own mid-epoch checkpoint
+            assert (ckpt["step"], ckpt["epoch"], ckpt["position"]["next_batch"]) == (60, 1, 10)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    finish(elbolab_train("--resume", str(sweep)))
+    assert outcome(sweep / "seed=0") == reference
+    assert outcome(sweep / "seed=1") == reference_seed1
+
+
 # --- creating the run folder, one owner per run ------------------------------------------
 
 #: one epoch of 10 steps of a tiny model on the embedded data: seconds, not minutes

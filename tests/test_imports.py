@@ -19,10 +19,11 @@ PACKAGE = SRC / "elbolab"
 
 #: bottom first; a module may import its own layer and the ones below
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("version", "errors", "registry", "config", "bounds", "distributions", "fastpaths", "files", "devices", "rng"),
+    ("version", "errors", "registry", "config", "bounds", "distributions", "fastpaths", "files", "devices", "rng",
+     "sweep"),
     ("priors", "likelihoods", "flows", "models", "data", "adapters"),
     ("objectives", "evaluation", "optimizers", "schedules"),
-    ("runs", "preflight", "sinks", "training"),
+    ("runs", "preflight", "sinks", "training", "stacked"),
     ("diagnostics", "reproduce", "speed", "api"),
     ("cli",),
 )

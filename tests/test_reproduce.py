@@ -479,6 +479,28 @@ def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monk
     assert [e.status for e in other.entries] == ["not run"]
 
 
+def test_rows_of_one_shape_train_stacked_as_they_do_alone(tiny_data, tmp_path, monkeypatch) -> None:
+    """The k = 5 VAE and IWAE rows share a shape: one stacked training (no Trainer.fit), whose row
+    folders hold the bits the rows get trained one by one, and so the same table values."""
+    import pickle
+    from pathlib import Path
+
+    from elbolab.reproduce.rows import PackTask
+
+    fits = _count_fits(monkeypatch)
+    pair = ["mnist-1layer-vae-k5", "mnist-1layer-iwae-k5"]
+    stacked = reproduce("iwae-table", budget="quick", only=pair, results=tmp_path / "a", overrides=TINY)
+    assert len(fits) == 0 and sorted(stacked.trained) == sorted(pair)
+    alone = reproduce("iwae-table", budget="quick", only=pair, results=tmp_path / "b", overrides=TINY, stack=False)
+    assert len(fits) == 2
+    for a, b in zip(stacked.entries, alone.entries, strict=True):
+        assert a.cells["nll"].ours == b.cells["nll"].ours
+        assert (Path(a.row_dir) / "run" / "model.safetensors").read_bytes() == \
+            (Path(b.row_dir) / "run" / "model.safetensors").read_bytes()
+    task = RowTask(table="t", row_id="r", config={}, row_dir="", evaluation="likelihood", data_label="")
+    assert pickle.loads(pickle.dumps(PackTask((task, task)))).tasks[1] == task  # any executor can ship it
+
+
 def test_a_row_saved_before_a_config_key_existed_is_found_under_its_old_name(tiny_data, tmp_path, monkeypatch):
     """Adding a config key (with a default) changes every row's hash; a finished row whose saved
     config, read now, is the row's config is still answered from its folder, not retrained."""
@@ -524,8 +546,9 @@ def _reproduce_cli(results, stop_at: str | None = None):
     env = {k: v for k, v in os.environ.items() if k != TEST_STOP_ENV}
     if stop_at:
         env[TEST_STOP_ENV] = stop_at  # inherited by the spawned workers: each freezes at its own step
+    # --no-stack: the two rows share a shape, and stacked they would be one worker's task
     cmd = [sys.executable, "-m", "elbolab.cli", "reproduce", "iwae-table", "--only", *REAL_ROWS, "--workers", "2",
-           "--results", str(results), *(a for s in REAL_TINY for a in ("--set", s))]
+           "--no-stack", "--results", str(results), *(a for s in REAL_TINY for a in ("--set", s))]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

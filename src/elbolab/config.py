@@ -400,9 +400,14 @@ class TrainConfig:
     #: compiler. Random draws stay torch's own stream, so a compiled run matches an eager one
     #: to float rounding (fastpaths.compile_objective)
     compile: bool = False
+    #: fp32, or bf16: the step's matrix products in bfloat16 (autocast), parameters, optimizer state,
+    #: log weights and bounds in float32; evaluation is float32 either way (fastpaths.with_precision;
+    #: docs/bench.md measures its accuracy and speed). Fast only where the hardware multiplies bf16
+    precision: str = "fp32"
 
     def validate(self, key: str) -> None:
         _require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
+        check_name("precision", self.precision, f"{key}.precision")
         _in_range(self.epochs, 1, MAX_EPOCHS, f"{key}.epochs")
         _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         _in_range(self.batch_size, 1, MAX_BATCH, f"{key}.batch_size")

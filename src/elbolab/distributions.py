@@ -6,7 +6,10 @@ log-densities are summed over the last (event) axis, giving ``[..., B]``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +17,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LOG_2PI = math.log(2.0 * math.pi)
+
+#: draws standard normals of a shape for reparameterized samples; set by :func:`noise_source`
+NoiseSource = Callable[[tuple[int, ...], torch.dtype, torch.device], Tensor]
+_NOISE: contextvars.ContextVar[NoiseSource | None] = contextvars.ContextVar("elbolab_noise", default=None)
+
+
+def standard_normal(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """N(0, I) noise of ``shape`` in ``like``'s dtype and device: the one place a training step draws.
+
+    ``torch.randn`` from ``generator`` (else torch's global stream), unless a caller without a
+    generator runs inside :func:`noise_source`: a stacked run draws each run's share from that
+    run's own stream there (elbolab.stacked).
+    """
+    source = _NOISE.get() if generator is None else None
+    if source is not None:
+        return source(tuple(shape), like.dtype, like.device)
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
+@contextlib.contextmanager
+def noise_source(source: NoiseSource) -> Iterator[None]:
+    """Route :func:`standard_normal` calls without a generator to ``source`` inside the block."""
+    token = _NOISE.set(source)
+    try:
+        yield
+    finally:
+        _NOISE.reset(token)
 
 
 def log_normal_diag(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
@@ -58,8 +88,7 @@ class DiagonalGaussian:
 
     def rsample(self, k: int, generator: torch.Generator | None = None) -> Tensor:
         """k reparameterized draws, ``[k, *mean.shape]``."""
-        shape = (k, *self.mean.shape)
-        eps = torch.randn(shape, dtype=self.mean.dtype, device=self.mean.device, generator=generator)
+        eps = standard_normal((k, *self.mean.shape), self.mean, generator)
         return self.mean + self.std * eps
 
     def log_prob(self, z: Tensor) -> Tensor:

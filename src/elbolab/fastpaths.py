@@ -9,11 +9,17 @@ checks every pair against float64), and each steps aside where it measured no fa
 - :func:`bernoulli_log_prob`: the Bernoulli log-density through the decoder's last Linear
   layer without ``[K, B, D]`` temporaries (twin: ``log_bernoulli_logits(x, layer(h))``);
 - :func:`compile_objective`: the training objective under ``torch.compile`` (twin: eager);
+- :func:`with_precision`: the training step's matrix products in bfloat16, everything else in
+  float32 (``train.precision``; twin: float32 throughout);
 - :func:`retain_freed_memory`: a process-wide allocator setting, made once by an entry point.
+
+A captured training step (a whole step, optimizer included, as one CUDA graph) would go here
+too, beside the plain step it replaces (training.take_step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributions import log_bernoulli_logits
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +175,68 @@ def compile_objective(objective: Objective, device: torch.device | str | None = 
         return compiled(model, x, torch.tensor(kl_weight, dtype=x.dtype, device=x.device))
 
     return run
+
+
+# --- mixed precision -------------------------------------------------------------------------
+
+#: ``train.precision`` -> the dtype of the training step's matrix products (float32: no autocast)
+PRECISIONS: Registry[torch.dtype] = Registry("precision", {"fp32": torch.float32, "bf16": torch.bfloat16})
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware (on a CPU: AVX512-BF16 or AMX,
+    as oneDNN sees it); elsewhere torch emulates them, many times slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _to_float32(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+    return output.float()
+
+
+def with_precision(objective: Objective, model: nn.Module, precision: str, device: torch.device | str
+                   ) -> Objective:
+    """The training objective with its matrix products in ``precision`` (a :data:`PRECISIONS` name).
+
+    ``fp32`` returns ``objective`` itself. ``bf16`` runs it under ``torch.autocast``, which
+    multiplies in bfloat16 (the backward's products too), and makes every ``nn.Linear`` of
+    ``model`` hand its output back in float32, so activations, log-densities, log weights,
+    bounds, the parameters and the optimizer's state stay float32: only the products round
+    to bfloat16. The hooks stay on the model and do nothing outside autocast, so evaluation
+    is float32 (tests/test_precision.py bounds the step's error against float32).
+    """
+    dtype = PRECISIONS.get_checked(precision, "train.precision")
+    if dtype == torch.float32:
+        return objective
+    device = torch.device(device)
+    if not native_bf16(device):
+        log.warning("train.precision=%s: this %s has no native bfloat16 matrix products; torch emulates them, "
+                    "several times slower than float32", precision, device.type.upper())
+    add_float32_outputs(model)
+
+    def run(m: nn.Module, x: Tensor, kl_weight: float = 1.0) -> Any:
+        with precision_context(precision, device):
+            return objective(m, x, kl_weight)
+
+    return run
+
+
+def add_float32_outputs(model: nn.Module) -> None:
+    """Every ``nn.Linear`` of ``model`` returns float32 (once per layer; see :func:`with_precision`)."""
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear) and not getattr(layer, "_elbolab_float32_out", False):
+            layer.register_forward_hook(_to_float32)
+            layer._elbolab_float32_out = True
+
+
+def precision_context(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The context a training forward pass runs in for ``precision``: autocast, or nothing for fp32."""
+    dtype = PRECISIONS.get_checked(precision, "train.precision")
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 # --- the allocator --------------------------------------------------------------------------

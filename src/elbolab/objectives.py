@@ -184,17 +184,19 @@ def _scale_sample_gradients(terms: LogWeightTerms, scale: Tensor) -> None:
 # --- estimation -------------------------------------------------------------------
 
 
-def _routed_surrogate(targets: Sequence[tuple[Tensor, list[torch.nn.Parameter]]]) -> Tensor:
+def _routed_surrogate(targets: Sequence[tuple[Tensor, list[torch.nn.Parameter]]], keep_graph: bool = False
+                      ) -> Tensor:
     """A scalar whose gradient is, for each (value, params) pair, d value / d params.
 
     Used when encoder and decoder follow different surrogates: each gradient is taken
     here with ``torch.autograd.grad`` and returned as ``sum(p * grad.detach())``.
+    ``keep_graph`` keeps the forward graph after the last one (a stacked run's other runs need it).
     """
     total: Tensor | None = None
     live = [(v, [p for p in ps if p.requires_grad]) for v, ps in targets]
     live = [(v, ps) for v, ps in live if ps and v.requires_grad]
     for i, (value, params) in enumerate(live):
-        grads = torch.autograd.grad(value, params, retain_graph=i < len(live) - 1, allow_unused=True)
+        grads = torch.autograd.grad(value, params, retain_graph=keep_graph or i < len(live) - 1, allow_unused=True)
         for p, g in zip(params, grads, strict=True):
             if g is not None:
                 term = (p * g.detach()).sum()
@@ -215,7 +217,28 @@ def estimate(
     estimator; ``bound`` is the plan's report bound at KL weight 1.
     """
     ESTIMATORS.check(estimator, "objective.estimator")
-    terms = model.log_weight_terms(x, plan.n_samples, stop_posterior_grad=estimator != "standard")
+    terms = model.log_weight_terms(x, plan.n_samples, stop_posterior_grad=detaches_posterior(estimator))
+    return estimate_from_terms(model, terms, plan, estimator, kl_weight)
+
+
+def detaches_posterior(estimator: str) -> bool:
+    """Whether ``estimator`` evaluates log q at detached variational parameters (STL, DReG)."""
+    return estimator != "standard"
+
+
+def estimate_from_terms(
+    model: LatentVariableModel,
+    terms: LogWeightTerms,
+    plan: BoundPlan,
+    estimator: str,
+    kl_weight: float = 1.0,
+    scale_samples: Callable[[LogWeightTerms, Tensor], None] = _scale_sample_gradients,
+    keep_graph: bool = False,
+) -> ObjectiveResult:
+    """:func:`estimate` on terms already drawn (``plan.n_samples`` per point, log q detached
+    as :func:`detaches_posterior` says). A stacked run calls it once per run on that run's
+    terms: ``scale_samples`` then collects the DReG factors for one hook on the stack's
+    samples, and ``keep_graph`` keeps the shared graph through a routed run's gradients."""
     log_w_train = terms.log_weights(kl_weight)  # [n, B]
     decoder_value = combined_bound(log_w_train, plan.decoder).mean()
     log_w = terms.log_weights().detach()
@@ -225,7 +248,7 @@ def estimate(
     # rescaled to the path weight; costs no extra backward pass
     dreg_by_hook = estimator == "dreg" and len(terms.z) == 1
     if dreg_by_hook:
-        _scale_sample_gradients(terms, _dreg_sample_scale(log_w_train, plan.encoder, kl_weight))
+        scale_samples(terms, _dreg_sample_scale(log_w_train, plan.encoder, kl_weight))
     if (estimator != "dreg" or dreg_by_hook) and plan.encoder == plan.decoder:
         return ObjectiveResult(loss=-decoder_value, bound=report, log_w=log_w, terms=terms)
 
@@ -241,7 +264,7 @@ def estimate(
         encoder_target = _dreg_routed_target(model, terms, log_w_train, plan.encoder, kl_weight)
     else:
         encoder_target = combined_bound(log_w_train, plan.encoder).mean()
-    surrogate = _routed_surrogate([(decoder_value, model.decoder_parameters()), (encoder_target, enc)])
+    surrogate = _routed_surrogate([(decoder_value, model.decoder_parameters()), (encoder_target, enc)], keep_graph)
     surrogate = surrogate.to(decoder_value)
     loss = -(decoder_value.detach() + surrogate - surrogate.detach())
     return ObjectiveResult(loss=loss, bound=report, log_w=log_w, terms=terms)
@@ -332,10 +355,15 @@ OBJECTIVES: Registry[Callable[[ObjectiveConfig], BoundPlan]] = Registry("objecti
 })
 
 
+def objective_plan(cfg: ObjectiveConfig) -> tuple[BoundPlan, str]:
+    """The bound plan and the (canonical) gradient estimator an objective config describes."""
+    return OBJECTIVES.get_checked(cfg.name, "objective.name")(cfg), ESTIMATORS.check(cfg.estimator,
+                                                                                      "objective.estimator")
+
+
 def make_objective(cfg: ObjectiveConfig) -> Objective:
     """Bind an objective config (name, k, estimator, m, beta) into the callable the trainer steps with."""
-    plan = OBJECTIVES.get_checked(cfg.name, "objective.name")(cfg)
-    estimator = ESTIMATORS.check(cfg.estimator, "objective.estimator")
+    plan, estimator = objective_plan(cfg)
 
     def objective(model: LatentVariableModel, x: Tensor, kl_weight: float = 1.0) -> ObjectiveResult:
         return estimate(model, x, plan, estimator, kl_weight)

@@ -35,7 +35,7 @@ from .config import ConfigError, RunConfig
 from .data import DATASETS, Batcher, ImageDataset, evaluation_images, load
 from .devices import resolve_device
 from .evaluation import evaluate_bounds
-from .fastpaths import compile_objective, retain_freed_memory
+from .fastpaths import compile_objective, retain_freed_memory, with_precision
 from .files import OutputError, append_line, fault_point
 from .models import LatentVariableModel, build_model
 from .models.base import LogWeightTerms
@@ -217,7 +217,7 @@ class Trainer:
         # refused before anything is written: no run folder is left "running" by a step that cannot fit
         check_memory(cfg, self.model, self.dataset.data_dim, 0 if self.valid is None else self.valid.shape[0])
         self.optimizer = make_optimizer(self.model, cfg.train, self.device)
-        self.objective = make_objective(cfg.objective)
+        self.objective = with_precision(make_objective(cfg.objective), self.model, cfg.train.precision, self.device)
         if cfg.train.compile:
             self.objective = compile_objective(self.objective, self.device)
         #: batch sizes the compiled objective has already been compiled for
@@ -360,30 +360,48 @@ class Trainer:
         self.step += 1
         if taken:
             return bound_sum
+        self.handle_fault(res, where, image_ids)
+        return None
+
+    def handle_fault(self, res: ObjectiveResult, where: str, image_ids: Tensor) -> None:
+        """A step with a non-finite loss or gradient was not taken: count it as skipped under
+        ``train.nonfinite``, or raise :class:`NonFiniteError` naming what went wrong."""
         msg = describe_fault(res.loss, res.terms, self.model, f"step {self.step} ({where})", image_ids)
         self.optimizer.zero_grad(set_to_none=True)
         t = self.cfg.train
         if t.nonfinite == "skip" and self.nonfinite_skips < t.max_nonfinite_skips:
             self.nonfinite_skips += 1
             log.warning("%s; step skipped (%d of %d allowed)", msg, self.nonfinite_skips, t.max_nonfinite_skips)
-            return None
+            return
         policy = ("train.nonfinite=stop" if t.nonfinite == "stop"
                   else f"{t.max_nonfinite_skips} skipped steps already (train.max_nonfinite_skips)")
         raise NonFiniteError(f"{msg}; stopped ({policy}); the last good checkpoint is kept")
 
     # --- the loop --------------------------------------------------------------
-    def train_epoch(self) -> dict[str, float]:
-        """Run the rest of the current epoch (all of it, unless resumed mid-epoch)."""
-        cfg = self.cfg
+    def begin_epoch(self) -> tuple[tuple[Tensor, ...], float]:
+        """The current epoch's batches of image indices (its permutation drawn when it starts)
+        and its learning rate, set on the optimizer."""
         if self.order is None:
             self.order = torch.randperm(len(self.batcher), generator=self.shuffle)
             self.next_batch, self.epoch_bound_sum, self.epoch_count = 0, 0.0, 0
         # one host-to-device copy of the permutation per epoch, none per step
-        batches = self.order.to(self.device).split(cfg.train.batch_size)
-        lr = learning_rate(cfg.train, self.epoch)
+        batches = self.order.to(self.device).split(self.cfg.train.batch_size)
+        lr = learning_rate(self.cfg.train, self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        return batches, lr
+
+    def epoch_summary(self, n_batches: int, lr: float) -> dict[str, float]:
+        """The epoch's metrics row so far: mean training bound, learning rate, last KL weight."""
+        mean = self.epoch_bound_sum / self.epoch_count if self.epoch_count else math.nan
+        beta = kl_weight(self.epoch + (n_batches - 1) / n_batches, self.cfg.objective.warmup_epochs)
+        return {"train_bound": mean, "lr": lr, "kl_weight": beta}
+
+    def train_epoch(self) -> dict[str, float]:
+        """Run the rest of the current epoch (all of it, unless resumed mid-epoch)."""
+        cfg = self.cfg
+        batches, lr = self.begin_epoch()
         # None: shown on a terminal only (a log file gets the epoch lines)
         bar = tqdm(range(self.next_batch, len(batches)), desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
                    leave=False, disable=None if cfg.train.progress else True, unit="batch")
@@ -410,9 +428,7 @@ class Trainer:
                 self._raise_if_interrupted()
             if i % 10 == 0 and self.epoch_count:
                 bar.set_postfix(bound=f"{self.epoch_bound_sum / self.epoch_count:.2f}")
-        mean = self.epoch_bound_sum / self.epoch_count if self.epoch_count else math.nan
-        beta = kl_weight(self.epoch + (len(batches) - 1) / len(batches), cfg.objective.warmup_epochs)
-        return {"train_bound": mean, "lr": lr, "kl_weight": beta}
+        return self.epoch_summary(len(batches), lr)
 
     def _monitor_due(self) -> bool:
         """Every ``monitor.every`` epochs and at the last planned one (the epoch just trained)."""
@@ -473,7 +489,6 @@ class Trainer:
 
     def _fit(self) -> Path:
         cfg = self.cfg
-        metrics_path = self.run_dir / METRICS
         sinks = open_sinks(cfg, self.run_dir, self.epoch + 1)
         self._last_checkpoint = time.monotonic()
         try:
@@ -482,31 +497,9 @@ class Trainer:
                     t0 = time.perf_counter()
                     row: dict[str, Any] = {"epoch": self.epoch + 1}
                     row.update(self.train_epoch())
-                    if cfg.train.eval_every and (self.epoch + 1) % cfg.train.eval_every == 0:
-                        row.update(self.validate())
-                    row["seconds"] = round(time.perf_counter() - t0, 3)
-                    if self._monitor_due():
-                        row.update(self.monitor(self.model))
-                    self.epoch += 1
-                    self.order, self.next_batch = None, 0
-                    self._track_best(row)
-                    append_line(metrics_path, json.dumps(row))
-                    sinks = _log_to_sinks(sinks, row, self.epoch)
-                    log.info("%s", epoch_line(row, cfg.train.epochs, cfg.objective.k))
-                    log.debug("epoch %d: %s", self.epoch, json.dumps(row))
-                    patience = cfg.train.early_stopping_patience
-                    if patience and self.epochs_since_best >= patience:
-                        log.info("early stopping: %d epochs without a better validation bound", patience)
-                        self.finished = True
-                    self.save_checkpoint()
-                    self._write_info("running")
+                    sinks = self.close_epoch(row, t0, sinks)
                     self._raise_if_interrupted()
-                self.finished = True
-                save_weights(self.model, self.run_dir / "model.safetensors")
-                if not (self.run_dir / "best.safetensors").exists():
-                    save_weights(self.model, self.run_dir / "best.safetensors")
-                self.save_checkpoint()
-                self._write_info("finished")
+                self.finish()
         except KeyboardInterrupt:
             self._write_info_quietly("interrupted")
             raise
@@ -517,13 +510,43 @@ class Trainer:
             self._write_info_quietly("failed", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
             raise
         finally:
-            for sink in sinks:
-                try:
-                    sink.close()
-                except Exception as e:  # noqa: BLE001 - closing must not mask how the run ended
-                    log.warning("%s: closing failed (%s: %s); metrics.jsonl holds every row", type(sink).__name__,
-                                type(e).__name__, str(e)[:200])
+            close_sinks(sinks)
         return self.run_dir
+
+    def close_epoch(self, row: dict[str, Any], t0: float, sinks: list[MetricSink] | None = None
+                    ) -> list[MetricSink]:
+        """After an epoch's last step: validate, monitor, log the metrics row (to metrics.jsonl
+        and ``sinks``), track the best weights and early stopping, checkpoint. ``row`` holds
+        the epoch number and the training metrics; returns the sinks still working."""
+        cfg = self.cfg
+        if cfg.train.eval_every and (self.epoch + 1) % cfg.train.eval_every == 0:
+            row.update(self.validate())
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        if self._monitor_due():
+            row.update(self.monitor(self.model))
+        self.epoch += 1
+        self.order, self.next_batch = None, 0
+        self._track_best(row)
+        append_line(self.run_dir / METRICS, json.dumps(row))
+        sinks = _log_to_sinks(sinks or [], row, self.epoch)
+        log.info("%s", epoch_line(row, cfg.train.epochs, cfg.objective.k))
+        log.debug("epoch %d: %s", self.epoch, json.dumps(row))
+        patience = cfg.train.early_stopping_patience
+        if patience and self.epochs_since_best >= patience:
+            log.info("early stopping: %d epochs without a better validation bound", patience)
+            self.finished = True
+        self.save_checkpoint()
+        self._write_info("running")
+        return sinks
+
+    def finish(self) -> None:
+        """The run is done: final (and, without validation, best) weights, last checkpoint, status."""
+        self.finished = True
+        save_weights(self.model, self.run_dir / "model.safetensors")
+        if not (self.run_dir / "best.safetensors").exists():
+            save_weights(self.model, self.run_dir / "best.safetensors")
+        self.save_checkpoint()
+        self._write_info("finished")
 
     def _write_info_quietly(self, status: str, error: str | None = None) -> None:
         """Record how the run ended, unless the disk refuses that too (the real error wins)."""
@@ -549,6 +572,16 @@ class Trainer:
         else:
             self.epochs_since_best += 1
 
+
+
+def close_sinks(sinks: list[MetricSink]) -> None:
+    """Close every sink; a failure is a warning (closing must not mask how the run ended)."""
+    for sink in sinks:
+        try:
+            sink.close()
+        except Exception as e:  # noqa: BLE001 - any failure of a third-party logger
+            log.warning("%s: closing failed (%s: %s); metrics.jsonl holds every row", type(sink).__name__,
+                        type(e).__name__, str(e)[:200])
 
 
 def _log_to_sinks(sinks: list[MetricSink], row: dict[str, Any], step: int) -> list[MetricSink]:

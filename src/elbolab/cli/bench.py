@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time training steps as train.compile=true runs them (CUDA graphs on a GPU; "
                         "on a CPU each row compiles for 10-30 s)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time training steps at k >= 5 as train.precision=bf16 runs them (fast only on "
+                        "hardware with native bf16 products)")
     p.add_argument("--seconds", type=float, metavar="S",
                    help="seconds of work per timed repeat (default: 0.12 quick, 1.0 full; a GPU needs less)")
     p.add_argument("--repeats", type=int, metavar="N", help="interleaved repeats per row (default: 3 quick, 5 full)")

@@ -38,7 +38,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
           f"({args.executor}, {args.workers} worker{'s' if args.workers > 1 else ''}) -> {args.results}", flush=True)
     rep = reproduce(args.table, budget=args.budget, only=args.only, executor=args.executor, workers=args.workers,
                     results=args.results, data_dir=args.data_dir, overrides=args.set or [], on_row=progress,
-                    train=not args.table_only)
+                    train=not args.table_only, stack=not args.no_stack)
     print()
     print(rep.outputs["markdown"].read_text())
     print(f"trained {len(rep.trained)}, from cache {len(rep.cached)}, failed {len(rep.failed)}, "
@@ -62,6 +62,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key in every row, e.g. train.device=cuda")
     p.add_argument("--list", action="store_true", help="list the rows and budgets, train nothing")
+    p.add_argument("--no-stack", action="store_true",
+                   help="train every row alone (default: rows of one shape train as one stacked model)")
     p.add_argument("--table-only", action="store_true",
                    help="write the table from the rows already finished in --results (rows without a cache "
                         "keep the value of the table.json already there); train nothing")

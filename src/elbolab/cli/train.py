@@ -32,6 +32,7 @@ from ..runs import (
 )
 from ..training import Trainer
 from .common import add_data_dir, add_device, warn_if_data_dir_unused
+from .sweep import cmd_sweep, wants_sweep
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -95,6 +96,8 @@ def header(cfg: RunConfig, data_name: str, run_dir: Path) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if wants_sweep(args):
+        return cmd_sweep(args)
     if args.resume:
         run_dir = Path(args.resume)
         if args.out and Path(args.out).resolve() != run_dir.resolve():
@@ -163,9 +166,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder to create, or an unfinished run of the same config to continue "
                    "(default: a new runs/<dataset>-<model>-<objective>-<time>-<random>)")
     add_device(p)
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint (or "
-                   "evaluate a finished one whose evaluation was interrupted); --set may change only what "
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run or sweep from its last checkpoint "
+                   "(or evaluate a finished run whose evaluation was interrupted); --set may change only what "
                    "leaves the result unchanged: train.progress, train.device, train.threads, train.compile, "
                    "data.data_dir, eval.* (but eval.seed)")
+    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                   help="train one run per value (repeat for a grid); runs of one shape train as one stacked "
+                        "model, each in its own folder under --out")
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
     p.set_defaults(func=cmd_train)

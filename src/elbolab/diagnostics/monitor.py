@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..config import RunConfig
 from ..data import ImageDataset, evaluation_images
+from ..devices import resolve_device
 from ..evaluation import batches, eval_mode, model_device, seeded
 from ..models.base import LatentVariableModel, NoPosterior
 from ..priors import GaussianMixturePrior, StandardNormal
@@ -166,3 +167,8 @@ class CollapseMonitor:
         row = collapse_metrics(model, self.x, self.threshold, seed=self.seed)
         row["monitor_seconds"] = round(time.perf_counter() - t0, 3)
         return row
+
+
+def run_monitor(cfg: RunConfig, dataset: ImageDataset) -> CollapseMonitor | None:
+    """The monitor a run of ``cfg`` trains with, on its own device (None when monitoring is off)."""
+    return CollapseMonitor.for_run(cfg, dataset, resolve_device(cfg.train.device))

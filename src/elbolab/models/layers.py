@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributions import standard_normal
 from ..fastpaths import Tanh
 from ..flows import Flow
 from ..priors import Prior, VampPriorBase
@@ -39,7 +40,7 @@ def mlp(in_dim: int, hidden: Sequence[int], act: str) -> tuple[nn.Sequential, in
 
 def draw(mean: Tensor, log_var: Tensor, generator=None) -> Tensor:
     """One reparameterized draw per parameter row (the sample axis is already in ``mean``)."""
-    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    eps = standard_normal(tuple(mean.shape), mean, generator)
     return mean + torch.exp(0.5 * log_var) * eps
 
 

@@ -5,7 +5,10 @@
 
 Rows are planned from papers.yaml and tables.PROTOCOLS, checked for missing pieces
 before anything trains, run by an executor, cached in the results folder (a finished
-row is never retrained; an interrupted one resumes), and written as a table.
+row is never retrained; an interrupted one resumes), and written as a table. Rows that
+share a shape (elbolab.stacked.stack_key: same model, data, batch and draws per point)
+train as one stacked model, a pack being one task for the executor; each row's folder
+and numbers are those it gets trained alone.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, load_config, parse_overrides
+from ..config import ConfigError, RunConfig, load_config, parse_overrides
 from ..preflight import preflight
 from ..runs import CONFIG
+from ..stacked import pack
 from .executors import EXECUTORS, make_executor
 from .output import Entry, make_entry, read_committed, write_outputs
-from .rows import RESULT_FILE, RowTask, run_row
+from .rows import RESULT_FILE, PackTask, RowTask, run_row, run_unit
 from .tables import BUDGETS, config_key, get_table, load_tables, plan_rows, result_overrides, row_config
 
 __all__ = ["BUDGETS", "EXECUTORS", "Reproduction", "get_table", "load_tables", "reproduce"]
@@ -88,6 +92,7 @@ def reproduce(
     on_row: Callable[[Entry], None] | None = None,
     run_fn: Callable[[RowTask], dict[str, Any]] = run_row,
     train: bool = True,
+    stack: bool = True,
 ) -> Reproduction:
     """Run the selected rows of ``table`` at ``budget`` and write table.md/.json (+ curve).
 
@@ -96,7 +101,8 @@ def reproduce(
     copied off a cluster. A row with no cache that is not trained here (``train=False``,
     a row left out by ``only``, a failed row) keeps the value of the table.json already in
     the folder, marked as such, so a partial rerun never replaces a result with less; rows
-    found nowhere print as "not run".
+    found nowhere print as "not run". ``stack``: rows of one shape train as one stacked
+    model (with the default ``run_fn``).
     """
     spec = get_table(table)
     plans = plan_rows(spec, budget, only, data_dir, overrides)
@@ -147,14 +153,38 @@ def reproduce(
     for t in cached_tasks:
         record(t, run_row(t), None)
     if train:
-        for t, result, error in make_executor(executor, workers).run(to_run, run_fn):
-            for twin in (u for u in todo if u.row_dir == t.row_dir):
-                shared = result if twin is t or result is None else {**result, "cached": True}
-                record(twin, shared, error)
+        units: list[RowTask | PackTask] = list(to_run)
+        fn: Callable[[Any], dict[str, Any]] = run_fn
+        if stack and run_fn is run_row:
+            groups = pack([RunConfig.from_dict(t.config) for t in to_run])
+            units = [to_run[g[0]] if len(g) == 1 else PackTask(tuple(to_run[i] for i in g)) for g in groups]
+            fn = run_unit
+        for unit, result, error in make_executor(executor, workers).run(units, fn):
+            for t, res, err in _unpack(unit, result, error):
+                for twin in (u for u in todo if u.row_dir == t.row_dir):
+                    shared = res if twin is t or res is None else {**res, "cached": True}
+                    record(twin, shared, err)
     entries = _ordered(spec, plans, results_by_row, by_row, committed)
     outputs = write_outputs(spec, budget, entries, out, override_notes)
     kept = [e.row for e in entries if e.status == "committed"]
     return Reproduction(spec.name, budget, entries, outputs, trained, cached, failed, kept)
+
+
+def _unpack(unit: RowTask | PackTask, result: dict[str, Any] | None, error: BaseException | None
+            ) -> list[tuple[RowTask, dict[str, Any] | None, BaseException | None]]:
+    """A unit's outcome as each row's: a pack reports every row's result or error."""
+    if not isinstance(unit, PackTask):
+        return [(unit, result, error)]
+    out = []
+    for t in unit.tasks:
+        r = (result or {}).get("rows", {}).get(t.row_id)
+        if error is not None or r is None:
+            out.append((t, None, error or RuntimeError("the stacked pack returned no result for this row")))
+        elif "error" in r:
+            out.append((t, None, RuntimeError(r["error"])))
+        else:
+            out.append((t, r, None))
+    return out
 
 
 def _fill_k(spec, budget: str, committed: dict[str, Entry], data_dir: str | None, overrides) -> None:

@@ -2,7 +2,9 @@
 
 A row lives in ``<table folder>/rows/<row id>-<config hash>/``: ``run/`` is an ordinary
 run folder, ``result.json`` is written last and atomically, so its presence means the
-row is finished. A killed row resumes from its run folder's checkpoint.
+row is finished. A killed row resumes from its run folder's checkpoint. Rows of one shape
+can train as one stacked model (:class:`PackTask`, elbolab.stacked) and are then evaluated
+one by one; each row's folder is the same as if it had trained alone.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from ..config import RunConfig
 from ..data import evaluation_images, load
 from ..devices import resolve_device
 from ..diagnostics import active_units
-from ..diagnostics.monitor import CollapseMonitor
+from ..diagnostics.monitor import run_monitor
 from ..diagnostics.surgery import elbo_surgery
 from ..evaluation import log_likelihood, random_subset
 from ..fastpaths import retain_freed_memory
 from ..runs import environment_info, load_run, read_json_object, read_metrics, write_json
+from ..stacked import StackedTrainer
 from ..training import Trainer
 from .figures import ROW_FIGURES
 
@@ -96,16 +99,26 @@ def _weights(cfg: RunConfig) -> str:
     return "best" if cfg.train.early_stopping_patience > 0 else "final"
 
 
+def _finished(run_dir: Path) -> tuple[bool, bool]:
+    """(finished, started) for a row's run folder: trained to the end, or begun (a killed one,
+    before its first checkpoint or after, is continued by the trainer from where it was)."""
+    info = read_json_object(run_dir / "run.json") if (run_dir / "run.json").exists() else None
+    finished = info is not None and info.get("status") == "finished" and (run_dir / "model.safetensors").exists()
+    return finished, info is not None
+
+
+def _trained_model(cfg: RunConfig, run_dir: Path):
+    device = str(resolve_device(cfg.train.device))
+    return load_run(run_dir, device=device, weights=_weights(cfg)).model
+
+
 def _train(cfg: RunConfig, run_dir: Path, dataset):
     """Train, resuming an interrupted run (one killed before its first checkpoint starts from its
     seed); returns the model to evaluate, in eval mode."""
-    info = read_json_object(run_dir / "run.json") if (run_dir / "run.json").exists() else None
-    finished = info is not None and info.get("status") == "finished" and (run_dir / "model.safetensors").exists()
+    finished, started = _finished(run_dir)
     if not finished:
-        monitor = CollapseMonitor.for_run(cfg, dataset, resolve_device(cfg.train.device))
-        Trainer(cfg, run_dir, dataset, monitor).fit(resume=info is not None)
-    device = str(resolve_device(cfg.train.device))
-    return load_run(run_dir, device=device, weights=_weights(cfg)).model
+        Trainer(cfg, run_dir, dataset, run_monitor(cfg, dataset)).fit(resume=started)
+    return _trained_model(cfg, run_dir)
 
 
 def run_row(task: RowTask) -> dict[str, Any]:
@@ -119,10 +132,16 @@ def run_row(task: RowTask) -> dict[str, Any]:
     row_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
-    run_dir = row_dir / "run"
     log.info("%s %s: training %s on %s, at most %d epochs -> %s", task.table, task.row_id, cfg.model.name,
-             task.data_label, cfg.train.epochs, run_dir)
-    model = _train(cfg, run_dir, dataset)
+             task.data_label, cfg.train.epochs, row_dir / "run")
+    model = _train(cfg, row_dir / "run", dataset)
+    return _evaluate_row(task, cfg, model, dataset, t0)
+
+
+def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> dict[str, Any]:
+    """Evaluate a trained row the paper's way and write its result.json."""
+    row_dir = Path(task.row_dir)
+    run_dir = row_dir / "run"
     device = next(model.parameters()).device
     log.info("%s %s: evaluating (%s)", task.table, task.row_id, task.evaluation)
     t1 = time.perf_counter()
@@ -150,5 +169,60 @@ def run_row(task: RowTask) -> dict[str, Any]:
         "figures": figures,
         "config": task.config,
     }
-    write_json(result_path, result)
+    write_json(row_dir / RESULT_FILE, result)
     return {**result, "cached": False}
+
+
+@dataclass(frozen=True)
+class PackTask:
+    """Rows of one shape (elbolab.stacked.stack_key) trained as one stacked model, then evaluated
+    one by one. Plain picklable data, like a RowTask, for any executor."""
+
+    tasks: tuple[RowTask, ...]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The first row's config (executors read its device)."""
+        return self.tasks[0].config
+
+
+def run_pack(pack: PackTask) -> dict[str, Any]:
+    """Train the pack's unfinished rows stacked, evaluate each: ``{"rows": {row id: result or
+    {"error": message}}}``; a row that fails leaves the others' results intact."""
+    retain_freed_memory()
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    todo: list[tuple[RowTask, RunConfig]] = []
+    for task in pack.tasks:
+        path = Path(task.row_dir) / RESULT_FILE
+        if path.exists():
+            out[task.row_id] = {**read_json_object(path, "a row result"), "cached": True}
+        else:
+            Path(task.row_dir).mkdir(parents=True, exist_ok=True)
+            todo.append((task, RunConfig.from_dict(task.config)))
+    if not todo:
+        return {"rows": out}
+    d = todo[0][1].data
+    dataset = load(d.name, d.data_dir, validation=d.validation)
+    train_now = [(task, cfg) for task, cfg in todo if not _finished(Path(task.row_dir) / "run")[0]]
+    status = {task.row_id: None for task, _ in todo}
+    if train_now:
+        outcomes = StackedTrainer([(cfg, Path(task.row_dir) / "run") for task, cfg in train_now], dataset,
+                                  run_monitor).fit()
+        for (task, _), o in zip(train_now, outcomes, strict=True):
+            status[task.row_id] = o.error if o.status != "finished" else None
+    for task, cfg in todo:
+        if status[task.row_id] is not None:
+            out[task.row_id] = {"error": status[task.row_id]}
+            continue
+        try:
+            out[task.row_id] = _evaluate_row(task, cfg, _trained_model(cfg, Path(task.row_dir) / "run"), dataset, t0)
+        except Exception as e:  # noqa: BLE001 - one row's evaluation failing is that row's result
+            out[task.row_id] = {"error": f"{type(e).__name__}: {e}"}
+    return {"rows": out}
+
+
+def run_unit(unit: RowTask | PackTask) -> dict[str, Any]:
+    """What an executor runs: one row, or a pack of rows trained stacked."""
+    return run_pack(unit) if isinstance(unit, PackTask) else run_row(unit)
+

@@ -18,7 +18,7 @@ from ..config import ConfigError
 from ..devices import resolve_device
 from .measure import machine_info, matmul_peak_flops, use_cpu_clock
 from .report import format_table, plot_curves, write_json
-from .suite import Bench, Row, Settings, likelihood_plan, stopwatch, training_plan
+from .suite import Bench, Row, Settings, likelihood_plan, stacked_plan, stopwatch, training_plan
 
 DEFAULT_OUT = Path("benchmarks") / "results"
 
@@ -56,7 +56,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "under half its CPU time); --threads 1 --clock cpu holds up on a busy machine")
     peak = matmul_peak_flops(device, n=8192 if device.type == "cuda" else 2048 if args.quick else 4096)
     log(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    bench = Bench(settings, device, peak, use_pythae=not args.no_pythae, log=log, compiled=args.compile)
+    bench = Bench(settings, device, peak, use_pythae=not args.no_pythae, log=log, compiled=args.compile,
+                  bf16=args.bf16)
     if bench.pythae_reason:
         log(f"pythae: {bench.pythae_reason}")
     rows: list[Row] = []
@@ -88,6 +89,13 @@ def run(args: argparse.Namespace, log=print) -> dict:
         if not _wanted(row_name, args.only):
             continue
         rows += bench.training_row(row_name, overrides, objective, k, batch, with_pythae)
+        for line in format_table([r.to_dict() for r in rows if r.name == row_name]).splitlines()[2:]:
+            log(line)
+        save()
+    for row_name, runs, batch, k in stacked_plan():
+        if not _wanted(row_name, args.only):
+            continue
+        rows += bench.stacked_row(row_name, runs, batch, k)
         for line in format_table([r.to_dict() for r in rows if r.name == row_name]).splitlines()[2:]:
             log(line)
         save()

@@ -99,9 +99,14 @@ def use_cpu_clock(enabled: bool) -> None:
     _clock = time.process_time if enabled else time.perf_counter
 
 
-def timing_clock() -> str:
-    """"wall" or "cpu": the clock timings read now (:func:`use_cpu_clock`)."""
+def clock_name() -> str:
+    """Which clock timings read now: "cpu" or "wall"."""
     return "cpu" if _clock is time.process_time else "wall"
+
+
+def now() -> float:
+    """The clock every timing reads, read now."""
+    return _clock()
 
 
 def synchronize(device: torch.device) -> None:

@@ -39,6 +39,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(line.rstrip() for line in out)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """Rows (``Row.to_dict()``) as a Markdown table, the columns of :func:`format_table`."""
+    head = ("row", "library", "img/s", "median", "peak MB", "vs pythae", "GFLOP/img", "of peak", "note")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * 6 + "---|"]
+    for r in rows:
+        cells = (r["name"], r["library"], _fmt(r["images_per_s"], ",.0f"), _fmt(r["images_per_s_median"], ",.0f"),
+                 _fmt(r["peak_mb"], ".0f"), _fmt(r["vs_pythae"], ".2f") + ("x" if r["vs_pythae"] else ""),
+                 _fmt(r["flops_per_image"] and r["flops_per_image"] / 1e9, ".4f"),
+                 _fmt(r["of_peak"] and 100 * r["of_peak"], ".0f") + ("%" if r["of_peak"] else ""),
+                 r["note"].replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_json(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")

@@ -1,14 +1,18 @@
-"""The benchmark rows: training steps, IS log-likelihood, ELBO surgery, and scaling curves.
+"""The benchmark rows: training steps, stacked runs, IS log-likelihood, ELBO surgery, curves.
 
 Each row times elbolab and, where pythae has the same thing, pythae in the same process
 with interleaved repeats, and reports images/s, peak memory, the ratio between the
-two, and the achieved fraction of this machine's measured matmul peak.
+two, and the achieved fraction of this machine's measured matmul peak. A stacked-run row
+times S runs trained as one model against the same S runs stepped one by one in the same
+process, and against S separate processes started side by side (images/s per run).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,13 +25,24 @@ from ..config import EvalConfig, ObjectiveConfig, RunConfig, TrainConfig
 from ..data import load
 from ..diagnostics.surgery import elbo_surgery
 from ..evaluation import log_likelihood
-from ..fastpaths import compile_objective
+from ..fastpaths import compile_objective, retain_freed_memory, with_precision
 from ..models import build_model
-from ..objectives import make_objective
+from ..objectives import make_objective, objective_plan
 from ..optimizers import make_optimizer
+from ..stacked import Stack, StackRun
 from ..training import NonFiniteError, take_step
 from . import pythae_models
-from .measure import Throughput, busy_note, compare, count_flops, matmul_step, timing_clock
+from .measure import (
+    Throughput,
+    busy_note,
+    clock_name,
+    compare,
+    count_flops,
+    current_rss,
+    matmul_step,
+    now,
+    use_cpu_clock,
+)
 
 #: the reference matrix product timed beside every row
 PEAK = "matmul"
@@ -99,12 +114,14 @@ class Row:
 
 class Bench:
     def __init__(self, settings: Settings, device: torch.device, peak_flops: float, use_pythae: bool = True,
-                 log: Callable[[str], None] = print, compiled: bool = False) -> None:
+                 log: Callable[[str], None] = print, compiled: bool = False, bf16: bool = False) -> None:
         self.s = settings
         #: a busy machine makes wall-clock timings wrong (measure.busy_note); CPU-clock ones hold up
-        self.wall_clock = timing_clock() == "wall"
+        self.wall_clock = clock_name() == "wall"
         #: also time the training step as train.compile=true runs it (CUDA graphs on a GPU)
         self.compiled = compiled
+        #: also time the training step as train.precision=bf16 runs it (rows with k >= 5)
+        self.bf16 = bf16
         self.device = device
         self.peak_flops = peak_flops
         self.log = log
@@ -175,11 +192,12 @@ class Bench:
             return False
 
     # --- training --------------------------------------------------------------------
-    def elbolab_train_step(self, model, objective_name: str, k: int, x: Tensor, compiled: bool = False
-                           ) -> Callable[[], None]:
+    def elbolab_train_step(self, model, objective_name: str, k: int, x: Tensor, compiled: bool = False,
+                           precision: str = "fp32") -> Callable[[], None]:
         """The trainer's inner loop: objective, backward, one read-back of the bound and a finiteness
         probe, Adam step."""
-        objective = make_objective(ObjectiveConfig(name=objective_name, k=k))
+        objective = with_precision(make_objective(ObjectiveConfig(name=objective_name, k=k)), model, precision,
+                                   self.device)
         if compiled:  # as Trainer compiles it
             objective = compile_objective(objective, self.device)
         return trainer_step(objective, model, x)
@@ -196,6 +214,10 @@ class Bench:
             cmodel = self.model(overrides)
             cmodel.train()
             steps["elbolab+compile"] = (self.elbolab_train_step(cmodel, objective, k, x, compiled=True), batch)
+        if self.bf16 and k >= 5:
+            bmodel = self.model(overrides)
+            bmodel.train()
+            steps["elbolab+bf16"] = (self.elbolab_train_step(bmodel, objective, k, x, precision="bf16"), batch)
         note = ""
         if with_pythae and self.pythae_reason is None:
             torch.manual_seed(0)
@@ -214,6 +236,35 @@ class Bench:
         else:
             note = "pythae has no such model"
         return self._rows(name, self.compare(steps, self.s.repeats, self.s.target_s), flops, note)
+
+    # --- stacked runs ---------------------------------------------------------------------
+    def stacked_row(self, name: str, runs: int, batch: int, k: int) -> list[Row]:
+        """S one-layer IWAE runs (seeds 0..S-1, each on its own images) stacked, against the same S
+        stepped one by one here and S processes running one each; images/s per run."""
+        alone = [_bench_run(self, s, batch, k) for s in range(runs)]
+        stack = Stack([_bench_run(self, s, batch, k) for s in range(runs)])
+        xs = torch.stack([self.images(batch * runs)[s * batch:(s + 1) * batch] for s in range(runs)])
+        ones = [1.0] * runs
+
+        def one_by_one() -> None:
+            for r, x in zip(alone, xs, strict=True):
+                take_step(r.model, r.optimizer, r.objective, x)
+
+        steps = {f"{runs} runs one by one": (one_by_one, batch), f"{runs} runs stacked": (lambda: stack.step(xs, ones),
+                                                                                         batch)}
+        rows = self._rows(name, self.compare(steps, self.s.repeats, self.s.target_s), None)
+        procs = separate_processes(runs, batch, k, self.s.target_s * self.s.repeats, self.device)
+        rows.append(Row(name=name, library=f"{runs} processes", images_per_s=procs["images_per_s"],
+                        images_per_s_median=procs["images_per_s_median"], peak_mb=procs["peak_mb"],
+                        extra={"per_process": procs["per_process"]}))
+        stacked_rate = rows[1].images_per_s
+        for row in rows:
+            row.extra["runs"] = runs
+            if row is not rows[1] and row.images_per_s:
+                row.extra["stacked_speedup"] = stacked_rate / row.images_per_s
+        rows[1].note = (f"per run: {stacked_rate / rows[0].images_per_s:.2f}x one by one, "
+                        f"{stacked_rate / rows[2].images_per_s:.2f}x {runs} processes")
+        return rows
 
     # --- log-likelihood ----------------------------------------------------------------
     def likelihood_row(self) -> list[Row]:
@@ -327,6 +378,71 @@ class Bench:
                                                   + (" (BUSY MACHINE)" if "BUSY MACHINE" in r.note else "")
                                                   for r in rows))
         return curve
+
+
+def _bench_run(bench: Bench, seed: int, batch: int, k: int) -> StackRun:
+    """One benchmark run: the one-layer model of ``seed`` with the trainer's Adam and objective."""
+    cfg = RunConfig().with_overrides({"objective.k": k, "train.seed": seed, "train.batch_size": batch})
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, bench.data_dim, bench.train_data).to(bench.device).train()
+    plan, estimator = objective_plan(cfg.objective)
+    gen = torch.Generator(device=bench.device).manual_seed(seed)
+    return StackRun(model, make_optimizer(model, TrainConfig(lr=1e-4), bench.device), make_objective(cfg.objective),
+                    plan, estimator, gen, device=bench.device)
+
+
+def _process_run(args: tuple[int, int, int, float, str, str, int]) -> dict:
+    """A spawned process training one run alone for about ``seconds``: its own steps per second."""
+    seed, batch, k, seconds, clock, device, threads = args
+    torch.set_num_threads(threads)
+    retain_freed_memory()
+    use_cpu_clock(clock == "cpu")
+    dev = torch.device(device)
+    cfg = RunConfig().with_overrides({"objective.k": k, "train.seed": seed})
+    data = load("binarized-mnist-embedded").as_float("train")
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, data.shape[1], data).to(dev).train()
+    step = trainer_step(make_objective(cfg.objective), model, data[seed * batch:(seed + 1) * batch].to(dev))
+    base = current_rss()
+    for _ in range(3):
+        step()
+    rates, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(rates) < 3:
+        t0, n = now(), 0
+        while n < 5 or now() - t0 < 0.05:
+            step()
+            n += 1
+        rates.append(n * batch / (now() - t0))
+    return {"best": max(rates), "median": sorted(rates)[len(rates) // 2], "peak_mb": (current_rss() - base) / 2**20}
+
+
+def separate_processes(runs: int, batch: int, k: int, seconds: float, device: torch.device) -> dict:
+    """``runs`` processes started together, each training its own run alone with this process's
+    thread count and clock: images/s per run, each run charged for the whole machine time of all.
+
+    Wall clock: the processes run side by side, so a run advances at its own process's rate
+    (their mean). CPU clock: the S runs together cost the sum of their CPU seconds per step,
+    so a run advances ``batch`` images per that sum, as the stacked and one-by-one rows count.
+    """
+    name = clock_name()
+    ctx = multiprocessing.get_context("spawn")
+    jobs = [(s, batch, k, seconds, name, str(device), torch.get_num_threads()) for s in range(runs)]
+    with ctx.Pool(runs) as pool:
+        out = pool.map(_process_run, jobs)
+
+    def per_run(rates: list[float]) -> float:
+        return sum(rates) / runs if name == "wall" else 1.0 / sum(1.0 / r for r in rates)
+
+    return {"images_per_s": per_run([o["best"] for o in out]),
+            "images_per_s_median": per_run([o["median"] for o in out]),
+            "peak_mb": max(o["peak_mb"] for o in out), "per_process": out,
+            "loadavg": [round(v, 2) for v in os.getloadavg()]}
+
+
+def stacked_plan() -> list[tuple[str, int, int, int]]:
+    """(row name, runs S, batch, k) of the stacked-run rows (the one-layer model, IWAE)."""
+    return [(f"stacked S={s}: IWAE k={k}, batch {b}", s, b, k)
+            for b, ks in ((20, (1, 5)), (100, (5,))) for k in ks for s in (4, 8)]
 
 
 def trainer_step(objective: Callable[..., Any], model: torch.nn.Module, x: Tensor) -> Callable[[], None]:
