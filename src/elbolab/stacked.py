@@ -30,10 +30,8 @@ import functools
 import json
 import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +53,15 @@ from .objectives import BoundPlan, ObjectiveResult, detaches_posterior, estimate
 from .runs import INFO, read_json
 from .schedules import kl_weight
 from .sinks import MetricSink, open_sinks
-from .training import EpochMonitor, NonFiniteError, Trainer, all_finite, close_sinks, take_step
+from .training import (
+    EpochMonitor,
+    NonFiniteError,
+    Trainer,
+    all_finite,
+    close_sinks,
+    graceful_signals,
+    take_step,
+)
 
 log = logging.getLogger("elbolab")
 
@@ -546,24 +552,9 @@ class StackedTrainer:
             log.warning("%s: every run's checkpoint written; stopping", self._interrupt)
             raise KeyboardInterrupt(self._interrupt)
 
-    @contextlib.contextmanager
-    def _graceful_signals(self) -> Iterator[None]:
-        """Ctrl-C / SIGTERM: checkpoint every run after the current step and stop; a second one stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def ask(signum: int, frame: object) -> None:
-            if self._interrupt:
-                raise KeyboardInterrupt
-            self._interrupt = signal.Signals(signum).name
-
-        old = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+    def _graceful_signals(self) -> contextlib.AbstractContextManager[None]:
+        """Ctrl-C / SIGTERM: checkpoint every run after the current step and stop."""
+        return graceful_signals(self)
 
 
 def train_stacked(runs: Sequence[tuple[RunConfig, str | Path]], resume: bool | None = None,

@@ -447,24 +447,8 @@ class Trainer:
             log.warning("%s: checkpoint written at step %d; stopping", self._interrupt, self.step)
             raise KeyboardInterrupt(self._interrupt)
 
-    @contextlib.contextmanager
-    def _graceful_signals(self) -> Iterator[None]:
-        """Ctrl-C / SIGTERM ask the loop to checkpoint at the next step and stop; a second one stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def ask(signum: int, frame: object) -> None:
-            if self._interrupt:
-                raise KeyboardInterrupt
-            self._interrupt = signal.Signals(signum).name
-
-        old = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+    def _graceful_signals(self) -> contextlib.AbstractContextManager[None]:
+        return graceful_signals(self)
 
     def validate(self) -> dict[str, float]:
         if self.valid is None:
@@ -572,6 +556,27 @@ class Trainer:
         else:
             self.epochs_since_best += 1
 
+
+
+@contextlib.contextmanager
+def graceful_signals(loop: Any) -> Iterator[None]:
+    """Ctrl-C / SIGTERM set ``loop._interrupt``, asking it to checkpoint after the current step
+    and stop; a second one stops at once. Signals reach the main thread only, so elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask(signum: int, frame: object) -> None:
+        if loop._interrupt:
+            raise KeyboardInterrupt
+        loop._interrupt = signal.Signals(signum).name
+
+    old = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def close_sinks(sinks: list[MetricSink]) -> None:
