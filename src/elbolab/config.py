@@ -737,6 +737,16 @@ def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML or JSON config (safe loader: never executes code; a key given twice is refused)."""
     path = Path(path)
+    d = read_config_mapping(path)
+    try:
+        return RunConfig.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML or JSON config file holds, every reading fault one line naming the file."""
+    path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
     except IsADirectoryError:
@@ -761,10 +771,7 @@ def load_config(path: str | Path) -> RunConfig:
         d = {}
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(d).__name__}")
-    try:
-        return RunConfig.from_dict(d)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return d
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

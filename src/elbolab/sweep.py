@@ -23,9 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import ConfigError, RunConfig, parse_value
+from .config import ConfigError, RunConfig, parse_value, read_config_mapping
 from .files import atomic_write_text
 
 #: the file in a sweep's folder that lists its runs (folder name and the values it takes)
@@ -76,17 +74,7 @@ def check_sweep(sweep: Any, where: str) -> dict[str, list[Any]]:
 def load_config_with_sweep(path: str | Path) -> tuple[RunConfig, dict[str, list[Any]]]:
     """A config file and its ``sweep:`` section (empty without one)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-    try:
-        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
-    d = {} if d is None else d
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(d).__name__}")
+    d = read_config_mapping(path)
     sweep = check_sweep(d.pop("sweep"), str(path)) if "sweep" in d else {}
     try:
         return RunConfig.from_dict(d), sweep
