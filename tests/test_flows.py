@@ -82,10 +82,37 @@ def test_planar_constraint_keeps_steps_invertible_where_raw_u_would_not():
     with torch.no_grad():
         flow.conditioner.weight.zero_()
         flow.conditioner.bias.copy_(torch.tensor([-3.0, 0, 0, 2.0, 0, 0, 0.0], dtype=F64))  # u, w, b
-    u_hat, w, b = flow.steps(torch.zeros(3, dtype=F64))[0]
+    u_hat, w, b, _ = flow.steps(torch.zeros(3, dtype=F64))[0]
     torch.testing.assert_close((w * u_hat).sum(), torch.nn.functional.softplus(torch.tensor(-6.0, dtype=F64)) - 1)
     z = torch.zeros(3, dtype=F64)  # tanh' = 1 here: raw u would give det = 1 + w.u = -5
     assert float(torch.linalg.det(jacobian(lambda v: flow(v, torch.zeros(3, dtype=F64))[0], z))) > 0
+
+
+@pytest.mark.parametrize("wu", [-50.0, -30.0, -20.0, -12.0, -5.0, 0.0, 3.0])
+def test_planar_log_det_in_float32_matches_float64_down_to_very_negative_w_u(wu):
+    """1 + w.u_hat = softplus(w.u) is tiny for w.u << 0; as a float32 dot product it cancelled
+    (log-det off by 0.16-0.78 nats for w.u < -12, NaN near the hyperplane w.z + b = 0).
+    Truth: log(1 + (1 - tanh^2 a) (softplus(w.u) - 1)) in float64, written as the exact
+    log(tanh^2 a + sech^2 a softplus(w.u)), at a = w.z + b spread over [-3, 3] and a = 0."""
+    d = 6
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(d, dtype=F64, generator=g)
+    u = torch.randn(d, dtype=F64, generator=g)
+    u = u + (wu - (w * u).sum()) * w / (w * w).sum()  # w.u = wu exactly (in float64)
+    b = torch.tensor([0.3], dtype=F64)
+    a = torch.cat([torch.zeros(1, dtype=F64), torch.linspace(-3, 3, 41, dtype=F64), torch.tensor([1e-3, -1e-4])])
+    z = (a - b)[:, None] * w / (w * w).sum()  # w.z + b = a
+    flow = PlanarFlow(1, d, 1)
+    with torch.no_grad():
+        flow.conditioner.weight.zero_()
+        flow.conditioner.bias.copy_(torch.cat([u, w, b]).float())
+    got = flow(z.float(), torch.zeros(len(a), 1))[1]
+    t = torch.tanh(a)
+    truth = torch.log(t * t + (1 - t * t) * torch.nn.functional.softplus(torch.tensor(wu, dtype=F64)))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), truth, rtol=0, atol=2e-4 + 1e-5 * abs(wu))
+    # on the hyperplane the determinant is softplus(w.u): log det = w.u to 1e-20 there
+    assert abs(float(got[0]) - float(torch.nn.functional.softplus(torch.tensor(wu, dtype=F64)).log())) < 1e-3
 
 
 # --- IAF's autoregressive structure -----------------------------------------------------------
@@ -120,7 +147,7 @@ def test_iaf_is_autoregressive_in_each_steps_order():
 # --- normalization on a grid, through inverses written here -------------------------------------
 
 
-def invert_planar(y, u_hat, w, b, iters=80):
+def invert_planar(y, u_hat, w, b, _wu1=None, iters=80):
     """z with z + u_hat tanh(w.z + b) = y: a = w.z solves a + (w.u_hat) tanh(a + b) = w.y, increasing in a."""
     wy, m = (w * y).sum(-1), (w * u_hat).sum(-1)
     lo, hi = wy - m.abs() - 1.0, wy + m.abs() + 1.0

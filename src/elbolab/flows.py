@@ -66,20 +66,35 @@ class Flow(nn.Module, ABC):
 # --- planar -------------------------------------------------------------------------------
 
 
-def planar_constrain(u: Tensor, w: Tensor) -> Tensor:
-    """u_hat = u + (m(w.u) - w.u) w / |w|^2, m(a) = -1 + softplus(a): then w.u_hat = m(w.u) > -1."""
+def planar_constrain(u: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(u_hat, 1 + w.u_hat)``: u_hat = u + (m(w.u) - w.u) w / |w|^2, m(a) = -1 + softplus(a), so
+    1 + w.u_hat = softplus(w.u) > 0. That term is returned as softplus(w.u) itself: as a dot
+    product it cancels (-1 + tiny, from terms of size |w.u|) when w.u is very negative."""
     wu = (w * u).sum(-1, keepdim=True)
-    return u + (F.softplus(wu) - 1.0 - wu) * w / (w * w).sum(-1, keepdim=True)
+    sp = F.softplus(wu)
+    return u + (sp - 1.0 - wu) * w / (w * w).sum(-1, keepdim=True), sp
 
 
-def planar_step(z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """f(z) = z + u_hat tanh(w.z + b) and log |det df/dz| = log(1 + (1 - tanh^2) w.u_hat)."""
+def _planar_det(t: Tensor, s: Tensor, wu1: Tensor) -> Tensor:
+    """1 + s w.u_hat with s = 1 - t^2 and wu1 = 1 + w.u_hat, as t^2 + s wu1: two terms >= 0, so
+    it keeps its relative precision where wu1 is tiny and t is near 0 (close to the hyperplane)."""
+    return t * t + s * wu1
+
+
+def _wu1(u_hat: Tensor, w: Tensor, wu1: Tensor | None) -> Tensor:
+    return 1.0 + (w * u_hat).sum(-1, keepdim=True) if wu1 is None else wu1
+
+
+def planar_step(z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, wu1: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """f(z) = z + u_hat tanh(w.z + b) and log |det df/dz| = log(1 + (1 - tanh^2) w.u_hat).
+    ``wu1``: 1 + w.u_hat from :func:`planar_constrain` (else from the dot product)."""
     t = torch.tanh((z * w).sum(-1, keepdim=True) + b)
-    wu = (w * u_hat).sum(-1, keepdim=True)
-    return z + u_hat * t, torch.log1p((1.0 - t * t) * wu).squeeze(-1)
+    return z + u_hat * t, torch.log(_planar_det(t, 1.0 - t * t, _wu1(u_hat, w, wu1))).squeeze(-1)
 
 
-def planar_score_step(g: Tensor, z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor) -> Tensor:
+def planar_score_step(g: Tensor, z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor, wu1: Tensor | None = None
+                      ) -> Tensor:
     """The score after one step from the score before it: ``(g - d log|det|/dz) J^{-1}`` at z.
 
     J = I + u_hat psi^T with psi = (1 - tanh^2) w, so a row vector y gives
@@ -87,9 +102,9 @@ def planar_score_step(g: Tensor, z: Tensor, u_hat: Tensor, w: Tensor, b: Tensor)
     """
     t = torch.tanh((z * w).sum(-1, keepdim=True) + b)
     s = 1.0 - t * t
-    wu = (w * u_hat).sum(-1, keepdim=True)
-    det = 1.0 + s * wu
-    y = g + (2.0 * t * s * wu / det) * w  # minus d/dz log(1 + s w.u_hat); ds/dz = -2 t s w
+    wu1 = _wu1(u_hat, w, wu1)
+    det = _planar_det(t, s, wu1)
+    y = g + (2.0 * t * s * (wu1 - 1.0) / det) * w  # minus d/dz log(1 + s w.u_hat); ds/dz = -2 t s w
     return y - ((y * u_hat).sum(-1, keepdim=True) / det) * (s * w)
 
 
@@ -100,27 +115,27 @@ class PlanarFlow(Flow):
         super().__init__(length, latent_dim)
         self.conditioner = nn.Linear(feature_dim, length * (2 * latent_dim + 1))
 
-    def steps(self, h: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Per step (u_hat, w, b): ``[..., D]``, ``[..., D]``, ``[..., 1]``."""
+    def steps(self, h: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Per step (u_hat, w, b, 1 + w.u_hat): ``[..., D]``, ``[..., D]``, ``[..., 1]``, ``[..., 1]``."""
         d = self.latent_dim
         p = self.conditioner(h).unflatten(-1, (self.length, 2 * d + 1))
         u, w, b = p.split([d, d, 1], dim=-1)
-        u_hat = planar_constrain(u, w)
-        return [(u_hat[..., t, :], w[..., t, :], b[..., t, :]) for t in range(self.length)]
+        u_hat, wu1 = planar_constrain(u, w)
+        return [(u_hat[..., t, :], w[..., t, :], b[..., t, :], wu1[..., t, :]) for t in range(self.length)]
 
     def forward(self, z: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         log_det = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
-        for u_hat, w, b in self.steps(h):
-            z, ld = planar_step(z, u_hat, w, b)
+        for u_hat, w, b, wu1 in self.steps(h):
+            z, ld = planar_step(z, u_hat, w, b, wu1)
             log_det = log_det + ld
         return z, log_det
 
     def score(self, z0: Tensor, h: Tensor, base: DiagonalGaussian) -> Tensor:
         g = -(z0 - base.mean) * torch.exp(-base.log_var)  # d log q0 / dz0
         z = z0
-        for u_hat, w, b in self.steps(h):
-            g = planar_score_step(g, z, u_hat, w, b)
-            z = planar_step(z, u_hat, w, b)[0]
+        for u_hat, w, b, wu1 in self.steps(h):
+            g = planar_score_step(g, z, u_hat, w, b, wu1)
+            z = planar_step(z, u_hat, w, b, wu1)[0]
         return g
 
 
