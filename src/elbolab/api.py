@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import limits
 from .config import PRESETS, ConfigError, ObjectiveConfig, RunConfig, load_config, preset
 from .data import USER, DataError, ImageDataset, as_dataset, evaluation_images, load
 from .data.user import matches, reload_files
@@ -253,6 +254,18 @@ def _model_and_data(target: Any, data: Any, split: str, data_dir: str | Path | N
     return run, run.model, rd.x, rd
 
 
+def check_snr_counts(ks: Sequence[int], draws: int, batch: int, seed: int,
+                     names: Sequence[str] = ("ks", "draws", "batch", "seed")) -> None:
+    """The limits (limits.py) on :func:`snr`'s counts, shared with ``elbolab snr`` (``names``: its options)."""
+    if isinstance(ks, int | str) or not ks:
+        raise ConfigError(f"{names[0]}: give one or more k values, got {ks!r}")
+    for k in ks:
+        limits.count(k, names[0], limits.MAX_SAMPLES)
+    limits.count(draws, names[1], limits.MAX_EPOCHS, lo=2)  # two draws at least: a standard deviation
+    limits.count(batch, names[2], limits.MAX_BATCH)
+    limits.seed(seed, names[3])
+
+
 def evaluate(target: Any, data: Any = None, *, split: str = "test", k: int | None = None,
              bound_k: int | None = None, data_dir: str | Path | None = None) -> dict[str, Any]:
     """Test ELBO, L_k, the importance-sampled log p(x) with its standard error, and active units.
@@ -260,8 +273,11 @@ def evaluate(target: Any, data: Any = None, *, split: str = "test", k: int | Non
     ``target``: a :class:`Run`, a run folder, or a model (an adapter, or anything with
     ``log_weights``, ``posterior`` and ``latent_dims``; then ``data`` is required).
     ``k``: importance samples (default: the run's eval.k_importance, 1000);
-    ``bound_k``: the k of L_k (default: the run's objective.k, 5).
+    ``bound_k``: the k of L_k (default: the run's objective.k, 5). Both are checked against
+    the limits the config and ``elbolab evaluate --k`` use (limits.py) before any data is read.
     """
+    limits.optional_count(k, "k", limits.MAX_EVAL_SAMPLES)
+    limits.optional_count(bound_k, "bound_k", limits.MAX_SAMPLES)  # objective.k's cap
     run, model, x, rd = _model_and_data(target, data, split, data_dir)
     e = run.config.eval if run is not None else RunConfig().eval
     kb = bound_k or (run.config.objective.k if run is not None else 5)
@@ -278,7 +294,10 @@ def diagnose(target: Any, data: Any = None, *, out: str | Path | None = None, sp
              quiet: bool = False) -> dict[str, Any]:
     """Every diagnostic (IS log-likelihood, bound vs k, active units, ELBO surgery, samples,
     q_EW for 2-D latents), written as diagnostics.md / .json and PNGs into ``out``
-    (default: the run folder; required for a bare model). Returns the report as a dict."""
+    (default: the run folder; required for a bare model). Returns the report as a dict.
+    ``k`` and ``points`` are checked as ``elbolab diagnose --k / --points`` check them."""
+    limits.optional_count(k, "k", limits.MAX_EVAL_SAMPLES)
+    limits.optional_count(points, "points", limits.MAX_BATCH)
     run, model, x, rd = _model_and_data(target, data, split, data_dir)
     try:
         model.posterior(x[:1])
@@ -309,6 +328,7 @@ def snr(target: Any, data: Any = None, *, ks: Sequence[int] = (1, 5, 25, 125), e
         draws: int = 100, batch: int = 20, seed: int = 0, split: str = "test",
         data_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Gradient signal-to-noise ratio against k for each estimator, on the first ``batch`` images."""
+    check_snr_counts(ks, draws, batch, seed)
     _, model, x, _ = _model_and_data(target, data, split, data_dir)
     names = list(estimators) if estimators else ["standard", "stl", "dreg"]
     return [r.to_dict() for r in snr_sweep(model, x[:batch], list(ks), names, n_draws=draws, seed=seed)]

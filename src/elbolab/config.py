@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, did_you_mean
+from .limits import MAX_BATCH, MAX_EPOCHS, MAX_SAMPLES, MAX_SEED, MAX_THREADS, MAX_WIDTH
+from .limits import in_range as _in_range
 from .registry import INDEX, check_name
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "preset", "save_config"]
@@ -43,21 +45,6 @@ def split_binarization_suffix(name: str) -> tuple[str, str | None]:
 def _require(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
-
-
-#: largest seed: torch, numpy and Python all take it (seeds derived from it add small offsets)
-MAX_SEED = 2**63 - 1
-#: caps far above any sensible run, below what breaks an int64 product or allocation:
-#: a value past them is a typo (an extra zero or three), refused naming the key
-MAX_SAMPLES = 10**6
-MAX_BATCH = 10**7
-MAX_WIDTH = 10**6
-MAX_EPOCHS = 10**8
-MAX_THREADS = 4096
-
-
-def _in_range(value: int | float, lo: int | float, hi: int | float, key: str) -> None:
-    _require(lo <= value <= hi, key, f"must be between {lo:,} and {hi:,}, got {value:,}")
 
 
 def _sizes(values: tuple[int, ...], key: str) -> None:

@@ -16,6 +16,9 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError, TypeError):
         raise ConfigError(f"{key}: {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: no data lives there to compute on
+        raise ConfigError(f"{key}: {name!r} is a {device.type} device, which elbolab cannot compute on; "
+                          "use cpu, cuda, cuda:N or auto")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"{key}: {name!r} but CUDA is not available on this machine; use cpu")

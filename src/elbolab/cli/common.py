@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import limits
 from ..api import run_data
-from ..config import ConfigError
 from ..data import DATASETS, USER, ImageDataset
 from ..devices import resolve_device
 from ..runs import WEIGHTS, Run, load_run
@@ -102,7 +102,6 @@ def open_run(args: argparse.Namespace, run_path: str | None = None) -> OpenRun:
     return OpenRun(run, rd.dataset, rd.x, device)
 
 
-def positive(value: int | None, option: str) -> None:
-    """Refuse a count below 1 for ``option`` (None: left at its default)."""
-    if value is not None and value < 1:
-        raise ConfigError(f"{option}: must be >= 1, got {value}")
+def positive(value: int | None, option: str, hi: int = limits.MAX_BATCH) -> None:
+    """Refuse a count outside [1, hi] for ``option`` (None: left at its default); limits.py holds the caps."""
+    limits.optional_count(value, option, hi)

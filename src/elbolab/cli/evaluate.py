@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .. import limits
+from ..api import check_snr_counts
 from ..config import ConfigError, flow_stl_refusal
 from ..diagnostics.gradient_snr import format_snr_table, plot_snr_vs_k, snr_sweep
 from ..diagnostics.report import REPORT_MD, diagnose
@@ -17,7 +19,7 @@ from .common import EXIT_NUMERICAL, add_run_options, open_run, positive, strict_
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    positive(args.k, "--k")
+    positive(args.k, "--k", limits.MAX_EVAL_SAMPLES)
     o = open_run(args)
     e = o.run.config.eval
     report = summarize(o.run.model, o.x, o.run.config.objective.k, args.k or e.k_importance, e.batch_size,
@@ -33,7 +35,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    positive(args.k, "--k")
+    positive(args.k, "--k", limits.MAX_EVAL_SAMPLES)
     positive(args.points, "--points")
     o = open_run(args)
     x = o.x
@@ -49,9 +51,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_snr(args: argparse.Namespace) -> int:
-    positive(args.batch, "--batch")
-    if args.draws < 2:
-        raise ConfigError(f"--draws: must be >= 2 to estimate a standard deviation, got {args.draws}")
+    check_snr_counts(args.k, args.draws, args.batch, args.seed, ("--k", "--draws", "--batch", "--seed"))
     o = open_run(args)
     post = o.run.config.model.posterior
     refused = [e for e in args.estimators if e != "standard"] if post.active and flow_stl_refusal(post.flow) else []

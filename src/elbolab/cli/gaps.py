@@ -11,35 +11,42 @@ from pathlib import Path
 
 import torch
 
+from .. import limits
 from ..config import ConfigError
 from ..diagnostics.ais import SCHEDULES, STARTS, AISSettings, bdmc
 from ..diagnostics.gaps import GapSettings, gap_split
 from ..diagnostics.local_opt import FAMILIES, LocalOptSettings
 from ..diagnostics.plots import plot_gaps
 from ..files import atomic_write_text, make_dir
-from .common import add_run_options, open_run, positive
+from .common import add_run_options, open_run
 
 GAPS_JSON, GAPS_PNG = "gaps.json", "gaps.png"
 
 
+#: each count option and its cap (limits.py: the config's caps, the Python API's too)
+_COUNTS = {"points": limits.MAX_BATCH, "is_k": limits.MAX_EVAL_SAMPLES, "elbo_samples": limits.MAX_EVAL_SAMPLES,
+           "samples": limits.MAX_SAMPLES, "max_steps": limits.MAX_EPOCHS, "ais_steps": limits.MAX_EPOCHS,
+           "ais_chains": limits.MAX_EVAL_SAMPLES, "leapfrog": limits.MAX_EPOCHS, "batch": limits.MAX_BATCH}
+
+
 def _settings(args: argparse.Namespace) -> GapSettings:
-    for option in ("points", "is_k", "elbo_samples", "samples", "max_steps", "ais_steps", "ais_chains", "leapfrog",
-                   "batch"):
-        positive(getattr(args, option), "--" + option.replace("_", "-"))
-    if args.bdmc < 0:
-        raise ConfigError(f"--bdmc: must be >= 0, got {args.bdmc}")
+    """Every option checked against the shared limits before anything is read or computed."""
+    for option, cap in _COUNTS.items():
+        limits.count(getattr(args, option), "--" + option.replace("_", "-"), cap)
+    limits.count(args.bdmc, "--bdmc", limits.MAX_BATCH, lo=0)
+    limits.seed(args.seed, "--seed")
+    limits.threads(args.threads, "--threads")
+    limits.positive_number(args.lr, "--lr")
     local = LocalOptSettings(samples=args.samples, lr=args.lr, max_steps=args.max_steps,
                              eval_samples=args.elbo_samples, batch_size=args.batch)
+    if args.lr < local.min_lr:
+        raise ConfigError(f"--lr: must be >= the q* optimizer's smallest rate {local.min_lr:g}, got {args.lr:g}")
     ais = None if args.no_ais else AISSettings(steps=args.ais_steps, chains=args.ais_chains, leapfrog=args.leapfrog,
                                                start=args.ais_start, schedule=args.schedule, batch_size=args.batch)
-    try:
-        local.check()
-        if ais is not None:
-            ais.check()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return GapSettings(family=args.family, is_k=args.is_k, elbo_samples=args.elbo_samples, local=local, ais=ais,
-                       seed=args.seed)
+    settings = GapSettings(family=args.family, is_k=args.is_k, elbo_samples=args.elbo_samples, local=local, ais=ais,
+                           seed=args.seed)
+    settings.check()
+    return settings
 
 
 def _row(name: str, s: dict) -> str:
@@ -100,7 +107,8 @@ def cmd_gaps(args: argparse.Namespace) -> int:
                 b = m["bdmc"]
                 print(f"{n}: BDMC on {b['n']} simulated points: {b['lower']['mean']:.2f} <= log p(x) <= "
                       f"{b['upper']['mean']:.2f} (gap {b['gap_mean']:.3f} ± {b['gap_stderr']:.3f})")
-    print(f"report: {out / GAPS_JSON}, figure: {out / GAPS_PNG}")
+    # with --json, stdout is exactly the JSON
+    print(f"report: {out / GAPS_JSON}, figure: {out / GAPS_PNG}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -126,7 +134,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="also sandwich log p(x) by BDMC on N points simulated from each model")
     p.add_argument("--batch", type=int, default=100, help="points per batch")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help=f"torch threads (0: torch's default; at most {limits.MAX_THREADS:,}, as train.threads)")
     p.add_argument("--out", help="folder for gaps.json and gaps.png (default: the run folder)")
     p.add_argument("--json", action="store_true", help="print the summaries as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from .. import limits
+from ..errors import ConfigError
 from ..evaluation import batches, eval_mode, model_device, model_dtype, seeded
 from ..registry import Registry
 from .hmc import Point, StepSizes, hmc_step
@@ -68,14 +70,19 @@ class AISSettings:
     batch_size: int = 100
 
     def check(self) -> None:
-        if self.steps < 1 or self.chains < 1 or self.leapfrog < 1 or self.batch_size < 1 or self.pilot_chains < 0:
-            raise ValueError(f"AIS steps, chains, leapfrog and batch_size must be >= 1 (pilot_chains >= 0), "
-                             f"got {self}")
+        """Counts within the project's limits (limits.py), rates finite: a :class:`ConfigError`
+        (a ValueError) naming the setting, before anything is computed."""
+        limits.count(self.steps, "AIS steps", limits.MAX_EPOCHS)
+        limits.count(self.chains, "AIS chains", limits.MAX_EVAL_SAMPLES)
+        limits.count(self.pilot_chains, "AIS pilot_chains", limits.MAX_EVAL_SAMPLES, lo=0)
+        limits.count(self.leapfrog, "AIS leapfrog", limits.MAX_EPOCHS)
+        limits.count(self.batch_size, "AIS batch_size", limits.MAX_BATCH)
+        limits.positive_number(self.initial_step_size, "AIS initial_step_size")
         if self.start not in STARTS:
-            raise ValueError(f"AIS start must be one of {STARTS}, got {self.start!r}")
+            raise ConfigError(f"AIS start must be one of {STARTS}, got {self.start!r}")
         SCHEDULES.check(self.schedule, "AIS schedule")
         if not 0.0 < self.target_acceptance < 1.0:
-            raise ValueError(f"target acceptance must be in (0, 1), got {self.target_acceptance}")
+            raise ConfigError(f"AIS target_acceptance must be in (0, 1), got {self.target_acceptance}")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .. import limits
 from ..evaluation import LikelihoodResult, eval_mode, log_likelihood, model_device, model_dtype, seeded
 from .ais import AISResult, AISSettings, ais
-from .local_opt import LocalOptResult, LocalOptSettings, elbo_estimate, optimize_local
+from .local_opt import FAMILIES, LocalOptResult, LocalOptSettings, elbo_estimate, optimize_local
 
 
 def mean_stderr(t: Tensor) -> dict[str, float]:
@@ -42,6 +43,17 @@ class GapSettings:
     #: None: no AIS (log p(x) is then L_K)
     ais: AISSettings | None = field(default_factory=AISSettings)
     seed: int = 0
+
+    def check(self) -> None:
+        """Every setting within the project's limits (limits.py): a :class:`ConfigError` naming
+        it, before any of the (long) computation starts."""
+        FAMILIES.check(self.family, "q* family")
+        limits.count(self.is_k, "is_k", limits.MAX_EVAL_SAMPLES)
+        limits.count(self.elbo_samples, "elbo_samples", limits.MAX_EVAL_SAMPLES)
+        limits.seed(self.seed, "seed")
+        self.local.check()
+        if self.ais is not None:
+            self.ais.check()
 
 
 @dataclass
@@ -135,6 +147,7 @@ def amortized_elbo(model, data: Tensor, k: int, batch_size: int = 100, seed: int
 def gap_split(model, data: Tensor, settings: GapSettings | None = None, progress: bool = False) -> GapSplit:
     """ELBO(q_phi), ELBO(q*), L_K and AIS for every row of ``data`` ``[N, Dx]``, and the split."""
     s = settings or GapSettings()
+    s.check()
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn):

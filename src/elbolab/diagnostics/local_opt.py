@@ -35,7 +35,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import limits
 from ..distributions import DiagonalGaussian
+from ..errors import ConfigError
 from ..evaluation import batches, eval_mode, model_device, model_dtype, seeded
 from ..priors import GaussianMixturePrior
 from ..registry import Registry
@@ -125,11 +127,17 @@ class LocalOptSettings:
     eps: float = 1e-8
 
     def check(self) -> None:
-        counts = (self.samples, self.check_every, self.patience, self.max_steps, self.eval_samples, self.batch_size)
-        if min(counts) < 1:
-            raise ValueError(f"q* optimization counts must be >= 1, got {self}")
-        if not (self.lr > 0 and 0 < self.lr_decay < 1 and 0 < self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0, 0 < lr_decay < 1 and 0 < min_lr <= lr, got {self}")
+        """Every count within the project's limits (limits.py) and every rate finite: a
+        :class:`ConfigError` (a ValueError) naming the setting, before anything is computed."""
+        limits.count(self.samples, "q* samples", limits.MAX_SAMPLES)
+        for name in ("check_every", "patience", "max_steps"):
+            limits.count(getattr(self, name), f"q* {name}", limits.MAX_EPOCHS)
+        limits.count(self.eval_samples, "q* eval_samples", limits.MAX_EVAL_SAMPLES)
+        limits.count(self.batch_size, "q* batch_size", limits.MAX_BATCH)
+        for name in ("lr", "min_lr", "eps"):
+            limits.positive_number(getattr(self, name), f"q* {name}")
+        if not (0 < self.lr_decay < 1 and self.min_lr <= self.lr and all(0 <= b < 1 for b in self.betas)):
+            raise ConfigError(f"q*: need 0 < lr_decay < 1, min_lr <= lr and betas in [0, 1), got {self}")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import limits
 from ..config import ConfigError
 from ..devices import resolve_device
 from .measure import machine_info, matmul_peak_flops, use_cpu_clock
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     if args.clock == "cpu" and device.type != "cpu":
         raise ConfigError("--clock cpu: only for --device cpu (GPU work is not this process's CPU time)")
     use_cpu_clock(args.clock == "cpu")
-    threads = args.threads or os.cpu_count() or 1
+    threads = limits.threads(args.threads, "--threads") or os.cpu_count() or 1
     torch.set_num_threads(threads)
     settings = Settings.quick() if args.quick else Settings.full()
     if args.seconds is not None:
