@@ -19,8 +19,8 @@ PACKAGE = SRC / "elbolab"
 
 #: bottom first; a module may import its own layer and the ones below
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("version", "errors", "limits", "registry", "config", "bounds", "distributions", "fastpaths", "files", "devices",
-     "rng", "sweep"),
+    ("version", "startup", "errors", "limits", "registry", "config", "bounds", "distributions", "fastpaths", "files",
+     "devices", "rng", "sweep"),
     ("priors", "likelihoods", "flows", "models", "data", "adapters"),
     ("objectives", "evaluation", "optimizers", "schedules"),
     ("runs", "preflight", "sinks", "training", "stacked"),

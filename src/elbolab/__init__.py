@@ -1,8 +1,13 @@
+# ruff: noqa: E402 - the startup guard must run before the (slow) imports below
 """elbolab: train and diagnose variational autoencoders.
 
 The heart is one tensor: ``model.log_weights(x, k)`` of shape [K, B]. Every bound
 (:mod:`elbolab.bounds`), the importance-sampled likelihood and the diagnostics read it.
 """
+
+from .startup import guard_startup
+
+guard_startup()  # before torch: Ctrl-C while the command starts is one line, exit 130 (startup.py)
 
 from . import bounds
 from .api import diagnose, evaluate, snr, train, train_model

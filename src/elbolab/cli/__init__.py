@@ -105,14 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = ["train"]  # the main job: `elbolab` alone trains the embedded default
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose, machine_output=bool(getattr(args, "json", False)))
-    retain_freed_memory()  # every command makes big CPU temporaries (fastpaths.py)
-    with _sigterm_as_interrupt():
+    with _signals_as_interrupt():
+        try:
+            parser = build_parser()
+            argv = list(sys.argv[1:] if argv is None else argv)
+            if not argv:
+                argv = ["train"]  # the main job: `elbolab` alone trains the embedded default
+            args = parser.parse_args(argv)
+            setup_logging(args.verbose, machine_output=bool(getattr(args, "json", False)))
+            retain_freed_memory()  # every command makes big CPU temporaries (fastpaths.py)
+        except KeyboardInterrupt:
+            print("elbolab: interrupted while starting; nothing was done", file=sys.stderr)
+            return EXIT_INTERRUPTED
         return _run(args)
 
 
@@ -121,16 +125,19 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a preemption notice, ``kill``) stops a command like Ctrl-C: cleanly, with exit code 130."""
+def _signals_as_interrupt() -> Iterator[None]:
+    """Ctrl-C and SIGTERM (a preemption notice, ``kill``) stop a command the same way: cleanly, with
+    exit code 130. Replaces the startup guard of the ``elbolab`` command (startup.py)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.signal(signal.SIGTERM, _terminate)
+    old = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+           signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _run(args: argparse.Namespace) -> int:
