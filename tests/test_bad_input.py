@@ -617,3 +617,58 @@ def test_ctrl_c_in_the_final_evaluation_then_resume_writes_the_report(tmp_path, 
     assert (out / "model.safetensors").read_bytes() == weights  # evaluated, not trained again
     code, err = run_cli(["train", "--resume", str(out)], capsys)
     assert code == 2 and "already holds a finished and evaluated run" in err
+
+
+def _npy_claiming_rows(path: Path, rows: int) -> Path:
+    """A .npy whose header declares ``rows`` x 4 uint8 while 8 bytes follow it."""
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (rows, 4)})
+        f.write(bytes(8))
+    return path
+
+
+def _bad_data_files(d: Path) -> dict[str, Path]:
+    import numpy as np
+
+    files = {}
+    np.savez(d / "objects.npz", test=np.array([[1, "a"], [2, None]], dtype=object))
+    files["object-array .npz"] = d / "objects.npz"
+    for name, array in {"uint16": np.full((5, 784), 1000, dtype=np.uint16),
+                        "complex": np.ones((5, 784), dtype=np.complex64),
+                        "string": np.array([["a", "b"], ["c", "d"]]),
+                        "N x 0": np.zeros((5, 0), dtype=np.uint8),
+                        "structured": np.zeros(5, dtype=[("a", "u1"), ("b", "u1")])}.items():
+        np.save(d / f"{name.replace(' ', '')}.npy", array)
+        files[f"{name} .npy"] = d / f"{name.replace(' ', '')}.npy"
+    files["header claims 10^11 rows"] = _npy_claiming_rows(d / "huge.npy", 10**11)
+    (d / "garbage.npz").write_bytes(b"PK\x03\x04" + bytes(range(200)))
+    files["garbage .npz"] = d / "garbage.npz"
+    (d / "garbage.npy").write_bytes(b"\x93NUMPY" + bytes(range(100)))
+    files["garbage .npy"] = d / "garbage.npy"
+    os.symlink(d / "loop2.npy", d / "loop.npy")
+    os.symlink(d / "loop.npy", d / "loop2.npy")
+    files["symlink loop"] = d / "loop.npy"
+    return files
+
+
+def test_every_bad_data_file_is_one_line_and_exit_2(finished, tmp_path, capsys):
+    """evaluate --data-file with an object-array .npz, uint16 / complex / string / [N, 0] .npy,
+    a header claiming 10^11 rows, a garbage .npz, a symlink loop: each a traceback before."""
+    for what, path in _bad_data_files(tmp_path).items():
+        code, err = run_cli(["evaluate", str(finished), "--data-file", str(path)], capsys)
+        assert code == 2 and err.count("\n") == 1 and str(path) in err, (what, err)
+
+
+def test_bad_arrays_from_python_are_one_line_too(tmp_path):
+    import numpy as np
+
+    from elbolab.data import DataError, as_dataset
+
+    for bad in (np.ones((5, 4), dtype=np.complex64), np.array([["a", "b"]]), np.zeros((5, 0)),
+                np.full((5, 4), 1000, dtype=np.uint16), torch.ones(5, 4, dtype=torch.complex64), torch.zeros(3, 0)):
+        with pytest.raises(DataError):
+            as_dataset(bad)
+    small = as_dataset(np.full((5, 4), 7, dtype=np.uint16))  # 0..255 in a wider type is fine
+    assert small.split("train").dtype == torch.uint8 and int(small.split("train").max()) == 7

@@ -7,9 +7,13 @@ format promises (magic numbers, shapes, dtypes) and never execute code from a fi
 from __future__ import annotations
 
 import io
+import math
+import os
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -177,3 +181,82 @@ def parse_npz(content: bytes, path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz file ({why}); fetch it again") from None
     except AttributeError:  # np.load returned a bare array (a .npy), not an archive
         raise DataError(f"{path}: a .npy array, not an .npz archive; fetch it again") from None
+
+
+# --- a user's .npy / .npz (numpy.save / numpy.savez) ----------------------------------
+
+#: dtype kinds an image array may hold: bool, unsigned and signed integers, floats
+IMAGE_KINDS = "buif"
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def npy_header(fp: IO[bytes], nbytes: int, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy stream's header declares, checked before any array is allocated:
+    numbers only (no objects, strings, complex), and no more data than the ``nbytes`` the stream
+    holds (header included) or this machine's memory."""
+    try:
+        version = np.lib.format.read_magic(fp)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fp)
+        start = fp.tell()
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, zlib.error, zipfile.BadZipFile) as e:
+        raise DataError(f"{where}: not a .npy array written by numpy.save ({' '.join(str(e).split())[:160]})") from None
+    if dtype.hasobject or dtype.kind not in IMAGE_KINDS or dtype.fields is not None:
+        raise DataError(f"{where}: holds {dtype} values; images need numbers (bool, integers or floats)")
+    need = math.prod(shape) * dtype.itemsize
+    if start + need > nbytes:
+        raise DataError(f"{where}: the header declares {dtype} of shape {shape} ({need:,} bytes) but the file holds "
+                        f"{max(nbytes - start, 0):,} bytes of data; it is truncated or not written by numpy.save")
+    memory = _physical_memory()
+    if memory is not None and need > memory:
+        raise DataError(f"{where}: shape {shape} of {dtype} is {need:,} bytes, more than this machine's memory")
+    return tuple(shape), dtype
+
+
+def read_user_npy(path: Path) -> np.ndarray:
+    """A user's .npy: header checked first (:func:`npy_header`), then loaded without pickles."""
+    problem = path_problem(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    try:
+        with open(path, "rb") as f:
+            npy_header(f, os.fstat(f.fileno()).st_size, str(path))
+        return np.load(path, allow_pickle=False)
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, EOFError) as e:
+        raise DataError(f"{path}: unreadable as .npy ({' '.join(str(e).split())[:160]})") from None
+
+
+def read_user_npz(path: Path) -> dict[str, np.ndarray]:
+    """A user's .npz: a zip of .npy arrays, each header checked (:func:`npy_header`) before any is loaded."""
+    problem = path_problem(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            arrays: dict[str, np.ndarray] = {}
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise DataError(f"{path}: holds {info.filename!r}, not a .npy array; write it with numpy.savez")
+                name = info.filename[: -len(".npy")]
+                with z.open(info) as f:
+                    npy_header(f, info.file_size, f"{path}: array {name!r}")
+                with z.open(info) as f:
+                    arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
+            return arrays
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, zlib.error, NotImplementedError) as e:
+        raise DataError(f"{path}: not a readable .npz archive ({' '.join(str(e).split())[:160]}); "
+                        "write it with numpy.savez") from None

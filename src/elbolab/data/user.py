@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from .dataset import DataError, ImageDataset, file_sha256
+from .formats import IMAGE_KINDS, read_user_npy, read_user_npz
 from .registry import DatasetSpec, register, resolve_name
-from .sources import locate
+from .sources import locate, path_problem
 
 log = logging.getLogger("elbolab")
 
@@ -57,8 +58,13 @@ def _as_tensor(data: Any, what: str) -> tuple[Tensor, Tensor | None]:
     if isinstance(data, Tensor):
         return data.detach().cpu(), None
     if isinstance(data, np.ndarray):
-        if data.dtype == object:
-            raise DataError(f"{what}: a numpy array of objects; pass numbers ([N, D] or [N, H, W])")
+        if data.dtype.hasobject or data.dtype.kind not in IMAGE_KINDS or data.dtype.fields is not None:
+            raise DataError(f"{what}: a numpy array of {data.dtype}; pass numbers ([N, D] or [N, H, W]): "
+                            "bool, integers or floats")
+        if data.dtype.kind == "u" and data.dtype.itemsize > 1:  # torch has few ops on uint16/32/64
+            if data.size and int(data.max()) > 255:
+                raise DataError(f"{what}: integer pixels must be 0..255 (or 0/1), found values up to {data.max()}")
+            data = data.astype(np.uint8)
         return torch.from_numpy(np.ascontiguousarray(data)), None
     if isinstance(data, torch.utils.data.Dataset):
         try:
@@ -76,14 +82,20 @@ def _as_tensor(data: Any, what: str) -> tuple[Tensor, Tensor | None]:
                     f"got {type(data).__name__}")
 
 
+_INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def to_stored(x: Tensor, what: str) -> tuple[Tensor, tuple[int, ...], bool]:
     """Images ``[N, ...]`` -> (uint8 ``[N, D]``, image shape, binary).
 
     0/1 values are binary; integers 0..255 grey levels; floats in [0, 1] grey levels
     rounded to k/255. Anything else is refused, naming the range found.
     """
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise DataError(f"{what}: expected [N, D], [N, H, W] or [N, C, H, W] images, got shape {tuple(x.shape)}")
+    if x.dim() < 2 or x.numel() == 0:
+        raise DataError(f"{what}: expected [N, D], [N, H, W] or [N, C, H, W] images with at least one pixel, "
+                        f"got shape {tuple(x.shape)}")
+    if x.is_complex() or not (x.is_floating_point() or x.dtype in _INTEGER_DTYPES):
+        raise DataError(f"{what}: a tensor of {x.dtype}; pass bool, integers 0..255 or floats in [0, 1]")
     image_shape = tuple(int(s) for s in x.shape[1:])
     if x.dim() == 4 and image_shape[0] == 1:
         image_shape = image_shape[1:]  # one channel: plots and pythae's input_dim read (H, W)
@@ -120,21 +132,24 @@ def checksum(x: Tensor) -> str:
 # --- files -----------------------------------------------------------------------------
 
 
-def read_array_file(path: str | Path, split: str | None = None) -> np.ndarray | dict[str, np.ndarray]:
-    """A .npy array, or a .npz's arrays (all of them, or the one named ``split``); no pickles."""
+def _file(path: str | Path) -> Path:
+    """``path`` resolved, or one line saying why it is not a file (a symlink loop, a folder ...)."""
     path = Path(path).expanduser()
     if path.suffix not in FILE_SUFFIXES:
         raise DataError(f"{path}: elbolab reads your data from .npy or .npz files (numpy.save / numpy.savez)")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable as {path.suffix} ({e})") from None
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        arrays = {k: loaded[k] for k in loaded.files}
+    problem = path_problem(path)
+    if problem:
+        raise DataError(f"{path}: {'no such file' if problem == 'file not found' else problem}")
+    return path.resolve()
+
+
+def read_array_file(path: str | Path, split: str | None = None) -> np.ndarray | dict[str, np.ndarray]:
+    """A .npy array, or a .npz's arrays (all of them, or the one named ``split``); no pickles, and
+    every header checked before an array is allocated (formats.npy_header)."""
+    path = _file(path)
+    if path.suffix == ".npy":
+        return read_user_npy(path)
+    arrays = read_user_npz(path)
     if split is None:
         return arrays
     if split not in arrays:
@@ -168,15 +183,18 @@ def as_dataset(data: Any, valid: Any = None, test: Any = None, require_train: bo
     """
     files: dict[str, dict[str, str]] = {}
     raw: dict[str, Any] = {}
+    #: split -> what an error names: the file (and its array) it came from, else the split
+    whats: dict[str, str] = {}
     labels: dict[str, Tensor] = {}
     if isinstance(data, str | Path):
-        path = Path(data).expanduser().resolve()
+        path = _file(data)
         arrays = _file_splits(path, require_train)
         for name, a in arrays.items():
             if name.endswith("_labels"):
                 labels[name[: -len("_labels")]] = torch.from_numpy(a.astype(np.int64))
             else:
                 raw[name] = a
+                whats[name] = str(path) if path.suffix == ".npy" else f"{path}: array {name!r}"
                 files[name] = {"path": str(path), "sha256": file_sha256(path)}
     elif isinstance(data, Mapping):
         unknown = sorted(set(data) - set(SPLITS))
@@ -191,8 +209,9 @@ def as_dataset(data: Any, valid: Any = None, test: Any = None, require_train: bo
         if name in raw:
             raise DataError(f"{name}: given twice (in data and as {name}=)")
         if isinstance(extra, str | Path):
-            path = Path(extra).expanduser().resolve()
+            path = _file(extra)
             extra = read_array_file(path, name if path.suffix == ".npz" else None)
+            whats[name] = str(path) if path.suffix == ".npy" else f"{path}: array {name!r}"
             files[name] = {"path": str(path), "sha256": file_sha256(path)}
         raw[name] = extra
     splits: dict[str, Tensor] = {}
@@ -200,8 +219,9 @@ def as_dataset(data: Any, valid: Any = None, test: Any = None, require_train: bo
     for name in SPLITS:
         if name not in raw:
             continue
-        x, y = _as_tensor(raw[name], f"data {name!r}")
-        splits[name], shapes[name], kinds[name] = to_stored(x, f"data {name!r}")
+        what = whats.get(name, f"data {name!r}")
+        x, y = _as_tensor(raw[name], what)
+        splits[name], shapes[name], kinds[name] = to_stored(x, what)
         if y is not None:
             labels[name] = y
     if len(set(shapes.values())) > 1:
