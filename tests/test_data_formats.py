@@ -105,6 +105,39 @@ def test_restricted_unpickler_reads_arrays_and_refuses_code(tmp_path: Path) -> N
         parse_numpy_pickle(evil_builtin, tmp_path / "evil2.pkl")
 
 
+class _HugeArray:
+    """Pickles as numpy's _reconstruct asked for 9 TiB before any data is read."""
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return _reconstruct, (np.ndarray, (9 * 2**40,), b"b")
+
+
+def test_a_crafted_freyfaces_pickle_is_checked_before_unpickling_and_allocates_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 9 TiB request used to be unpickled before the checksum was looked at (MemoryError)."""
+    path = tmp_path / "freyfaces" / "freyfaces.pkl"
+    path.parent.mkdir()
+    path.write_bytes(pickle.dumps([_HugeArray()], protocol=3))
+    import elbolab.data.standard as standard
+
+    def no_unpickling(content, where):
+        raise AssertionError("unpickled before the checksum was checked")
+
+    monkeypatch.setattr(standard, "parse_numpy_pickle", no_unpickling)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load("freyfaces", tmp_path)
+    monkeypatch.undo()
+    # with verification off the restricted unpickler still refuses to allocate what the file asks
+    monkeypatch.setenv(sources.VERIFY_ENV_VAR, "0")
+    with pytest.raises(DataError, match=r"refused to unpickle .*shape \(9895604649984,\)"):
+        load("freyfaces", tmp_path)
+    faces = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    for protocol in (3, 4):  # real arrays still load (the file is a Python 2 pickle)
+        np.testing.assert_array_equal(parse_numpy_pickle(pickle.dumps([faces], protocol=protocol), path)[0], faces)
+
+
 # --- OMNIGLOT downsampling ---------------------------------------------------------------
 
 

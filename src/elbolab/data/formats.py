@@ -141,20 +141,27 @@ def mat_variable(
 # --- Frey Faces pickle ------------------------------------------------------------
 
 
+def _empty_reconstruct(subtype: type, shape: object, dtype: object) -> np.ndarray:
+    """numpy's ``_reconstruct`` as a pickled array calls it: an empty array (shape (0,)), which
+    ``__setstate__`` then fills from the pickle's own bytes. Any other shape would allocate
+    what the file asks for before a byte of data is read (terabytes), so it is refused."""
+    if subtype is not np.ndarray or shape not in ((0,), [0], 0):
+        raise pickle.UnpicklingError(f"an array reconstructed as {getattr(subtype, '__name__', subtype)} of shape "
+                                     f"{shape!r}; numpy pickles arrays as ndarray of shape (0,)")
+    return np.ndarray((0,), np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype)
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Resolves only the three globals a pickled numpy array needs; anything else is refused
-    before it is looked up, so a malicious pickle cannot run code."""
+    """Resolves only the globals a pickled numpy array needs (ndarray, dtype, an empty
+    ``_reconstruct``); anything else is refused before it is looked up, so a malicious pickle
+    can neither run code nor make numpy allocate more than the file holds."""
 
     def find_class(self, module: str, name: str):
         allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
         if (module, name) in allowed:
             return allowed[(module, name)]
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
-            try:
-                from numpy._core.multiarray import _reconstruct
-            except ImportError:  # numpy < 2
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
+            return _empty_reconstruct
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
 
@@ -164,7 +171,7 @@ def parse_numpy_pickle(content: bytes, path: Path) -> object:
         return _NumpyOnlyUnpickler(io.BytesIO(content), encoding="latin1").load()
     except pickle.UnpicklingError as e:
         raise DataError(f"{path}: refused to unpickle ({e}); only numpy arrays are accepted") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
         raise DataError(f"{path}: not a readable pickle of numpy arrays ({type(e).__name__}: {e})") from None
 
 

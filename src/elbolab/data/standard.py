@@ -123,12 +123,13 @@ FREY_SPLIT_SEED = 14
 
 def load_freyfaces(data_dir: Path) -> ImageDataset:
     src = read_source(data_dir, FREY_FILE, "freyfaces")
+    # the checksum first: a pickle is not unpickled before its bytes are known to be the pinned file
+    status = check(FREY_FILE, src.path, src.raw, src.content)
     obj = parse_numpy_pickle(src.content, src.path)
     faces = obj[0] if isinstance(obj, list | tuple) and obj else obj
     if not isinstance(faces, np.ndarray) or faces.dtype != np.uint8 or faces.shape != (1965, 560):
         found = f"{faces.dtype} {faces.shape}" if isinstance(faces, np.ndarray) else type(faces).__name__
         raise DataError(f"{src.path}: expected a list holding uint8 (1965, 560) faces, found {found}")
-    status = check(FREY_FILE, src.path, src.raw, src.content)
     order = np.random.default_rng(FREY_SPLIT_SEED).permutation(faces.shape[0])
     splits, start = {}, 0
     for split, n in FREY_SPLITS.items():
