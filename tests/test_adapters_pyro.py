@@ -199,6 +199,44 @@ def test_a_site_outside_the_data_plate_is_named() -> None:
         adapter.log_weights(torch.zeros(3), 2)
 
 
+def test_a_global_latent_with_two_dim_data_is_refused_up_front_not_a_pyro_runtime_error() -> None:
+    """[B, D] data and a scalar global latent died in Pyro's RuntimeError (particle-plate shapes)."""
+    from elbolab.adapters.pyro import PyroModelError
+
+    def model(x):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(w, 1.0).expand([x.shape[0], x.shape[1]]).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(PyroModelError, match=r"guide site 'w' is outside the plate 'data'.*global latent"):
+        from_pyro(model, guide).log_weights(torch.zeros(3, 4), 2)
+
+
+def test_a_data_site_without_obs_is_refused_not_scored_as_a_latent(lg_and_x) -> None:
+    """Without obs=x the data site was sampled from the model and its density counted as a
+    prior term: log p(x) -440 instead of -557, silently."""
+    from elbolab.adapters.pyro import PyroModelError
+
+    lg, x = lg_and_x
+    enc, dec = Encoder(lg), Decoder(lg)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 3, dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ dec.W.T + dec.b, torch.exp(0.5 * dec.log_noise_var)).to_event(1))
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            loc = x @ enc.A.T + enc.c
+            pyro.sample("z", dist.Normal(loc, torch.exp(0.5 * enc.q_log_var).expand_as(loc)).to_event(1))
+
+    with pytest.raises(PyroModelError, match=r"model site\(s\) 'x' neither observed nor in the guide.*obs="):
+        elbolab.evaluate(from_pyro(model, guide, encoder=enc, decoder=dec), x, k=10)
+
+
 def test_missing_pyro_is_one_line_naming_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "pyro", None)
     with pytest.raises(ImportError, match=r"pip install 'elbolab\[pyro\]'"):

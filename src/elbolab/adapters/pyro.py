@@ -25,10 +25,16 @@ import torch
 from torch import Tensor, nn
 
 from ..distributions import DiagonalGaussian
+from ..errors import ConfigError
 from ..models.base import LatentVariableModel, LogWeightTerms, NoPosterior
 from ..priors import Prior
 
 EXTRA = "pip install 'elbolab[pyro]'"
+
+
+class PyroModelError(ConfigError):
+    """A Pyro model / guide pair the adapter cannot score per data point (one line, naming the site)."""
+
 PARTICLES = "_elbolab_particles"
 
 
@@ -135,7 +141,8 @@ class PyroModel(LatentVariableModel):
         model = poutine.trace(poutine.replay(self.model_fn, trace=guide)).get_trace(x)
         sites = [(n, s) for n, s in _sample_sites(guide) if not s["is_observed"]]
         if not sites:
-            raise ValueError("pyro guide: no latent sample site")
+            raise PyroModelError("pyro guide: no latent sample site")
+        self._check_sites(guide, model, {n for n, _ in sites})
         nesting = [len(s["cond_indep_stack"]) for tr in (guide, model) for _, s in _sample_sites(tr)]
         self.max_plate_nesting = max(nesting + [1])
         self.latent_sites = [n for n, _ in sites]
@@ -144,6 +151,25 @@ class PyroModel(LatentVariableModel):
         self.data_dim = int(x.shape[-1])
         if len(sites) == 1:
             self.prior = PyroPrior(self, self.latent_dims[0])
+
+    def _check_sites(self, guide: Any, model: Any, latent: set[str]) -> None:
+        """Refuse, before any particles are traced, what per-point log weights cannot score: a site
+        outside the data plate (a global latent), and a model site that is neither observed nor
+        in the guide (the data's ``pyro.sample`` without ``obs=x``, which would be scored as a latent)."""
+        for where, trace in (("guide", guide), ("model", model)):
+            for n, site in _sample_sites(trace):
+                if self.data_plate not in {f.name for f in site["cond_indep_stack"]}:
+                    raise PyroModelError(
+                        f"pyro {where} site {n!r} is outside the plate {self.data_plate!r}: per-point log weights "
+                        "need every sample site inside it (a global latent is not supported; pass data_plate= if "
+                        "the plate has another name)")
+        stray = [n for n, site in _sample_sites(model) if not site["is_observed"] and n not in latent]
+        if stray:
+            raise PyroModelError(f"pyro model site(s) {', '.join(map(repr, stray))} neither observed nor in the guide: "
+                                 "pass the data as obs= (pyro.sample('x', ..., obs=x)), and sample every latent "
+                                 "in the guide too")
+        if not any(site["is_observed"] for _, site in _sample_sites(model)):
+            raise PyroModelError("pyro model: no observed site; pass the data as obs= (pyro.sample('x', ..., obs=x))")
 
     def _with_particles(self, fn: Callable, k: int) -> Callable:
         dim = -(self.max_plate_nesting + 1)
@@ -158,7 +184,7 @@ class PyroModel(LatentVariableModel):
         """The site's log-density ``[K, B]``: summed over every dimension but particles and the data plate."""
         frames = {f.name: f.dim for f in site["cond_indep_stack"]}
         if self.data_plate not in frames:
-            raise ValueError(f"pyro site {name!r} is outside the plate {self.data_plate!r}: per-point log weights "
+            raise PyroModelError(f"pyro site {name!r} is outside the plate {self.data_plate!r}: per-point log weights "
                              "need every sample site inside it (pass data_plate= if it has another name)")
         lp = site["log_prob"]
         full = self.max_plate_nesting + 1
