@@ -55,8 +55,18 @@ class Flow(nn.Module, ABC):
         self.latent_dim = latent_dim
 
     @abstractmethod
+    def condition(self, h: Tensor) -> Tensor:
+        """The per-point quantities the steps read, computed from the features ``[..., C]``: the
+        encoder's per-point outputs for this flow, which the optimal local posterior q* frees
+        (diagnostics/local_opt.py) as it frees the Gaussian's mean and log-variance."""
+
+    @abstractmethod
+    def transform(self, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z_T, sum_t log |det df_t/dz|)`` for the steps set by ``c`` (:meth:`condition`)."""
+
     def forward(self, z: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """``(z_T, sum_t log |det df_t/dz|)``: ``[..., D]`` and ``[...]``."""
+        return self.transform(z, self.condition(h))
 
     def score(self, z0: Tensor, h: Tensor, base: DiagonalGaussian) -> Tensor:
         """d log q(z_T) / d z_T at z_T = f(z0) ``[..., D]``, for q = base pushed through the flow."""
@@ -115,17 +125,24 @@ class PlanarFlow(Flow):
         super().__init__(length, latent_dim)
         self.conditioner = nn.Linear(feature_dim, length * (2 * latent_dim + 1))
 
+    def condition(self, h: Tensor) -> Tensor:
+        """Every step's raw (u, w, b), ``[..., length * (2 D + 1)]``."""
+        return self.conditioner(h)
+
     def steps(self, h: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Per step (u_hat, w, b, 1 + w.u_hat): ``[..., D]``, ``[..., D]``, ``[..., 1]``, ``[..., 1]``."""
+        return self.steps_from(self.condition(h))
+
+    def steps_from(self, c: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """:meth:`steps` from the conditioned parameters ``c`` (:meth:`condition`)."""
         d = self.latent_dim
-        p = self.conditioner(h).unflatten(-1, (self.length, 2 * d + 1))
-        u, w, b = p.split([d, d, 1], dim=-1)
+        u, w, b = c.unflatten(-1, (self.length, 2 * d + 1)).split([d, d, 1], dim=-1)
         u_hat, wu1 = planar_constrain(u, w)
         return [(u_hat[..., t, :], w[..., t, :], b[..., t, :], wu1[..., t, :]) for t in range(self.length)]
 
-    def forward(self, z: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def transform(self, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         log_det = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
-        for u_hat, w, b, wu1 in self.steps(h):
+        for u_hat, w, b, wu1 in self.steps_from(c):
             z, ld = planar_step(z, u_hat, w, b, wu1)
             log_det = log_det + ld
         return z, log_det
@@ -202,8 +219,11 @@ class IAFFlow(Flow):
         self.context = nn.Linear(feature_dim, width)
         self.layers = nn.ModuleList(IAFStep(latent_dim, width, reverse=t % 2 == 1) for t in range(length))
 
-    def forward(self, z: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.context(h)
+    def condition(self, h: Tensor) -> Tensor:
+        """The context c = W h that every step reads, ``[..., width]``."""
+        return self.context(h)
+
+    def transform(self, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         log_det = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
         for step in self.layers:
             z, ld = step(z, c)

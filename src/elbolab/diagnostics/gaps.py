@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import limits
+from ..errors import ConfigError
 from ..evaluation import LikelihoodResult, eval_mode, log_likelihood, model_device, model_dtype, seeded
 from .ais import AISResult, AISSettings, ais
 from .local_opt import FAMILIES, LocalOptResult, LocalOptSettings, elbo_estimate, optimize_local
@@ -148,6 +149,10 @@ def gap_split(model, data: Tensor, settings: GapSettings | None = None, progress
     """ELBO(q_phi), ELBO(q*), L_K and AIS for every row of ``data`` ``[N, Dx]``, and the split."""
     s = settings or GapSettings()
     s.check()
+    flow = getattr(model, "posterior_flow", "none")
+    if flow != "none" and s.family != "encoder":
+        raise ConfigError(f"q* family {s.family!r}: this model's posterior is a {flow} flow, so the amortization gap "
+                          "ELBO(q*) - ELBO(q_phi) would compare two families; use the family 'encoder' (the flow's)")
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn):

@@ -218,10 +218,20 @@ class LatentVariableModel(nn.Module, ABC):
         them per point gives q*, the best member of the encoder's family for that x
         (Cremer et al. 2018). One stochastic layer: its Gaussian's mean and log-variance.
         """
+        self.refuse_flow_local()
         if len(self.latent_dims) != 1:
             raise ModelCapabilityError(f"{type(self).__name__}: a multi-layer model defines local_posterior")
         q = self.posterior(x)
         return {"mean": q.mean, "log_var": q.log_var}
+
+    def refuse_flow_local(self) -> None:
+        """A model whose local posterior would drop its flow refuses, rather than compare ELBO(q*)
+        of a Gaussian with ELBO(q_phi) of the flow (an amortization gap across two families)."""
+        if self.posterior_flow != "none":
+            raise ModelCapabilityError(
+                f"{type(self).__name__} with a {self.posterior_flow} flow posterior: q* in the flow's family "
+                "(local_posterior) is defined for one-layer models only; the encoder's Gaussian without the "
+                "flow would be another family")
 
     def log_weights_local(self, x: Tensor, k: int, params: dict[str, Tensor]) -> Tensor:
         """``[K, B]`` log weights log p(x, z) - log q(z) with q given by :meth:`local_posterior`'s

@@ -156,6 +156,7 @@ class HierarchicalVAE(LatentVariableModel):
     def local_posterior(self, x: Tensor) -> dict[str, Tensor]:
         """q(z2|x)'s mean and log-variance, and per-point shifts (zero: the encoder) of the
         mean and log-variance that q(z1|x, z2) computes; its dependence on z2 stays."""
+        self.refuse_flow_local()
         q2 = self.posterior(x)
         zeros = q2.mean.new_zeros(*q2.mean.shape[:-1], self.latent_dims[0])
         return {"mean": q2.mean, "log_var": q2.log_var, "z1.mean_shift": zeros, "z1.log_var_shift": zeros.clone()}

@@ -62,6 +62,24 @@ class OneLayerVAE(LatentVariableModel):
     def log_p_z(self, z: Tensor) -> Tensor:
         return self.prior.log_prob(z)
 
+    def local_posterior(self, x: Tensor) -> dict[str, Tensor]:
+        """q(z|x)'s per-point outputs as free parameters: the Gaussian's mean and log-variance and,
+        with a flow, what its steps read (``flow``: Flow.condition of the features), so that q*
+        is sought in the flow posterior's own family (the flow's weights stay shared)."""
+        if self.encoder_flow is None:
+            return super().local_posterior(x)
+        h = self.encoder(x)
+        mean, log_var = self.encoder_head(h)
+        return {"mean": mean, "log_var": log_var, "flow": self.encoder_flow.condition(h)}
+
+    def log_weights_local(self, x: Tensor, k: int, params: dict[str, Tensor]) -> Tensor:
+        if self.encoder_flow is None:
+            return super().log_weights_local(x, k, params)
+        q0 = DiagonalGaussian(params["mean"], params["log_var"])
+        z0 = q0.rsample(k)
+        z, log_det = self.encoder_flow.transform(z0, params["flow"])
+        return self.log_joint(x, z) - (q0.log_prob(z0) - log_det)
+
     def log_p_x_given_z(self, x: Tensor, z: Tensor) -> Tensor:
         return self.likelihood.log_prob_from_features(x, self.decoder(z))
 

@@ -132,6 +132,7 @@ class TwoLayerVAE(LatentVariableModel):
     def local_posterior(self, x: Tensor) -> dict[str, Tensor]:
         """q(z1|x)'s mean and log-variance, and per-point shifts (zero: the encoder) of the
         mean and log-variance that q(z2|z1) computes; its dependence on z1 stays."""
+        self.refuse_flow_local()
         q1 = self.posterior(x)
         zeros = q1.mean.new_zeros(*q1.mean.shape[:-1], self.latent_dims[1])
         return {"mean": q1.mean, "log_var": q1.log_var, "z2.mean_shift": zeros, "z2.log_var_shift": zeros.clone()}
