@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -67,6 +68,8 @@ def test_the_config_reads_its_caps_from_limits():
     (["gaps", "{run}", "--lr", "-1"], "--lr: must be a finite number > 0"),
     (["gaps", "{run}", "--seed", "-1"], "--seed: must be >= 0"),
     (["bench", "--threads", "9999"], "--threads: must be between 0 and 4,096, got 9,999"),
+    (["gaps", "{run}", "--threads", str((os.cpu_count() or 1) + 1)], "CPU cores; set at most"),
+    (["bench", "--threads", str((os.cpu_count() or 1) + 1)], "CPU cores; set at most"),
     (["evaluate", "{run}", "--device", "meta"], "--device: 'meta' is a meta device"),
     (["gaps", "{run}", "--device", "meta"], "--device: 'meta' is a meta device"),
 ])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 from .errors import ConfigError
 
@@ -54,8 +55,13 @@ def seed(value: object, key: str) -> int:
 
 
 def threads(value: object, key: str) -> int:
-    """A torch thread count (0: torch's default), capped as train.threads is."""
-    return count(value, key, MAX_THREADS, lo=0)
+    """A torch thread count (0: torch's default), capped as train.threads is: at most
+    :data:`MAX_THREADS`, and at most this machine's CPU cores (preflight's check of train.threads)."""
+    n = count(value, key, MAX_THREADS, lo=0)
+    cpus = os.cpu_count() or 1
+    if n > cpus:
+        raise ConfigError(f"{key}: {n} but this machine has {cpus} CPU cores; set at most {cpus} (0: torch's default)")
+    return n
 
 
 def positive_number(value: object, key: str) -> float:

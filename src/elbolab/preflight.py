@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import limits
 from .config import ConfigError, RunConfig
 from .devices import resolve_device
 from .models import build_model
@@ -57,10 +58,7 @@ def preflight(cfg: RunConfig) -> None:
     cfg.validate()  # a config built field by field has not been checked yet
     check_optional_packages(cfg)
     device = resolve_device(cfg.train.device)
-    cpus = os.cpu_count() or 1
-    if cfg.train.threads > cpus:
-        raise ConfigError(f"train.threads: {cfg.train.threads} but this machine has {cpus} CPU cores; "
-                          f"set at most {cpus} (0: torch's default)")
+    limits.threads(cfg.train.threads, "train.threads")
     if cfg.train.compile and device.type != "cuda":
         compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
         if not any(c and shutil.which(c) for c in compilers):
