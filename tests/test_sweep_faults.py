@@ -124,12 +124,12 @@ def test_a_stack_that_cannot_fit_is_refused_before_anything_is_written(tmp_path,
     cfg = RunConfig().with_overrides([s for s in TINY])
     model = build_model(cfg.model, 784, torch.full((10, 784), 0.5))
     one = preflight.estimate_memory(cfg, model, 784, n_valid=10000).peak
-    assert preflight.estimate_memory(cfg, model, 784, n_valid=10000, runs=4).peak > 3 * one
     monkeypatch.setattr(preflight, "available_memory", lambda device: 2 * one)
     sweep = tmp_path / "sweep"
     code, err = run_cli(["train", "--no-eval", "--out", str(sweep), *sets(), "--sweep", "train.seed=0,1,2,3"], capsys)
     assert code == 2 and "stacked training step of 4 runs" in err and err.count("\n") == 1, err
     assert not sweep.exists()
+    assert preflight.estimate_memory(cfg, model, 784, n_valid=10000, runs=4).peak > 3 * one
 
 
 #: one fresh process per measurement, as tests/test_preflight.py measures one run: the growth of
@@ -222,26 +222,31 @@ def _unfinished_run(out: Path, *settings: str) -> Path:
     return out
 
 
-def test_nothing_outside_the_run_folder_is_written_or_resumed(tmp_path, capsys):
-    """Item 24: a metrics.jsonl that links to a file outside the run folder is refused on resume
-    (the file outside untouched); a sweep.json entry '..' does not resume the enclosing run."""
+def test_nothing_outside_the_run_folder_is_written(tmp_path, capsys):
+    """Item 24: a metrics.jsonl that links to a file outside the run folder is refused on resume in
+    one line, and the file outside is untouched (resume used to append to it)."""
     run = _unfinished_run(tmp_path / "run")
     outside = tmp_path / "outside.jsonl"
-    outside.write_text("precious\n")
+    outside.write_text((run / "metrics.jsonl").read_text())
+    before = outside.read_bytes()
     (run / "metrics.jsonl").unlink()
     (run / "metrics.jsonl").symlink_to(outside)
     code, err = run_cli(["train", "--no-eval", "--resume", str(run)], capsys)
     assert code == 2 and "metrics.jsonl: is a symbolic link" in err and err.count("\n") == 1, err
-    assert outside.read_text() == "precious\n"
+    assert outside.read_bytes() == before
 
-    (run / "metrics.jsonl").unlink()
+
+def test_a_sweep_entry_outside_the_sweep_is_refused(tmp_path, capsys):
+    """Item 24: a sweep.json whose entry is '..' does not resume the run enclosing the sweep folder."""
+    run = tmp_path / "run"
+    assert cli.main(["train", "--no-eval", "--out", str(run), *sets()]) == 0
     inner = run / "sweep"
     inner.mkdir()
     (inner / "sweep.json").write_text(json.dumps({"sweep": {}, "runs": [".."]}))
     before = snapshot(run)
     code, err = run_cli(["train", "--no-eval", "--resume", str(inner)], capsys)
     assert code == 2 and "sweep.json" in err and err.count("\n") == 1, err
-    assert snapshot(run) == before and status(run) == "running"
+    assert snapshot(run) == before
 
 
 def test_a_hand_edited_config_of_a_finished_run_is_refused(tmp_path, capsys):
@@ -290,20 +295,20 @@ def test_a_rerun_after_a_kill_in_the_final_evaluation_reports_as_an_uninterrupte
     """Item 7: killed inside the write of report.json, the same command evaluates again with
     train.threads (not the process's thread count, here 4), so report.json equals an uninterrupted
     run's; item 23: the temp file the kill left is removed by the rerun."""
-    settings = ["model.hidden=[200]", "eval.test_images=200", "eval.k_importance=100"]
+    settings = ["model.hidden=[200]", "model.latent_dim=50", "eval.test_images=200", "eval.k_importance=100"]
     assert cli.main(["train", "--out", str(tmp_path / "ref"), *sets(*settings)]) == 0
     run = tmp_path / "run"
     kill_at_fault_point(child("train", "--out", str(run), *sets(*settings), stop_at="write:report.json#1"))
     assert not (run / "report.json").exists() and list(run.glob(".report.json.*.tmp"))
     torch.set_num_threads(4)  # a fresh process's default on a 4-core machine
     assert cli.main(["train", "--out", str(run), *sets(*settings)]) == 0
-    assert not list(run.glob(".*.tmp"))
 
     def report(r: Path) -> dict:
         d = json.loads((r / "report.json").read_text())
         return {k: v for k, v in d.items() if not k.endswith("seconds")}
 
     assert report(run) == report(tmp_path / "ref")
+    assert not list(run.glob(".*.tmp"))
 
 
 def test_two_identical_runs_write_identical_checkpoints(tmp_path):
