@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -82,14 +83,21 @@ def _check_out(folder: Path) -> None:
     if (folder / INFO).exists():
         raise RunError(f"{folder}: holds a single run ({INFO}), not a sweep; nothing was changed. A sweep needs a "
                        "folder of its own: choose another --out")
-    others = sorted(p.name for p in folder.iterdir() if p.name != LOCK and not _stale_sweep_temp(p.name))
+    # a sweep killed before its sweep.json was written leaves at most its lock and temp files
+    others = sorted(p.name for p in folder.iterdir() if p.name != LOCK and not _temp_file(p.name))
     if others:
         raise RunError(f"{folder}: exists and is neither empty nor an elbolab sweep (holds {others[0]!r}); "
                        "choose another --out")
 
 
-def _stale_sweep_temp(name: str) -> bool:
-    return name.startswith(f".{SWEEP_FILE}.") and name.endswith(".tmp")
+def _temp_file(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _unfinished(run_dir: Path) -> bool:
+    with contextlib.suppress(RunError):
+        return read_json_object(run_dir / INFO).get("status") != "finished"
+    return True
 
 
 def _planned(args: argparse.Namespace) -> tuple[Path, list[tuple[str, RunConfig]], dict[str, list]]:
@@ -189,8 +197,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     dataset = None
     if all((c.data.name, c.data.data_dir, c.data.validation) == (d.name, d.data_dir, d.validation) for c in configs):
         dataset = load(d.name, d.data_dir, validation=d.validation)
-    for group in groups:
-        _check_stack_memory([configs[i] for i in group], dataset)
+    for group in groups:  # the runs of a stack that still train step together
+        training = [configs[i] for i in group if _unfinished(folder / runs[i][0])]
+        if training:
+            _check_stack_memory(training, dataset)
     lock = _open_folder(folder, runs, sweep)
     try:
         return _train_sweep(args, folder, runs, groups, dataset)
