@@ -27,6 +27,10 @@ from .objectives import make_objective
 STEP_FACTOR = 2.0
 #: an evaluation pass (no_grad) holds less than a training step keeps; measured ratio <= 1
 EVAL_FACTOR = 1.0
+#: a stacked step (elbolab.stacked) holds more per run than a run's step alone: the per-run views
+#: and copies of the log-weight terms and the run-by-run elementwise tails (tests/test_sweep_faults.py
+#: measures the ratio)
+STACK_FACTOR = 1.5
 
 #: config switch -> (the package it imports, the extra that installs it)
 OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
@@ -176,7 +180,8 @@ def estimate_memory(cfg: RunConfig, model: torch.nn.Module, data_dim: int, n_val
     params = sum(q.numel() * q.element_size() for q in model.parameters())
     b = cfg.train.batch_size
     step_what = "a training step" if runs == 1 else f"a stacked training step of {runs} runs"
-    passes = [(runs * (STEP_FACTOR * train.at(b, o.k * m) + 4 * params),
+    stacked = runs * (STACK_FACTOR if runs > 1 else 1.0)
+    passes = [(stacked * STEP_FACTOR * train.at(b, o.k * m) + runs * 4 * params,
                f"{step_what} (objective.k={o.k}{f' x objective.m={m}' if m > 1 else ''} x train.batch_size={b})",
                "objective.k or train.batch_size" + (" or the runs of this shape" if runs > 1 else ""))]
     others = 4 * params * (runs - 1)  # the other runs' weights, gradients and Adam state
