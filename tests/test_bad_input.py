@@ -166,6 +166,11 @@ def test_weights_of_another_architecture_are_refused(finished, capsys):
     (finished / "config.yaml").write_text(text)
     assert load_config(finished / "config.yaml").model.hidden == (9,)
     code, err = run_cli(["evaluate", str(finished)], capsys)
+    assert code == 2 and "config.yaml: edited after the run was created" in err and err.count("\n") == 1
+    info = json.loads((finished / "run.json").read_text())
+    del info["config_sha256"]  # a folder written before config checksums: the weights are what refuse
+    (finished / "run.json").write_text(json.dumps(info))
+    code, err = run_cli(["evaluate", str(finished)], capsys)
     assert code == 2 and "weights do not fit the configured model" in err and err.count("\n") == 1
 
 

@@ -65,18 +65,16 @@ def test_resume_in_process_with_dynamic_binarization_is_exact(tmp_path, monkeypa
     assert resumed.step == ref.step == 30
 
 
-def test_rng_states_round_trip_numpy_and_python():
-    import random
-
-    import numpy as np
-
+def test_rng_states_round_trip():
+    """torch's and the shuffler's streams come back; numpy's and Python's global ones, which training
+    never draws from, are not stored (their unseeded states made identical runs' checkpoints differ)."""
     t = Trainer(small_config(), "unused", grey_dataset())
     state = t.state()
-    draws = (np.random.rand(3), random.random(), torch.rand(2), torch.rand(2, generator=t.shuffle))
+    assert not {"numpy", "python"} & set(state["rng"])
+    draws = (torch.rand(2), torch.rand(2, generator=t.shuffle))
     t.load_state(state)
-    again = (np.random.rand(3), random.random(), torch.rand(2), torch.rand(2, generator=t.shuffle))
-    assert np.array_equal(draws[0], again[0]) and draws[1] == again[1]
-    assert torch.equal(draws[2], again[2]) and torch.equal(draws[3], again[3])
+    again = (torch.rand(2), torch.rand(2, generator=t.shuffle))
+    assert torch.equal(draws[0], again[0]) and torch.equal(draws[1], again[1])
 
 
 def poison(trainer: Trainer, at_steps: set[int], term: str = "likelihood", value: float = math.nan) -> None:

@@ -28,6 +28,10 @@ from .objectives import make_objective
 STEP_FACTOR = 2.0
 #: an evaluation pass (no_grad) holds less than a training step keeps; measured ratio <= 1
 EVAL_FACTOR = 1.0
+#: a stacked step (elbolab.stacked) holds more per run than a run's step alone: the per-run views
+#: and copies of the log-weight terms and the run-by-run elementwise tails (tests/test_sweep_faults.py
+#: measures the ratio)
+STACK_FACTOR = 1.5
 
 #: config switch -> (the package it imports, the extra that installs it)
 OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
@@ -140,11 +144,16 @@ class _Linear:
         return self.const + b * (self.point + k * self.row)
 
 
-def estimate_memory(cfg: RunConfig, model: torch.nn.Module, data_dim: int, n_valid: int = 0) -> MemoryEstimate:
+def estimate_memory(cfg: RunConfig, model: torch.nn.Module, data_dim: int, n_valid: int = 0,
+                    runs: int = 1) -> MemoryEstimate:
     """Peak bytes of the run's largest pass, measured on the model itself: tiny probes (1-2 points,
     1-3 samples) count what autograd keeps per data point and per sample row, which every layer
     makes linear in both; that is scaled to the config's k x m x batch. Parameters count four times
-    in a step (weights, gradients, Adam's two moments), once in an evaluation."""
+    in a step (weights, gradients, Adam's two moments), once in an evaluation.
+
+    ``runs``: a stack of that many runs of this shape (elbolab.stacked) steps them all in one pass,
+    which keeps every run's activations and state at once; its runs are evaluated one at a time,
+    beside the others' state."""
     p = next(model.parameters())
     device, dtype = p.device, p.dtype
     o = cfg.objective
@@ -168,16 +177,19 @@ def estimate_memory(cfg: RunConfig, model: torch.nn.Module, data_dim: int, n_val
         model.train(was_training)
     params = sum(q.numel() * q.element_size() for q in model.parameters())
     b = cfg.train.batch_size
-    passes = [(STEP_FACTOR * train.at(b, o.k * m) + 4 * params,
-               f"a training step (objective.k={o.k}{f' x objective.m={m}' if m > 1 else ''} x train.batch_size={b})",
-               "objective.k or train.batch_size")]
+    step_what = "a training step" if runs == 1 else f"a stacked training step of {runs} runs"
+    stacked = runs * (STACK_FACTOR if runs > 1 else 1.0)
+    passes = [(stacked * STEP_FACTOR * train.at(b, o.k * m) + runs * 4 * params,
+               f"{step_what} (objective.k={o.k}{f' x objective.m={m}' if m > 1 else ''} x train.batch_size={b})",
+               "objective.k or train.batch_size" + (" or the runs of this shape" if runs > 1 else ""))]
+    others = 4 * params * (runs - 1)  # the other runs' weights, gradients and Adam state
     if n_valid and cfg.train.eval_every:
         rows = min(500, n_valid)  # Trainer.validate's batch
-        passes.append((EVAL_FACTOR * score.at(rows, o.k) + params,
+        passes.append((EVAL_FACTOR * score.at(rows, o.k) + params + others,
                        f"the validation bound (objective.k={o.k} x {rows} images)", "objective.k"))
     e = cfg.eval
     chunk = max(e.chunk_for(device), o.k)
-    passes.append((EVAL_FACTOR * score.at(e.batch_size, chunk) + params,
+    passes.append((EVAL_FACTOR * score.at(e.batch_size, chunk) + params + others,
                    f"the test evaluation (eval.batch_size={e.batch_size} x {chunk} samples)",
                    "eval.batch_size or eval.chunk_size"))
     peak, what, options = max(passes, key=lambda q: q[0])
@@ -204,10 +216,12 @@ def check_parameter_memory(cfg: RunConfig, data_dim: int, device: torch.device, 
                           f"state, this machine has {_gb(free)} available on {device}; use smaller layers")
 
 
-def check_memory(cfg: RunConfig, model: torch.nn.Module, data_dim: int, n_valid: int = 0) -> MemoryEstimate:
-    """Refuse, before anything is written, a run whose largest pass cannot fit in the memory available."""
+def check_memory(cfg: RunConfig, model: torch.nn.Module, data_dim: int, n_valid: int = 0,
+                 runs: int = 1) -> MemoryEstimate:
+    """Refuse, before anything is written, a run (or a stack of ``runs`` runs of this shape) whose
+    largest pass cannot fit in the memory available."""
     device = next(model.parameters()).device
-    est = estimate_memory(cfg, model, data_dim, n_valid)
+    est = estimate_memory(cfg, model, data_dim, n_valid, runs)
     free = available_memory(device)
     if free is not None and est.peak > free:
         raise ConfigError(f"{est.options.split(' or ')[0]}: {est.what} needs about {_gb(est.peak)} (estimated), "

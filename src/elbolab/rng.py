@@ -1,17 +1,17 @@
 """Every random stream a training run draws from, captured and restored as plain tensors.
 
 A checkpoint holds these so that a resumed run continues the very same batches and
-samples: torch's global generator (and CUDA's), numpy's, Python's, the batch shuffler and
-the dynamic-binarization generator.
+samples: torch's global generator (and CUDA's), the batch shuffler and the
+dynamic-binarization generator. Training draws nothing from numpy's or Python's global
+generators, so they are not stored: their state, seeded by no one, would only make two
+identical runs' checkpoints differ.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
-import numpy as np
 import torch
 
 log = logging.getLogger("elbolab")
@@ -19,15 +19,12 @@ log = logging.getLogger("elbolab")
 
 def capture(binarizer: torch.Generator, shuffle: torch.Generator, device: torch.device) -> dict[str, Any]:
     """The state of every stream, as tensors and plain containers (``weights_only``-loadable)."""
-    np_state = np.random.get_state()
     rng: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "batcher": binarizer.get_state(),
         # the binarization generator lives on the training device; its state fits only that kind
         "batcher_device": binarizer.device.type,
         "shuffle": shuffle.get_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
     }
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -54,11 +51,6 @@ def restore(rng: dict[str, Any], binarizer: torch.Generator, shuffle: torch.Gene
         log.warning("the checkpoint's binarization stream cannot continue on %s (%s); it restarts from its "
                     "seed, so this run is no longer bit-identical to an uninterrupted one", here, refused)
     shuffle.set_state(rng["shuffle"])
-    if "numpy" in rng:
-        name, keys, *rest = rng["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "python" in rng:
-        version, internal, gauss = rng["python"]
-        random.setstate((version, tuple(internal), gauss))
+    # numpy's and Python's states in older checkpoints are left alone: training draws from neither
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from safetensors.torch import save
 
 from .config import ConfigError, RunConfig, load_config
 from .data import data_source
+from .data.user import checksum
 from .files import (
     DIR_MODE,
     OutputError,
@@ -64,6 +67,8 @@ CHECKPOINT, REPORT, LOCK = "checkpoint.pt", "report.json", ".lock"
 BAD_LINES = METRICS + ".bad-lines"
 #: checkpoint key / safetensors metadata key holding the SHA-256 of the contents
 DIGEST = "sha256"
+#: run.json key holding the SHA-256 of config.yaml as the run folder was created with it
+CONFIG_DIGEST = "config_sha256"
 #: ``--weights`` / ``load_run(weights=...)`` -> the file holding them
 WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors", "last": CHECKPOINT}
 
@@ -353,7 +358,67 @@ def run_info(status: str, cfg: RunConfig, dataset: Any, epoch: int, step: int,
 
 def write_info(run_dir: Path, status: str, cfg: RunConfig, dataset: Any, epoch: int, step: int,
                error: str | None = None) -> None:
-    write_json(Path(run_dir) / INFO, run_info(status, cfg, dataset, epoch, step, error))
+    """Rewrite run.json; the checksum of config.yaml recorded at creation is carried over."""
+    info = run_info(status, cfg, dataset, epoch, step, error)
+    with contextlib.suppress(RunError, AttributeError):
+        recorded = read_json(Path(run_dir) / INFO).get(CONFIG_DIGEST)
+        if isinstance(recorded, str):
+            info[CONFIG_DIGEST] = recorded
+    write_json(Path(run_dir) / INFO, info)
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except IsADirectoryError:
+        raise RunError(f"{path}: is a folder, not a file") from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def check_config_digest(run_dir: Path, info: dict[str, Any]) -> None:
+    """Refuse a config.yaml that is not the one the run folder was created with (run.json records
+    its SHA-256, as weights carry theirs): a hand-edited config would describe another model than
+    the one trained. Folders written before the checksum have none and load unchecked."""
+    recorded = info.get(CONFIG_DIGEST)
+    if recorded is None:
+        return
+    path = Path(run_dir) / CONFIG
+    found = _sha256(path)
+    if found != recorded:
+        raise RunError(f"{path}: edited after the run was created (SHA-256 {found[:12]}..., run.json records "
+                       f"{str(recorded)[:12]}...); restore it, or train a new run with the new config")
+
+
+def _data_fingerprint(source: Any, dataset: Any = None) -> dict[str, str]:
+    """The checksums that identify a run's data: per split (data passed in: in memory or files) or per
+    data file (a registered dataset); with ``dataset``, in-memory checksums of its splits are taken."""
+    if not isinstance(source, dict):
+        return {}
+    kind = source.get("kind")
+    if kind in ("in-memory", "files") and isinstance(source.get("splits"), dict):
+        out = {f"{kind} {split}": f.get("sha256") for split, f in source["splits"].items() if isinstance(f, dict)}
+        if kind == "files" and dataset is not None:  # the same images may come back in memory
+            out.update({f"in-memory {split}": checksum(dataset.split(split)) for split in source["splits"]
+                        if split in dataset.splits})
+        return {k: str(v) for k, v in out.items() if v}
+    if kind == "registered" and isinstance(source.get("files"), dict):
+        return {f"file {Path(p).name}": str(h) for p, h in source["files"].items()}
+    return {}
+
+
+def check_same_data(run_dir: Path, info: dict[str, Any], dataset: Any) -> None:
+    """Refuse to continue a run on other data than it trained on: run.json's data checksums would
+    become false. Compared where both record the same thing (a split's or a file's checksum)."""
+    recorded = _data_fingerprint(info.get("data_source"))
+    if not recorded:
+        return
+    given = _data_fingerprint(data_source(dataset), dataset)
+    for key in sorted(set(recorded) & set(given)):
+        if recorded[key] != given[key]:
+            raise RunError(f"{run_dir}: trained on other data ({key} SHA-256 {recorded[key][:12]}... recorded "
+                           f"in {INFO}, {given[key][:12]}... given); nothing was changed. Pass the same data, "
+                           "or choose another out folder")
 
 
 # --- starting or continuing a run ---------------------------------------------------------
@@ -395,12 +460,38 @@ class RunLock:
         self.release()
 
 
+#: the files a run's owner writes (with their temp files, ``.NAME.*.tmp``, left by a killed write)
+OWNED = (CONFIG, INFO, ENVIRONMENT, METRICS, BAD_LINES, CHECKPOINT, REPORT, *dict.fromkeys(WEIGHTS.values()))
+
+
+def check_no_links(folder: Path, names: Iterable[str]) -> None:
+    """Refuse a folder whose own files are symbolic links: writing or appending through one would
+    change a file outside the folder."""
+    for name in names:
+        p = Path(folder) / name
+        if p.is_symlink():
+            raise RunError(f"{p}: is a symbolic link (to {os.readlink(p)}); elbolab writes only inside the folder, "
+                           "replace it with the file itself")
+
+
+def remove_owned_temp_files(folder: Path, names: Iterable[str]) -> None:
+    """Delete the temp files that killed writes of ``names`` left (only the folder's owner calls this)."""
+    for name in names:
+        for p in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                log.info("removed %s, left by a write that was killed half-way", p)
+
+
 def lock_run(run_dir: Path) -> RunLock:
-    """Take the run folder's lock, or refuse in one line when another process holds it."""
+    """Take the run folder's lock, or refuse in one line when another process holds it. The owner
+    then removes the temp files killed writes left; a folder whose files are links is refused."""
+    check_no_links(run_dir, (*OWNED, LOCK))
     fd = try_lock(Path(run_dir) / LOCK)
     if fd is None:
         raise RunError(f"{run_dir}: in use by another elbolab process (a train or resume of this run is "
                        "still running); wait for it to end, or stop it")
+    remove_owned_temp_files(run_dir, OWNED)
     return RunLock(fd)
 
 
@@ -456,9 +547,10 @@ def create_run_dir(run_dir: Path, cfg: RunConfig, info: dict[str, Any]) -> RunLo
     try:
         os.chmod(tmp, DIR_MODE)  # mkdtemp's 0700 -> what mkdir gives
         lock = RunLock(try_lock(tmp / LOCK))  # a fresh folder: nobody else holds it
-        atomic_write_text(tmp / CONFIG, cfg.to_yaml())
+        text = cfg.to_yaml()
+        atomic_write_text(tmp / CONFIG, text)
         write_json(tmp / ENVIRONMENT, environment_info())
-        write_json(tmp / INFO, info)
+        write_json(tmp / INFO, {**info, CONFIG_DIGEST: hashlib.sha256(text.encode()).hexdigest()})
         fault_point("create:rename")
         try:
             os.rename(tmp, run_dir)  # replaces an empty folder; fails on a non-empty one
@@ -502,9 +594,10 @@ def check_config_unedited(run_dir: Path, info: dict[str, Any], saved: RunConfig)
                        "records what was trained); restore it, or start a new run with the new config")
 
 
-def open_unfinished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """Check that ``run_dir`` holds an unfinished run of ``cfg`` and return its last checkpoint
-    (None when it was killed before the first). Anything else is refused, the folder untouched."""
+def open_unfinished_run(run_dir: Path, cfg: RunConfig, dataset: Any = None) -> dict[str, Any] | None:
+    """Check that ``run_dir`` holds an unfinished run of ``cfg`` (trained on ``dataset``, when given)
+    and return its last checkpoint (None when it was killed before the first). Anything else is
+    refused, the folder untouched."""
     info_path = run_dir / INFO
     info = read_json_object(info_path)
     check_version(info.get("elbolab", "?"), info_path, "; it cannot be resumed")
@@ -513,12 +606,15 @@ def open_unfinished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     except ConfigError as e:
         raise RunError(str(e)) from None
     check_config_unedited(run_dir, info, saved)
+    check_config_digest(run_dir, info)
     diff = config_differences(saved, cfg)
     if diff:
         raise RunError(f"{run_dir}: holds a run of another config ({describe_differences(diff)}); nothing was "
                        f"changed. Continue it with --resume {run_dir}, or choose another --out")
     if info.get("status") == "finished":
         raise RunError(f"{run_dir}: already holds a finished run of this config; choose another --out")
+    if dataset is not None:
+        check_same_data(run_dir, info, dataset)
     for p in remove_stale_temp_files(run_dir):
         log.info("removed %s, left by a write that was killed half-way", p)
     ckpt = run_dir / CHECKPOINT
@@ -572,6 +668,7 @@ def load_run(path: str | Path, device: str = "cpu", weights: str = "final") -> R
         cfg = load_config(path / CONFIG)
     except ConfigError as e:
         raise RunError(str(e)) from None
+    check_config_digest(path, info)
     try:
         model = build_model(cfg.model, int(info["data_dim"]), image_shape=info.get("image_shape"))
     except (ValueError, TypeError, KeyError, OverflowError) as e:

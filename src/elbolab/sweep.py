@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, parse_value, read_config_mapping
-from .files import atomic_write_text
+from .files import atomic_write_text, make_dir
 
-#: the file in a sweep's folder that lists its runs (folder name and the values it takes)
+#: the file in a sweep's folder that lists its runs (folder name, the values it takes, its config)
 SWEEP_FILE = "sweep.json"
 
 
@@ -112,20 +112,54 @@ def expand(cfg: RunConfig, sweep: dict[str, list[Any]]) -> list[tuple[str, RunCo
 
 
 def write_sweep_file(folder: Path, runs: list[tuple[str, RunConfig]], sweep: dict[str, list[Any]]) -> None:
-    """The list of the sweep's runs, so that ``train --resume FOLDER`` finds them all."""
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / SWEEP_FILE, json.dumps({"sweep": sweep, "runs": [n for n, _ in runs]}, indent=2) + "\n")
+    """The sweep's runs and their configs, so that ``train --resume FOLDER`` finds them all, even
+    those whose folders a kill came before."""
+    make_dir(folder)
+    text = json.dumps({"sweep": sweep, "runs": [n for n, _ in runs],
+                       "configs": {n: cfg.to_dict() for n, cfg in runs}}, indent=2)
+    atomic_write_text(folder / SWEEP_FILE, text + "\n")
+
+
+def _read(folder: Path) -> dict[str, Any]:
+    try:
+        d = json.loads((folder / SWEEP_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{folder / SWEEP_FILE}: unreadable sweep file ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{folder / SWEEP_FILE}: not a sweep file (a JSON {type(d).__name__})")
+    return d
+
+
+def _folder_name(name: object) -> bool:
+    """A plain folder name inside the sweep's folder: never '.', '..' or a path."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def read_sweep_file(folder: Path) -> list[str]:
-    """The run folder names a sweep's folder lists."""
-    try:
-        names = json.loads((folder / SWEEP_FILE).read_text())["runs"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{folder / SWEEP_FILE}: unreadable sweep file ({type(e).__name__})") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) and n and "/" not in n for n in names):
-        raise ConfigError(f"{folder / SWEEP_FILE}: 'runs' must be a list of folder names")
+    """The run folder names a sweep's folder lists; each must be a folder of its own inside it
+    (no '..', no path, no symbolic link), so that nothing outside the sweep is resumed."""
+    names = _read(folder).get("runs")
+    if not isinstance(names, list) or not all(_folder_name(n) for n in names):
+        raise ConfigError(f"{folder / SWEEP_FILE}: 'runs' must be a list of folder names inside {folder} "
+                          "(no '.', '..' or '/')")
+    for n in names:
+        if (folder / n).is_symlink():
+            raise ConfigError(f"{folder / n}: is a symbolic link; a sweep's runs must be folders inside {folder}")
     return names
+
+
+def read_sweep_configs(folder: Path) -> dict[str, RunConfig]:
+    """The configs sweep.json records per run (none in sweep files of older elbolab versions)."""
+    configs = _read(folder).get("configs") or {}
+    if not isinstance(configs, dict):
+        raise ConfigError(f"{folder / SWEEP_FILE}: 'configs' must map run names to configs")
+    out = {}
+    for name, d in configs.items():
+        try:
+            out[str(name)] = RunConfig.from_dict(d)
+        except (ConfigError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{folder / SWEEP_FILE}: configs.{name}: {e}") from None
+    return out
 
 
 def is_sweep_folder(folder: str | Path | None) -> bool:

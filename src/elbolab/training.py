@@ -327,7 +327,7 @@ class Trainer:
             raise RunError(f"{self.run_dir}: already holds a run; resume it or choose another --out")
         self._lock = lock_run(self.run_dir)
         try:
-            state = open_unfinished_run(self.run_dir, self.cfg)
+            state = open_unfinished_run(self.run_dir, self.cfg, self.dataset)
             if state is not None:
                 self.load_state(state, self.run_dir / CHECKPOINT)
             # else: killed before the first checkpoint; the freshly seeded state is where it began

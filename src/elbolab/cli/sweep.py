@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
+import torch
+
 from ..config import ConfigError, RunConfig, load_config, preset
-from ..data import evaluation_images, load
+from ..data import ImageDataset, evaluation_images, load
 from ..devices import resolve_device
 from ..diagnostics.monitor import run_monitor
 from ..diagnostics.summary import summarize
 from ..evaluation import random_subset
-from ..preflight import preflight
+from ..files import OutputError, check_writable_folder
+from ..models import build_model
+from ..preflight import check_memory, preflight
 from ..runs import (
     CONFIG,
+    INFO,
+    LOCK,
     REPORT,
+    RunError,
+    RunLock,
+    check_no_links,
     config_differences,
     describe_differences,
     load_run,
     lock_run,
     read_json_object,
+    remove_owned_temp_files,
     write_json,
 )
 from ..stacked import pack, train_stacked
@@ -30,6 +41,7 @@ from ..sweep import (
     is_sweep_folder,
     load_config_with_sweep,
     parse_sweep,
+    read_sweep_configs,
     read_sweep_file,
     write_sweep_file,
 )
@@ -48,20 +60,63 @@ def _placement(args: argparse.Namespace) -> dict[str, str]:
             **({"train.device": args.device} if args.device else {})}
 
 
-def _planned(args: argparse.Namespace) -> tuple[Path, list[tuple[str, RunConfig]]]:
-    """The sweep's folder and its runs (name, config), from the options or the folder to resume."""
+def _recorded(folder: Path, names: list[str]) -> dict[str, RunConfig]:
+    """Each run's config as the sweep recorded it: its run folder's config.yaml, else sweep.json's."""
+    out = read_sweep_configs(folder)
+    for n in names:
+        path = folder / n / CONFIG
+        if path.exists():
+            try:
+                out[n] = load_config(path)
+            except ConfigError as e:
+                raise RunError(str(e)) from None
+    return out
+
+
+def _check_out(folder: Path) -> None:
+    """Refuse, before anything is written, an --out that cannot hold this sweep: a file, a single
+    run's folder, or a folder of other files (a sweep's own folder, or an empty one, is fine)."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: the sweep folder (--out) is a file, not a folder; choose another --out")
+    if not folder.is_dir() or is_sweep_folder(folder):
+        return
+    if (folder / INFO).exists():
+        raise RunError(f"{folder}: holds a single run ({INFO}), not a sweep; nothing was changed. A sweep needs a "
+                       "folder of its own: choose another --out")
+    # a sweep killed before its sweep.json was written leaves at most its lock and temp files
+    others = sorted(p.name for p in folder.iterdir() if p.name != LOCK and not _temp_file(p.name))
+    if others:
+        raise RunError(f"{folder}: exists and is neither empty nor an elbolab sweep (holds {others[0]!r}); "
+                       "choose another --out")
+
+
+def _temp_file(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _unfinished(run_dir: Path) -> bool:
+    with contextlib.suppress(RunError):
+        return read_json_object(run_dir / INFO).get("status") != "finished"
+    return True
+
+
+def _planned(args: argparse.Namespace) -> tuple[Path, list[tuple[str, RunConfig]], dict[str, list]]:
+    """The sweep's folder, its runs (name, config) and its swept values, from the options or the
+    folder to resume. Reads only: nothing is written before the runs pass preflight."""
     if args.resume:
         folder = Path(args.resume)
         if args.sweep or args.config or args.preset:
             raise ConfigError(f"--resume {folder}: a sweep's runs keep their configs; drop --config/--preset/--sweep")
         names = read_sweep_file(folder)
-        runs = [(n, load_config(folder / n / CONFIG)) for n in names if (folder / n / CONFIG).exists()]
-        if len(runs) != len(names):
-            missing = next(n for n in names if not (folder / n / CONFIG).exists())
-            raise ConfigError(f"{folder / missing}: listed in {SWEEP_FILE} but holds no run config")
+        recorded = _recorded(folder, names)
+        missing = [n for n in names if n not in recorded]
+        if missing:  # a sweep.json of an older elbolab, which did not record the configs
+            raise ConfigError(f"{folder / missing[0]}: listed in {SWEEP_FILE} but holds no run config; rerun the "
+                              "command that started the sweep")
         overrides = list(args.set or []) + [f"{k}={v}" for k, v in _placement(args).items()]
         resumed = []
-        for name, saved in runs:
+        for name in names:
+            saved = recorded[name]
             cfg = saved.with_overrides(overrides) if overrides else saved
             diff = config_differences(saved, cfg)
             if diff:  # as train --resume of one run: only what leaves the result unchanged may change
@@ -69,7 +124,7 @@ def _planned(args: argparse.Namespace) -> tuple[Path, list[tuple[str, RunConfig]
                                   f"({describe_differences(diff)}); only progress, device, threads, data folder, "
                                   "compile and eval settings (but eval.seed) may change")
             resumed.append((name, cfg))
-        return folder, resumed
+        return folder, resumed, {}
     if args.config and args.preset:
         raise ConfigError("--config and --preset: give one of them, not both")
     sweep = {}
@@ -85,27 +140,81 @@ def _planned(args: argparse.Namespace) -> tuple[Path, list[tuple[str, RunConfig]
     runs = expand(cfg, sweep)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = Path(args.out) if args.out else Path("runs") / f"{cfg.data.name}-{cfg.model.name}-sweep-{stamp}"
-    if (folder / SWEEP_FILE).exists() and read_sweep_file(folder) != [n for n, _ in runs]:
-        raise ConfigError(f"{folder}: holds another sweep ({folder / SWEEP_FILE}); resume it or choose another --out")
-    write_sweep_file(folder, runs, sweep)
-    return folder, runs
+    _check_out(folder)
+    if is_sweep_folder(folder):
+        names = [n for n, _ in runs]
+        if read_sweep_file(folder) != names:
+            raise ConfigError(f"{folder}: holds another sweep ({folder / SWEEP_FILE}); resume it or choose "
+                              "another --out")
+        recorded = _recorded(folder, names)
+        for name, run_cfg in runs:  # as a single run's --out: the same config continues, another is refused
+            diff = config_differences(recorded[name], run_cfg) if name in recorded else []
+            if diff:
+                raise RunError(f"{folder}: holds a sweep of another config (run {name}: {describe_differences(diff)})"
+                               f"; nothing was changed. Continue it with --resume {folder}, or choose another --out")
+    return folder, runs, sweep
+
+
+def _check_stack_memory(group: list[RunConfig], dataset: ImageDataset | None) -> None:
+    """Refuse a stack whose step cannot fit, before anything is written: its peak grows with the
+    number of runs stepping together (preflight.estimate_memory with ``runs``)."""
+    cfg = group[0]
+    d = cfg.data
+    ds = dataset if dataset is not None else load(d.name, d.data_dir, validation=d.validation)
+    device = resolve_device(cfg.train.device)
+    train_float = ds.as_float("train", "none")
+    try:
+        model = build_model(cfg.model, ds.data_dim, train_float, dataset=d.name, image_shape=ds.image_shape)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"model: cannot build {cfg.model.name!r} with this config: {e}") from None
+    n_valid = ds.split("valid").shape[0] if "valid" in ds.splits else 0
+    check_memory(cfg, model.to(device), ds.data_dim, n_valid, runs=len(group))
+
+
+def _open_folder(folder: Path, runs: list[tuple[str, RunConfig]], sweep: dict[str, list]) -> RunLock:
+    """Create the sweep's folder and hold its lock (one sweep process per folder); the owner removes
+    temp files killed writes left and records the runs in sweep.json when it does not yet."""
+    check_writable_folder(folder, "sweep folder (--out)")
+    check_no_links(folder, (SWEEP_FILE, LOCK))
+    lock = lock_run(folder)
+    try:
+        remove_owned_temp_files(folder, (SWEEP_FILE,))
+        if not is_sweep_folder(folder) or not read_sweep_configs(folder):
+            write_sweep_file(folder, runs, sweep)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    folder, runs = _planned(args)
+    folder, runs, sweep = _planned(args)
     for _, cfg in runs:
         preflight(cfg)
     configs = [c for _, c in runs]
     groups = pack(configs)
-    print(f"elbolab: sweep of {len(runs)} runs -> {folder} ({len(groups)} stack{'s' * (len(groups) != 1)}: "
-          f"{', '.join(str(len(g)) for g in groups)} runs)", flush=True)
     d = configs[0].data
     dataset = None
     if all((c.data.name, c.data.data_dir, c.data.validation) == (d.name, d.data_dir, d.validation) for c in configs):
         dataset = load(d.name, d.data_dir, validation=d.validation)
+    for group in groups:  # the runs of a stack that still train step together
+        training = [configs[i] for i in group if _unfinished(folder / runs[i][0])]
+        if training:
+            _check_stack_memory(training, dataset)
+    lock = _open_folder(folder, runs, sweep)
+    try:
+        return _train_sweep(args, folder, runs, groups, dataset)
+    finally:
+        lock.release()
+
+
+def _train_sweep(args: argparse.Namespace, folder: Path, runs: list[tuple[str, RunConfig]], groups: list[list[int]],
+                 dataset: ImageDataset | None) -> int:
+    print(f"elbolab: sweep of {len(runs)} runs -> {folder} ({len(groups)} stack{'s' * (len(groups) != 1)}: "
+          f"{', '.join(str(len(g)) for g in groups)} runs)", flush=True)
     t0 = time.perf_counter()
-    outcomes = train_stacked([(c, folder / n) for n, c in runs], resume=True if args.resume else None,
-                             dataset=dataset, monitors=run_monitor)
+    # a run whose folder a kill came before starts; the others continue (resume=None, as the first command)
+    outcomes = train_stacked([(c, folder / n) for n, c in runs], resume=None, dataset=dataset, monitors=run_monitor)
     print(f"trained in {time.perf_counter() - t0:.0f} s")
     failed = [(n, o) for (n, _), o in zip(runs, outcomes, strict=True) if o.status != "finished"]
     for (name, cfg), o in zip(runs, outcomes, strict=True):
@@ -129,6 +238,8 @@ def _evaluate(run_dir: Path, cfg: RunConfig, dataset) -> str:
             dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
         lock = lock_run(run_dir)  # one owner at a time, as train holds a run through its evaluation
         try:
+            if cfg.train.threads:  # as the run's training set them: an uninterrupted sweep's numbers
+                torch.set_num_threads(cfg.train.threads)
             device = resolve_device(cfg.train.device)
             model = load_run(run_dir, device=str(device)).model
             e = cfg.eval

@@ -7,6 +7,8 @@ import secrets
 import time
 from pathlib import Path
 
+import torch
+
 from ..config import PRESETS, ConfigError, RunConfig, load_config, preset
 from ..data import evaluation_images, load
 from ..devices import resolve_device
@@ -117,6 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"elbolab: {run_dir} finished training but its evaluation did not; evaluating it", flush=True)
         lock = lock_run(run_dir)
         try:
+            if cfg.train.threads:  # as training set them: the numbers of an uninterrupted run
+                torch.set_num_threads(cfg.train.threads)
             device = resolve_device(cfg.train.device)
             model = load_run(run_dir, device=str(device)).model
             seconds = sum(float(r.get("seconds", 0.0)) for r in read_metrics(run_dir / METRICS))
