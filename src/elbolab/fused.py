@@ -68,31 +68,31 @@ def _chains(model: nn.Module) -> dict[str, list[nn.Linear]] | str:
     """The model's Linear chains by role, or a reason it does not fit."""
     if type(model) is OneLayerVAE:
         if model.encoder_flow is not None:
-            return "a flow posterior"
+            return "model.posterior.flow: a flow posterior (fused: none)"
         parts = {"q1": (_mlp_linears(model.encoder), _head_linear(model.encoder_head)),
                  "px": (_mlp_linears(model.decoder), None)}
     elif type(model) is TwoLayerVAE:
         if model.q_flow1 is not None or model.q_flow2 is not None:
-            return "a flow posterior"
+            return "model.posterior.flow: a flow posterior (fused: none)"
         parts = {"q1": (_mlp_linears(model.q_z1.body), _head_linear(model.q_z1.head)),
                  "q2": (_mlp_linears(model.q_z2.body), _head_linear(model.q_z2.head)),
                  "p1": (_mlp_linears(model.p_z1.body), _head_linear(model.p_z1.head)),
                  "px": (_mlp_linears(model.p_x), None)}
     else:
-        return f"model {type(model).__name__} (one_layer and two_layer only)"
+        return f"model {type(model).__name__} (fused: one-layer and two-layer)"
     if type(model.prior) is not StandardNormal:
-        return f"prior {type(model.prior).__name__} (standard normal only)"
+        return f"prior {type(model.prior).__name__} (fused: standard)"
     lik = model.likelihood
     if type(lik).__name__ != "BernoulliLikelihood" or type(getattr(lik, "head", None)) is not nn.Linear:
-        return f"likelihood {type(lik).__name__} (Bernoulli on logits only)"
+        return f"likelihood {type(lik).__name__} (fused: Bernoulli)"
     out: dict[str, list[nn.Linear]] = {}
     for role, (body, head) in parts.items():
         if body is None:
-            return "an activation other than tanh"
+            return "model.activation other than tanh (fused: tanh)"
         if role == "px":
             head = lik.head
         if head is None:
-            return "a clamped log-variance head"
+            return "a clamped log-variance head (fused: unclamped)"
         out[role] = [*body, head]
     return out
 
@@ -110,7 +110,7 @@ def supports(model: nn.Module, cfg: RunConfig) -> str | None:
         return f"train.precision={t.precision!r} (fused: fp32)"
     chains = _chains(model)
     if isinstance(chains, str):
-        return f"model: {chains} (fused: the IWAE paper's dense models)"
+        return chains
     params = list(model.parameters())
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
         return "parameters not float32 on a CPU (fused: CPU float32)"
