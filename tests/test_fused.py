@@ -226,3 +226,25 @@ def test_train_fused_key_is_validated() -> None:
     assert RunConfig().with_overrides(["train.fused=off"]).train.fused == "off"
     with pytest.raises(ConfigError, match=r"train\.fused: must be auto, on or off"):
         RunConfig().with_overrides(["train.fused=maybe"])
+
+
+def test_the_direct_adam_call_is_torch_adam_bit_for_bit() -> None:
+    """The fused step's own call of torch's fused Adam kernel lands on the parameters and state
+    ``optimizer.step()`` gives, bit for bit, learning-rate changes included."""
+    _, _, _, model, opt, step = _pair("one-layer", "adam")
+    x = _batch(torch.float32)
+    step.step(x)  # the first step goes through optimizer.step(), which makes the state
+    twin = copy.deepcopy(model)
+    twin_opt = make_optimizer(twin, TrainConfig(lr=1e-2), "cpu")
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for lr in (1e-2, 3e-3):
+        opt.param_groups[0]["lr"] = twin_opt.param_groups[0]["lr"] = lr
+        step.gradients(x)
+        for p, q in zip(twin.parameters(), model.parameters(), strict=True):
+            p.grad = q.grad.clone()
+        assert step._adam_direct()
+        twin_opt.step()
+    for p, q in zip(twin.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for a, b in zip(twin_opt.state.values(), opt.state.values(), strict=True):
+        assert all(torch.equal(a[key], b[key]) for key in ("step", "exp_avg", "exp_avg_sq"))

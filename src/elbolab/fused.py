@@ -231,9 +231,35 @@ class FusedStep:
         if math.isfinite(probe):
             if self.params[0].grad is not self.grads[0]:
                 self._attach_grads()
-            self.optimizer.step()
+            if not self._adam_direct():
+                self.optimizer.step()
             return res, bound_sum, True
         return res, bound_sum, False
+
+    def _adam_direct(self) -> bool:
+        """torch's fused Adam kernel called as ``Adam.step`` calls it, without its per-step Python
+        work; False (nothing done) unless the optimizer is a plain fused ``torch.optim.Adam`` over
+        exactly these parameters whose state exists (its first step made it)."""
+        opt = self.optimizer
+        if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or opt._optimizer_step_pre_hooks:
+            return False
+        group = opt.param_groups[0]
+        if (not group.get("fused") or group["amsgrad"] or group["weight_decay"] or group["maximize"]
+                or group.get("capturable") or group.get("differentiable")
+                or group.get("decoupled_weight_decay") or len(group["params"]) != len(self.params)
+                or any(a is not b for a, b in zip(group["params"], self.params, strict=True))):
+            return False
+        states = [opt.state.get(p) for p in self.params]
+        if not all(states):
+            return False
+        steps = [st["step"] for st in states]
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(self.params, self.grads, [st["exp_avg"] for st in states],
+                           [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"],
+                           beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"], maximize=False,
+                           grad_scale=None, found_inf=None)
+        return True
 
     @torch.no_grad()
     def gradients(self, x: Tensor, beta: float = 1.0) -> tuple[ObjectiveResult, Tensor]:
