@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from elbolab.cli.bench import run_script
-from elbolab.config import ConfigError, ObjectiveConfig, RunConfig, TrainConfig
+from elbolab.config import ConfigError, RunConfig, TrainConfig
 from elbolab.data import load
 from elbolab.fastpaths import retain_freed_memory
 from elbolab.fused import FusedStep, supports

@@ -19,7 +19,7 @@ from elbolab.config import (
     preset,
 )
 from elbolab.distributions import noise_source
-from elbolab.fused import FusedStep, supports
+from elbolab.fused import FusedStep, fused_step_for, supports
 from elbolab.models import build_model
 from elbolab.objectives import make_objective
 from elbolab.optimizers import make_optimizer
@@ -248,3 +248,22 @@ def test_the_direct_adam_call_is_torch_adam_bit_for_bit() -> None:
         assert torch.equal(p, q)
     for a, b in zip(twin_opt.state.values(), opt.state.values(), strict=True):
         assert all(torch.equal(a[key], b[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_train_fused_picks_the_step() -> None:
+    """auto: fused where the run fits, plain elsewhere; on: refuses a misfit in one line; off: plain."""
+    def pick(*overrides: str):
+        cfg = RunConfig().with_overrides(list(overrides))
+        model = build_model(cfg.model, 784)
+        return fused_step_for(model, make_optimizer(model, cfg.train, "cpu"), cfg)
+
+    assert isinstance(pick(), FusedStep)
+    assert isinstance(pick("train.fused=on", "objective.estimator=dreg"), FusedStep)
+    assert pick("train.fused=off") is None
+    assert pick("objective.name=miwae") is None
+    assert pick("train.compile=true") is None
+    with pytest.raises(ConfigError, match=r"train\.fused=on: .*objective\.name='miwae'") as err:
+        pick("train.fused=on", "objective.name=miwae")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"train\.compile"):
+        pick("train.fused=on", "train.compile=true")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .distributions import standard_normal
 from .fastpaths import Tanh
 from .models.base import LatentVariableModel, LogWeightTerms
@@ -118,6 +118,24 @@ def supports(model: nn.Module, cfg: RunConfig) -> str | None:
     if covered != {id(p) for p in params} or any(lin.bias is None for lins in chains.values() for lin in lins):
         return "model has parameters outside its Linear layers or Linear layers without bias"
     return None
+
+
+def fused_step_for(model: LatentVariableModel, optimizer: torch.optim.Optimizer, cfg: RunConfig) -> FusedStep | None:
+    """The trainer's choice under ``train.fused``: a :class:`FusedStep` where the run fits
+    (``auto``, ``on``), None for the plain step (``off``; ``auto`` outside the family, or with
+    ``train.compile=true``, which asks for the compiled plain step). ``on`` refuses a run
+    that does not fit with a :class:`ConfigError` naming what does not fit."""
+    mode = cfg.train.fused
+    if mode == "off":
+        return None
+    reason = supports(model, cfg)
+    if reason is None and cfg.train.compile:
+        reason = "train.compile=true (the compiled plain step; set one of them)"
+    if reason is not None:
+        if mode == "on":
+            raise ConfigError(f"train.fused=on: the fused step cannot run this config: {reason}")
+        return None
+    return FusedStep(model, optimizer, cfg.objective.name, cfg.objective.k, cfg.objective.estimator)
 
 
 @dataclass
