@@ -52,6 +52,35 @@ def fused_step(model, cfg: RunConfig, x: torch.Tensor):
     return run
 
 
+def profile(mname: str, obj: str, k: int, x: torch.Tensor, data_dim: int, train: torch.Tensor, repeats: int,
+            seconds: float) -> dict[str, float]:
+    """Where a fused step's time goes: ms of the whole step and of its parts, each timed alone
+    (alone, a part runs with its data hot in cache, so the parts sum to less than the step)."""
+    cfg = RunConfig().with_overrides([*MODELS[mname], f"objective.name={obj}", f"objective.k={k}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, data_dim, train).train()
+    opt = make_optimizer(model, TrainConfig(lr=1e-4), x.device)
+    step = FusedStep(model, opt, obj, k)
+    step.step(x)
+    bufs = step._buffers(x.shape[0])
+    inputs = {role: x if role == "q1" else torch.randn_like(b.grad_in) for role, b in bufs.items()}
+
+    def forward() -> None:
+        for role, chain in step.chains.items():
+            chain.forward(inputs[role], bufs[role])
+
+    def backward() -> None:
+        for role, chain in step.chains.items():
+            chain.backward(inputs[role], bufs[role].out, bufs[role], input_grad=role != "q1")
+
+    parts = {"step": lambda: step.step(x), "forward and backward": lambda: step.gradients(x),
+             "products and tanh, forward": forward, "products and tanh', backward": backward,
+             "Adam update": step._adam_direct, "gradient norm (finiteness probe)": lambda: step.flat.norm()}
+    with torch.no_grad():
+        res = compare({name: (fn, 1) for name, fn in parts.items()}, x.device, repeats, seconds)
+    return {name: 1e3 / tp.best for name, (tp, _) in res.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="one-layer,two-layer")
@@ -62,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     p.add_argument("--no-pythae", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fused-step-cpu-1thread.json"))
+    p.add_argument("--profile", action="store_true", help="instead of the table: where a fused step's time goes")
     args = p.parse_args(argv)
     models, objectives = args.models.split(","), args.objectives.split(",")
     bad = [m for m in models if m not in MODELS] + [o for o in objectives if o not in ("iwae", "vae")]
@@ -81,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     pythae_reason = "--no-pythae" if args.no_pythae else pythae_models.available()
     peak_step, peak_flops = matmul_step(device, 1024)
     info = machine_info(device)
+    if args.profile:
+        for mname in models:
+            for obj in objectives:
+                for k in ks:
+                    parts = profile(mname, obj, k, x, data.data_dim, train, args.repeats, args.seconds)
+                    print(f"{mname} {obj.upper()} k={k}: " + "; ".join(f"{n} {v:.3f} ms" for n, v in parts.items()))
+        return 0
     rows, peak_seen = [], 0.0
     print(f"{'row':<28} {'plain ms':>9} {'fused ms':>9} {'speed-up':>8} {'plain':>6} {'fused':>6} "
           f"{'pythae ms':>9} {'hours/row':>9} {'share':>5}")
