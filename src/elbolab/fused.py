@@ -259,7 +259,8 @@ class FusedStep:
         work; False (nothing done) unless the optimizer is a plain fused ``torch.optim.Adam`` over
         exactly these parameters whose state exists (its first step made it)."""
         opt = self.optimizer
-        if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or opt._optimizer_step_pre_hooks:
+        if (type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or opt._optimizer_step_pre_hooks
+                or opt._optimizer_step_post_hooks):
             return False
         group = opt.param_groups[0]
         if (not group.get("fused") or group["amsgrad"] or group["weight_decay"] or group["maximize"]
