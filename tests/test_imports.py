@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("version", "startup", "errors", "limits", "registry", "config", "bounds", "distributions", "fastpaths", "files",
      "devices", "rng", "sweep"),
     ("priors", "likelihoods", "flows", "models", "data", "adapters"),
-    ("objectives", "evaluation", "optimizers", "schedules"),
+    ("objectives", "evaluation", "optimizers", "schedules", "fused"),
     ("runs", "preflight", "sinks", "training", "stacked"),
     ("diagnostics", "reproduce", "speed", "api"),
     ("cli",),

@@ -391,9 +391,15 @@ class TrainConfig:
     #: log weights and bounds in float32; evaluation is float32 either way (fastpaths.with_precision;
     #: docs/bench.md measures its accuracy and speed). Fast only where the hardware multiplies bf16
     precision: str = "fp32"
+    #: auto | on | off: the fused batch step (elbolab.fused: forward, hand-written backward and
+    #: optimizer update with no autograd) for the IWAE paper's dense models; auto uses it where
+    #: a run fits (fused.supports), on refuses a run that does not, off never uses it
+    fused: str = "auto"
 
     def validate(self, key: str) -> None:
         _require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.fused in ("auto", "on", "off"), f"{key}.fused",
+                 f"must be auto, on or off, got {self.fused!r}")
         check_name("precision", self.precision, f"{key}.precision")
         _in_range(self.epochs, 1, MAX_EPOCHS, f"{key}.epochs")
         _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -582,6 +588,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on / off as a boolean (train.fused=off)
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value

@@ -201,8 +201,8 @@ def with_precision(objective: Objective, model: nn.Module, precision: str, devic
     """The training objective with its matrix products in ``precision`` (a :data:`PRECISIONS` name).
 
     ``fp32`` returns ``objective`` itself. ``bf16`` runs it under ``torch.autocast``, which
-    multiplies in bfloat16 (the backward's products too), and makes every ``nn.Linear`` of
-    ``model`` hand its output back in float32, so activations, log-densities, log weights,
+    multiplies in bfloat16 (the backward's products too), and makes every ``nn.Linear`` and
+    convolution of ``model`` hand its output back in float32, so activations, log-densities, log weights,
     bounds, the parameters and the optimizer's state stay float32: only the products round
     to bfloat16. The hooks stay on the model and do nothing outside autocast, so evaluation
     is float32 (tests/test_precision.py bounds the step's error against float32).
@@ -223,10 +223,16 @@ def with_precision(objective: Objective, model: nn.Module, precision: str, devic
     return run
 
 
+#: the layers whose products autocast runs in bf16 and whose outputs go back to float32
+_PRODUCT_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
 def add_float32_outputs(model: nn.Module) -> None:
-    """Every ``nn.Linear`` of ``model`` returns float32 (once per layer; see :func:`with_precision`)."""
+    """Every ``nn.Linear`` and convolution of ``model`` returns float32 (once per layer; see
+    :func:`with_precision`): a bf16 convolution output would carry bf16 through the activations,
+    batch norms and log-densities after it."""
     for layer in model.modules():
-        if isinstance(layer, nn.Linear) and not getattr(layer, "_elbolab_float32_out", False):
+        if isinstance(layer, _PRODUCT_LAYERS) and not getattr(layer, "_elbolab_float32_out", False):
             layer.register_forward_hook(_to_float32)
             layer._elbolab_float32_out = True
 

@@ -1,0 +1,179 @@
+"""The batch-20 training step, plain against fused (elbolab.fused), on one thread.
+
+    python benchmarks/fused_step.py                  # the full table (a few minutes)
+    python benchmarks/fused_step.py --ks 1 --models one-layer --seconds 0.2 --repeats 3
+
+For each dense model of the IWAE paper, objective and k: ms per step of the trainer's plain
+step (training.take_step) and of the fused step, pythae's step on the one-layer model, all in
+this process with their repeats interleaved beside a 1024 x 1024 float32 matrix product whose
+best rate is the one-thread FLOP peak; "of peak" is the step's matrix-product FLOPs (torch's
+FLOP counter on the plain step) per second over that peak. "hours/row" is a paper-budget table
+row at the measured step: 3,280 epochs x 50,000 / 20 steps. Timings are the minimum over the
+repeats (CPU clock by default: a shared machine's waiting is not counted); the CPU share of
+each reported repeat is kept. Prints the table and writes JSON to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from elbolab.cli.bench import run_script
+from elbolab.config import ConfigError, RunConfig, TrainConfig
+from elbolab.data import load
+from elbolab.fastpaths import retain_freed_memory
+from elbolab.fused import FusedStep, supports
+from elbolab.models import build_model
+from elbolab.objectives import make_objective
+from elbolab.optimizers import make_optimizer
+from elbolab.speed import pythae_models
+from elbolab.speed.measure import compare, count_flops, machine_info, matmul_step, use_cpu_clock
+from elbolab.speed.report import write_json
+from elbolab.speed.suite import trainer_step
+from elbolab.training import NonFiniteError
+
+BATCH = 20
+#: steps in one table row at the IWAE paper's budget: 3,280 epochs of 50,000 / 20 batches
+PAPER_STEPS = 3280 * 50_000 // BATCH
+MODELS = {"one-layer": [], "two-layer": ["model.name=two-layer"]}
+
+
+def fused_step(model, cfg: RunConfig, x: torch.Tensor):
+    opt = make_optimizer(model, TrainConfig(lr=1e-4), x.device)
+    step = FusedStep(model, opt, cfg.objective.name, cfg.objective.k, cfg.objective.estimator)
+
+    def run() -> None:
+        if not step.step(x)[2]:
+            raise NonFiniteError("non-finite loss or gradient in the benchmark")
+
+    return run
+
+
+def profile(mname: str, obj: str, k: int, x: torch.Tensor, data_dim: int, train: torch.Tensor, repeats: int,
+            seconds: float) -> dict[str, float]:
+    """Where a fused step's time goes: ms of the whole step and of its parts, each timed alone
+    (alone, a part runs with its data hot in cache, so the parts sum to less than the step)."""
+    cfg = RunConfig().with_overrides([*MODELS[mname], f"objective.name={obj}", f"objective.k={k}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, data_dim, train).train()
+    opt = make_optimizer(model, TrainConfig(lr=1e-4), x.device)
+    step = FusedStep(model, opt, obj, k)
+    step.step(x)
+    bufs = step._buffers(x.shape[0])
+    inputs = {role: x if role == "q1" else torch.randn_like(b.grad_in) for role, b in bufs.items()}
+
+    def forward() -> None:
+        for role, chain in step.chains.items():
+            chain.forward(inputs[role], bufs[role])
+
+    def backward() -> None:
+        for role, chain in step.chains.items():
+            chain.backward(inputs[role], bufs[role].out, bufs[role], input_grad=role != "q1")
+
+    parts = {"step": lambda: step.step(x), "forward and backward": lambda: step.gradients(x),
+             "products and tanh, forward": forward, "products and tanh', backward": backward,
+             "Adam update": step._adam_direct, "gradient norm (finiteness probe)": lambda: step.flat.norm()}
+    with torch.no_grad():
+        res = compare({name: (fn, 1) for name, fn in parts.items()}, x.device, repeats, seconds)
+    return {name: 1e3 / tp.best for name, (tp, _) in res.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="one-layer,two-layer")
+    p.add_argument("--objectives", default="iwae,vae")
+    p.add_argument("--ks", default="1,5,50")
+    p.add_argument("--seconds", type=float, default=0.5, help="seconds per timed repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    p.add_argument("--no-pythae", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/fused-step-cpu-1thread.json"))
+    p.add_argument("--profile", action="store_true", help="instead of the table: where a fused step's time goes")
+    args = p.parse_args(argv)
+    models, objectives = args.models.split(","), args.objectives.split(",")
+    bad = [m for m in models if m not in MODELS] + [o for o in objectives if o not in ("iwae", "vae")]
+    if bad:
+        raise ConfigError(f"--models/--objectives: unknown {bad}; models: {', '.join(MODELS)}; objectives: iwae, vae")
+    try:
+        ks = [int(k) for k in args.ks.split(",")]
+    except ValueError:
+        raise ConfigError(f"--ks: expected integers like 1,5,50, got {args.ks!r}") from None
+    torch.set_num_threads(1)
+    use_cpu_clock(args.clock == "cpu")
+    retain_freed_memory()
+    device = torch.device("cpu")
+    data = load("binarized-mnist-embedded")
+    train = data.as_float("train")
+    x = train[:BATCH].contiguous()
+    pythae_reason = "--no-pythae" if args.no_pythae else pythae_models.available()
+    peak_step, peak_flops = matmul_step(device, 1024)
+    info = machine_info(device)
+    if args.profile:
+        for mname in models:
+            for obj in objectives:
+                for k in ks:
+                    parts = profile(mname, obj, k, x, data.data_dim, train, args.repeats, args.seconds)
+                    print(f"{mname} {obj.upper()} k={k}: " + "; ".join(f"{n} {v:.3f} ms" for n, v in parts.items()))
+        return 0
+    rows, peak_seen = [], 0.0
+    print(f"{'row':<28} {'plain ms':>9} {'fused ms':>9} {'speed-up':>8} {'plain':>6} {'fused':>6} "
+          f"{'pythae ms':>9} {'hours/row':>9} {'share':>5}")
+    for mname in models:
+        for obj in objectives:
+            for k in ks:
+                cfg = RunConfig().with_overrides([*MODELS[mname], f"objective.name={obj}", f"objective.k={k}"])
+                torch.manual_seed(0)
+                plain_model = build_model(cfg.model, data.data_dim, train).train()
+                fused_model = build_model(cfg.model, data.data_dim, train).train()
+                fused_model.load_state_dict(plain_model.state_dict())
+                reason = supports(fused_model, cfg)
+                if reason is not None:
+                    raise ConfigError(f"{mname} {obj} k={k}: the fused step does not fit: {reason}")
+                plain = trainer_step(make_objective(cfg.objective), plain_model, x)
+                flops = count_flops(plain)
+                steps = {"plain": (plain, 1), "fused": (fused_step(fused_model, cfg, x), 1)}
+                if mname == "one-layer" and pythae_reason is None:
+                    torch.manual_seed(0)
+                    pm = pythae_models.build(obj, k)
+                    popt = torch.optim.Adam(pm.parameters(), lr=1e-4)
+                    rep = k if obj == "vae" else 1
+                    steps["pythae"] = ((lambda pm=pm, popt=popt, rep=rep: pythae_models.train_step(pm, popt, x, rep)),
+                                       1)
+                steps["matmul"] = (peak_step, peak_flops)
+                res = compare(steps, device, args.repeats, args.seconds)
+                peak = res["matmul"][0].best
+                peak_seen = max(peak_seen, peak)
+                ms = {name: 1e3 / tp.best for name, (tp, _) in res.items() if name != "matmul"}
+                median_ms = {name: 1e3 / tp.median for name, (tp, _) in res.items() if name != "matmul"}
+                of_peak = {name: flops / (v / 1e3) / peak for name, v in ms.items() if name != "pythae"}
+                row = {
+                    "name": f"{mname} {obj.upper()} k={k}", "model": mname, "objective": obj, "k": k,
+                    "batch": BATCH, "ms_per_step": ms, "ms_per_step_median": median_ms,
+                    "flops_per_step": flops, "peak_flops": peak, "of_peak": of_peak,
+                    "hours_per_paper_row": {n: v * PAPER_STEPS / 3.6e6 for n, v in ms.items()},
+                    "cpu_share": {n: tp.best_cpu_share for n, (tp, _) in res.items()},
+                    "speedup": ms["plain"] / ms["fused"],
+                }
+                rows.append(row)
+                py = f"{ms['pythae']:9.3f}" if "pythae" in ms else f"{'-':>9}"
+                share = row["cpu_share"]["fused"]
+                print(f"{row['name']:<28} {ms['plain']:9.3f} {ms['fused']:9.3f} {row['speedup']:7.2f}x "
+                      f"{100 * of_peak['plain']:5.0f}% {100 * of_peak['fused']:5.0f}% {py} "
+                      f"{row['hours_per_paper_row']['fused']:9.2f} {share:5.2f}", flush=True)
+                write_json({"machine": info, "clock": args.clock, "threads": 1, "paper_steps": PAPER_STEPS,
+                            "pythae": pythae_reason or "0.1.2", "peak_flops_seen": peak_seen, "rows": rows,
+                            "finished": False}, args.out)
+    if hasattr(os, "getloadavg"):
+        info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    write_json({"machine": info, "clock": args.clock, "threads": 1, "paper_steps": PAPER_STEPS,
+                "pythae": pythae_reason or "0.1.2", "peak_flops_seen": peak_seen, "rows": rows, "finished": True},
+               args.out)
+    print(f"matmul peak (1 thread, {args.clock} clock): {peak_seen / 1e9:.1f} GFLOP/s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main)
