@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, did_you_mean, shown
 from .registry import INDEX, check_name
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "preset", "save_config"]
@@ -93,7 +93,7 @@ class DataConfig:
         _require(
             self.binarization in ("static", "dynamic", "none"),
             f"{key}.binarization",
-            f"must be 'static', 'dynamic' or 'none', got {self.binarization!r}",
+            f"must be 'static', 'dynamic' or 'none', got {shown(self.binarization)}",
         )
 
 
@@ -124,7 +124,7 @@ class PriorConfig:
         _require(
             self.pseudo_inputs_init in ("normal", "data"),
             f"{key}.pseudo_inputs_init",
-            f"must be 'normal' or 'data', got {self.pseudo_inputs_init!r}",
+            f"must be 'normal' or 'data', got {shown(self.pseudo_inputs_init)}",
         )
         _require(self.pseudo_inputs_std is None or 0 <= self.pseudo_inputs_std < math.inf, f"{key}.pseudo_inputs_std",
                  "must be a finite number >= 0")
@@ -426,11 +426,11 @@ class TrainConfig:
         _require(self.monitor_every >= 0, f"{key}.monitor_every", f"must be >= 0, got {self.monitor_every}")
         _require(self.monitor_points >= 2, f"{key}.monitor_points", f"must be >= 2, got {self.monitor_points}")
         _require(self.wandb_mode in ("offline", "online"), f"{key}.wandb_mode",
-                 f"must be 'offline' or 'online', got {self.wandb_mode!r}")
+                 f"must be 'offline' or 'online', got {shown(self.wandb_mode)}")
         _require(
             self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
             f"{key}.device",
-            f"must be cpu, cuda, cuda:N or auto, got {self.device!r}",
+            f"must be cpu, cuda, cuda:N or auto, got {shown(self.device)}",
         )
         _require(
             0 <= self.checkpoint_minutes < math.inf,
@@ -439,7 +439,8 @@ class TrainConfig:
         )
         _require(self.checkpoint_steps >= 0, f"{key}.checkpoint_steps", f"must be >= 0, got {self.checkpoint_steps}")
         _require(
-            self.nonfinite in ("skip", "stop"), f"{key}.nonfinite", f"must be 'skip' or 'stop', got {self.nonfinite!r}"
+            self.nonfinite in ("skip", "stop"), f"{key}.nonfinite",
+            f"must be 'skip' or 'stop', got {shown(self.nonfinite)}",
         )
         _require(
             self.max_nonfinite_skips >= 0,
@@ -560,7 +561,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {shown(value)}")
         return from_dict(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -571,7 +572,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {shown(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
@@ -579,24 +580,24 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+                raise ConfigError(f"{key}: expected a number, got {shown(value)}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {shown(value)}")
         return value
     return value
 
@@ -636,7 +637,7 @@ def parse_value(text: str) -> Any:
         except ValueError:
             pass
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         return text
 
@@ -645,7 +646,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
+            raise ConfigError(f"--set {shown(item)}: expected key=value, e.g. train.lr=3e-4")
         key, text = item.split("=", 1)
         out[key.strip()] = parse_value(text.strip())
     return out
@@ -705,13 +706,53 @@ def commented_yaml(cfg: Any, width: int = 100) -> str:
 # --- files and presets ----------------------------------------------------------
 
 
-class _DuplicateKey(yaml.YAMLError):
+#: the most values a YAML config may hold once its aliases (``*name``) are expanded: far above
+#: any real config (a few hundred), far below what nested aliases need to exhaust memory
+#: (a "billion laughs" file of a few hundred bytes stands for millions of values)
+MAX_CONFIG_NODES = 100_000
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes ``root`` stands for with every alias expanded, counted once per shared
+    node (so in time linear in the file); a node that contains itself is refused."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [n for pair in node.value for n in (pair if isinstance(pair, tuple) else (pair,))] \
+            if isinstance(node, yaml.CollectionNode) else []
+        if done:
+            open_.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_CONFIG_NODES + 1)
+            continue
+        if id(node) in open_:
+            raise _BadYaml(f"an alias at line {node.start_mark.line + 1} refers to a value that contains it")
+        open_.add(id(node))
+        stack.append((node, True))
+        for c in children:
+            if id(c) in open_:
+                raise _BadYaml(f"an alias at line {c.start_mark.line + 1} refers to a value that contains it")
+            stack.append((c, False))
+    return sizes[id(root)]
+
+
+class _BadYaml(yaml.YAMLError):
     pass
 
 
 class _StrictLoader(yaml.SafeLoader):
     """yaml's safe loader (never executes code) that refuses a key given twice in one mapping,
-    where the plain loader silently keeps the last (a second ``train:`` section, say)."""
+    where the plain loader silently keeps the last (a second ``train:`` section, say), and a
+    document whose aliases expand past :data:`MAX_CONFIG_NODES` values."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        if _expanded_size(node) > MAX_CONFIG_NODES:
+            raise _BadYaml(f"its aliases (*name) expand to more than {MAX_CONFIG_NODES:,} values; "
+                           "a config this large is a mistake or an alias bomb")
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Mark] = {}
@@ -720,7 +761,7 @@ class _StrictLoader(yaml.SafeLoader):
             if isinstance(key, list | dict):  # unhashable: the base class refuses it
                 continue
             if key in seen:
-                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key].line + 1} and "
+                raise _BadYaml(f"key {shown(key)} appears twice (lines {seen[key].line + 1} and "
                                     f"{key_node.start_mark.line + 1}); give each key once")
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
@@ -730,7 +771,7 @@ def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     dup = next((k for k in keys if keys.count(k) > 1), None)
     if dup is not None:
-        raise ConfigError(f"key {dup!r} appears twice in one object; give each key once")
+        raise ConfigError(f"key {shown(dup)} appears twice in one object; give each key once")
     return dict(pairs)
 
 
@@ -762,8 +803,10 @@ def read_config_mapping(path: str | Path) -> dict[str, Any]:
             d = json.loads(text, object_pairs_hook=_unique_json_keys)
         else:
             d = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except (_DuplicateKey, ConfigError) as e:
+    except (_BadYaml, ConfigError) as e:
         raise ConfigError(f"{path}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply to be a config") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         why = " ".join(str(e).split())
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {why}") from None
