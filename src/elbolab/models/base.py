@@ -9,14 +9,20 @@ and prior that density-based diagnostics need. A user's own model only needs
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from ..config import ModelConfig, PosteriorConfig
 from ..distributions import DiagonalGaussian
 from ..errors import ModelCapabilityError
+from ..flows import Flow
+from ..priors import Prior
+from ..registry import Registry
+from .layers import check_flow_prior
 
 
 class NoPosterior(ModelCapabilityError):
@@ -87,6 +93,16 @@ class LatentVariableModel(nn.Module, ABC):
     def __init__(self) -> None:
         super().__init__()
         self.register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    def attach_prior(self, prior: Prior, posterior: PosteriorConfig | None, *flows: Flow | None) -> None:
+        """Take ``prior`` (it may read the model's encoder, so last) and note q's flows, if any;
+        a VampPrior is refused with a flow (:func:`~.layers.check_flow_prior`)."""
+        for flow in flows:
+            check_flow_prior(flow, prior)
+        if posterior is not None and any(flow is not None for flow in flows):
+            self.posterior_flow = posterior.flow
+        self.prior = prior
+        prior.attach(self)
 
     def legacy_keys(self) -> dict[str, str]:
         """Old state-dict key prefix -> new one, so weights saved by earlier versions still load."""
@@ -256,3 +272,19 @@ def _rename_legacy_keys(module: LatentVariableModel, state_dict: dict, prefix: s
     for old, new in module.legacy_keys().items():
         for key in [k for k in state_dict if k.startswith(prefix + old)]:
             state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
+#: builds a model from (the model config, the data dimension, float training data [N, D] or None)
+Builder = Callable[[ModelConfig, int, Tensor | None], LatentVariableModel]
+
+#: ``model.name`` -> its builder; each model registers its own beside its code (:func:`register_model`)
+MODELS: Registry[Builder] = Registry("model")
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Function decorator: the builder of model ``name`` (``model.name`` in a config)."""
+
+    def register(build: Builder) -> Builder:
+        return MODELS.register(name, build)
+
+    return register
