@@ -126,7 +126,7 @@ def test_pixelcnn_decoder_is_a_normalized_density():
 
     def total(m, x):
         z = (z1.expand(len(x), -1), z2.expand(len(x), -1))
-        return torch.logsumexp(m.likelihood.log_prob(x, m.decode(x, *z)), 0)
+        return torch.logsumexp(m.likelihood.log_prob(x, m.decode(*z, x)), 0)
 
     assert abs(float(total(model, x))) < 1e-12
     model.p_x.net[0].mask.copy_(causal_mask(3, "B"))  # a leaking mask is no longer a density

@@ -8,6 +8,7 @@ and prior that density-based diagnostics need. A user's own model only needs
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from ..config import ModelConfig, PosteriorConfig
 from ..distributions import DiagonalGaussian
 from ..errors import ModelCapabilityError
 from ..flows import Flow
-from ..priors import Prior
+from ..priors import Prior, make_prior
 from ..registry import Registry
 from .layers import check_flow_prior
 
@@ -279,6 +280,16 @@ Builder = Callable[[ModelConfig, int, Tensor | None], LatentVariableModel]
 
 #: ``model.name`` -> its builder; each model registers its own beside its code (:func:`register_model`)
 MODELS: Registry[Builder] = Registry("model")
+
+
+def common_options(cfg: ModelConfig, data_dim: int, train_data: Tensor | None, top_dim: int, section: object = None
+                   ) -> dict[str, object]:
+    """The keyword arguments a builder passes every model: the likelihood, the prior on the top
+    layer (``top_dim`` units), the posterior's form, and each field of the model's own config
+    ``section`` (a dataclass whose fields are the model's keyword arguments)."""
+    fields = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)} if section is not None else {}
+    prior = make_prior(cfg.prior, top_dim, data_dim, train_data)
+    return {**fields, "likelihood": cfg.likelihood, "prior": prior, "posterior": cfg.posterior}
 
 
 def register_model(name: str) -> Callable[[Builder], Builder]:

@@ -22,7 +22,6 @@ conditioned on the features its head reads, as in :mod:`.hierarchical`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +31,8 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, PosteriorConfig, model_section, require
 from ..likelihoods import make_likelihood
-from ..priors import Prior, make_prior
-from .base import register_model
+from ..priors import Prior
+from .base import common_options, register_model
 from .conv_layers import ConvFeatures, GatedConv2d
 from .layers import GatedDense, GaussianHead, GaussianNet, TwoInput, gated_gaussian, he_init_
 from .two_level import TwoLevelVAE
@@ -181,10 +180,8 @@ def image_shape(shape: Sequence[int] | None, data_dim: int, key: str) -> tuple[i
 def conv_options(cfg: ModelConfig, key: str, data_dim: int, train_data: Tensor | None) -> dict[str, object]:
     """The keyword arguments of a convolutional two-level model from section ``model.<key>``."""
     s = getattr(cfg, key)
-    options = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
-    options["image_shape"] = image_shape(s.image_shape, data_dim, f"model.{key}.image_shape")
-    options["prior"] = make_prior(cfg.prior, s.latent_dims[1], data_dim, train_data)
-    return {**options, "likelihood": cfg.likelihood, "posterior": cfg.posterior}
+    options = common_options(cfg, data_dim, train_data, s.latent_dims[1], s)
+    return {**options, "image_shape": image_shape(s.image_shape, data_dim, f"model.{key}.image_shape")}
 
 
 @register_model("conv-hierarchical")

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from ..config import MAX_WIDTH, ModelConfig, PosteriorConfig, check_sizes, in_range, model_section, require
 from ..likelihoods import make_likelihood
-from ..priors import Prior, make_prior
-from .base import register_model
+from ..priors import Prior
+from .base import common_options, register_model
 from .layers import GaussianHead, GaussianNet, gated_gaussian, gated_pair, he_init_
 from .two_level import TwoLevelVAE
 
@@ -81,13 +81,5 @@ class HierarchicalVAE(TwoLevelVAE):
 
 @register_model("hierarchical")
 def build(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> HierarchicalVAE:
-    sizes = cfg.hierarchical
-    return HierarchicalVAE(
-        data_dim=data_dim,
-        latent_dims=sizes.latent_dims,
-        width=sizes.width,
-        log_var_range=sizes.log_var_range,
-        likelihood=cfg.likelihood,
-        prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
-        posterior=cfg.posterior,
-    )
+    s = cfg.hierarchical
+    return HierarchicalVAE(data_dim, **common_options(cfg, data_dim, train_data, s.latent_dims[1], s))

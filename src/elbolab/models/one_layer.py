@@ -16,8 +16,8 @@ from ..config import ModelConfig, PosteriorConfig
 from ..distributions import DiagonalGaussian
 from ..flows import log_prob_fixed, make_flow, push_forward
 from ..likelihoods import make_likelihood
-from ..priors import Prior, make_prior
-from .base import LatentVariableModel, LogWeightTerms, register_model
+from ..priors import Prior
+from .base import LatentVariableModel, LogWeightTerms, common_options, register_model
 from .layers import GaussianHead, check_flow_prior, mlp
 
 
@@ -110,12 +110,5 @@ class OneLayerVAE(LatentVariableModel):
 
 @register_model("one-layer")
 def build(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> OneLayerVAE:
-    return OneLayerVAE(
-        data_dim=data_dim,
-        latent_dim=cfg.latent_dim,
-        hidden=cfg.hidden,
-        activation=cfg.activation,
-        likelihood=cfg.likelihood,
-        prior=make_prior(cfg.prior, cfg.latent_dim, data_dim, train_data),
-        posterior=cfg.posterior,
-    )
+    options = common_options(cfg, data_dim, train_data, cfg.latent_dim)
+    return OneLayerVAE(data_dim, cfg.latent_dim, cfg.hidden, cfg.activation, **options)

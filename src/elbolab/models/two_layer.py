@@ -23,8 +23,8 @@ from torch import Tensor
 from ..config import ModelConfig, PosteriorConfig, check_sizes, model_section
 from ..distributions import DiagonalGaussian
 from ..likelihoods import make_likelihood
-from ..priors import Prior, make_prior
-from .base import register_model
+from ..priors import Prior
+from .base import common_options, register_model
 from .layers import GaussianHead, GaussianNet, mlp
 from .two_level import TwoLevelVAE
 
@@ -61,17 +61,8 @@ class TwoLayerVAE(TwoLevelVAE):
     second_reads_x = False
     decoder_reads_z2 = False
 
-    def __init__(
-        self,
-        data_dim: int,
-        latent_dims: Sequence[int],
-        hidden1: Sequence[int],
-        hidden2: Sequence[int],
-        activation: str,
-        likelihood: str,
-        prior: Prior,
-        posterior: PosteriorConfig | None = None,
-    ) -> None:
+    def __init__(self, data_dim: int, latent_dims: Sequence[int], hidden1: Sequence[int], hidden2: Sequence[int],
+                 activation: str, likelihood: str, prior: Prior, posterior: PosteriorConfig | None = None) -> None:
         super().__init__()
         d1, d2 = latent_dims
         self.data_dim = data_dim
@@ -99,14 +90,6 @@ class TwoLayerVAE(TwoLevelVAE):
 
 @register_model("two-layer")
 def build(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> TwoLayerVAE:
-    sizes = cfg.two_layer
-    return TwoLayerVAE(
-        data_dim=data_dim,
-        latent_dims=sizes.latent_dims,
-        hidden1=sizes.hidden1,
-        hidden2=sizes.hidden2,
-        activation=cfg.activation,
-        likelihood=cfg.likelihood,
-        prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
-        posterior=cfg.posterior,
-    )
+    s = cfg.two_layer
+    options = common_options(cfg, data_dim, train_data, s.latent_dims[1], s)
+    return TwoLayerVAE(data_dim, activation=cfg.activation, **options)
