@@ -169,3 +169,53 @@ def test_config_errors_echo_at_most_a_bounded_line() -> None:
     with pytest.raises(ConfigError, match=r"^train.lr: expected a number, got 'x+\.\.\.x+'$") as e:
         RunConfig().with_overrides(["train.lr=" + "x" * 10**6])
     assert len(str(e.value)) < 200
+
+
+def test_a_model_in_one_file_brings_its_own_config_section() -> None:
+    """What a new file under models/ does (a section and a builder, each by decorator) is all a
+    model needs: the section is a config key, checked, shown, round-tripped and built from."""
+    import dataclasses
+
+    from torch import nn
+
+    from elbolab.config import MODEL_SECTIONS, commented_yaml, model_section
+    from elbolab.models import MODELS, build_model, register_model
+
+    @model_section("toy_model", "sizes of model \"toy\"")
+    @dataclasses.dataclass(frozen=True)
+    class ToyConfig:
+        #: units of the toy's only layer
+        units: int = 3
+
+        def validate(self, key: str) -> None:
+            if self.units < 1:
+                raise ConfigError(f"{key}.units: must be >= 1, got {self.units}")
+
+    @register_model("toy")
+    def build(cfg, data_dim, train_data):
+        return nn.Linear(data_dim, cfg.toy_model.units)
+
+    try:
+        cfg = RunConfig().with_overrides({"model.name": "toy", "model.toy_model.units": 7})
+        assert cfg.model.toy_model == ToyConfig(7) and RunConfig.from_dict(cfg.to_dict()) == cfg
+        assert build_model(cfg.model, 5).out_features == 7
+        assert "  # sizes of model \"toy\"\n  toy_model:\n    # units of the toy's only layer\n    units: 7\n" in (
+            commented_yaml(cfg))
+        with pytest.raises(ConfigError, match=r"^model\.toy_model\.units: must be >= 1, got 0$"):
+            cfg.with_overrides({"model.toy_model.units": 0})
+        with pytest.raises(ConfigError, match=r"^model\.toy_modle: unknown key \(did you mean 'toy_model'\?\)$"):
+            RunConfig.from_dict({"model": {"toy_modle": {}}})
+    finally:
+        MODEL_SECTIONS.pop("toy_model")
+        MODELS.pop("toy")
+    assert "toy_model" not in RunConfig().to_dict()["model"]
+
+
+def test_every_module_in_models_is_imported_so_its_registrations_count() -> None:
+    import sys
+    from pathlib import Path
+
+    import elbolab.models
+
+    files = [p.stem for p in Path(elbolab.models.__file__).parent.glob("*.py") if p.stem != "__init__"]
+    assert files and all(f"elbolab.models.{name}" in sys.modules for name in files)
