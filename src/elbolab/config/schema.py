@@ -196,7 +196,7 @@ def _default_sections() -> tuple[tuple[str, Any], ...]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    #: one-layer | two-layer | hierarchical | conv-hierarchical | pixel-hierarchical (elbolab.models.MODELS)
+    #: a model registered in elbolab.models.MODELS, each by its own file in models/ (one-layer: an MLP VAE)
     name: str = "one-layer"
     #: one-layer: units of z
     latent_dim: int = 50
