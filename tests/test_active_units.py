@@ -50,8 +50,8 @@ def hierarchical() -> HierarchicalVAE:
         head = model.q_z2.head.linear
         head.weight[1].zero_()
         head.bias[1].fill_(0.0)
-        model.q_z1.features.b.h.weight.mul_(2.0)
-        model.q_z1.features.b.g.weight.mul_(2.0)
+        model.q_z1.body.b.h.weight.mul_(2.0)
+        model.q_z1.body.b.g.weight.mul_(2.0)
     return model
 
 

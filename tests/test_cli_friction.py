@@ -78,7 +78,7 @@ def test_config_show_prints_every_key_with_its_comment(capsys):
     lines = text.splitlines()
     keys = [i for i, line in enumerate(lines) if not line.lstrip().startswith("#")]
     assert all(lines[i - 1].lstrip().startswith("# ") for i in keys)  # a comment above every key
-    # the comments are the dataclasses' own #: comments, read from config.py
+    # the comments are the dataclasses' own #: comments, read from their source
     from elbolab.config import TrainConfig
 
     assert "# " + field_comments(TrainConfig)["monitor_points"][:60] in text
@@ -87,10 +87,15 @@ def test_config_show_prints_every_key_with_its_comment(capsys):
 
 
 def test_every_config_key_has_a_comment():
+    from elbolab.config import MODEL_SECTIONS, config_items
+
+    assert {"two_layer", "hierarchical", "conv_hierarchical", "pixel_hierarchical"} <= set(MODEL_SECTIONS)
+
     def walk(obj, where):
         comments = field_comments(type(obj))
-        for name, value in vars(obj).items():
-            assert comments.get(name), f"{where}{name} has no #: comment in config.py"
+        for name, value in config_items(obj):
+            comment = comments.get(name) or MODEL_SECTIONS.get(name, (None, ""))[1]
+            assert comment, f"{where}{name} has no #: comment in config/schema.py or its model's file"
             if hasattr(value, "__dataclass_fields__"):
                 walk(value, f"{where}{name}.")
 

@@ -114,3 +114,108 @@ def test_the_largest_seed_is_accepted_and_usable():
     assert m.objective.m * m.objective.k == 10**6
     with pytest.raises(ConfigError, match=r"objective\.m x objective\.k: must be between 1 and 1,000,000"):
         m.with_overrides({"objective.k": 1001})
+
+
+def _alias_bomb(levels: int) -> str:
+    """A "billion laughs" config: ten ones, then ``levels`` lists of ten aliases of the one before."""
+    parts = ["&a0 [" + ", ".join(["1"] * 10) + "]"]
+    parts += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
+    return "train:\n  lr: [" + ", ".join(parts) + "]\n"
+
+
+@pytest.mark.parametrize("levels", [3, 5, 7])
+def test_nested_yaml_aliases_are_refused_in_one_short_line(tmp_path, levels) -> None:
+    """Five levels (10^6 values from ~350 bytes) gave a 3.9 MB error line, seven would take GBs."""
+    from elbolab.errors import MAX_MESSAGE
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(levels))
+    assert len(path.read_bytes()) < 500
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) <= MAX_MESSAGE and msg.startswith(f"{path}: ")
+    if levels > 3:  # 10 + 100 + ... + 10^(levels + 1) values
+        assert "aliases (*name) expand to more than 100,000 values" in msg
+    else:  # small enough to load: the value's echo in "expected a number" is elided
+        assert msg.startswith(f"{path}: train.lr: expected a number, got [[1, 1, 1")
+        assert msg.endswith(", ...]]") and len(msg) < len(str(path)) + 250
+
+
+def test_yaml_aliases_within_the_bound_still_load(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hidden: &h [16, 8]\n  two_layer: {hidden1: *h, hidden2: *h}\n")
+    cfg = load_config(path)
+    assert cfg.model.hidden == cfg.model.two_layer.hidden1 == cfg.model.two_layer.hidden2 == (16, 8)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train: &a\n  lr: [*a]\n", "an alias at line 1 refers to a value that contains it"),
+    ("train: {lr: " + "[" * 3000 + "]" * 3000 + "}\n", "values nested too deeply to be a config"),
+])
+def test_self_containing_or_deeply_nested_yaml_is_one_line(tmp_path, text, expected) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{path}: {expected}$"):
+        load_config(path)
+
+
+def test_config_errors_echo_at_most_a_bounded_line() -> None:
+    from elbolab.errors import MAX_MESSAGE
+
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict({"train": {"x" * 10**6: 1}})
+    assert MAX_MESSAGE - 2 <= len(str(e.value)) <= MAX_MESSAGE and " ... " in str(e.value)
+    with pytest.raises(ConfigError, match=r"^train.lr: expected a number, got 'x+\.\.\.x+'$") as e:
+        RunConfig().with_overrides(["train.lr=" + "x" * 10**6])
+    assert len(str(e.value)) < 200
+
+
+def test_a_model_in_one_file_brings_its_own_config_section() -> None:
+    """What a new file under models/ does (a section and a builder, each by decorator) is all a
+    model needs: the section is a config key, checked, shown, round-tripped and built from."""
+    import dataclasses
+
+    from torch import nn
+
+    from elbolab.config import MODEL_SECTIONS, commented_yaml, model_section
+    from elbolab.models import MODELS, build_model, register_model
+
+    @model_section("toy_model", "sizes of model \"toy\"")
+    @dataclasses.dataclass(frozen=True)
+    class ToyConfig:
+        #: units of the toy's only layer
+        units: int = 3
+
+        def validate(self, key: str) -> None:
+            if self.units < 1:
+                raise ConfigError(f"{key}.units: must be >= 1, got {self.units}")
+
+    @register_model("toy")
+    def build(cfg, data_dim, train_data):
+        return nn.Linear(data_dim, cfg.toy_model.units)
+
+    try:
+        cfg = RunConfig().with_overrides({"model.name": "toy", "model.toy_model.units": 7})
+        assert cfg.model.toy_model == ToyConfig(7) and RunConfig.from_dict(cfg.to_dict()) == cfg
+        assert build_model(cfg.model, 5).out_features == 7
+        assert "  # sizes of model \"toy\"\n  toy_model:\n    # units of the toy's only layer\n    units: 7\n" in (
+            commented_yaml(cfg))
+        with pytest.raises(ConfigError, match=r"^model\.toy_model\.units: must be >= 1, got 0$"):
+            cfg.with_overrides({"model.toy_model.units": 0})
+        with pytest.raises(ConfigError, match=r"^model\.toy_modle: unknown key \(did you mean 'toy_model'\?\)$"):
+            RunConfig.from_dict({"model": {"toy_modle": {}}})
+    finally:
+        MODEL_SECTIONS.pop("toy_model")
+        MODELS.pop("toy")
+    assert "toy_model" not in RunConfig().to_dict()["model"]
+
+
+def test_every_module_in_models_is_imported_so_its_registrations_count() -> None:
+    import sys
+    from pathlib import Path
+
+    import elbolab.models
+
+    files = [p.stem for p in Path(elbolab.models.__file__).parent.glob("*.py") if p.stem != "__init__"]
+    assert files and all(f"elbolab.models.{name}" in sys.modules for name in files)

@@ -80,7 +80,7 @@ def test_causal_masks_keep_the_taps_before_the_centre():
 def dependence(model, x, z1, z2):
     """``[D, D]``: entry (i, j) is max over the P parameters of pixel i of |d param / d x_j|."""
     d = x.shape[-1]
-    jac = torch.autograd.functional.jacobian(lambda v: model.decode(v, z1, z2), x)  # [1, P*D, 1, D]
+    jac = torch.autograd.functional.jacobian(lambda v: model.decode(z1, z2, v), x)  # [1, P*D, 1, D]
     return jac.reshape(-1, d, d).abs().amax(0)
 
 
@@ -126,7 +126,7 @@ def test_pixelcnn_decoder_is_a_normalized_density():
 
     def total(m, x):
         z = (z1.expand(len(x), -1), z2.expand(len(x), -1))
-        return torch.logsumexp(m.likelihood.log_prob(x, m.decode(x, *z)), 0)
+        return torch.logsumexp(m.likelihood.log_prob(x, m.decode(*z, x)), 0)
 
     assert abs(float(total(model, x))) < 1e-12
     model.p_x.net[0].mask.copy_(causal_mask(3, "B"))  # a leaking mask is no longer a density
@@ -181,12 +181,12 @@ def test_log_weights_equal_hand_assembly(cls):
     assert z1.shape == (4, 5, 3) and z2.shape == (4, 5, 2)
 
     u = F.hardtanh(prior.pre_activation, 0.0, 1.0)  # pseudo-inputs, flat [C, D]
-    m_u, lv_u = gaussian_head_by_hand(model.q_z2.head, conv_features_by_hand(model.q_z2.features, u, shape))
+    m_u, lv_u = gaussian_head_by_hand(model.q_z2.head, conv_features_by_hand(model.q_z2.body, u, shape))
     log_p2 = torch.logsumexp(torch.stack([normal(m_u[i], lv_u[i]).log_prob(z2) for i in range(c)]), 0) - math.log(c)
-    q2 = normal(*gaussian_head_by_hand(model.q_z2.head, conv_features_by_hand(model.q_z2.features, x, shape)))
+    q2 = normal(*gaussian_head_by_hand(model.q_z2.head, conv_features_by_hand(model.q_z2.body, x, shape)))
     q1 = model.q_z1
-    hx = conv_features_by_hand(q1.x_features, x, shape).expand(4, 5, -1)
-    h1 = gated(q1.joint, torch.cat([hx, gated(q1.z_features, z2)], -1))
+    hx = conv_features_by_hand(q1.body.a, x, shape).expand(4, 5, -1)
+    h1 = gated(q1.body.joint, torch.cat([hx, gated(q1.body.b, z2)], -1))
     q1 = normal(*gaussian_head_by_hand(q1.head, h1))
     dec = model.p_x
     if cls is ConvHierarchicalVAE:
@@ -239,7 +239,7 @@ def test_autoregressive_sample_reproduces_the_one_pass_conditionals(likelihood):
     x, params = model.p_x.sample(z1, z2, model.likelihood, torch.Generator().manual_seed(1))
     assert model.training and model.p_x.training  # the loop's eval mode is given back
     with torch.no_grad():
-        one_pass = model.eval().decode(x, z1, z2)
+        one_pass = model.eval().decode(z1, z2, x)
     torch.testing.assert_close(params, one_pass, rtol=1e-12, atol=1e-12)
     levels = x * (1 if likelihood == "bernoulli" else 255)
     assert torch.equal(levels, levels.round()) and levels.min() >= 0 and levels.max() <= 255
@@ -255,7 +255,7 @@ def test_decode_mean_and_sample_of_pixelhvae():
     model = tiny_model(PixelHierarchicalVAE, (5, 5))
     z = model.sample_latents(4, torch.Generator().manual_seed(0))
     x, mean = model.decode_sample_and_mean(z, torch.Generator().manual_seed(2))
-    torch.testing.assert_close(mean, torch.sigmoid(model.eval().decode(x, *z.split(model.latent_dims, -1))))
+    torch.testing.assert_close(mean, torch.sigmoid(model.eval().decode(*z.split(model.latent_dims, -1), x)))
     assert torch.equal(model.decode_sample(z, torch.Generator().manual_seed(2)), x)
     assert not model.exact_decode_mean and ConvHierarchicalVAE.exact_decode_mean
 
@@ -315,7 +315,7 @@ def test_layer_sizes_are_the_authors():
         # DReG, PIWAE and the SNR diagnostic split the parameters here: q's networks are the encoder
         q_params = [*model.q_z2.parameters(), *model.q_z1.parameters()]
         assert [id(p) for p in model.encoder_parameters()] == [id(p) for p in q_params]
-        assert model.q_z2.features.out_features == 294 == model.q_z1.x_features.out_features
+        assert model.q_z2.body.out_features == 294 == model.q_z1.body.a.out_features
         assert shapes(model.q_z2, c2d) == q_z2 and shapes(model.q_z1, c2d) == q_z1
         assert shapes(model.q_z2, lin) == [(80, 294)]  # mean and log-variance of 40 units
         assert shapes(model.q_z1, lin) == [*twice(294, 40), *twice(300, 588), (80, 300)]
@@ -339,7 +339,7 @@ def test_image_shape_comes_from_the_config_or_the_dataset():
     with pytest.raises(ValueError, match=r"model\.conv_hierarchical\.image_shape: 560 pixels are not a square"):
         build_model(cfg, 560)
     frey = build_model(cfg, 560, dataset="freyfaces")
-    assert frey.image_shape == (28, 20) and frey.q_z2.features.out_features == 210  # their h_size for Frey Faces
+    assert frey.image_shape == (28, 20) and frey.q_z2.body.out_features == 210  # their h_size for Frey Faces
     fixed = RunConfig().with_overrides({"model.name": "conv-hierarchical",
                                         "model.conv_hierarchical.image_shape": [28, 28]})
     with pytest.raises(ValueError, match=r"\[28, 28\] does not hold the data's 560 pixels"):

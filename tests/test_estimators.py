@@ -271,23 +271,16 @@ def _small_model(name: str, prior: str):
     float64, and a batch of 4 random binary images. The PixelCNN runs without batch norm: in
     training mode its batch statistics couple the samples, which no per-sample estimator
     (DReG included) accounts for; in evaluation mode it is a fixed affine map."""
-    from elbolab.config import (
-        ConvHierarchicalConfig,
-        HierarchicalConfig,
-        ModelConfig,
-        PixelHierarchicalConfig,
-        PriorConfig,
-        TwoLayerConfig,
-    )
+    from elbolab.config import RunConfig
     from elbolab.models import build_model
 
-    conv = dict(latent_dims=(3, 2), encoder_channels=(2, 3), encoder_out_channels=2, width=6,
-                decoder_channels=4, decoder_layers=2, image_shape=(4, 4))
-    cfg = ModelConfig(name=name, latent_dim=3, hidden=(8,), prior=PriorConfig(name=prior, components=3),
-                      two_layer=TwoLayerConfig(latent_dims=(3, 2), hidden1=(8,), hidden2=(6,)),
-                      hierarchical=HierarchicalConfig(latent_dims=(3, 2), width=8),
-                      conv_hierarchical=ConvHierarchicalConfig(**conv),
-                      pixel_hierarchical=PixelHierarchicalConfig(**conv, batch_norm=False))
+    conv = dict(latent_dims=[3, 2], encoder_channels=[2, 3], encoder_out_channels=2, width=6, decoder_channels=4,
+                decoder_layers=2, image_shape=[4, 4])
+    cfg = RunConfig().with_overrides({
+        "model.name": name, "model.latent_dim": 3, "model.hidden": [8], "model.prior.name": prior,
+        "model.prior.components": 3, "model.two_layer": dict(latent_dims=[3, 2], hidden1=[8], hidden2=[6]),
+        "model.hierarchical": dict(latent_dims=[3, 2], width=8), "model.conv_hierarchical": conv,
+        "model.pixel_hierarchical": dict(conv, batch_norm=False)}).model
     data = (torch.rand(32, 16, generator=torch.Generator().manual_seed(1)) < 0.3).to(torch.float64)
     torch.manual_seed(0)
     return build_model(cfg, 16, data).to(torch.float64), data[:4]

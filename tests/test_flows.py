@@ -218,15 +218,20 @@ def test_a_flow_of_length_zero_is_the_identity(kind):
 TINY = {"model.latent_dim": 4, "model.hidden": [16], "model.two_layer.latent_dims": [4, 3],
         "model.two_layer.hidden1": [16], "model.two_layer.hidden2": [8], "model.hierarchical.latent_dims": [4, 3],
         "model.hierarchical.width": 16}
+#: the convolutional two-level models at a few channels, on 4 x 5 images (20 pixels)
+TINY_CONV = {f"model.{key}.{name}": value for key in ("conv_hierarchical", "pixel_hierarchical") for name, value in (
+    ("latent_dims", [4, 3]), ("width", 8), ("encoder_channels", [2, 3]), ("encoder_out_channels", 2),
+    ("decoder_channels", 3), ("decoder_layers", 1), ("image_shape", [4, 5]))}
+TWO_LEVEL = ["two-layer", "hierarchical", "conv-hierarchical", "pixel-hierarchical"]
 
 
 @pytest.mark.parametrize("kind", FLOW_KINDS)
-@pytest.mark.parametrize("model", ["one-layer", "two-layer", "hierarchical"])
+@pytest.mark.parametrize("model", ["one-layer", *TWO_LEVEL])
 def test_models_with_flow_length_zero_equal_the_gaussian_posterior_bit_for_bit(model, kind):
     x = (torch.rand(6, 20, generator=torch.Generator().manual_seed(0)) > 0.5).float()
     out = []
     for overrides in ({}, {"model.posterior.flow": kind, "model.posterior.length": 0}):
-        cfg = RunConfig().with_overrides({**TINY, "model.name": model, **overrides})
+        cfg = RunConfig().with_overrides({**TINY, **TINY_CONV, "model.name": model, **overrides})
         torch.manual_seed(0)
         m = build_model(cfg.model, 20, x)
         torch.manual_seed(1)
@@ -235,6 +240,39 @@ def test_models_with_flow_length_zero_equal_the_gaussian_posterior_bit_for_bit(m
     assert sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
     assert torch.equal(lw0, lw1)
     assert all(torch.equal(t0.log_posterior[n], t1.log_posterior[n]) for n in t0.log_posterior)
+
+
+@pytest.mark.parametrize("kind", FLOW_KINDS)
+@pytest.mark.parametrize("model", TWO_LEVEL)
+def test_every_two_level_model_pushes_each_layer_of_q_through_its_flow(model, kind):
+    """Draws and log q of sample_posterior equal the hand assembly: each Gaussian's draw through
+    its own flow, conditioned on the features its head reads, log q = log q0 - log|det|
+    (the convolutional models used to ignore model.posterior)."""
+    x = (torch.rand(3, 20, generator=torch.Generator().manual_seed(0)) > 0.5).double()
+    cfg = RunConfig().with_overrides({**TINY, **TINY_CONV, "model.name": model, "model.posterior.flow": kind,
+                                      "model.posterior.length": 2, "model.posterior.width": 8})
+    torch.manual_seed(0)
+    m = build_model(cfg.model, 20, x).double()
+    assert m.posterior_flow == kind and m.q_flow1 is not None and m.q_flow2 is not None
+    assert any(n.startswith("q_flow") for n, _ in m.named_parameters()) and all(
+        m.is_encoder_parameter(n) for n, _ in m.named_parameters() if n.startswith("q_flow"))
+    z, log_q = m.sample_posterior(x, 4, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    first, second = ("z1", "z2") if model == "two-layer" else ("z2", "z1")
+    net, flow = getattr(m, f"q_{first}"), getattr(m, f"q_flow{first[1]}")
+    h = net.body(x)
+    q0 = DiagonalGaussian(*net.head(h))
+    z0 = q0.rsample(4, g)
+    za, log_det = flow(z0, h)
+    torch.testing.assert_close(z[first], za)
+    torch.testing.assert_close(log_q[first], q0.log_prob(z0) - log_det)
+    net, flow = getattr(m, f"q_{second}"), getattr(m, f"q_flow{second[1]}")
+    h = net.body(za) if model == "two-layer" else net.body(x, za)
+    q0 = DiagonalGaussian(*net.head(h))
+    z0 = q0.mean + q0.log_var.mul(0.5).exp() * torch.randn(q0.mean.shape, generator=g, dtype=F64)
+    zb, log_det = flow(z0, h)
+    torch.testing.assert_close(z[second], zb)
+    torch.testing.assert_close(log_q[second], q0.log_prob(z0) - log_det)
 
 
 # --- the linear-Gaussian model: exact log p(x) --------------------------------------------------

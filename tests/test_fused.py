@@ -15,7 +15,6 @@ from elbolab.config import (
     PosteriorConfig,
     RunConfig,
     TrainConfig,
-    TwoLayerConfig,
     preset,
 )
 from elbolab.distributions import noise_source
@@ -30,8 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = {
     "one-layer": ModelConfig(name="one-layer", latent_dim=3, hidden=(7, 5)),
-    "two-layer": ModelConfig(name="two-layer", two_layer=TwoLayerConfig(latent_dims=(4, 3), hidden1=(7, 6),
-                                                                        hidden2=(5, 4))),
+    "two-layer": RunConfig().with_overrides({
+        "model.name": "two-layer", "model.two_layer": dict(latent_dims=[4, 3], hidden1=[7, 6], hidden2=[5, 4]),
+    }).model,
 }
 
 

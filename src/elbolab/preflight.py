@@ -1,6 +1,6 @@
 """Checks a run must pass before anything is written.
 
-Names and ranges are checked when a config is built (config.py); what is left needs the
+Names and ranges are checked when a config is built (elbolab.config); what is left needs the
 machine: the device, the CPU count, the tools and optional packages an option relies on, and
 the memory a step will take, estimated from the config and the built model before the first step.
 """

@@ -1,9 +1,9 @@
 """One registry per concept: a name -> builder mapping that checks names the same way everywhere.
 
 A registry is created next to the code it registers (``PRIORS`` in priors.py, ``MODELS`` in
-models/__init__.py ...) and indexed here by its concept, so that config validation, the
+models/base.py ...) and indexed here by its concept, so that config validation, the
 CLI's ``choices`` and error messages read the same names without importing the modules
-that define them (config.py sits below them). The package's ``__init__`` imports every
+that define them (config sits below them). The package's ``__init__`` imports every
 registering module, so the index is complete whenever elbolab is imported.
 """
 

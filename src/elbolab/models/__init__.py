@@ -1,23 +1,30 @@
-"""Models, registered by the name a config uses (``model.name``)."""
+"""Models, registered by the name a config uses (``model.name``).
+
+Each model's module registers its builder (:func:`~.base.register_model`) and, where it has
+one, its config section (:func:`elbolab.config.model_section`) beside its code; importing
+this package imports every module in it, so adding a model is adding one file.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Sequence
+import importlib
+import pkgutil
+from collections.abc import Sequence
 
 from torch import Tensor
 
 from ..config import ModelConfig
 from ..data.registry import PSEUDO_INPUTS_DEFAULT, pseudo_input_init, resolve_name
-from ..priors import make_prior
-from ..registry import Registry
-from .base import HasLogWeights, LatentVariableModel, LogWeightTerms
+from .base import MODELS, HasLogWeights, LatentVariableModel, LogWeightTerms, register_model
 from .conv_hierarchical import ConvHierarchicalVAE
 from .hierarchical import HierarchicalVAE
 from .one_layer import OneLayerVAE
 from .pixel_hierarchical import PixelHierarchicalVAE
 from .two_layer import TwoLayerVAE
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "ConvHierarchicalVAE",
@@ -30,96 +37,16 @@ __all__ = [
     "PixelHierarchicalVAE",
     "TwoLayerVAE",
     "build_model",
+    "register_model",
 ]
 
 
-def _one_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
-    return OneLayerVAE(
-        data_dim=data_dim,
-        latent_dim=cfg.latent_dim,
-        hidden=cfg.hidden,
-        activation=cfg.activation,
-        likelihood=cfg.likelihood,
-        prior=make_prior(cfg.prior, cfg.latent_dim, data_dim, train_data),
-        posterior=cfg.posterior,
-    )
-
-
-def _two_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
-    sizes = cfg.two_layer
-    return TwoLayerVAE(
-        data_dim=data_dim,
-        latent_dims=sizes.latent_dims,
-        hidden1=sizes.hidden1,
-        hidden2=sizes.hidden2,
-        activation=cfg.activation,
-        likelihood=cfg.likelihood,
-        prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
-        posterior=cfg.posterior,
-    )
-
-
-def _hierarchical(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
-    sizes = cfg.hierarchical
-    return HierarchicalVAE(
-        data_dim=data_dim,
-        latent_dims=sizes.latent_dims,
-        width=sizes.width,
-        log_var_range=sizes.log_var_range,
-        likelihood=cfg.likelihood,
-        prior=make_prior(cfg.prior, sizes.latent_dims[1], data_dim, train_data),
-        posterior=cfg.posterior,
-    )
-
-
-def _image_shape(shape: Sequence[int] | None, data_dim: int, key: str) -> tuple[int, int]:
-    """The configured (height, width), else the square image of ``data_dim`` pixels."""
-    if shape is None:
-        side = math.isqrt(data_dim)
-        if side * side != data_dim:
-            raise ValueError(f"{key}: {data_dim} pixels are not a square image; set [height, width]")
-        shape = (side, side)
-    if len(shape) != 2 or shape[0] * shape[1] != data_dim:
-        raise ValueError(f"{key}: {list(shape)} does not hold the data's {data_dim} pixels")
-    return int(shape[0]), int(shape[1])
-
-
-def _conv_hierarchical(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
-    s = cfg.conv_hierarchical
-    return ConvHierarchicalVAE(
-        _image_shape(s.image_shape, data_dim, "model.conv_hierarchical.image_shape"), s.latent_dims, cfg.likelihood,
-        make_prior(cfg.prior, s.latent_dims[1], data_dim, train_data), s.encoder_channels, s.encoder_out_channels,
-        s.width, s.decoder_channels, s.decoder_layers, s.log_var_range,
-    )
-
-
-def _pixel_hierarchical(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
-    s = cfg.pixel_hierarchical
-    return PixelHierarchicalVAE(
-        _image_shape(s.image_shape, data_dim, "model.pixel_hierarchical.image_shape"), s.latent_dims, cfg.likelihood,
-        make_prior(cfg.prior, s.latent_dims[1], data_dim, train_data), s.encoder_channels, s.encoder_out_channels,
-        s.width, s.decoder_channels, s.decoder_layers, s.log_var_range, s.batch_norm,
-    )
-
-
-#: ``model.name`` -> builder(model config, data dimension, float training data [N, D] or None)
-MODELS: Registry[Callable[[ModelConfig, int, Tensor | None], LatentVariableModel]] = Registry("model", {
-    "one-layer": _one_layer,
-    "two-layer": _two_layer,
-    "hierarchical": _hierarchical,
-    "conv-hierarchical": _conv_hierarchical,
-    "pixel-hierarchical": _pixel_hierarchical,
-})
-
-
 def with_image_shape(cfg: ModelConfig, shape: Sequence[int]) -> ModelConfig:
-    """``cfg`` with the convolutional models' unset ``image_shape`` set to ``shape``."""
-    sections = {}
-    for name in ("conv_hierarchical", "pixel_hierarchical"):
-        section = getattr(cfg, name)
-        if section.image_shape is None:
-            sections[name] = dataclasses.replace(section, image_shape=tuple(shape))
-    return dataclasses.replace(cfg, **sections)
+    """``cfg`` with every model section's unset ``image_shape`` (the convolutional models') set to ``shape``."""
+    for key, section in cfg.sections:
+        if getattr(section, "image_shape", ()) is None:
+            cfg = cfg.with_section(key, dataclasses.replace(section, image_shape=tuple(shape)))
+    return cfg
 
 
 def build_model(cfg: ModelConfig, data_dim: int, train_data: Tensor | None = None, dataset: str | None = None,

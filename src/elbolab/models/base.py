@@ -8,15 +8,23 @@ and prior that density-based diagnostics need. A user's own model only needs
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from ..config import ModelConfig, PosteriorConfig
 from ..distributions import DiagonalGaussian
 from ..errors import ModelCapabilityError
+from ..flows import Flow
+from ..priors import Prior, make_prior
+from ..registry import Registry
+from .joint import FlatLatent
+from .layers import check_flow_prior
 
 
 class NoPosterior(ModelCapabilityError):
@@ -54,7 +62,7 @@ class LogWeightTerms:
         return self.log_likelihood - kl_weight * self.kl()
 
 
-class LatentVariableModel(nn.Module, ABC):
+class LatentVariableModel(FlatLatent, nn.Module, ABC):
     """Base class of elbolab's models.
 
     Subclasses set ``data_dim`` and ``latent_dims`` (one entry per stochastic layer,
@@ -87,6 +95,16 @@ class LatentVariableModel(nn.Module, ABC):
     def __init__(self) -> None:
         super().__init__()
         self.register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    def attach_prior(self, prior: Prior, posterior: PosteriorConfig | None, *flows: Flow | None) -> None:
+        """Take ``prior`` (it may read the model's encoder, so last) and note q's flows, if any;
+        a VampPrior is refused with a flow (:func:`~.layers.check_flow_prior`)."""
+        for flow in flows:
+            check_flow_prior(flow, prior)
+        if posterior is not None and any(flow is not None for flow in flows):
+            self.posterior_flow = posterior.flow
+        self.prior = prior
+        prior.attach(self)
 
     def legacy_keys(self) -> dict[str, str]:
         """Old state-dict key prefix -> new one, so weights saved by earlier versions still load."""
@@ -171,77 +189,6 @@ class LatentVariableModel(nn.Module, ABC):
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Ancestral samples of the latent(s) that the decoder reads, ``[n, ...]``."""
 
-    # --- the joint density over every latent, for MCMC and per-point optimization ------
-    # AIS, HMC, BDMC and the optimal local posterior q* work on one flat vector holding
-    # every stochastic layer (in ``latent_layout`` order), so they never need to know
-    # how many layers a model has or how they connect.
-
-    def latent_layout(self) -> dict[str, int]:
-        """Name -> size of each stochastic layer, in the order they sit in a flat latent."""
-        if len(self.latent_dims) == 1:
-            return {"z": self.latent_dims[0]}
-        return {f"z{i + 1}": d for i, d in enumerate(self.latent_dims)}
-
-    def split_latents(self, z: Tensor) -> dict[str, Tensor]:
-        """A flat latent ``[..., D_total]`` -> layer name -> ``[..., D_l]``."""
-        layout = self.latent_layout()
-        return dict(zip(layout, z.split(list(layout.values()), dim=-1), strict=True))
-
-    def flatten_latents(self, z: dict[str, Tensor]) -> Tensor:
-        """Layer name -> ``[..., D_l]`` -> one flat ``[..., D_total]`` in layout order."""
-        return torch.cat([z[name] for name in self.latent_layout()], dim=-1)
-
-    def log_p_z(self, z: Tensor) -> Tensor:
-        """log p(z) of the whole latent (every layer), flat ``[..., B, D_total]`` -> ``[..., B]``."""
-        raise ModelCapabilityError(f"{type(self).__name__} does not expose log p(z) (log_p_z)")
-
-    def log_p_x_given_z(self, x: Tensor, z: Tensor) -> Tensor:
-        """log p(x | z), ``x`` ``[B, Dx]``, flat ``z`` ``[..., B, D_total]`` -> ``[..., B]``."""
-        raise ModelCapabilityError(f"{type(self).__name__} does not expose log p(x | z) (log_p_x_given_z)")
-
-    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
-        """log p(x, z) at a given flat latent ``[..., B, D_total]``: ``[..., B]``."""
-        return self.log_p_z(z) + self.log_p_x_given_z(x, z)
-
-    def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` flat latents drawn from the prior over every layer, ``[n, D_total]``."""
-        raise ModelCapabilityError(f"{type(self).__name__} cannot sample its flat latent (sample_z)")
-
-    def sample_x_given_z(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """One observation x ~ p(x | z) per flat latent ``[n, D_total]``: ``[n, Dx]``."""
-        raise ModelCapabilityError(f"{type(self).__name__} cannot sample p(x | z) (sample_x_given_z)")
-
-    def local_posterior(self, x: Tensor) -> dict[str, Tensor]:
-        """The encoder's output for ``x`` as free per-point parameters, name -> ``[B, ...]``.
-
-        Setting them back into :meth:`log_weights_local` gives q_phi(z|x) exactly; optimizing
-        them per point gives q*, the best member of the encoder's family for that x
-        (Cremer et al. 2018). One stochastic layer: its Gaussian's mean and log-variance.
-        """
-        self.refuse_flow_local()
-        if len(self.latent_dims) != 1:
-            raise ModelCapabilityError(f"{type(self).__name__}: a multi-layer model defines local_posterior")
-        q = self.posterior(x)
-        return {"mean": q.mean, "log_var": q.log_var}
-
-    def refuse_flow_local(self) -> None:
-        """A model whose local posterior would drop its flow refuses, rather than compare ELBO(q*)
-        of a Gaussian with ELBO(q_phi) of the flow (an amortization gap across two families)."""
-        if self.posterior_flow != "none":
-            raise ModelCapabilityError(
-                f"{type(self).__name__} with a {self.posterior_flow} flow posterior: q* in the flow's family "
-                "(local_posterior) is defined for one-layer models only; the encoder's Gaussian without the "
-                "flow would be another family")
-
-    def log_weights_local(self, x: Tensor, k: int, params: dict[str, Tensor]) -> Tensor:
-        """``[K, B]`` log weights log p(x, z) - log q(z) with q given by :meth:`local_posterior`'s
-        parameters instead of the encoder's output; reparameterized in ``params``."""
-        if len(self.latent_dims) != 1:
-            raise ModelCapabilityError(f"{type(self).__name__}: a multi-layer model defines log_weights_local")
-        q = DiagonalGaussian(params["mean"], params["log_var"])
-        z = q.rsample(k)
-        return self.log_joint(x, z) - q.log_prob(z)
-
     @abstractmethod
     def decode_mean(self, z: Tensor) -> Tensor:
         """The expected image E[x | z] in [0, 1] for decoder input z (see ``exact_decode_mean``)."""
@@ -266,3 +213,29 @@ def _rename_legacy_keys(module: LatentVariableModel, state_dict: dict, prefix: s
     for old, new in module.legacy_keys().items():
         for key in [k for k in state_dict if k.startswith(prefix + old)]:
             state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
+#: builds a model from (the model config, the data dimension, float training data [N, D] or None)
+Builder = Callable[[ModelConfig, int, Tensor | None], LatentVariableModel]
+
+#: ``model.name`` -> its builder; each model registers its own beside its code (:func:`register_model`)
+MODELS: Registry[Builder] = Registry("model")
+
+
+def common_options(cfg: ModelConfig, data_dim: int, train_data: Tensor | None, top_dim: int, section: object = None
+                   ) -> dict[str, object]:
+    """The keyword arguments a builder passes every model: the likelihood, the prior on the top
+    layer (``top_dim`` units), the posterior's form, and each field of the model's own config
+    ``section`` (a dataclass whose fields are the model's keyword arguments)."""
+    fields = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)} if section is not None else {}
+    prior = make_prior(cfg.prior, top_dim, data_dim, train_data)
+    return {**fields, "likelihood": cfg.likelihood, "prior": prior, "posterior": cfg.posterior}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Function decorator: the builder of model ``name`` (``model.name`` in a config)."""
+
+    def register(build: Builder) -> Builder:
+        return MODELS.register(name, build)
+
+    return register

@@ -16,22 +16,61 @@ As in the authors' models/convHVAE_2level.py, with 40 + 40 latents (MNIST, 28 x 
 
 Log-variances pass through hardtanh(-6, 2); linear layers start He-normal, convolutions
 at PyTorch's default, as in their code. Not the Hamiltonian VAE, also abbreviated HVAE.
+With a flow posterior (elbolab.flows) each of q's Gaussians is pushed through its own flow,
+conditioned on the features its head reads, as in :mod:`.hierarchical`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..distributions import DiagonalGaussian
+from ..config import ModelConfig, PosteriorConfig, model_section, require
 from ..likelihoods import make_likelihood
 from ..priors import Prior
-from .base import LatentVariableModel, LogWeightTerms
+from .base import common_options, register_model
 from .conv_layers import ConvFeatures, GatedConv2d
-from .hierarchical import GatedGaussian
-from .layers import GatedDense, GaussianHead, draw, he_init_, with_detached_params
+from .layers import GatedDense, GaussianHead, GaussianNet, TwoInput, gated_gaussian, he_init_
+from .two_level import TwoLevelVAE
+
+
+@model_section("conv_hierarchical", "sizes of model \"conv-hierarchical\" (the VampPrior paper's ConvHVAE)")
+@dataclass(frozen=True)
+class ConvHierarchicalConfig:
+    """Sizes of the VampPrior paper's convolutional two-level model (their convHVAE_2level.py)."""
+
+    #: units of z1 (bottom) and z2 (top)
+    latent_dims: tuple[int, int] = (40, 40)
+    #: channels of the encoders' gated convolutions: the first two layers, the next two (their 32, 64)
+    encoder_channels: tuple[int, int] = (32, 64)
+    #: channels of the encoders' last gated convolution, flattened into dense layers (their 6)
+    encoder_out_channels: int = 6
+    #: width of the gated dense layers of q(z1|x,z2), p(z1|z2) and the decoder's latent inputs (their 300)
+    width: int = 300
+    #: channels of the decoder's 3x3 convolutions (their 64)
+    decoder_channels: int = 64
+    #: number of the decoder's gated 3x3 convolutions (their 4)
+    decoder_layers: int = 4
+    #: hardtanh range of the Gaussian log-variances (their code: [-6, 2])
+    log_var_range: tuple[float, float] = (-6.0, 2.0)
+    #: (height, width) of the images; null: the dataset's
+    image_shape: tuple[int, int] | None = None
+
+    def validate(self, key: str) -> None:
+        require(all(d >= 1 for d in self.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
+        for name in ("encoder_channels", "image_shape"):
+            v = getattr(self, name)
+            require(v is None or all(c >= 1 for c in v), f"{key}.{name}", f"sizes must be >= 1, got {v}")
+        for name in ("encoder_out_channels", "width", "decoder_channels", "decoder_layers"):
+            v = getattr(self, name)
+            require(v >= 1, f"{key}.{name}", f"must be >= 1, got {v}")
+        lo, hi = self.log_var_range
+        require(lo < hi, f"{key}.log_var_range", f"needs min < max, got [{lo}, {hi}]")
+
 
 
 def q_z2_layers(channels: tuple[int, int], out: int) -> list[tuple[int, int, int]]:
@@ -44,36 +83,6 @@ def q_z1_x_layers(channels: tuple[int, int], out: int) -> list[tuple[int, int, i
     """(out channels, kernel, stride) of q(z1 | x, z2)'s gated convolutions on x."""
     c1, c2 = channels
     return [(c1, 3, 1), (c1, 3, 2), (c2, 3, 1), (c2, 3, 2), (out, 3, 1)]
-
-
-class ConvGaussian(nn.Module):
-    """q(z2 | x): gated convolutions on the image -> (mean, clamped log-variance)."""
-
-    def __init__(self, features: ConvFeatures, out_dim: int, log_var_range: tuple[float, float]) -> None:
-        super().__init__()
-        self.features = features
-        self.head = GaussianHead(features.out_features, out_dim, log_var_range)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.head(self.features(x))
-
-
-class ConvConditionalGaussian(nn.Module):
-    """q(z1 | x, z2): conv features of x (once per image) ++ gated(z2) -> gated -> Gaussian head."""
-
-    def __init__(self, features: ConvFeatures, z_dim: int, width: int, out_dim: int,
-                 log_var_range: tuple[float, float]) -> None:
-        super().__init__()
-        self.x_features = features
-        self.z_features = GatedDense(z_dim, features.out_features)
-        self.joint = GatedDense(2 * features.out_features, width)
-        self.head = GaussianHead(width, out_dim, log_var_range)
-
-    def forward(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``x`` ``[B, D]``, ``z`` ``[..., B, D2]`` -> parameters ``[..., B, D1]``."""
-        hz = self.z_features(z)
-        hx = self.x_features(x).expand(*hz.shape[:-1], hz.shape[-1])
-        return self.head(self.joint(torch.cat([hx, hz], dim=-1)))
 
 
 class ConvDecoder(nn.Module):
@@ -99,10 +108,10 @@ class ConvDecoder(nn.Module):
         return maps.reshape(*lead, -1)
 
 
-class ConvHierarchicalVAE(LatentVariableModel):
+class ConvHierarchicalVAE(TwoLevelVAE):
     """ConvHVAE (L=2). Subclasses replace the decoder (:class:`~.pixel_hierarchical.PixelHierarchicalVAE`)."""
 
-    prior_layer = "z2"
+    first_log_q_last = True
 
     def __init__(
         self,
@@ -110,12 +119,14 @@ class ConvHierarchicalVAE(LatentVariableModel):
         latent_dims: Sequence[int],
         likelihood: str,
         prior: Prior,
+        *,
         encoder_channels: tuple[int, int] = (32, 64),
         encoder_out_channels: int = 6,
         width: int = 300,
         decoder_channels: int = 64,
         decoder_layers: int = 4,
         log_var_range: tuple[float, float] = (-6.0, 2.0),
+        posterior: PosteriorConfig | None = None,
         **decoder_options: object,
     ) -> None:
         super().__init__()
@@ -127,73 +138,52 @@ class ConvHierarchicalVAE(LatentVariableModel):
         self.latent_dims = [d1, d2]
         # the decoder emits the likelihood's parameters itself: an identity head
         self.likelihood = make_likelihood(likelihood, self.data_dim)
-        self.q_z2 = ConvGaussian(ConvFeatures(self.image_shape, q_z2_layers(encoder_channels, encoder_out_channels)),
-                                 d2, log_var_range)
-        self.q_z1 = ConvConditionalGaussian(
-            ConvFeatures(self.image_shape, q_z1_x_layers(encoder_channels, encoder_out_channels)),
-            d2, width, d1, log_var_range)
-        self.p_z1 = GatedGaussian(d2, width, 2, d1, log_var_range)
+        x_features = ConvFeatures(self.image_shape, q_z2_layers(encoder_channels, encoder_out_channels))
+        self.q_z2 = GaussianNet(x_features, GaussianHead(x_features.out_features, d2, log_var_range))
+        # q(z1 | x, z2): conv features of x (once per image) ++ gated(z2) -> gated -> Gaussian head
+        x_features = ConvFeatures(self.image_shape, q_z1_x_layers(encoder_channels, encoder_out_channels))
+        n = x_features.out_features
+        self.q_z1 = GaussianNet(TwoInput(x_features, GatedDense(d2, n), GatedDense(2 * n, width)),
+                                GaussianHead(width, d1, log_var_range))
+        self.p_z1 = gated_gaussian(d2, width, 2, d1, log_var_range)
         self.p_x = self.make_decoder(width, decoder_channels, decoder_layers, **decoder_options)
         he_init_(self)
-        self.prior = prior
-        prior.attach(self)
+        self.make_flows(posterior, {"z2": self.q_z2.body.out_features, "z1": width})
+        self.attach(prior, posterior)
+
+    def legacy_keys(self) -> dict[str, str]:
+        return {"q_z2.features.": "q_z2.body.", "q_z1.x_features.": "q_z1.body.a.", "q_z1.z_features.": "q_z1.body.b.",
+                "q_z1.joint.": "q_z1.body.joint."}
 
     def make_decoder(self, width: int, channels: int, layers: int) -> nn.Module:
         """p(x | z1, z2)'s network; called once the likelihood and the sizes are set."""
         return ConvDecoder(self.image_shape, self.latent_dims, width, channels, layers,
                            self.likelihood.params_per_pixel)
 
-    def decode(self, x: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
-        """Likelihood parameters of p(x | z1, z2), ``[..., B, P * D]``; ``x`` ``[B, D]`` is
-        not read here (a PixelCNN decoder reads it)."""
+    def decoder_features(self, z1: Tensor, z2: Tensor, x: Tensor | None = None) -> Tensor:
+        """The likelihood's parameters (its head is the identity), ``[..., B, P * D]``."""
         return self.p_x(z1, z2)
 
-    # --- the protocol -------------------------------------------------------------
-    def posterior(self, x: Tensor) -> DiagonalGaussian:
-        """q(z2 | x), the first-sampled (and top) layer; ``x`` ``[B, D]`` flat images."""
-        return DiagonalGaussian(*self.q_z2(x))
 
-    def log_weight_terms(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
-        q2 = self.posterior(x)
-        z2 = q2.rsample(k)  # [K, B, D2]
-        m1, lv1 = self.q_z1(x, z2)
-        z1 = draw(m1, lv1)  # [K, B, D1]
-        if stop_posterior_grad:
-            q2 = q2.detach()
-            m1, lv1 = with_detached_params(self.q_z1, x, z2)
-        log_q2 = q2.log_prob(z2)
-        log_q1 = DiagonalGaussian(m1, lv1).log_prob(z1)
-        log_p2 = self.prior.log_prob(z2)
-        log_p1 = DiagonalGaussian(*self.p_z1(z2)).log_prob(z1)
-        log_px = self.likelihood.log_prob(x, self.decode(x, z1, z2))
-        return LogWeightTerms(log_px, {"z1": log_p1, "z2": log_p2}, {"z1": log_q1, "z2": log_q2}, {"z1": z1, "z2": z2})
+def image_shape(shape: Sequence[int] | None, data_dim: int, key: str) -> tuple[int, int]:
+    """The configured (height, width), else the square image of ``data_dim`` pixels."""
+    if shape is None:
+        side = math.isqrt(data_dim)
+        if side * side != data_dim:
+            raise ValueError(f"{key}: {data_dim} pixels are not a square image; set [height, width]")
+        shape = (side, side)
+    if len(shape) != 2 or shape[0] * shape[1] != data_dim:
+        raise ValueError(f"{key}: {list(shape)} does not hold the data's {data_dim} pixels")
+    return int(shape[0]), int(shape[1])
 
-    def conditional_means(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> list[Tensor]:
-        """[mu1(x, z2) at k draws z2 ~ q(z2|x) ``[K, B, D1]``, E_q[z2|x] ``[B, D2]``]."""
-        q2 = self.posterior(x)
-        return [self.q_z1(x, q2.rsample(k, generator))[0], q2.mean]
 
-    def latents_given_top(self, z_top: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """z1 ~ p(z1 | z2); the decoder reads both, returned as ``[..., D1 + D2]``."""
-        z1 = draw(*self.p_z1(z_top), generator=generator)
-        return torch.cat([z1, z_top], dim=-1)
+def conv_options(cfg: ModelConfig, key: str, data_dim: int, train_data: Tensor | None) -> dict[str, object]:
+    """The keyword arguments of a convolutional two-level model from section ``model.<key>``."""
+    s = getattr(cfg, key)
+    options = common_options(cfg, data_dim, train_data, s.latent_dims[1], s)
+    return {**options, "image_shape": image_shape(s.image_shape, data_dim, f"model.{key}.image_shape")}
 
-    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return self.latents_given_top(self.prior.sample(n, generator), generator)
 
-    def decode_mean(self, z: Tensor) -> Tensor:
-        """E[x | z1, z2] for ``z`` ``[..., D1 + D2]`` (z1 then z2), as :meth:`sample_latents` returns."""
-        z1, z2 = z.split(self.latent_dims, dim=-1)
-        return self.likelihood.mean(self.p_x(z1, z2))
-
-    @torch.no_grad()
-    def decode_sample(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """x ~ p(x | z1, z2), ``[..., D]``."""
-        z1, z2 = z.split(self.latent_dims, dim=-1)
-        return self.likelihood.sample(self.p_x(z1, z2), generator)
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        m2 = self.posterior(x).mean
-        m1 = self.q_z1(x, m2)[0]
-        return self.decode_mean(torch.cat([m1, m2], dim=-1))
+@register_model("conv-hierarchical")
+def build(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> ConvHierarchicalVAE:
+    return ConvHierarchicalVAE(**conv_options(cfg, "conv_hierarchical", data_dim, train_data))

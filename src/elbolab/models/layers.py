@@ -92,6 +92,50 @@ class GatedDense(nn.Module):
         return self.h(x) * self.g(x).sigmoid()
 
 
+class GaussianNet(nn.Module):
+    """inputs -> ``body`` -> features -> ``head`` (mean, log-variance) of a diagonal Gaussian.
+
+    The two halves are called apart where a flow posterior reads the features.
+    """
+
+    def __init__(self, body: nn.Module, head: GaussianHead) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
+        return self.head(self.body(*inputs))
+
+
+class TwoInput(nn.Module):
+    """(a, b) -> ``a``(a) ++ ``b``(b) -> ``joint`` -> features; a's features broadcast against b's
+    sample axis (a is the data ``[B, .]``, b a latent ``[K, B, .]``), so a's network runs once."""
+
+    def __init__(self, a: nn.Module, b: nn.Module, joint: nn.Module) -> None:
+        super().__init__()
+        self.a = a
+        self.b = b
+        self.joint = joint
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        ha, hb = self.a(a), self.b(b)
+        ha = ha.expand(*hb.shape[:-1], ha.shape[-1])
+        return self.joint(torch.cat([ha, hb], dim=-1))
+
+
+def gated_gaussian(in_dim: int, width: int, depth: int, out_dim: int, log_var_range: tuple[float, float]
+                   ) -> GaussianNet:
+    """input -> ``depth`` gated dense layers of ``width`` -> (mean, clamped log-variance)."""
+    dims = [in_dim] + [width] * depth
+    body = nn.Sequential(*(GatedDense(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)))
+    return GaussianNet(body, GaussianHead(width, out_dim, log_var_range))
+
+
+def gated_pair(a_dim: int, b_dim: int, width: int) -> TwoInput:
+    """One gated dense layer on each input and one on their concatenation (the VampPrior code's)."""
+    return TwoInput(GatedDense(a_dim, width), GatedDense(b_dim, width), GatedDense(2 * width, width))
+
+
 def he_init_(module: nn.Module) -> None:
     """Weights of every Linear ~ N(0, 2 / fan_in), as the VampPrior code initializes."""
     for m in module.modules():

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..config import PosteriorConfig
+from ..config import ModelConfig, PosteriorConfig
 from ..distributions import DiagonalGaussian
 from ..flows import log_prob_fixed, make_flow, push_forward
 from ..likelihoods import make_likelihood
 from ..priors import Prior
-from .base import LatentVariableModel, LogWeightTerms
+from .base import LatentVariableModel, LogWeightTerms, common_options, register_model
 from .layers import GaussianHead, check_flow_prior, mlp
 
 
@@ -124,3 +124,9 @@ class OneLayerVAE(LatentVariableModel):
         if self.encoder_flow is not None:
             z = self.encoder_flow(z, h)[0]
         return self.decode_mean(z)
+
+
+@register_model("one-layer")
+def build(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> OneLayerVAE:
+    options = common_options(cfg, data_dim, train_data, cfg.latent_dim)
+    return OneLayerVAE(data_dim, cfg.latent_dim, cfg.hidden, cfg.activation, **options)

@@ -28,15 +28,30 @@ pixel's receptive field, so the result is the full pass's, at a fraction of the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..config import ModelConfig, model_section
 from ..likelihoods import Likelihood
 from ..priors import Prior
-from .conv_hierarchical import ConvHierarchicalVAE
+from .base import register_model
+from .conv_hierarchical import ConvHierarchicalConfig, ConvHierarchicalVAE, conv_options
 from .conv_layers import MaskedConv2d
 from .layers import GatedDense
+
+
+@model_section("pixel_hierarchical", "sizes of model \"pixel-hierarchical\" (the VampPrior paper's PixelHVAE)")
+@dataclass(frozen=True)
+class PixelHierarchicalConfig(ConvHierarchicalConfig):
+    """The same encoders with a PixelCNN decoder (their PixelHVAE_2level.py); ``width`` sizes
+    q(z1|x,z2) and p(z1|z2) only (each latent maps straight to one image-sized map)."""
+
+    #: masked 3x3 convolutions of the PixelCNN: one of type A, then type B (their 8)
+    decoder_layers: int = 8
+    #: batch normalization after each masked convolution, as in their code (false: biases)
+    batch_norm: bool = True
 
 
 class PixelCNNDecoder(nn.Module):
@@ -123,30 +138,20 @@ class PixelHierarchicalVAE(ConvHierarchicalVAE):
 
     exact_decode_mean = False
 
-    def __init__(
-        self,
-        image_shape: tuple[int, int],
-        latent_dims: Sequence[int],
-        likelihood: str,
-        prior: Prior,
-        encoder_channels: tuple[int, int] = (32, 64),
-        encoder_out_channels: int = 6,
-        width: int = 300,
-        decoder_channels: int = 64,
-        decoder_layers: int = 8,
-        log_var_range: tuple[float, float] = (-6.0, 2.0),
-        batch_norm: bool = True,
-    ) -> None:
-        super().__init__(image_shape, latent_dims, likelihood, prior, encoder_channels, encoder_out_channels, width,
-                         decoder_channels, decoder_layers, log_var_range, batch_norm=batch_norm)
+    def __init__(self, image_shape: tuple[int, int], latent_dims: Sequence[int], likelihood: str, prior: Prior, *,
+                 decoder_layers: int = 8, batch_norm: bool = True, **options: object) -> None:
+        super().__init__(image_shape, latent_dims, likelihood, prior, decoder_layers=decoder_layers,
+                         batch_norm=batch_norm, **options)
 
     def make_decoder(self, width: int, channels: int, layers: int, batch_norm: bool = True) -> nn.Module:
         return PixelCNNDecoder(self.image_shape, self.latent_dims, channels, layers, self.likelihood.params_per_pixel,
                                batch_norm, out_bias=self.likelihood.binary)
 
-    def decode(self, x: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+    def decoder_features(self, z1: Tensor, z2: Tensor, x: Tensor | None = None) -> Tensor:
         """Parameters of every pixel's conditional p(x_i | x_<i, z1, z2) at the image ``x``
-        ``[B, D]``, in one pass: ``[..., B, P * D]``."""
+        ``[B, D]``, in one pass: ``[..., B, P * D]`` (the likelihood's head is the identity)."""
+        if x is None:
+            raise ValueError("a PixelCNN decoder reads the image x (teacher forcing); to draw x use decode_sample")
         return self.p_x(x, z1, z2)
 
     @torch.no_grad()
@@ -164,3 +169,8 @@ class PixelHierarchicalVAE(ConvHierarchicalVAE):
     def decode_sample(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """x ~ p(x | z1, z2), drawn pixel by pixel, ``[n, D]``."""
         return self.decode_sample_and_mean(z, generator)[0]
+
+
+@register_model("pixel-hierarchical")
+def build(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> PixelHierarchicalVAE:
+    return PixelHierarchicalVAE(**conv_options(cfg, "pixel_hierarchical", data_dim, train_data))

@@ -22,12 +22,10 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, did_you_mean
-from .limits import MAX_BATCH, MAX_EPOCHS, MAX_SAMPLES, MAX_SEED, MAX_THREADS, MAX_WIDTH
-from .limits import in_range as _in_range
-from .registry import INDEX, check_name
-
-__all__ = ["ConfigError", "RunConfig", "load_config", "preset", "save_config"]
+from ..errors import ConfigError, did_you_mean, shown
+from ..limits import MAX_BATCH, MAX_EPOCHS, MAX_SAMPLES, MAX_SEED, MAX_THREADS, MAX_WIDTH, in_range
+from ..registry import INDEX, check_name
+from .yaml_io import parse_value, read_config_mapping
 
 #: name suffix -> the ``data.binarization`` it selects: ``mnist-dynamic`` is dataset ``mnist``
 #: binarized dynamically (the binarization stays a transform; the suffix only picks it)
@@ -42,13 +40,13 @@ def split_binarization_suffix(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def _require(ok: bool, key: str, msg: str) -> None:
+def require(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
 
 
-def _sizes(values: tuple[int, ...], key: str) -> None:
-    _require(all(1 <= v <= MAX_WIDTH for v in values), key,
+def check_sizes(values: tuple[int, ...], key: str) -> None:
+    require(all(1 <= v <= MAX_WIDTH for v in values), key,
              f"sizes must be between 1 and {MAX_WIDTH:,}, got {list(values)}")
 
 
@@ -75,12 +73,12 @@ class DataConfig:
 
     def validate(self, key: str) -> None:
         check_name("dataset", self.name, f"{key}.name")
-        _require(self.validation >= 0, f"{key}.validation", f"must be >= 0, got {self.validation}")
-        _in_range(self.binarization_seed, 0, MAX_SEED, f"{key}.binarization_seed")
-        _require(
+        require(self.validation >= 0, f"{key}.validation", f"must be >= 0, got {self.validation}")
+        in_range(self.binarization_seed, 0, MAX_SEED, f"{key}.binarization_seed")
+        require(
             self.binarization in ("static", "dynamic", "none"),
             f"{key}.binarization",
-            f"must be 'static', 'dynamic' or 'none', got {self.binarization!r}",
+            f"must be 'static', 'dynamic' or 'none', got {shown(self.binarization)}",
         )
 
 
@@ -105,17 +103,17 @@ class PriorConfig:
     data_seed: int = 0
 
     def validate(self, key: str) -> None:
-        _in_range(self.components, 1, MAX_WIDTH, f"{key}.components")
-        _in_range(self.data_seed, 0, MAX_SEED, f"{key}.data_seed")
+        in_range(self.components, 1, MAX_WIDTH, f"{key}.components")
+        in_range(self.data_seed, 0, MAX_SEED, f"{key}.data_seed")
         check_name("prior", self.name, f"{key}.name")
-        _require(
+        require(
             self.pseudo_inputs_init in ("normal", "data"),
             f"{key}.pseudo_inputs_init",
-            f"must be 'normal' or 'data', got {self.pseudo_inputs_init!r}",
+            f"must be 'normal' or 'data', got {shown(self.pseudo_inputs_init)}",
         )
-        _require(self.pseudo_inputs_std is None or 0 <= self.pseudo_inputs_std < math.inf, f"{key}.pseudo_inputs_std",
+        require(self.pseudo_inputs_std is None or 0 <= self.pseudo_inputs_std < math.inf, f"{key}.pseudo_inputs_std",
                  "must be a finite number >= 0")
-        _require(self.pseudo_inputs_mean is None or math.isfinite(self.pseudo_inputs_mean), f"{key}.pseudo_inputs_mean",
+        require(self.pseudo_inputs_mean is None or math.isfinite(self.pseudo_inputs_mean), f"{key}.pseudo_inputs_mean",
                  "must be a finite number")
 
     def with_pseudo_input_init(self, default: tuple[float, float]) -> PriorConfig:
@@ -129,90 +127,6 @@ class PriorConfig:
         if self.pseudo_inputs_mean is None or self.pseudo_inputs_std is None:
             raise ValueError("pseudo-input init not resolved; call with_pseudo_input_init first")
         return self.pseudo_inputs_mean, self.pseudo_inputs_std
-
-
-@dataclass(frozen=True)
-class TwoLayerConfig:
-    """Sizes of the IWAE paper's two-stochastic-layer model (its section 5; the authors'
-    experiments.py: hidden_units_q [[200, 200], [100, 100]], latent_units [100, 50])."""
-
-    #: units of z1 (bottom) and z2 (top)
-    latent_dims: tuple[int, int] = (100, 50)
-    #: deterministic tanh layers between x and z1 (the decoder mirrors them: z1 -> 200 -> 200 -> x)
-    hidden1: tuple[int, ...] = (200, 200)
-    #: deterministic tanh layers between z1 and z2 (mirrored: z2 -> 100 -> 100 -> z1)
-    hidden2: tuple[int, ...] = (100, 100)
-
-    def validate(self, key: str) -> None:
-        _sizes(self.latent_dims, f"{key}.latent_dims")
-        for name in ("hidden1", "hidden2"):
-            _sizes(getattr(self, name), f"{key}.{name}")
-
-
-@dataclass(frozen=True)
-class HierarchicalConfig:
-    """Sizes of the VampPrior paper's two-level model (their code's defaults)."""
-
-    #: units of z1 (bottom) and z2 (top)
-    latent_dims: tuple[int, int] = (40, 40)
-    #: width of every gated dense layer
-    width: int = 300
-    #: hardtanh range of the Gaussian log-variances (their code: [-6, 2])
-    log_var_range: tuple[float, float] = (-6.0, 2.0)
-
-    def validate(self, key: str) -> None:
-        _sizes(self.latent_dims, f"{key}.latent_dims")
-        _in_range(self.width, 1, MAX_WIDTH, f"{key}.width")
-        lo, hi = self.log_var_range
-        _require(lo < hi, f"{key}.log_var_range", f"needs min < max, got [{lo}, {hi}]")
-
-
-def _validate_conv(cfg: ConvHierarchicalConfig, key: str) -> None:
-    _require(all(d >= 1 for d in cfg.latent_dims), f"{key}.latent_dims", "sizes must be >= 1")
-    for name in ("encoder_channels", "image_shape"):
-        v = getattr(cfg, name)
-        _require(v is None or all(c >= 1 for c in v), f"{key}.{name}", f"sizes must be >= 1, got {v}")
-    for name in ("encoder_out_channels", "width", "decoder_channels", "decoder_layers"):
-        v = getattr(cfg, name)
-        _require(v >= 1, f"{key}.{name}", f"must be >= 1, got {v}")
-    lo, hi = cfg.log_var_range
-    _require(lo < hi, f"{key}.log_var_range", f"needs min < max, got [{lo}, {hi}]")
-
-
-@dataclass(frozen=True)
-class ConvHierarchicalConfig:
-    """Sizes of the VampPrior paper's convolutional two-level model (their convHVAE_2level.py)."""
-
-    #: units of z1 (bottom) and z2 (top)
-    latent_dims: tuple[int, int] = (40, 40)
-    #: channels of the encoders' gated convolutions: the first two layers, the next two (their 32, 64)
-    encoder_channels: tuple[int, int] = (32, 64)
-    #: channels of the encoders' last gated convolution, flattened into dense layers (their 6)
-    encoder_out_channels: int = 6
-    #: width of the gated dense layers of q(z1|x,z2), p(z1|z2) and the decoder's latent inputs (their 300)
-    width: int = 300
-    #: channels of the decoder's 3x3 convolutions (their 64)
-    decoder_channels: int = 64
-    #: number of the decoder's gated 3x3 convolutions (their 4)
-    decoder_layers: int = 4
-    #: hardtanh range of the Gaussian log-variances (their code: [-6, 2])
-    log_var_range: tuple[float, float] = (-6.0, 2.0)
-    #: (height, width) of the images; null: the dataset's
-    image_shape: tuple[int, int] | None = None
-
-    def validate(self, key: str) -> None:
-        _validate_conv(self, key)
-
-
-@dataclass(frozen=True)
-class PixelHierarchicalConfig(ConvHierarchicalConfig):
-    """The same encoders with a PixelCNN decoder (their PixelHVAE_2level.py); ``width`` sizes
-    q(z1|x,z2) and p(z1|z2) only (each latent maps straight to one image-sized map)."""
-
-    #: masked 3x3 convolutions of the PixelCNN: one of type A, then type B (their 8)
-    decoder_layers: int = 8
-    #: batch normalization after each masked convolution, as in their code (false: biases)
-    batch_norm: bool = True
 
 
 @dataclass(frozen=True)
@@ -234,8 +148,8 @@ class PosteriorConfig:
 
     def validate(self, key: str) -> None:
         check_name("flow", self.flow, f"{key}.flow")
-        _require(self.length >= 0, f"{key}.length", f"must be >= 0, got {self.length}")
-        _require(self.width >= 1, f"{key}.width", f"must be >= 1, got {self.width}")
+        require(self.length >= 0, f"{key}.length", f"must be >= 0, got {self.length}")
+        require(self.width >= 1, f"{key}.width", f"must be >= 1, got {self.width}")
 
 
 def flow_stl_refusal(flow: str) -> str | None:
@@ -246,9 +160,29 @@ def flow_stl_refusal(flow: str) -> str | None:
     return getattr(registry[registry.canonical(flow)], "stl_refusal", None)
 
 
+#: ``model.<key>`` -> (the dataclass of that section, its comment); each model registers its
+#: own section beside its code (:func:`model_section`), so adding a model edits no list here
+MODEL_SECTIONS: dict[str, tuple[type, str]] = {}
+
+
+def model_section(key: str, comment: str) -> typing.Callable[[type], type]:
+    """Class decorator: the frozen dataclass becomes section ``model.<key>`` of every config,
+    with ``comment`` above it in ``elbolab config show``."""
+
+    def register(cls: type) -> type:
+        MODEL_SECTIONS[key] = (cls, comment)
+        return cls
+
+    return register
+
+
+def _default_sections() -> tuple[tuple[str, Any], ...]:
+    return tuple((key, cls()) for key, (cls, _) in MODEL_SECTIONS.items())
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    #: one-layer | two-layer | hierarchical | conv-hierarchical | pixel-hierarchical (elbolab.models.MODELS)
+    #: a model registered in elbolab.models.MODELS, each by its own file in models/ (one-layer: an MLP VAE)
     name: str = "one-layer"
     #: one-layer: units of z
     latent_dim: int = 50
@@ -261,37 +195,41 @@ class ModelConfig:
     likelihood: str = "bernoulli"
     #: the prior p(z) of the top stochastic layer
     prior: PriorConfig = field(default_factory=PriorConfig)
-    #: sizes of model "two-layer"
-    two_layer: TwoLayerConfig = field(default_factory=TwoLayerConfig)
-    #: sizes of model "hierarchical"
-    hierarchical: HierarchicalConfig = field(default_factory=HierarchicalConfig)
     #: q's form (a Gaussian per layer, or a normalizing flow after each)
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
-    #: sizes of model "conv-hierarchical" (the VampPrior paper's ConvHVAE)
-    conv_hierarchical: ConvHierarchicalConfig = field(default_factory=ConvHierarchicalConfig)
-    #: sizes of model "pixel-hierarchical" (the VampPrior paper's PixelHVAE)
-    pixel_hierarchical: PixelHierarchicalConfig = field(default_factory=PixelHierarchicalConfig)
+    #: each model's own section (``model.two_layer``, ...), as registered in MODEL_SECTIONS: in a
+    #: config file they stand as keys of ``model`` like the fields above
+    sections: tuple[tuple[str, Any], ...] = field(default_factory=_default_sections, metadata={"sections": True})
+
+    def __getattr__(self, key: str) -> Any:
+        """A model's section by its key: ``cfg.model.two_layer``."""
+        for name, section in self.__dict__.get("sections", ()):
+            if name == key:
+                return section
+        raise AttributeError(f"{type(self).__name__} has no field or model section {key!r}")
+
+    def with_section(self, key: str, section: Any) -> ModelConfig:
+        """This config with section ``key`` replaced."""
+        return dataclasses.replace(self, sections=tuple((k, section if k == key else v) for k, v in self.sections))
 
     def validate(self, key: str) -> None:
-        _require(self.latent_dim >= 1, f"{key}.latent_dim", f"must be >= 1, got {self.latent_dim}")
-        _in_range(self.latent_dim, 1, MAX_WIDTH, f"{key}.latent_dim")
-        _sizes(self.hidden, f"{key}.hidden")
+        require(self.latent_dim >= 1, f"{key}.latent_dim", f"must be >= 1, got {self.latent_dim}")
+        in_range(self.latent_dim, 1, MAX_WIDTH, f"{key}.latent_dim")
+        check_sizes(self.hidden, f"{key}.hidden")
         check_name("model", self.name, f"{key}.name")
         check_name("activation", self.activation, f"{key}.activation")
         check_name("likelihood", self.likelihood, f"{key}.likelihood")
         self.prior.validate(f"{key}.prior")
-        self.two_layer.validate(f"{key}.two_layer")
-        self.hierarchical.validate(f"{key}.hierarchical")
         self.posterior.validate(f"{key}.posterior")
         # a VampPrior mixes q(z|u_k) densities at any z; a flow gives log q only at its own samples
-        _require(
+        require(
             not (self.posterior.active and self.prior.name.startswith("vampprior")),
             f"{key}.posterior.flow",
             f"a VampPrior's components are q(z|u_k), which a flow posterior ({self.posterior.flow}) cannot evaluate "
             "at other points' z; use model.prior.name standard or mog with a flow",
         )
-        self.conv_hierarchical.validate(f"{key}.conv_hierarchical")
-        self.pixel_hierarchical.validate(f"{key}.pixel_hierarchical")
+        for name, section in self.sections:
+            section.validate(f"{key}.{name}")
 
 
 @dataclass(frozen=True)
@@ -314,19 +252,19 @@ class ObjectiveConfig:
 
     def validate(self, key: str) -> None:
         check_name("objective", self.name, f"{key}.name")
-        _require(self.k >= 1, f"{key}.k", f"must be >= 1, got {self.k}")
-        _in_range(self.k, 1, MAX_SAMPLES, f"{key}.k")
-        _require(self.warmup_epochs >= 0, f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
-        _in_range(self.warmup_epochs, 0, MAX_EPOCHS, f"{key}.warmup_epochs")
+        require(self.k >= 1, f"{key}.k", f"must be >= 1, got {self.k}")
+        in_range(self.k, 1, MAX_SAMPLES, f"{key}.k")
+        require(self.warmup_epochs >= 0, f"{key}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        in_range(self.warmup_epochs, 0, MAX_EPOCHS, f"{key}.warmup_epochs")
         check_name("gradient estimator", self.estimator, f"{key}.estimator")
-        _require(self.m >= 1, f"{key}.m", f"must be >= 1, got {self.m}")
-        _in_range(self.m * self.k, 1, MAX_SAMPLES, f"{key}.m x {key}.k")
-        _require(
+        require(self.m >= 1, f"{key}.m", f"must be >= 1, got {self.m}")
+        in_range(self.m * self.k, 1, MAX_SAMPLES, f"{key}.m x {key}.k")
+        require(
             self.m == 1 or self.name in ("miwae", "piwae"),
             f"{key}.m",
             f"only miwae and piwae use m (objective {self.name!r} draws k samples); got m={self.m}",
         )
-        _require(0.0 <= self.beta <= 1.0, f"{key}.beta", f"must be in [0, 1], got {self.beta}")
+        require(0.0 <= self.beta <= 1.0, f"{key}.beta", f"must be in [0, 1], got {self.beta}")
 
 
 @dataclass(frozen=True)
@@ -397,44 +335,45 @@ class TrainConfig:
     fused: str = "auto"
 
     def validate(self, key: str) -> None:
-        _require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.fused in ("auto", "on", "off"), f"{key}.fused",
-                 f"must be auto, on or off, got {self.fused!r}")
+        require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
+        require(self.fused in ("auto", "on", "off"), f"{key}.fused",
+                f"must be auto, on or off, got {self.fused!r}")
         check_name("precision", self.precision, f"{key}.precision")
-        _in_range(self.epochs, 1, MAX_EPOCHS, f"{key}.epochs")
-        _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
-        _in_range(self.batch_size, 1, MAX_BATCH, f"{key}.batch_size")
-        _in_range(self.seed, 0, MAX_SEED, f"{key}.seed")
-        _require(0 < self.lr < math.inf, f"{key}.lr", f"must be a finite number > 0, got {self.lr}")
-        _require(0 < self.adam_eps < math.inf, f"{key}.adam_eps", f"must be a finite number > 0, got {self.adam_eps}")
-        _require(
+        in_range(self.epochs, 1, MAX_EPOCHS, f"{key}.epochs")
+        require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        in_range(self.batch_size, 1, MAX_BATCH, f"{key}.batch_size")
+        in_range(self.seed, 0, MAX_SEED, f"{key}.seed")
+        require(0 < self.lr < math.inf, f"{key}.lr", f"must be a finite number > 0, got {self.lr}")
+        require(0 < self.adam_eps < math.inf, f"{key}.adam_eps", f"must be a finite number > 0, got {self.adam_eps}")
+        require(
             all(0 <= b < 1 for b in self.adam_betas), f"{key}.adam_betas", "each must be in [0, 1)"
         )
         check_name("optimizer", self.optimizer, f"{key}.optimizer")
         check_name("schedule", self.schedule, f"{key}.schedule")
-        _require(self.early_stopping_patience >= 0, f"{key}.early_stopping_patience", "must be >= 0")
-        _require(self.threads >= 0, f"{key}.threads", "must be >= 0")
-        _in_range(self.threads, 0, MAX_THREADS, f"{key}.threads")
-        _require(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
-        _require(self.monitor_every >= 0, f"{key}.monitor_every", f"must be >= 0, got {self.monitor_every}")
-        _require(self.monitor_points >= 2, f"{key}.monitor_points", f"must be >= 2, got {self.monitor_points}")
-        _require(self.wandb_mode in ("offline", "online"), f"{key}.wandb_mode",
-                 f"must be 'offline' or 'online', got {self.wandb_mode!r}")
-        _require(
+        require(self.early_stopping_patience >= 0, f"{key}.early_stopping_patience", "must be >= 0")
+        require(self.threads >= 0, f"{key}.threads", "must be >= 0")
+        in_range(self.threads, 0, MAX_THREADS, f"{key}.threads")
+        require(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
+        require(self.monitor_every >= 0, f"{key}.monitor_every", f"must be >= 0, got {self.monitor_every}")
+        require(self.monitor_points >= 2, f"{key}.monitor_points", f"must be >= 2, got {self.monitor_points}")
+        require(self.wandb_mode in ("offline", "online"), f"{key}.wandb_mode",
+                 f"must be 'offline' or 'online', got {shown(self.wandb_mode)}")
+        require(
             self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
             f"{key}.device",
-            f"must be cpu, cuda, cuda:N or auto, got {self.device!r}",
+            f"must be cpu, cuda, cuda:N or auto, got {shown(self.device)}",
         )
-        _require(
+        require(
             0 <= self.checkpoint_minutes < math.inf,
             f"{key}.checkpoint_minutes",
             f"must be a finite number >= 0, got {self.checkpoint_minutes}",
         )
-        _require(self.checkpoint_steps >= 0, f"{key}.checkpoint_steps", f"must be >= 0, got {self.checkpoint_steps}")
-        _require(
-            self.nonfinite in ("skip", "stop"), f"{key}.nonfinite", f"must be 'skip' or 'stop', got {self.nonfinite!r}"
+        require(self.checkpoint_steps >= 0, f"{key}.checkpoint_steps", f"must be >= 0, got {self.checkpoint_steps}")
+        require(
+            self.nonfinite in ("skip", "stop"), f"{key}.nonfinite",
+            f"must be 'skip' or 'stop', got {shown(self.nonfinite)}",
         )
-        _require(
+        require(
             self.max_nonfinite_skips >= 0,
             f"{key}.max_nonfinite_skips",
             f"must be >= 0, got {self.max_nonfinite_skips}",
@@ -475,14 +414,14 @@ class EvalConfig:
     def validate(self, key: str) -> None:
         for name in ("k_importance", "batch_size", "chunk_size", "gpu_chunk_size", "surgery_samples"):
             v = getattr(self, name)
-            _in_range(v, 1, MAX_BATCH if name == "batch_size" else 10 * MAX_SAMPLES, f"{key}.{name}")
-        _require(self.test_images >= 0, f"{key}.test_images", f"must be >= 0, got {self.test_images}")
-        _require(0 < self.active_unit_threshold < math.inf, f"{key}.active_unit_threshold",
+            in_range(v, 1, MAX_BATCH if name == "batch_size" else 10 * MAX_SAMPLES, f"{key}.{name}")
+        require(self.test_images >= 0, f"{key}.test_images", f"must be >= 0, got {self.test_images}")
+        require(0 < self.active_unit_threshold < math.inf, f"{key}.active_unit_threshold",
                  "must be a finite number > 0")
-        _in_range(self.seed, 0, MAX_SEED, f"{key}.seed")
+        in_range(self.seed, 0, MAX_SEED, f"{key}.seed")
         for name in ("bound_ks", "q_ew_ks"):
             v = getattr(self, name)
-            _require(len(v) > 0 and all(1 <= k <= 10 * MAX_SAMPLES for k in v), f"{key}.{name}",
+            require(len(v) > 0 and all(1 <= k <= 10 * MAX_SAMPLES for k in v), f"{key}.{name}",
                      f"must be k values between 1 and {10 * MAX_SAMPLES:,}, got {list(v)}")
 
 
@@ -505,7 +444,7 @@ class RunConfig:
         post = self.model.posterior
         if post.active and self.objective.estimator in ("stl", "dreg"):
             reason = flow_stl_refusal(post.flow)
-            _require(
+            require(
                 reason is None,
                 "objective.estimator",
                 f"{self.objective.estimator} needs log q(z|x) at its sample with q's weights held fixed, and {reason}; "
@@ -541,9 +480,19 @@ class RunConfig:
 # --- generic dataclass <-> dict -------------------------------------------------
 
 
+def config_items(obj: Any) -> list[tuple[str, Any]]:
+    """A config dataclass's (key, value) pairs as a file holds them: its fields, with a field of
+    registered sections (``ModelConfig.sections``) standing as one key per section."""
+    items: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items.extend(value if f.metadata.get("sections") else [(f.name, value)])
+    return items
+
+
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {key: to_dict(value) for key, value in config_items(obj)}
     if isinstance(obj, tuple | list):
         return [to_dict(v) for v in obj]
     return obj
@@ -553,7 +502,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {shown(value)}")
         return from_dict(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -564,7 +513,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {shown(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
@@ -572,26 +521,26 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+                raise ConfigError(f"{key}: expected a number, got {shown(value)}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {shown(value)}")
         return float(value)
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads a bare on / off as a boolean (train.fused=off)
             value = "on" if value else "off"
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {shown(value)}")
         return value
     return value
 
@@ -599,13 +548,21 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 def from_dict(cls: type, d: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a plain mapping, strictly."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields if not f.metadata.get("sections")]
+    holder = next((f.name for f in fields if f.metadata.get("sections")), None)
+    sections = dict(_default_sections()) if holder else {}
+    kwargs: dict[str, Any] = {}
     for key, value in d.items():
         dotted = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(f"{dotted}: unknown key{did_you_mean(key, names)}")
-        kwargs[key] = _convert(hints[key], value, dotted)
+        if key in sections:
+            sections[key] = _convert(MODEL_SECTIONS[key][0], value, dotted)
+        elif key in names:
+            kwargs[key] = _convert(hints[key], value, dotted)
+        else:
+            raise ConfigError(f"{dotted}: unknown key{did_you_mean(key, [*names, *sections])}")
+    if holder:
+        kwargs[holder] = tuple(sections.items())
     return cls(**kwargs)
 
 
@@ -623,24 +580,11 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_value(text: str) -> Any:
-    """Parse an override value: numbers (1e-3 included), booleans, null, lists, or a string."""
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=3e-4")
+            raise ConfigError(f"--set {shown(item)}: expected key=value, e.g. train.lr=3e-4")
         key, text = item.split("=", 1)
         out[key.strip()] = parse_value(text.strip())
     return out
@@ -682,51 +626,22 @@ def commented_yaml(cfg: Any, width: int = 100) -> str:
 
     def walk(obj: Any, indent: str) -> None:
         comments = field_comments(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if comments.get(f.name):
-                lines.extend(textwrap.wrap(comments[f.name], width, initial_indent=indent + "# ",
+        for key, value in config_items(obj):
+            comment = comments.get(key) or (MODEL_SECTIONS[key][1] if key in MODEL_SECTIONS else "")
+            if comment:
+                lines.extend(textwrap.wrap(comment, width, initial_indent=indent + "# ",
                                            subsequent_indent=indent + "# "))
             if dataclasses.is_dataclass(value):
-                lines.append(f"{indent}{f.name}:")
+                lines.append(f"{indent}{key}:")
                 walk(value, indent + "  ")
             else:
-                lines.append(f"{indent}{f.name}: {_yaml_value(value)}")
+                lines.append(f"{indent}{key}: {_yaml_value(value)}")
 
     walk(cfg, "")
     return "\n".join(lines) + "\n"
 
 
-# --- files and presets ----------------------------------------------------------
-
-
-class _DuplicateKey(yaml.YAMLError):
-    pass
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """yaml's safe loader (never executes code) that refuses a key given twice in one mapping,
-    where the plain loader silently keeps the last (a second ``train:`` section, say)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, yaml.Mark] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, list | dict):  # unhashable: the base class refuses it
-                continue
-            if key in seen:
-                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key].line + 1} and "
-                                    f"{key_node.start_mark.line + 1}); give each key once")
-            seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)
-
-
-def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    dup = next((k for k in keys if keys.count(k) > 1), None)
-    if dup is not None:
-        raise ConfigError(f"key {dup!r} appears twice in one object; give each key once")
-    return dict(pairs)
+# --- files ---------------------------------------------------------------------------
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -739,95 +654,6 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def read_config_mapping(path: str | Path) -> dict[str, Any]:
-    """The mapping a YAML or JSON config file holds, every reading fault one line naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (a config is YAML or JSON text)") from None
-    if "\x00" in text:
-        raise ConfigError(f"{path}: not a text file (it holds NUL bytes; a config is YAML or JSON text)")
-    try:
-        if path.suffix == ".json":
-            d = json.loads(text, object_pairs_hook=_unique_json_keys)
-        else:
-            d = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except (_DuplicateKey, ConfigError) as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        why = " ".join(str(e).split())
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {why}") from None
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(d).__name__}")
-    return d
-
-
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     path = Path(path)
     path.write_text(cfg.to_json() if path.suffix == ".json" else cfg.to_yaml())
-
-
-#: Burda et al. (2016), section 5: MNIST binarized afresh each time an image is used, Adam
-#: eps 1e-4, batch 20, 3^i-epoch passes with lr 1e-3 * 10^(-i/7)
-_IWAE_PAPER: dict[str, Any] = {
-    "train.batch_size": 20,
-    "train.adam_eps": 1e-4,
-    "train.adam_betas": [0.9, 0.999],
-    "train.lr": 1e-3,
-    "train.schedule": "iwae",
-    "train.epochs": 3280,
-    "data.name": "mnist",
-    "data.binarization": "dynamic",
-}
-
-#: Named bundles of overrides. A paper's preset trains on the paper's dataset (its files
-#: in --data-dir, `elbolab data download NAME`), never silently on the embedded subset.
-PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {},
-    "iwae-paper": _IWAE_PAPER,
-    # the IWAE paper's second architecture: x -> 200-200 tanh -> z1 (100) -> 100-100 tanh -> z2 (50)
-    "iwae-paper-two-layer": {
-        **_IWAE_PAPER,
-        "model.name": "two-layer",
-        "model.two_layer.latent_dims": [100, 50],
-        "model.two_layer.hidden1": [200, 200],
-        "model.two_layer.hidden2": [100, 100],
-    },
-    # Tomczak & Welling (2018), section 5 and their code's defaults: static MNIST, the two-level
-    # hierarchical VAE with a 500-pseudo-input VampPrior on z2, single-sample ELBO,
-    # AdamNormGrad (their experiment.py; betas and eps left at Adam's defaults) lr 5e-4,
-    # batch 100, KL warm-up over 100 epochs, early stopping after 50 epochs without a
-    # better validation bound (not counted during warm-up), at most 2,000 epochs,
-    # 5,000 importance samples
-    "vampprior-paper": {
-        "data.name": "binarized-mnist",
-        "train.optimizer": "adamnormgrad",
-        "train.adam_eps": 1e-8,
-        "train.adam_betas": [0.9, 0.999],
-        "train.lr": 5e-4,
-        "train.batch_size": 100,
-        "train.epochs": 2000,
-        "train.early_stopping_patience": 50,
-        "objective.name": "vae",
-        "objective.k": 1,
-        "objective.warmup_epochs": 100,
-        "model.name": "hierarchical",
-        "model.prior.name": "vampprior",
-        "model.prior.components": 500,
-        "eval.k_importance": 5000,
-    },
-}
-
-
-
-def preset(name: str) -> RunConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {name!r}{did_you_mean(name, sorted(PRESETS))}")
-    return RunConfig().with_overrides(dict(PRESETS[name]))
