@@ -143,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"elbolab: numerical fault: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_NUMERICAL
     except KeyboardInterrupt:
-        print("elbolab: interrupted; the last checkpoint is kept: rerun the same command (or train --resume RUN) "
-              "to continue", file=sys.stderr)
+        # a command that knows how it continues (train: the exact --resume line) says so
+        then = getattr(args, "to_continue", None) or "rerun the same command"
+        print(f"elbolab: interrupted; {then}", file=sys.stderr)
         return EXIT_INTERRUPTED

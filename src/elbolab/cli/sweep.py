@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from pathlib import Path
 
@@ -104,6 +105,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if all((c.data.name, c.data.data_dir, c.data.validation) == (d.name, d.data_dir, d.validation) for c in configs):
         dataset = load(d.name, d.data_dir, validation=d.validation)
     t0 = time.perf_counter()
+    args.to_continue = ("every run's last checkpoint is kept; continue with: elbolab train --resume "
+                        f"{shlex.quote(str(folder))}" + (" --no-eval" if args.no_eval else ""))
     outcomes = train_stacked([(c, folder / n) for n, c in runs], resume=True if args.resume else None,
                              dataset=dataset, monitors=run_monitor)
     print(f"trained in {time.perf_counter() - t0:.0f} s")

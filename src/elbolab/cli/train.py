@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import shlex
 import time
 from pathlib import Path
 
@@ -121,6 +122,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             model = load_run(run_dir, device=str(device)).model
             seconds = sum(float(r.get("seconds", 0.0)) for r in read_metrics(run_dir / METRICS))
             _report(model, device, dataset, cfg, run_dir, seconds)
+        except KeyboardInterrupt:
+            args.to_continue = continue_line(run_dir, args.no_eval)
+            raise
         finally:
             lock.release()
         return 0
@@ -135,9 +139,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"trained in {train_seconds:.0f} s; run folder: {run_dir}")
             return 0
         _report(trainer.model, trainer.device, dataset, cfg, run_dir, train_seconds)
+    except KeyboardInterrupt:
+        if holds_run(run_dir):
+            args.to_continue = continue_line(run_dir, args.no_eval)
+        raise
     finally:
         trainer.release()
     return 0
+
+
+def continue_line(run_dir: Path, no_eval: bool = False) -> str:
+    """What the interrupt message prints: the exact command that continues ``run_dir`` (a new
+    command without --out would start another run in a new folder)."""
+    return (f"the last checkpoint is kept; continue with: elbolab train --resume {shlex.quote(str(run_dir))}"
+            + (" --no-eval" if no_eval else ""))
 
 
 def _report(model, device, dataset, cfg: RunConfig, run_dir: Path, train_seconds: float) -> None:
