@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import bounds
-from .models.base import HasLogWeights
+from .models.base import HasLogWeights, model_input
 
 
 @dataclass
@@ -146,6 +146,8 @@ def log_likelihood(
     ``seed`` makes the estimate reproducible without touching the caller's RNG stream.
     ``progress``: show a progress bar with this description (:func:`progress_bar`).
     """
+    if data.dim() >= 2:  # uint8 or [N, H, W] images as the data hands them out
+        data = model_input(data, getattr(model, "data_dim", None))
     check_inputs(data, k, batch_size, chunk_size)
     device = torch.device(device) if device is not None else model_device(model)
     dtype = model_dtype(model) or data.dtype
@@ -166,6 +168,7 @@ def evaluate_bounds(
     model: HasLogWeights, data: Tensor, k: int, batch_size: int = 100, seed: int | None = 0
 ) -> dict[str, float]:
     """Mean ELBO and L_k over a dataset from the same k draws per point, in nats."""
+    data = model_input(data, getattr(model, "data_dim", None))
     device = model_device(model)
     dtype = model_dtype(model) or data.dtype
     elbo_sum = iwae_sum = 0.0
