@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import bounds
 from .models.base import HasLogWeights, model_input
+from .progress import Progress
 
 
 @dataclass
@@ -81,11 +81,10 @@ def model_dtype(model: object) -> torch.dtype | None:
     return next((p.dtype for p in params if p.is_floating_point()), None)
 
 
-def progress_bar(total: int, what: str | None, unit: str = "img") -> tqdm:
+def progress_bar(total: int, what: str | None, unit: str = "img") -> Progress:
     """A progress bar over ``total`` items saying ``what`` is being done; none when ``what`` is
-    None, or when stderr is not a terminal (a log file gets the commands' own lines)."""
-    return tqdm(total=total, desc=what, unit=unit, leave=False, dynamic_ncols=True,
-                disable=True if what is None else None)
+    None; off a terminal, a plain line every few seconds (:class:`~elbolab.progress.Progress`)."""
+    return Progress(total, what or "", unit, enabled=what is not None)
 
 
 def random_subset(x: Tensor, n: int, seed: int = 0) -> Tensor:

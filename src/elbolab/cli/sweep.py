@@ -139,7 +139,7 @@ def _evaluate(run_dir: Path, cfg: RunConfig, dataset) -> str:
                               e.test_images).to(device)
             t1 = time.perf_counter()
             report = summarize(model, x, cfg.objective.k, e.k_importance, e.batch_size, e.chunk_for(device),
-                               e.active_unit_threshold, e.seed)
+                               e.active_unit_threshold, e.seed, progress=True)
             report["eval_seconds"] = round(time.perf_counter() - t1, 1)
             write_json(run_dir / REPORT, report)
         finally:
