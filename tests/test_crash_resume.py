@@ -250,7 +250,10 @@ def test_ctrl_c_of_a_default_folder_run_prints_the_line_that_continues_it(tmp_pa
     again = subprocess.run([sys.executable, "-m", "elbolab.cli", *argv[1:]], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
+    assert "continuing the unfinished run" in again.stdout and "warning" not in again.stderr  # ordinary
     run = tmp_path / argv[3]
+    logged = sum(json.loads(r)["seconds"] for r in (run / "metrics.jsonl").read_text().splitlines())
+    assert int(again.stdout.split("trained in ")[1].split(" s")[0]) >= int(logged), again.stdout
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name], "the resume made another folder"
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert outcome(run) == reference

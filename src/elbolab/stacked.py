@@ -404,6 +404,7 @@ class StackedTrainer:
     # --- setting up -------------------------------------------------------------------
     def _add_member(self, cfg: RunConfig, run_dir: Path, resume: bool | None) -> None:
         trainer = Trainer(cfg, run_dir, self.dataset, _monitor(self.monitors, cfg, self.dataset))
+        trainer.line_prefix = f"{run_dir.name}: "
         for m in self.members:  # one copy of the training images per binarization, not per run
             if (m.trainer.batcher.binarization, m.trainer.cfg.data.binarization_seed) == (
                     trainer.batcher.binarization, cfg.data.binarization_seed):

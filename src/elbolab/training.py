@@ -181,6 +181,9 @@ def take_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objectiv
 
 
 class Trainer:
+    #: put before each epoch line: a sweep names the run ("lr=0.001: epoch 3/10: ...")
+    line_prefix = ""
+
     def __init__(self, cfg: RunConfig, run_dir: str | Path, dataset: ImageDataset | None = None,
                  monitor: EpochMonitor | None = None) -> None:
         preflight(cfg)
@@ -332,7 +335,7 @@ class Trainer:
                 self.load_state(state, self.run_dir / CHECKPOINT)
             # else: killed before the first checkpoint; the freshly seeded state is where it began
             keep_metrics_upto(self.run_dir, self.epoch)
-            log.warning("continuing the unfinished run in %s at epoch %d, batch %d (step %d)",
+            log.info("continuing the unfinished run in %s at epoch %d, batch %d (step %d)",
                         self.run_dir, self.epoch + 1, self.next_batch, self.step)
             self._write_info("running")
         except BaseException:
@@ -513,7 +516,7 @@ class Trainer:
         self._track_best(row)
         append_line(self.run_dir / METRICS, json.dumps(row))
         sinks = _log_to_sinks(sinks or [], row, self.epoch)
-        log.info("%s", epoch_line(row, cfg.train.epochs, cfg.objective.k))
+        log.info("%s%s", self.line_prefix, epoch_line(row, cfg.train.epochs, cfg.objective.k))
         log.debug("epoch %d: %s", self.epoch, json.dumps(row))
         patience = cfg.train.early_stopping_patience
         if patience and self.epochs_since_best >= patience:

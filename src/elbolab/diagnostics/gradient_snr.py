@@ -184,6 +184,12 @@ def format_snr_table(results: Sequence[GradientSNR], batch: int) -> str:
     return "\n".join(lines)
 
 
+#: estimators that differ only in the encoder's gradient: from the same draws their decoder
+#: gradients are equal, so their decoder lines are drawn over each other
+SAME_DECODER_GRADIENT = {"standard", "stl", "dreg"}
+DECODER_NOTE = "standard, stl and dreg give the same decoder gradient:\ntheir lines coincide (drawn over each other)"
+
+
 def snr_figure(results: Sequence[GradientSNR], title: str | None = None):
     """Log-log SNR against k, one colour per estimator, one panel per parameter group."""
     import matplotlib
@@ -210,6 +216,8 @@ def snr_figure(results: Sequence[GradientSNR], title: str | None = None):
                   Line2D([], [], color="grey", marker="s", ls="--", label="whole group")]
         handles = [Line2D([], [], color=f"C{i}", label=est) for i, est in enumerate(estimators)] + styles
         ax.legend(handles=handles, fontsize=8, title="estimator / SNR", title_fontsize=8)
+        if group == "decoder" and len(set(estimators) & SAME_DECODER_GRADIENT) > 1:
+            ax.text(0.02, 0.02, DECODER_NOTE, transform=ax.transAxes, fontsize=7, va="bottom", ha="left")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
