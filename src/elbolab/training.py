@@ -53,6 +53,7 @@ from .runs import (
     keep_metrics_upto,
     lock_run,
     open_unfinished_run,
+    read_metrics,
     run_info,
     save_checkpoint,
     save_weights,
@@ -509,13 +510,16 @@ class Trainer:
         if cfg.train.eval_every and (self.epoch + 1) % cfg.train.eval_every == 0:
             row.update(self.validate())
         row["seconds"] = round(time.perf_counter() - t0, 3)
+        images: dict[str, Any] = {}
         if self._monitor_due():
             row.update(self.monitor(self.model))
+            if hasattr(self.monitor, "images") and any(hasattr(s, "log_images") for s in sinks or []):
+                images = self.monitor.images(self.model, [*read_metrics(self.run_dir / METRICS), row])
         self.epoch += 1
         self.order, self.next_batch = None, 0
         self._track_best(row)
         append_line(self.run_dir / METRICS, json.dumps(row))
-        sinks = _log_to_sinks(sinks or [], row, self.epoch)
+        sinks = _log_to_sinks(sinks or [], row, self.epoch, images)
         log.info("%s%s", self.line_prefix, epoch_line(row, cfg.train.epochs, cfg.objective.k))
         log.debug("epoch %d: %s", self.epoch, json.dumps(row))
         patience = cfg.train.early_stopping_patience
@@ -592,13 +596,16 @@ def close_sinks(sinks: list[MetricSink]) -> None:
                         type(e).__name__, str(e)[:200])
 
 
-def _log_to_sinks(sinks: list[MetricSink], row: dict[str, Any], step: int) -> list[MetricSink]:
+def _log_to_sinks(sinks: list[MetricSink], row: dict[str, Any], step: int,
+                  images: dict[str, Any] | None = None) -> list[MetricSink]:
     """Log ``row`` to every sink; one that fails is dropped with a warning (metrics.jsonl has
     the row, and a logging service must not cost the run)."""
     kept = []
     for sink in sinks:
         try:
             sink.log(row, step)
+            if images and hasattr(sink, "log_images"):  # figures, at the monitor's epochs
+                sink.log_images(images, step)
             kept.append(sink)
         except Exception as e:  # noqa: BLE001 - any failure of a third-party logger
             log.warning("%s failed (%s: %s); no longer logging to it, metrics.jsonl goes on",
