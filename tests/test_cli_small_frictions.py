@@ -64,6 +64,7 @@ def test_the_monitor_figure_of_one_monitored_epoch_says_so(tmp_path, monkeypatch
     one, two = (f._suptitle.get_text() for f in figs)
     assert "one monitored epoch (1): one point per panel" in one and "one monitored epoch" not in two
     assert all(line.get_marker() == "o" for line in figs[0].axes[0].lines)  # a single point is drawn
+    assert list(figs[0].axes[0].get_xticks()) == [1]  # not fractions of an epoch around it
     m = {"epochs": [1], "points": 100, "last": {"epoch": 1, "active_units": 3}}
     assert "100 images, 1 epoch; at epoch 1: 3 active units." in monitor_sentence(m)
     assert ", 2 epochs;" in monitor_sentence({**m, "epochs": [1, 2]})

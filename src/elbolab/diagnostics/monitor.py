@@ -196,7 +196,7 @@ class CollapseMonitor:
         import matplotlib.image
 
         from . import plots
-        from .prior_figures import plot_components
+        from .prior_figures import component_grid
 
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -213,9 +213,11 @@ class CollapseMonitor:
                     files["reconstructions"] = plots.plot_reconstructions(
                         x.cpu(), model.reconstruct(x).cpu(), shape, folder / "reconstructions.png")
                     if isinstance(getattr(model, "prior", None), GaussianMixturePrior) and len(shape) == 2:
-                        files["prior_components"] = plot_components(model, shape, folder / "components.png",
-                                                                    seed=self.seed, components="most-used",
-                                                                    data=self.x)
+                        # a row per most-used component: its pseudo-input (VampPrior), then images drawn
+                        # from it; tiled with numpy, as a grid of 100 matplotlib axes takes seconds
+                        grid = component_grid(model, 10, 8, self.seed, "most-used", data=self.x)
+                        tiles = plots.image_grid(grid.reshape(-1, grid.shape[-1]), shape, grid.shape[1])
+                        out["prior_components"] = np.repeat(tiles[..., None], 3, axis=-1)
             for name, path in files.items():
                 if path is not None:
                     out[name] = matplotlib.image.imread(str(path))[..., :3]

@@ -146,6 +146,10 @@ def plot_monitor(metrics: Sequence[dict[str, Any]], path: Path) -> Path | None:
     a.xaxis.set_major_locator(MaxNLocator(integer=True))
     b.xaxis.set_major_locator(MaxNLocator(integer=True))
     one = f"; one monitored epoch ({rows[0]['epoch']}): one point per panel" if len(rows) == 1 else ""
+    if one:  # the locator would label fractions of an epoch around the one point
+        for ax in axes[0]:
+            ax.set_xticks([rows[0]["epoch"]])
+        a.set_ylim(rows[0]["active_units"] - 1, rows[0]["active_units"] + 1)
     fig.suptitle(f"Collapse during training (train.monitor_every){one}")
     fig.tight_layout()
     return _save(fig, path)
