@@ -337,7 +337,7 @@ class Trainer:
             # else: killed before the first checkpoint; the freshly seeded state is where it began
             keep_metrics_upto(self.run_dir, self.epoch)
             log.info("continuing the unfinished run in %s at epoch %d, batch %d (step %d)",
-                        self.run_dir, self.epoch + 1, self.next_batch, self.step)
+                     self.run_dir, self.epoch + 1, self.next_batch, self.step)
             self._write_info("running")
         except BaseException:
             self.release()
@@ -513,6 +513,7 @@ class Trainer:
         images: dict[str, Any] = {}
         if self._monitor_due():
             row.update(self.monitor(self.model))
+            # the figures an image sink (TensorBoard) shows: diagnostics.monitor.CollapseMonitor.images
             if hasattr(self.monitor, "images") and any(hasattr(s, "log_images") for s in sinks or []):
                 images = self.monitor.images(self.model, [*read_metrics(self.run_dir / METRICS), row])
         self.epoch += 1
