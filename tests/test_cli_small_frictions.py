@@ -44,14 +44,15 @@ def test_a_resumed_run_counts_the_time_of_all_its_sessions(tmp_path):
     assert _trained_in(40.0, 40.0) == "trained in 40 s"
 
 
-def test_sweep_epoch_lines_name_their_run(tmp_path, caplog):
+def test_sweep_epoch_lines_name_their_run_and_a_log_gets_no_bar(tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO, "elbolab")
     sets = {"model.hidden": "[20]", "model.latent_dim": 4, "objective.k": 2, "train.epochs": 1,
-            "train.batch_size": 2000, "train.progress": "false", "train.threads": 1, "train.monitor_every": 0}
+            "train.batch_size": 2000, "train.progress": "true", "train.threads": 1, "train.monitor_every": 0}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     assert main(["train", "--no-eval", "--out", str(tmp_path / "sw"), *args, "--sweep", "train.seed=0,1"]) == 0
     lines = [m for m in caplog.messages if "epoch 1/1:" in m]
     assert sorted(m.split(": epoch")[0] for m in lines) == ["seed=0", "seed=1"], lines
+    assert "runs stacked" not in capsys.readouterr().err  # stderr is no terminal here: no tqdm bar
 
 
 def test_the_monitor_figure_of_one_monitored_epoch_says_so(tmp_path, monkeypatch):

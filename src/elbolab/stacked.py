@@ -494,7 +494,7 @@ class StackedTrainer:
             self._bar_key = key
             self._bar = tqdm(total=n, initial=i, leave=False, unit="batch",
                              desc=f"epoch {t.epoch + 1}/{t.cfg.train.epochs}, {len(active)} runs stacked",
-                             disable=not any(m.trainer.cfg.train.progress for m in active))
+                             disable=None if any(m.trainer.cfg.train.progress for m in active) else True)
         self._bar.update(1)
 
     def _advance(self, active: list[_Member]) -> None:
