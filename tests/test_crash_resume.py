@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -227,3 +228,32 @@ def test_default_run_folders_are_unique_for_runs_started_in_the_same_second(tmp_
     for r in runs:
         assert json.loads((r / "run.json").read_text())["status"] == "finished"
         assert len((r / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_ctrl_c_of_a_default_folder_run_prints_the_line_that_continues_it(tmp_path, reference):
+    """Without --out each command makes a new folder, so "rerun the same command" would start
+    over: the message names the exact command, and running it as printed finishes the run."""
+    settings = [a for s in SETTINGS for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "elbolab.cli", "train", "--no-eval", *settings]
+    env = {**os.environ, TEST_STOP_ENV: "step#65"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until_frozen(proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    err = finish(proc, expect=130)
+    said = err.strip().splitlines()[-1]
+    assert said.startswith("elbolab: interrupted;") and "rerun the same command" not in said, err
+    line = said.split("continue with: ", 1)[1]
+    argv = shlex.split(line)
+    assert argv[:3] == ["elbolab", "train", "--resume"] and argv[3].startswith("runs/"), line
+    env.pop(TEST_STOP_ENV)
+    again = subprocess.run([sys.executable, "-m", "elbolab.cli", *argv[1:]], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "continuing the unfinished run" in again.stdout and "warning" not in again.stderr  # ordinary
+    run = tmp_path / argv[3]
+    logged = sum(json.loads(r)["seconds"] for r in (run / "metrics.jsonl").read_text().splitlines())
+    assert int(again.stdout.split("trained in ")[1].split(" s")[0]) >= int(logged), again.stdout
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name], "the resume made another folder"
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert outcome(run) == reference

@@ -20,7 +20,7 @@ PACKAGE = SRC / "elbolab"
 #: bottom first; a module may import its own layer and the ones below
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("version", "startup", "errors", "limits", "registry", "config", "bounds", "distributions", "fastpaths", "files",
-     "devices", "rng", "sweep"),
+     "devices", "rng", "sweep", "progress"),
     ("priors", "likelihoods", "flows", "models", "data", "adapters"),
     ("objectives", "evaluation", "optimizers", "schedules", "fused"),
     ("runs", "preflight", "sinks", "training", "stacked"),

@@ -193,22 +193,46 @@ def test_each_logged_epoch_matches_the_offline_diagnostics_at_that_epochs_weight
     assert abs(kls[0] - kls[1]) > 100 * 5e-6
 
 
-def test_tensorboard_gets_the_monitor_numbers(tmp_path):
+@pytest.mark.parametrize("prior", ["standard", "vampprior"])
+def test_tensorboard_gets_grouped_numbers_a_kl_histogram_and_the_figures(tmp_path, prior):
+    """Tags in groups (bounds/, monitor/, train/, time/), the per-unit KL as one histogram rather
+    than a scalar per unit, and at the monitor's epochs (2 and the last, 3) the figures diagnose
+    draws; the run trains bit for bit as one without TensorBoard."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg, ds = small_cfg(**{"train.tensorboard": True}), tiny_dataset()
+    over = {"model.prior.name": prior, "model.prior.components": 4}
+    cfg, ds = small_cfg(**over, **{"train.tensorboard": True}), tiny_dataset()
     Trainer(cfg, tmp_path / "r", ds, CollapseMonitor.for_run(cfg, ds)).fit()
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"), size_guidance={"images": 0, "histograms": 0})
     acc.Reload()
-    series = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
-    assert series["active_units"] == {r["epoch"]: r["active_units"] for r in rows if "active_units" in r}
+    tags = acc.Tags()
+    series = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in tags["scalars"]}
+    assert {t.split("/")[0] for t in series} == {"bounds", "monitor", "train", "time"}, sorted(series)
+    assert not any("kl_per_unit" in t for t in series), "one histogram, not a scalar per unit"
+    monitored = {r["epoch"]: r for r in rows if "active_units" in r}
+    assert sorted(monitored) == [2, 3]
+    assert series["monitor/active_units"] == {e: r["active_units"] for e, r in monitored.items()}
     for r in rows:
-        assert series["train_bound"][r["epoch"]] == pytest.approx(r["train_bound"], rel=1e-6)
-        if "kl_per_unit" in r:
-            assert series["kl_per_unit/2"][r["epoch"]] == pytest.approx(r["kl_per_unit"][2], rel=1e-6)
-            assert series["mutual_information"][r["epoch"]] == pytest.approx(r["mutual_information"], rel=1e-6)
+        assert series["bounds/train_bound"][r["epoch"]] == pytest.approx(r["train_bound"], rel=1e-6)
+        assert series["train/lr"][r["epoch"]] == pytest.approx(r["lr"], rel=1e-6)
+    for e, r in monitored.items():
+        assert series["monitor/mutual_information"][e] == pytest.approx(r["mutual_information"], rel=1e-6)
+    hist = {h.step: h.histogram_value for h in acc.Histograms("monitor/kl_per_unit")}
+    assert sorted(hist) == [2, 3]
+    for e, h in hist.items():
+        kl = monitored[e]["kl_per_unit"]
+        assert (h.num, h.min, h.max) == (3, pytest.approx(min(kl), rel=1e-6), pytest.approx(max(kl), rel=1e-6))
+        assert h.sum == pytest.approx(sum(kl), rel=1e-6)
+    figures = {"images/monitor", "images/samples", "images/reconstructions"}
+    assert set(tags["images"]) == figures | ({"images/prior_components"} if prior == "vampprior" else set())
+    for tag in tags["images"]:
+        shown = acc.Images(tag)
+        assert [i.step for i in shown] == [2, 3] and all(i.width > 50 and i.height > 20 for i in shown), tag
+    plain = small_cfg(**over)
+    Trainer(plain, tmp_path / "p", ds, CollapseMonitor.for_run(plain, ds)).fit()
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == (tmp_path / "p" / "model.safetensors").read_bytes()
 
 
 def wandb_history(run_file: Path) -> dict[int, dict]:

@@ -19,9 +19,12 @@ from .flows import FLOWS  # noqa: F401
 from .models import MODELS  # noqa: F401
 from .objectives import ESTIMATORS, OBJECTIVES  # noqa: F401
 from .optimizers import OPTIMIZERS  # noqa: F401
+from .progress import install_fallback, set_verbosity
 from .runs import Run, load_run
 from .schedules import SCHEDULES  # noqa: F401
 from .version import __version__
 
-__all__ = ["Run", "RunConfig", "__version__", "bounds", "diagnose", "evaluate", "load_run", "snr", "train",
-           "train_model"]
+install_fallback()  # progress from Python by default; set_verbosity("warning") silences it
+
+__all__ = ["Run", "RunConfig", "__version__", "bounds", "diagnose", "evaluate", "load_run", "set_verbosity", "snr",
+           "train", "train_model"]

@@ -110,7 +110,7 @@ def train(data: Any = None, out: str | Path | None = None, config: Any = None, *
 
 def train_model(model: Any, data: Any, *, epochs: int = 10, batch_size: int = 100, lr: float = 1e-3,
                 objective: str = "iwae", k: int = 5, estimator: str = "standard", seed: int = 0,
-                optimizer: torch.optim.Optimizer | None = None, progress: bool = False) -> list[float]:
+                optimizer: torch.optim.Optimizer | None = None, progress: bool = True) -> list[float]:
     """Train a model elbolab did not build (an adapter) with an elbolab objective; returns
     the mean training bound of each epoch, in nats.
 
@@ -119,7 +119,8 @@ def train_model(model: Any, data: Any, *, epochs: int = 10, batch_size: int = 10
     [0, 1]). ``objective``/``k``/``estimator`` as in the config (``"dreg"`` and ``"stl"``
     need the model's ``log_weight_terms(stop_posterior_grad=...)`` and its encoder /
     decoder split). A step whose loss or gradients are not finite is skipped (logged).
-    The model stays yours: save it with its own library's means.
+    The model stays yours: save it with its own library's means. ``progress``: one line per
+    epoch on the ``elbolab`` logger (shown by default; ``elbolab.set_verbosity("warning")``).
     """
     cfg = ObjectiveConfig(name=objective, k=k, estimator=estimator)
     cfg.validate("objective")
@@ -145,7 +146,7 @@ def train_model(model: Any, data: Any, *, epochs: int = 10, batch_size: int = 10
                 log.warning("epoch %d: non-finite loss or gradient; step skipped", epoch + 1)
         bounds.append(total / count if count else math.nan)
         if progress:
-            print(f"epoch {epoch + 1}/{epochs}: bound {bounds[-1]:.3f}")
+            log.info("epoch %d/%d: bound %.3f", epoch + 1, epochs, bounds[-1])
     model.eval()
     return bounds
 
@@ -282,7 +283,7 @@ def evaluate(target: Any, data: Any = None, *, split: str = "test", k: int | Non
     e = run.config.eval if run is not None else RunConfig().eval
     kb = bound_k or (run.config.objective.k if run is not None else 5)
     report = summarize(model, x, kb, k or e.k_importance, e.batch_size, e.chunk_for(x.device),
-                       e.active_unit_threshold, e.seed)
+                       e.active_unit_threshold, e.seed, progress=True)
     report["split"] = split
     if rd is not None:
         report["data_matches_recorded"] = rd.matches_recorded

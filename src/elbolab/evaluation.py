@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import bounds
-from .models.base import HasLogWeights
+from .models.base import HasLogWeights, model_input
+from .progress import Progress
 
 
 @dataclass
@@ -81,11 +81,10 @@ def model_dtype(model: object) -> torch.dtype | None:
     return next((p.dtype for p in params if p.is_floating_point()), None)
 
 
-def progress_bar(total: int, what: str | None, unit: str = "img") -> tqdm:
+def progress_bar(total: int, what: str | None, unit: str = "img") -> Progress:
     """A progress bar over ``total`` items saying ``what`` is being done; none when ``what`` is
-    None, or when stderr is not a terminal (a log file gets the commands' own lines)."""
-    return tqdm(total=total, desc=what, unit=unit, leave=False, dynamic_ncols=True,
-                disable=True if what is None else None)
+    None; off a terminal, a plain line every few seconds (:class:`~elbolab.progress.Progress`)."""
+    return Progress(total, what or "", unit, enabled=what is not None)
 
 
 def random_subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
@@ -146,6 +145,8 @@ def log_likelihood(
     ``seed`` makes the estimate reproducible without touching the caller's RNG stream.
     ``progress``: show a progress bar with this description (:func:`progress_bar`).
     """
+    if data.dim() >= 2:  # uint8 or [N, H, W] images as the data hands them out
+        data = model_input(data, getattr(model, "data_dim", None))
     check_inputs(data, k, batch_size, chunk_size)
     device = torch.device(device) if device is not None else model_device(model)
     dtype = model_dtype(model) or data.dtype
@@ -166,6 +167,7 @@ def evaluate_bounds(
     model: HasLogWeights, data: Tensor, k: int, batch_size: int = 100, seed: int | None = 0
 ) -> dict[str, float]:
     """Mean ELBO and L_k over a dataset from the same k draws per point, in nats."""
+    data = model_input(data, getattr(model, "data_dim", None))
     device = model_device(model)
     dtype = model_dtype(model) or data.dtype
     elbo_sum = iwae_sum = 0.0

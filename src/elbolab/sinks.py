@@ -1,8 +1,10 @@
 """Where a run's per-epoch rows go besides metrics.jsonl: TensorBoard and Weights & Biases.
 
-Each sink takes the same row the trainer appends to metrics.jsonl. Numbers are logged
-as scalars under their key; a list (per-unit KL, active units per layer) as one scalar
-per entry, ``kl_per_unit/07``, so a dead unit is a flat line of its own. Both packages are
+Each sink takes the same row the trainer appends to metrics.jsonl. W&B logs numbers as
+scalars under their key, a list (per-unit KL, active units per layer) as one scalar per
+entry, ``kl_per_unit/07``. TensorBoard groups the tags (:func:`tensorboard_tag`: bounds/,
+monitor/, train/, time/), shows the per-unit KL as one histogram, and at the monitor's
+epochs the figures ``elbolab diagnose`` draws (images/...). Both packages are
 optional extras; preflight refuses a switched-on sink whose package is missing before
 anything is created, so the imports here only fail if the package breaks on import.
 """
@@ -15,6 +17,8 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
 
 from .config import RunConfig
 
@@ -45,8 +49,27 @@ def scalars(row: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]
             yield from scalars(value, f"{name}/")
 
 
+#: the row's keys TensorBoard shows under monitor/ (diagnostics.monitor's numbers)
+MONITOR_KEYS = ("active_units", "active_units_per_layer", "kl_per_unit", "mutual_information",
+                "mutual_information_stderr", "monitor_points", "monitor_seconds")
+
+
+def tensorboard_tag(key: str) -> str:
+    """A metrics.jsonl key as TensorBoard shows it, in a group: bounds/train_bound,
+    bounds/valid_iwae_5, monitor/active_units, time/seconds, train/lr, ..."""
+    if key.startswith(("train_bound", "valid_")):
+        return f"bounds/{key}"
+    if key.split("/", 1)[0] in MONITOR_KEYS:
+        return f"monitor/{key}"
+    if key == "seconds":
+        return "time/epoch_seconds"
+    return f"train/{key}"
+
+
 class TensorBoardSink:
-    """Event files in ``RUN/tensorboard``; a resumed run purges the events after its checkpoint."""
+    """Event files in ``RUN/tensorboard``; a resumed run purges the events after its checkpoint.
+    Scalars in groups (:func:`tensorboard_tag`), ``monitor/kl_per_unit`` as one histogram over
+    the units, and the monitor's figures as images (:meth:`log_images`)."""
 
     def __init__(self, run_dir: Path, first_epoch: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -54,8 +77,17 @@ class TensorBoardSink:
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_epoch if first_epoch > 1 else None)
 
     def log(self, row: dict[str, Any], step: int) -> None:
-        for name, value in scalars(row):
-            self.writer.add_scalar(name, value, step)
+        kl = row.get("kl_per_unit")
+        for name, value in scalars({k: v for k, v in row.items() if k != "kl_per_unit"}):
+            self.writer.add_scalar(tensorboard_tag(name), value, step)
+        if kl:
+            self.writer.add_histogram(tensorboard_tag("kl_per_unit"), np.asarray(kl, dtype=np.float64), step)
+        self.writer.flush()
+
+    def log_images(self, images: dict[str, Any], step: int) -> None:
+        """``[H, W, 3]`` arrays in [0, 1] (diagnostics.monitor.CollapseMonitor.images) under images/."""
+        for name, image in images.items():
+            self.writer.add_image(f"images/{name}", image, step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:

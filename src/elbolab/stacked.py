@@ -404,6 +404,7 @@ class StackedTrainer:
     # --- setting up -------------------------------------------------------------------
     def _add_member(self, cfg: RunConfig, run_dir: Path, resume: bool | None) -> None:
         trainer = Trainer(cfg, run_dir, self.dataset, _monitor(self.monitors, cfg, self.dataset))
+        trainer.line_prefix = f"{run_dir.name}: "
         for m in self.members:  # one copy of the training images per binarization, not per run
             if (m.trainer.batcher.binarization, m.trainer.cfg.data.binarization_seed) == (
                     trainer.batcher.binarization, cfg.data.binarization_seed):
@@ -493,7 +494,7 @@ class StackedTrainer:
             self._bar_key = key
             self._bar = tqdm(total=n, initial=i, leave=False, unit="batch",
                              desc=f"epoch {t.epoch + 1}/{t.cfg.train.epochs}, {len(active)} runs stacked",
-                             disable=not any(m.trainer.cfg.train.progress for m in active))
+                             disable=None if any(m.trainer.cfg.train.progress for m in active) else True)
         self._bar.update(1)
 
     def _advance(self, active: list[_Member]) -> None:

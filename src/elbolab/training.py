@@ -53,6 +53,7 @@ from .runs import (
     keep_metrics_upto,
     lock_run,
     open_unfinished_run,
+    read_metrics,
     run_info,
     save_checkpoint,
     save_weights,
@@ -181,6 +182,9 @@ def take_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objectiv
 
 
 class Trainer:
+    #: put before each epoch line: a sweep names the run ("lr=0.001: epoch 3/10: ...")
+    line_prefix = ""
+
     def __init__(self, cfg: RunConfig, run_dir: str | Path, dataset: ImageDataset | None = None,
                  monitor: EpochMonitor | None = None) -> None:
         preflight(cfg)
@@ -332,8 +336,8 @@ class Trainer:
                 self.load_state(state, self.run_dir / CHECKPOINT)
             # else: killed before the first checkpoint; the freshly seeded state is where it began
             keep_metrics_upto(self.run_dir, self.epoch)
-            log.warning("continuing the unfinished run in %s at epoch %d, batch %d (step %d)",
-                        self.run_dir, self.epoch + 1, self.next_batch, self.step)
+            log.info("continuing the unfinished run in %s at epoch %d, batch %d (step %d)",
+                     self.run_dir, self.epoch + 1, self.next_batch, self.step)
             self._write_info("running")
         except BaseException:
             self.release()
@@ -506,14 +510,18 @@ class Trainer:
         if cfg.train.eval_every and (self.epoch + 1) % cfg.train.eval_every == 0:
             row.update(self.validate())
         row["seconds"] = round(time.perf_counter() - t0, 3)
+        images: dict[str, Any] = {}
         if self._monitor_due():
             row.update(self.monitor(self.model))
+            # the figures an image sink (TensorBoard) shows: diagnostics.monitor.CollapseMonitor.images
+            if hasattr(self.monitor, "images") and any(hasattr(s, "log_images") for s in sinks or []):
+                images = self.monitor.images(self.model, [*read_metrics(self.run_dir / METRICS), row])
         self.epoch += 1
         self.order, self.next_batch = None, 0
         self._track_best(row)
         append_line(self.run_dir / METRICS, json.dumps(row))
-        sinks = _log_to_sinks(sinks or [], row, self.epoch)
-        log.info("%s", epoch_line(row, cfg.train.epochs, cfg.objective.k))
+        sinks = _log_to_sinks(sinks or [], row, self.epoch, images)
+        log.info("%s%s", self.line_prefix, epoch_line(row, cfg.train.epochs, cfg.objective.k))
         log.debug("epoch %d: %s", self.epoch, json.dumps(row))
         patience = cfg.train.early_stopping_patience
         if patience and self.epochs_since_best >= patience:
@@ -589,13 +597,16 @@ def close_sinks(sinks: list[MetricSink]) -> None:
                         type(e).__name__, str(e)[:200])
 
 
-def _log_to_sinks(sinks: list[MetricSink], row: dict[str, Any], step: int) -> list[MetricSink]:
+def _log_to_sinks(sinks: list[MetricSink], row: dict[str, Any], step: int,
+                  images: dict[str, Any] | None = None) -> list[MetricSink]:
     """Log ``row`` to every sink; one that fails is dropped with a warning (metrics.jsonl has
     the row, and a logging service must not cost the run)."""
     kept = []
     for sink in sinks:
         try:
             sink.log(row, step)
+            if images and hasattr(sink, "log_images"):  # figures, at the monitor's epochs
+                sink.log_images(images, step)
             kept.append(sink)
         except Exception as e:  # noqa: BLE001 - any failure of a third-party logger
             log.warning("%s failed (%s: %s); no longer logging to it, metrics.jsonl goes on",

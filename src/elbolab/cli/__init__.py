@@ -37,7 +37,22 @@ __all__ = ["EXIT_BAD_INPUT", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_NUMERICAL",
 #: the command groups, in the order ``elbolab --help`` lists them
 GROUPS = (train, evaluate, gaps, data, reproduce, bench, config)
 
-VERBOSE_HELP = "also log debug detail (every metric of every epoch), with timestamps"
+VERBOSE_HELP = "also log debug detail, with timestamps"
+#: what -v adds where it adds more than debug lines
+VERBOSE_HELP_OF = {"train": "also log every metric of every epoch (debug detail), with timestamps"}
+
+
+class _ShowDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless it has none (None, a flag's False) or
+    the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        none = default is None or default is False or default == argparse.SUPPRESS or default == []
+        if not text or "default" in text or none or not action.option_strings:
+            return action.help
+        return f"{text} (default: %(default)s)"
 
 
 class _Lines(logging.Formatter):
@@ -83,13 +98,16 @@ def setup_logging(verbose: bool, machine_output: bool = False) -> None:
     logging.getLogger("elbolab").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _add_verbose(parser: argparse.ArgumentParser) -> None:
-    """-v after any subcommand too (``elbolab train -v``); SUPPRESS keeps the top-level value."""
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+def _add_verbose(parser: argparse.ArgumentParser, command: str) -> None:
+    """-v after any subcommand too (``elbolab train -v``); SUPPRESS keeps the top-level value.
+    Every subcommand's help shows the options' defaults."""
+    parser.formatter_class = _ShowDefaults
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help=VERBOSE_HELP_OF.get(command, VERBOSE_HELP))
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                _add_verbose(sub)
+            for name, sub in action.choices.items():
+                _add_verbose(sub, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:
         group.add_commands(sub)
-    for command in sub.choices.values():
-        _add_verbose(command)
+    for name, command in sub.choices.items():
+        _add_verbose(command, name)
     return parser
 
 
@@ -150,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"elbolab: numerical fault: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_NUMERICAL
     except KeyboardInterrupt:
-        print("elbolab: interrupted; the last checkpoint is kept: rerun the same command (or train --resume RUN) "
-              "to continue", file=sys.stderr)
+        # a command that knows how it continues (train: the exact --resume line) says so
+        then = getattr(args, "to_continue", None) or "rerun the same command"
+        print(f"elbolab: interrupted; {then}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -22,7 +22,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             post = c.model.posterior
             flow = f", {post.flow} flow x{post.length}" if post.active else ""
             print(f"  {p.row.id:38s} {p.data_label}, {c.model.name}, prior {c.model.prior.name}{flow}, "
-                  f"{c.objective.name} k={c.objective.k}, {c.train.epochs} epochs")
+                  f"{c.objective.name} k={c.objective.k}, {c.train.epochs} epoch{'s' * (c.train.epochs != 1)}")
         return 0
 
     planned = len(select_rows(get_table(args.table), args.only))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import time
 from pathlib import Path
 
@@ -213,6 +214,8 @@ def _train_sweep(args: argparse.Namespace, folder: Path, runs: list[tuple[str, R
     print(f"elbolab: sweep of {len(runs)} runs -> {folder} ({len(groups)} stack{'s' * (len(groups) != 1)}: "
           f"{', '.join(str(len(g)) for g in groups)} runs)", flush=True)
     t0 = time.perf_counter()
+    args.to_continue = ("every run's last checkpoint is kept; continue with: elbolab train --resume "
+                        f"{shlex.quote(str(folder))}" + (" --no-eval" if args.no_eval else ""))
     # a run whose folder a kill came before starts; the others continue (resume=None, as the first command)
     outcomes = train_stacked([(c, folder / n) for n, c in runs], resume=None, dataset=dataset, monitors=run_monitor)
     print(f"trained in {time.perf_counter() - t0:.0f} s")
@@ -247,7 +250,7 @@ def _evaluate(run_dir: Path, cfg: RunConfig, dataset) -> str:
                               e.test_images).to(device)
             t1 = time.perf_counter()
             report = summarize(model, x, cfg.objective.k, e.k_importance, e.batch_size, e.chunk_for(device),
-                               e.active_unit_threshold, e.seed)
+                               e.active_unit_threshold, e.seed, progress=True)
             report["eval_seconds"] = round(time.perf_counter() - t1, 1)
             write_json(run_dir / REPORT, report)
         finally:

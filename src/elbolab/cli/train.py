@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import shlex
 import time
 from pathlib import Path
 
@@ -123,8 +124,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 torch.set_num_threads(cfg.train.threads)
             device = resolve_device(cfg.train.device)
             model = load_run(run_dir, device=str(device)).model
-            seconds = sum(float(r.get("seconds", 0.0)) for r in read_metrics(run_dir / METRICS))
-            _report(model, device, dataset, cfg, run_dir, seconds)
+            _report(model, device, dataset, cfg, run_dir, trained_seconds(run_dir, 0.0))
+        except KeyboardInterrupt:
+            args.to_continue = continue_line(run_dir, args.no_eval)
+            raise
         finally:
             lock.release()
         return 0
@@ -134,17 +137,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(header(cfg, dataset.name, run_dir), flush=True)
     try:
         trainer.fit(resume=resume, keep_lock=True)  # held through the evaluation: one owner at a time
-        train_seconds = time.perf_counter() - t0
+        session = time.perf_counter() - t0
+        train_seconds = trained_seconds(run_dir, session)
         if args.no_eval:
-            print(f"trained in {train_seconds:.0f} s; run folder: {run_dir}")
+            print(f"{_trained_in(train_seconds, session)}; run folder: {run_dir}")
             return 0
-        _report(trainer.model, trainer.device, dataset, cfg, run_dir, train_seconds)
+        _report(trainer.model, trainer.device, dataset, cfg, run_dir, train_seconds, session)
+    except KeyboardInterrupt:
+        if holds_run(run_dir):
+            args.to_continue = continue_line(run_dir, args.no_eval)
+        raise
     finally:
         trainer.release()
     return 0
 
 
-def _report(model, device, dataset, cfg: RunConfig, run_dir: Path, train_seconds: float) -> None:
+def trained_seconds(run_dir: Path, session: float) -> float:
+    """The run's training time over all its sessions: metrics.jsonl's epoch (and monitor) times
+    summed, or this session's wall clock where that is more (it also counts setup and checkpoints)."""
+    rows = read_metrics(run_dir / METRICS)
+    logged = sum(float(r.get("seconds") or 0.0) + float(r.get("monitor_seconds") or 0.0) for r in rows)
+    return max(session, logged)
+
+
+def _trained_in(total: float, session: float | None) -> str:
+    if session is not None and total > session + 1:  # resumed: say both
+        return f"trained in {total:.0f} s over all its sessions ({session:.0f} s in this one)"
+    return f"trained in {total:.0f} s"
+
+
+def continue_line(run_dir: Path, no_eval: bool = False) -> str:
+    """What the interrupt message prints: the exact command that continues ``run_dir`` (a new
+    command without --out would start another run in a new folder)."""
+    return (f"the last checkpoint is kept; continue with: elbolab train --resume {shlex.quote(str(run_dir))}"
+            + (" --no-eval" if no_eval else ""))
+
+
+def _report(model, device, dataset, cfg: RunConfig, run_dir: Path, train_seconds: float,
+            session: float | None = None) -> None:
     """Evaluate on the test split, write report.json, print the summary."""
     e = cfg.eval
     x_test = random_subset(evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed),
@@ -157,7 +187,7 @@ def _report(model, device, dataset, cfg: RunConfig, run_dir: Path, train_seconds
     fault_point("report")
     write_json(run_dir / REPORT, report)
     print(format_summary(report))
-    print(f"trained in {train_seconds:.0f} s, evaluated in {report['eval_seconds']:.0f} s")
+    print(f"{_trained_in(train_seconds, session)}, evaluated in {report['eval_seconds']:.0f} s")
     print(f"run folder: {run_dir}  (reload with elbolab.load_run('{run_dir}'))")
 
 

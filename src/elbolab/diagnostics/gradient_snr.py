@@ -22,6 +22,7 @@ from ..config import ObjectiveConfig
 from ..evaluation import model_device, seeded
 from ..models.base import LatentVariableModel
 from ..objectives import make_objective
+from ..progress import Progress
 
 GROUPS = ("encoder", "decoder")
 
@@ -92,12 +93,14 @@ def gradient_snr(
     m: int = 1,
     beta: float = 0.5,
     seed: int | None = 0,
+    bar: Progress | None = None,
 ) -> GradientSNR:
     """Per-group gradient SNR of ``objective`` (a name from OBJECTIVES) at k on the batch ``data``.
 
     Each of the ``n_draws`` draws takes fresh samples on the same batch; mean and variance
     are accumulated (Welford, float64), so memory is two parameter vectors per group.
     The model's gradients are left cleared; the caller's RNG stream is not disturbed.
+    ``bar`` counts the samples drawn (k per draw).
     """
     if n_draws < 2:
         raise ValueError(f"n_draws must be >= 2 to estimate a standard deviation, got {n_draws}")
@@ -121,6 +124,8 @@ def gradient_snr(
                 delta = flat - mean[g]
                 mean[g] += delta / (i + 1)
                 m2[g] += delta * (flat - mean[g])
+            if bar is not None:
+                bar.update(k)
     model.zero_grad(set_to_none=True)
     std = {g: (m2[g] / (n_draws - 1)).sqrt() for g in GROUPS}
     return GradientSNR(objective, estimator, k, n_draws, mean, std)
@@ -134,9 +139,18 @@ def snr_sweep(
     n_draws: int = 100,
     objective: str = "iwae",
     seed: int | None = 0,
+    progress: bool = True,
 ) -> list[GradientSNR]:
-    """:func:`gradient_snr` for every (estimator, k)."""
-    return [gradient_snr(model, data, k, est, n_draws, objective, seed=seed) for est in estimators for k in ks]
+    """:func:`gradient_snr` for every (estimator, k); ``progress`` counts the samples drawn
+    (:class:`~elbolab.progress.Progress`: a bar, or a line every few seconds in a log)."""
+    total = len(estimators) * sum(ks) * n_draws
+    with Progress(total, "gradient SNR", "samples", enabled=progress) as bar:
+        out = []
+        for est in estimators:
+            for k in ks:
+                bar.set_postfix(estimator=est, k=k)
+                out.append(gradient_snr(model, data, k, est, n_draws, objective, seed=seed, bar=bar))
+        return out
 
 
 def log_log_slope(results: Sequence[GradientSNR], group: str = "encoder", whole_group: bool = False) -> float:
@@ -170,6 +184,12 @@ def format_snr_table(results: Sequence[GradientSNR], batch: int) -> str:
     return "\n".join(lines)
 
 
+#: estimators that differ only in the encoder's gradient: from the same draws their decoder
+#: gradients are equal, so their decoder lines are drawn over each other
+SAME_DECODER_GRADIENT = {"standard", "stl", "dreg"}
+DECODER_NOTE = "standard, stl and dreg give the same decoder gradient:\ntheir lines coincide (drawn over each other)"
+
+
 def snr_figure(results: Sequence[GradientSNR], title: str | None = None):
     """Log-log SNR against k, one colour per estimator, one panel per parameter group."""
     import matplotlib
@@ -196,6 +216,8 @@ def snr_figure(results: Sequence[GradientSNR], title: str | None = None):
                   Line2D([], [], color="grey", marker="s", ls="--", label="whole group")]
         handles = [Line2D([], [], color=f"C{i}", label=est) for i, est in enumerate(estimators)] + styles
         ax.legend(handles=handles, fontsize=8, title="estimator / SNR", title_fontsize=8)
+        if group == "decoder" and len(set(estimators) & SAME_DECODER_GRADIENT) > 1:
+            ax.text(0.02, 0.02, DECODER_NOTE, transform=ax.transAxes, fontsize=7, va="bottom", ha="left")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -40,16 +40,14 @@ from ..distributions import DiagonalGaussian
 from ..errors import ConfigError
 from ..evaluation import batches, eval_mode, model_device, model_dtype, seeded
 from ..priors import GaussianMixturePrior
+from ..progress import Progress
 from ..registry import Registry
 
 
-def progress_bar(enabled: bool, total: int, desc: str):
-    """A tqdm bar on stderr, or None when progress is off."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm  # optional at import time: only the CLI shows bars
-
-    return tqdm(total=total, desc=desc, leave=False)
+def progress_bar(enabled: bool, total: int, desc: str, unit: str = "it") -> Progress | None:
+    """A bar on a terminal, a line every few seconds in a log (:class:`~elbolab.progress.Progress`),
+    or None when progress is off."""
+    return Progress(total, desc, unit) if enabled else None
 
 
 @contextlib.contextmanager
@@ -222,8 +220,8 @@ def _optimize_batch(model, x: Tensor, family: Family, s: LocalOptSettings, bar) 
             stop = active & (lr < s.min_lr * (1 - 1e-9))
             active &= ~stop
             if bar is not None:
+                bar.set_postfix(step=f"{t}/{s.max_steps}", running=int(active.sum()))  # moves while none stop
                 bar.update(int(stop.sum()))
-                bar.set_postfix(step=t, running=int(active.sum()))
             if not active.any():
                 break
     if bar is not None:
@@ -245,7 +243,7 @@ def optimize_local(model, data: Tensor, family: str = "encoder", settings: Local
     steps = torch.empty(n, dtype=torch.long)
     converged = torch.empty(n, dtype=torch.bool)
     out_params: dict[str, list[Tensor]] = {}
-    bar = progress_bar(progress, n, f"q* ({family})")
+    bar = progress_bar(progress, n, f"q* ({family})", "points")
     with seeded(seed, device), eval_mode(model), frozen(model):
         for sl in batches(n, s.batch_size):
             x = data[sl].to(device, dtype)

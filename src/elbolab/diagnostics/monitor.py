@@ -16,11 +16,14 @@ model) only active units per layer are logged.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +35,8 @@ from ..models.base import LatentVariableModel, NoPosterior
 from ..priors import GaussianMixturePrior, StandardNormal
 from .active_units import active_units
 from .surgery import mutual_information_terms
+
+log = logging.getLogger("elbolab")
 
 #: draws z ~ q(z|x) per point for I(x; z) (each scored against all N posteriors: cheap)
 MI_SAMPLES = 4
@@ -147,6 +152,8 @@ class CollapseMonitor:
     seed: int = 1
     #: the split the subsample comes from
     split: str = "valid"
+    #: the images' shape, for the figures a sink shows (:meth:`images`); None: no image figures
+    image_shape: tuple[int, ...] | None = None
 
     @classmethod
     def for_run(cls, cfg: RunConfig, dataset: ImageDataset, device: torch.device | str = "cpu"
@@ -160,13 +167,60 @@ class CollapseMonitor:
         x = evaluation_images(dataset, split, cfg.data.binarization, cfg.data.binarization_seed)
         keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(cfg.eval.seed))
         x = x[keep[: t.monitor_points].sort().values]
-        return cls(x.to(device), t.monitor_every, cfg.eval.active_unit_threshold, cfg.eval.seed, split)
+        return cls(x.to(device), t.monitor_every, cfg.eval.active_unit_threshold, cfg.eval.seed, split,
+                   tuple(dataset.image_shape))
 
     def __call__(self, model: LatentVariableModel) -> dict[str, Any]:
         t0 = time.perf_counter()
         row = collapse_metrics(model, self.x, self.threshold, seed=self.seed)
         row["monitor_seconds"] = round(time.perf_counter() - t0, 3)
         return row
+
+
+    def images(self, model: LatentVariableModel, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """The figures ``elbolab diagnose`` draws, as ``[H, W, 3]`` RGB arrays in [0, 1] for an image
+        sink (TensorBoard): samples, reconstructions of the subsample, the monitor's numbers so far
+        (``rows``: metrics.jsonl's, this epoch's last) and a mixture prior's components (VampPrior:
+        the pseudo-inputs). Seeded, and every RNG is left as it was (see training.EpochMonitor)."""
+        out: dict[str, np.ndarray] = {}
+        try:
+            self._draw(model, rows, out)
+        except Exception as e:  # noqa: BLE001 - a figure must not cost the run (metrics.jsonl has the numbers)
+            log.warning("monitor figures for TensorBoard failed (%s: %s); left out this epoch", type(e).__name__,
+                        str(e)[:200])
+        return out
+
+    def _draw(self, model: LatentVariableModel, rows: list[dict[str, Any]], out: dict[str, np.ndarray]) -> None:
+        import tempfile
+
+        import matplotlib.image
+
+        from . import plots
+        from .prior_figures import component_grid
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            files: dict[str, Path | None] = {"monitor": plots.plot_monitor(rows, folder / "monitor.png")}
+            shape = self.image_shape
+            # a PixelCNN decoder draws autoregressively: too slow to repeat every monitored epoch
+            exact = getattr(model, "exact_decode_mean", True)
+            if shape and math.prod(shape) == self.x.shape[1] and hasattr(model, "sample") and exact:
+                device = model_device(model)
+                with torch.no_grad(), seeded(self.seed, device), eval_mode(model):
+                    files["samples"] = plots.plot_images(model.sample(20).cpu(), shape, folder / "samples.png",
+                                                         "samples from the model, z ~ p(z)")
+                    x = self.x[:: max(1, self.x.shape[0] // 10)][:10]
+                    files["reconstructions"] = plots.plot_reconstructions(
+                        x.cpu(), model.reconstruct(x).cpu(), shape, folder / "reconstructions.png")
+                    if isinstance(getattr(model, "prior", None), GaussianMixturePrior) and len(shape) == 2:
+                        # a row per most-used component: its pseudo-input (VampPrior), then images drawn
+                        # from it; tiled with numpy, as a grid of 100 matplotlib axes takes seconds
+                        grid = component_grid(model, 10, 8, self.seed, "most-used", data=self.x)
+                        tiles = plots.image_grid(grid.reshape(-1, grid.shape[-1]), shape, grid.shape[1])
+                        out["prior_components"] = np.repeat(tiles[..., None], 3, axis=-1)
+            for name, path in files.items():
+                if path is not None:
+                    out[name] = matplotlib.image.imread(str(path))[..., :3]
 
 
 def run_monitor(cfg: RunConfig, dataset: ImageDataset) -> CollapseMonitor | None:

@@ -106,9 +106,9 @@ def plot_monitor(metrics: Sequence[dict[str, Any]], path: Path) -> Path | None:
     per_layer = np.array([r.get("active_units_per_layer", [r["active_units"]]) for r in rows])
     if per_layer.shape[1] > 1:
         for layer in range(per_layer.shape[1]):
-            a.plot(epochs, per_layer[:, layer], marker=".", label=f"layer {layer + 1}")
+            a.plot(epochs, per_layer[:, layer], marker="o", ms=5, label=f"layer {layer + 1}")
         a.legend(fontsize=8)
-    a.plot(epochs, [r["active_units"] for r in rows], marker=".", color="k", label="all layers")
+    a.plot(epochs, [r["active_units"] for r in rows], marker="o", ms=5, color="k", label="all layers")
     a.yaxis.set_major_locator(MaxNLocator(integer=True))
     a.set_xlabel("epoch")
     a.set_ylabel("active units")
@@ -117,7 +117,7 @@ def plot_monitor(metrics: Sequence[dict[str, Any]], path: Path) -> Path | None:
         e = np.array([r["epoch"] for r in mi_rows])
         mi = np.array([r["mutual_information"] for r in mi_rows])
         se = np.array([r.get("mutual_information_stderr") or 0.0 for r in mi_rows])
-        b.plot(e, mi, marker=".", color="C4", label="I(x; z), ± 2 stderr")
+        b.plot(e, mi, marker="o", ms=5, color="C4", label="I(x; z), ± 2 stderr")
         b.fill_between(e, mi - 2 * se, mi + 2 * se, color="C4", alpha=0.25, lw=0)
         n = mi_rows[-1].get("monitor_points")
         if n:
@@ -145,7 +145,12 @@ def plot_monitor(metrics: Sequence[dict[str, Any]], path: Path) -> Path | None:
         c.set_title("KL per unit (dark: collapsed)")
     a.xaxis.set_major_locator(MaxNLocator(integer=True))
     b.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle("Collapse during training (train.monitor_every)")
+    one = f"; one monitored epoch ({rows[0]['epoch']}): one point per panel" if len(rows) == 1 else ""
+    if one:  # the locator would label fractions of an epoch around the one point
+        for ax in axes[0]:
+            ax.set_xticks([rows[0]["epoch"]])
+        a.set_ylim(rows[0]["active_units"] - 1, rows[0]["active_units"] + 1)
+    fig.suptitle(f"Collapse during training (train.monitor_every){one}")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -198,6 +198,15 @@ def _au_method(au: dict[str, Any], flow: str = "none") -> str:
     return f"; upper-layer means from {au['samples']} draws of the first-sampled layer per point"
 
 
+def monitor_sentence(m: dict[str, Any]) -> str:
+    """diagnostics.md's line on the collapse monitor (``m``: :func:`_monitor_section`'s dict)."""
+    last, n = m["last"], len(m["epochs"])
+    mi = (f", I(x; z) = {last['mutual_information']:.2f} ± {last['mutual_information_stderr']:.2f} nats"
+          if last.get("mutual_information") is not None else "")
+    return (f"Logged during training on a fixed subsample of {m['points']} images, {n} epoch{'s' * (n != 1)}; "
+            f"at epoch {last['epoch']}: {last['active_units']} active units{mi}.")
+
+
 def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | None) -> str:
     ll, au = r["log_likelihood"], r["active_units"]
     lines = [
@@ -230,12 +239,7 @@ def format_markdown(r: dict[str, Any], bound_table: str, surgery_table: str | No
     if "skipped" in m:
         lines.append(f"Skipped: {m['skipped']}")
     else:
-        last = m["last"]
-        mi = (f", I(x; z) = {last['mutual_information']:.2f} ± {last['mutual_information_stderr']:.2f} nats"
-              if last.get("mutual_information") is not None else "")
-        lines += [f"Logged during training on a fixed subsample of {m['points']} images, {len(m['epochs'])} "
-                  f"epochs; at epoch {last['epoch']}: {last['active_units']} active units{mi}.", "",
-                  "![collapse during training](diag-monitor.png)"]
+        lines += [monitor_sentence(m), "", "![collapse during training](diag-monitor.png)"]
     lines += ["", "## Samples and reconstructions", "", "![samples](diag-samples.png)", "",
               "![reconstructions](diag-reconstructions.png)", ""]
     if "prior_components" in r.get("figures", {}):

@@ -9,6 +9,7 @@ and prior that density-based diagnostics need. A user's own model only needs
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,32 @@ class LogWeightTerms:
         if isinstance(kl_weight, float | int) and kl_weight == 1.0:
             return self.log_likelihood + sum(self.log_prior.values()) - sum(self.log_posterior.values())
         return self.log_likelihood - kl_weight * self.kl()
+
+
+def model_input(x: Tensor, data_dim: int | None = None, model: nn.Module | None = None) -> Tensor:
+    """Images as every model takes them, float ``[B, D]``, from what elbolab's data hands out
+    (``dataset.split(...)`` is uint8) or a user holds: bool or integer 0/1 (binary) and uint8
+    0..255 (grey, scaled to [0, 1]) become floats of the model's dtype; ``[B, H, W]`` and
+    ``[B, C, H, W]`` are flattened when they hold ``data_dim`` values. Anything else is
+    refused in one line naming the shape and dtype expected. Float ``[B, D]`` passes as is."""
+    name = type(model).__name__ if model is not None else "model"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected the images as a torch.Tensor [B, D], got {type(x).__name__}")
+    if data_dim and x.dim() >= 2 and math.prod(x.shape[1:]) == data_dim and x.dim() > 2:
+        x = x.reshape(x.shape[0], data_dim)
+    if data_dim and (x.dim() != 2 or x.shape[1] != data_dim):
+        raise ValueError(f"{name}: expected images [B, {data_dim}] (or [B, H, W] / [B, C, H, W] holding "
+                         f"{data_dim} values), float in [0, 1] or uint8; got {str(x.dtype)[6:]} {list(x.shape)}")
+    if x.is_floating_point():
+        return x
+    param = next(iter(model.parameters()), None) if model is not None else None
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    if x.dtype == torch.bool or bool(((x == 0) | (x == 1)).all()):
+        return x.to(dtype)
+    if x.dtype == torch.uint8:
+        return x.to(dtype) / 255.0
+    raise ValueError(f"{name}: integer images must be 0/1 (binary) or uint8 0..255 (grey); got {str(x.dtype)[6:]} "
+                     f"values {int(x.min())}..{int(x.max())}; pass floats in [0, 1]")
 
 
 class LatentVariableModel(FlatLatent, nn.Module, ABC):
@@ -124,8 +151,10 @@ class LatentVariableModel(FlatLatent, nn.Module, ABC):
         """
 
     def log_weights(self, x: Tensor, k: int) -> Tensor:
-        """``[K, B]`` log importance weights; the one quantity every bound reads."""
-        return self.log_weight_terms(x, k).log_weights()
+        """``[K, B]`` log importance weights; the one quantity every bound reads. ``x``: images
+        ``[B, D]`` (or ``[B, H, W]``, ``[B, C, H, W]``), float in [0, 1] or as elbolab's data
+        stores them (uint8 0/1 or 0..255): see :func:`model_input`."""
+        return self.log_weight_terms(model_input(x, self.data_dim, self), k).log_weights()
 
     @property
     def layer_names(self) -> list[str]:
