@@ -23,7 +23,6 @@ from ..runs import (
     read_json_object,
     write_json,
 )
-from ..stacked import pack, train_stacked
 from ..sweep import (
     SWEEP_FILE,
     expand,
@@ -33,7 +32,7 @@ from ..sweep import (
     read_sweep_file,
     write_sweep_file,
 )
-from ..training import NonFiniteError
+from ..train import NonFiniteError, pack, train_runs
 
 
 def wants_sweep(args: argparse.Namespace) -> bool:
@@ -104,7 +103,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if all((c.data.name, c.data.data_dir, c.data.validation) == (d.name, d.data_dir, d.validation) for c in configs):
         dataset = load(d.name, d.data_dir, validation=d.validation)
     t0 = time.perf_counter()
-    outcomes = train_stacked([(c, folder / n) for n, c in runs], resume=True if args.resume else None,
+    outcomes = train_runs([(c, folder / n) for n, c in runs], resume=True if args.resume else None,
                              dataset=dataset, monitors=run_monitor)
     print(f"trained in {time.perf_counter() - t0:.0f} s")
     failed = [(n, o) for (n, _), o in zip(runs, outcomes, strict=True) if o.status != "finished"]

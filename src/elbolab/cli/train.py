@@ -17,7 +17,6 @@ from ..files import fault_point
 from ..preflight import preflight
 from ..runs import (
     CONFIG,
-    INFO,
     METRICS,
     REPORT,
     RunError,
@@ -26,11 +25,11 @@ from ..runs import (
     holds_run,
     load_run,
     lock_run,
-    read_json_object,
     read_metrics,
+    run_status,
     write_json,
 )
-from ..training import Trainer
+from ..train import RunState, train_runs
 from .common import add_data_dir, add_device, warn_if_data_dir_unused
 from .sweep import cmd_sweep, wants_sweep
 
@@ -77,10 +76,7 @@ def _resume_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
 def _finished_unevaluated(run_dir: Path, cfg: RunConfig, args: argparse.Namespace) -> bool:
     """Whether ``run_dir`` holds this config's run, trained to the end but without its report (an
     interrupted final evaluation): then it is evaluated, not refused."""
-    if not holds_run(run_dir):
-        return False
-    info = read_json_object(run_dir / INFO)
-    if info.get("status") != "finished" or config_differences(load_config(run_dir / CONFIG), cfg):
+    if run_status(run_dir) != "finished" or config_differences(load_config(run_dir / CONFIG), cfg):
         return False  # the trainer continues it, or refuses it naming the differences
     if args.no_eval or (run_dir / REPORT).exists():
         raise RunError(f"{run_dir}: already holds a finished{'' if args.no_eval else ' and evaluated'} run of this "
@@ -126,17 +122,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     t0 = time.perf_counter()
     monitor = CollapseMonitor.for_run(cfg, dataset, resolve_device(cfg.train.device))
-    trainer = Trainer(cfg, run_dir, dataset, monitor)  # refuses, before anything is written, a run that cannot fit
+    state = RunState(cfg, run_dir, dataset, monitor)  # refuses, before anything is written, a run that cannot fit
     print(header(cfg, dataset.name, run_dir), flush=True)
     try:
-        trainer.fit(resume=resume, keep_lock=True)  # held through the evaluation: one owner at a time
+        # held through the evaluation: one owner at a time
+        train_runs([state], resume=resume, keep_lock=True, skip_finished=False)
         train_seconds = time.perf_counter() - t0
         if args.no_eval:
             print(f"trained in {train_seconds:.0f} s; run folder: {run_dir}")
             return 0
-        _report(trainer.model, trainer.device, dataset, cfg, run_dir, train_seconds)
+        _report(state.model, state.device, dataset, cfg, run_dir, train_seconds)
     finally:
-        trainer.release()
+        state.release()
     return 0
 
 
