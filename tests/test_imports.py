@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "sweep"),
     ("priors", "likelihoods", "flows", "models", "data", "adapters"),
     ("objectives", "evaluation", "optimizers", "schedules"),
-    ("runs", "preflight", "sinks", "train"),
+    ("runs", "preflight", "sinks", "training"),
     ("diagnostics", "reproduce", "speed", "api"),
     ("cli",),
 )
@@ -126,18 +126,18 @@ def test_the_checks_can_fail(tmp_path, monkeypatch, bad: str) -> None:
     (pkg / "__init__.py").write_text("")
     (pkg / "models" / "__init__.py").write_text("")
     if bad == "upward":
-        (pkg / "models" / "one.py").write_text("def f():\n    from ..train import RunState\n")
-        (pkg / "train.py").write_text("")
+        (pkg / "models" / "one.py").write_text("def f():\n    from ..training import Trainer\n")
+        (pkg / "training.py").write_text("")
         monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
         monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
-        with pytest.raises(AssertionError, match="models.one .layer 1. imports elbolab.train"):
+        with pytest.raises(AssertionError, match="models.one .layer 1. imports elbolab.training"):
             test_imports_only_go_down()
     else:
-        (pkg / "runs.py").write_text("from .train import x\n")
-        (pkg / "train.py").write_text("from . import runs\n")
+        (pkg / "runs.py").write_text("from .training import x\n")
+        (pkg / "training.py").write_text("from . import runs\n")
         monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
         monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
-        with pytest.raises(AssertionError, match="elbolab.runs -> elbolab.train -> elbolab.runs"):
+        with pytest.raises(AssertionError, match="elbolab.runs -> elbolab.training -> elbolab.runs"):
             test_no_import_cycles()
 
 

@@ -16,7 +16,7 @@ from elbolab.reproduce.executors import LocalExecutor, RayExecutor
 from elbolab.reproduce.rows import RowTask
 from elbolab.reproduce.tables import get_table, plan_rows, row_config, select_rows
 from elbolab.schedules import learning_rate
-from elbolab.training import Trainer
+from elbolab.training import Loop, RunState
 
 # --- papers.yaml ----------------------------------------------------------------------
 
@@ -161,14 +161,16 @@ ROWS = ["mnist-1layer-iwae-k5", "mnist-1layer-vae-k1"]
 
 
 def _count_fits(monkeypatch) -> list[int]:
+    """One entry per run trained alone (a loop of one run)."""
     calls: list[int] = []
-    original = Trainer.fit
+    original = Loop.fit
 
-    def counting_fit(self, resume=False):
-        calls.append(1)
-        return original(self, resume=resume)
+    def counting_fit(self, *a, **k):
+        if len(self.specs) == 1:
+            calls.append(1)
+        return original(self, *a, **k)
 
-    monkeypatch.setattr(Trainer, "fit", counting_fit)
+    monkeypatch.setattr(Loop, "fit", counting_fit)
     return calls
 
 
@@ -211,7 +213,7 @@ def test_tiny_reproduction_writes_the_table_and_the_cache_skips_finished_rows(ti
 
 def test_an_interrupted_row_resumes_from_its_checkpoint(tiny_data, tmp_path, monkeypatch):
     epochs_run: list[int] = []
-    original = Trainer.train_epoch
+    original = RunState.begin_epoch
 
     def interrupted(self):
         if self.epoch == 1 and not epochs_run.count(-1):
@@ -220,7 +222,7 @@ def test_an_interrupted_row_resumes_from_its_checkpoint(tiny_data, tmp_path, mon
         epochs_run.append(self.epoch)
         return original(self)
 
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    monkeypatch.setattr(RunState, "begin_epoch", interrupted)
     args = dict(budget="quick", only=ROWS[:1], results=tmp_path, overrides={**TINY, "train.epochs": 2})
     with pytest.raises(KeyboardInterrupt):
         reproduce("iwae-table", **args)
@@ -480,7 +482,7 @@ def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monk
 
 
 def test_rows_of_one_shape_train_stacked_as_they_do_alone(tiny_data, tmp_path, monkeypatch) -> None:
-    """The k = 5 VAE and IWAE rows share a shape: one stacked training (no Trainer.fit), whose row
+    """The k = 5 VAE and IWAE rows share a shape: one stacked training (no loop of one run), whose row
     folders hold the bits the rows get trained one by one, and so the same table values."""
     import pickle
     from pathlib import Path

@@ -40,7 +40,7 @@ from .models.base import HasLogWeights, NoPosterior
 from .objectives import make_objective
 from .preflight import preflight
 from .runs import Run, load_run
-from .train import RunState, StepRun, make_step, train_runs
+from .training import RunState, StepRun, make_step, train_runs
 
 log = logging.getLogger("elbolab")
 

@@ -14,7 +14,7 @@ checks every pair against float64), and each steps aside where it measured no fa
 - :func:`retain_freed_memory`: a process-wide allocator setting, made once by an entry point.
 
 A captured training step (a whole step, optimizer included, as one CUDA graph) would go here
-too, beside the plain step it replaces (train.take_step).
+too, beside the plain step it replaces (training.take_step).
 """
 
 from __future__ import annotations

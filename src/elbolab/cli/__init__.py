@@ -27,7 +27,7 @@ from ..errors import ModelCapabilityError
 from ..fastpaths import retain_freed_memory
 from ..files import OutputError
 from ..runs import RunError
-from ..train import NonFiniteError
+from ..training import NonFiniteError
 from ..version import __version__
 from . import bench, config, data, evaluate, gaps, reproduce, train
 from .common import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NUMERICAL, EXIT_OK

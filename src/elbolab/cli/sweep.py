@@ -32,7 +32,7 @@ from ..sweep import (
     read_sweep_file,
     write_sweep_file,
 )
-from ..train import NonFiniteError, pack, train_runs
+from ..training import NonFiniteError, pack, train_runs
 
 
 def wants_sweep(args: argparse.Namespace) -> bool:

@@ -29,7 +29,7 @@ from ..runs import (
     run_status,
     write_json,
 )
-from ..train import RunState, train_runs
+from ..training import RunState, train_runs
 from .common import add_data_dir, add_device, warn_if_data_dir_unused
 from .sweep import cmd_sweep, wants_sweep
 

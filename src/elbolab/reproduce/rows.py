@@ -3,7 +3,7 @@
 A row lives in ``<table folder>/rows/<row id>-<config hash>/``: ``run/`` is an ordinary
 run folder, ``result.json`` is written last and atomically, so its presence means the
 row is finished. A killed row resumes from its run folder's checkpoint. Rows of one shape
-can train as one stacked model (:class:`PackTask`, elbolab.train) and are then evaluated
+can train as one stacked model (:class:`PackTask`, elbolab.training) and are then evaluated
 one by one; each row's folder is the same as if it had trained alone.
 """
 
@@ -27,7 +27,7 @@ from ..diagnostics.surgery import elbo_surgery
 from ..evaluation import log_likelihood, random_subset
 from ..fastpaths import retain_freed_memory
 from ..runs import NO_RUN, environment_info, load_run, read_json_object, read_metrics, run_status, write_json
-from ..train import train_runs
+from ..training import train_runs
 from .figures import ROW_FIGURES
 
 RESULT_FILE = "result.json"
@@ -175,7 +175,7 @@ def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> d
 
 @dataclass(frozen=True)
 class PackTask:
-    """Rows of one shape (elbolab.train.stack_key) trained as one stacked model, then evaluated
+    """Rows of one shape (elbolab.training.stack_key) trained as one stacked model, then evaluated
     one by one. Plain picklable data, like a RowTask, for any executor."""
 
     tasks: tuple[RowTask, ...]

@@ -29,7 +29,7 @@ from ..fastpaths import compile_objective, retain_freed_memory, with_precision
 from ..models import build_model
 from ..objectives import make_objective, objective_plan
 from ..optimizers import make_optimizer
-from ..train import NonFiniteError, StepRun, make_step, take_step
+from ..training import NonFiniteError, StepRun, make_step, take_step
 from . import pythae_models
 from .measure import (
     Throughput,
@@ -445,7 +445,7 @@ def stacked_plan() -> list[tuple[str, int, int, int]]:
 
 
 def trainer_step(objective: Callable[..., Any], model: torch.nn.Module, x: Tensor) -> Callable[[], None]:
-    """The trainer's step (train.take_step) on a fixed batch, with the trainer's optimizer."""
+    """The trainer's step (training.take_step) on a fixed batch, with the trainer's optimizer."""
     opt = make_optimizer(model, TrainConfig(lr=1e-4), x.device)
 
     def step() -> None:

@@ -10,11 +10,11 @@
 
 The step is the one place another implementation plugs in. ``step.make_step(runs)`` is
 called once per stack of runs (and again when the runs stepping together change) with each
-run's :class:`~elbolab.train.step.StepRun` (model, optimizer, objective, bound plan,
+run's :class:`~elbolab.training.step.StepRun` (model, optimizer, objective, bound plan,
 estimator, random stream); it returns an object with ``members``, ``model`` and
-``step(x, betas) -> [StepOutcome per run]`` (the :class:`~elbolab.train.step.Step`
-protocol). The plain autograd step (:class:`~elbolab.train.step.PlainStep`) serves one run,
-:class:`~elbolab.train.step.StackedStep` several. A new step (say a fused forward/backward
+``step(x, betas) -> [StepOutcome per run]`` (the :class:`~elbolab.training.step.Step`
+protocol). The plain autograd step (:class:`~elbolab.training.step.PlainStep`) serves one run,
+:class:`~elbolab.training.step.StackedStep` several. A new step (say a fused forward/backward
 with Adam on preallocated buffers, chosen by a config switch) is one more class returned
 by ``make_step``: it must take a step only when the loss and every gradient are finite,
 report each run's summed bound, and leave optimizer state that ``optimizer.state_dict()``
