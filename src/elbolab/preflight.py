@@ -174,7 +174,7 @@ def estimate_memory(cfg: RunConfig, model: torch.nn.Module, data_dim: int, n_val
                f"a training step (objective.k={o.k}{f' x objective.m={m}' if m > 1 else ''} x train.batch_size={b})",
                "objective.k or train.batch_size")]
     if n_valid and cfg.train.eval_every:
-        rows = min(500, n_valid)  # Trainer.validate's batch
+        rows = min(500, n_valid)  # RunState.validate's batch
         passes.append((EVAL_FACTOR * score.at(rows, o.k) + params,
                        f"the validation bound (objective.k={o.k} x {rows} images)", "objective.k"))
     e = cfg.eval

@@ -197,7 +197,7 @@ class Bench:
         probe, Adam step."""
         objective = with_precision(make_objective(ObjectiveConfig(name=objective_name, k=k)), model, precision,
                                    self.device)
-        if compiled:  # as Trainer compiles it
+        if compiled:  # as RunState compiles it
             objective = compile_objective(objective, self.device)
         return trainer_step(objective, model, x)
 

@@ -289,7 +289,6 @@ class Loop:
             try:
                 m.run.record_step(outcome, i, idx)
             except NonFiniteError as e:
-                m.run.next_batch = i + 1
                 if len(self.specs) == 1:
                     raise
                 log.error("run %s: %s", m.run.run_dir, e)

@@ -290,12 +290,12 @@ class RunState:
         """Count a step the loop took on ``batch`` of the current epoch: its bound joins the
         epoch's sums, or, not taken, the run's fault policy handles it (:meth:`handle_fault`)."""
         self.step += 1
+        self.next_batch = batch + 1
         if outcome.taken:
             self.epoch_bound_sum += outcome.bound_sum
             self.epoch_count += int(image_ids.shape[0])
         else:
             self.handle_fault(outcome.result, f"epoch {self.epoch + 1}, batch {batch}", image_ids)
-        self.next_batch = batch + 1
 
     def handle_fault(self, res: ObjectiveResult, where: str, image_ids: Tensor) -> None:
         """A step with a non-finite loss or gradient was not taken: count it as skipped under
