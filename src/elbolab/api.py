@@ -33,14 +33,14 @@ from .data import USER, DataError, ImageDataset, as_dataset, evaluation_images, 
 from .data.user import matches, reload_files
 from .devices import resolve_device
 from .diagnostics.gradient_snr import snr_sweep
-from .diagnostics.monitor import CollapseMonitor
+from .diagnostics.monitor import run_monitor
 from .diagnostics.report import diagnose as write_diagnostics
 from .diagnostics.summary import summarize
 from .models.base import HasLogWeights, NoPosterior
 from .objectives import make_objective
 from .preflight import preflight
 from .runs import Run, load_run
-from .training import RunState, StepRun, make_step, train_runs
+from .training import StepRun, make_step, train_runs
 
 log = logging.getLogger("elbolab")
 
@@ -101,10 +101,8 @@ def train(data: Any = None, out: str | Path | None = None, config: Any = None, *
             cfg = cfg.with_overrides({"data.name": USER})
         dataset = as_dataset(data, valid=valid, test=test).with_validation(cfg.data.validation)
     run_dir = Path(out) if out is not None else _default_out(cfg)
-    monitor = CollapseMonitor.for_run(cfg, dataset, resolve_device(cfg.train.device))
-    state = RunState(cfg, run_dir, dataset, monitor)
-    train_runs([state], resume=resume, skip_finished=False)
-    run = load_run(run_dir, device=str(state.device))
+    train_runs([(cfg, run_dir)], resume=resume, dataset=dataset, monitors=run_monitor, skip_finished=False)
+    run = load_run(run_dir, device=str(resolve_device(cfg.train.device)))
     run.data = dataset if data is not None else None
     return run
 
