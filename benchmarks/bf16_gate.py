@@ -30,7 +30,7 @@ from elbolab.config import RunConfig
 from elbolab.data import evaluation_images, load
 from elbolab.evaluation import log_likelihood
 from elbolab.fastpaths import native_bf16, retain_freed_memory
-from elbolab.training import Trainer
+from elbolab.training import RunState, train_runs
 
 OUT = Path("benchmarks") / "results"
 GATE_NATS = 0.2
@@ -49,8 +49,8 @@ def train_one(precision: str, seed: int, runs: Path, epochs: int) -> dict:
     run_dir = runs / f"{precision}-seed{seed}"
     load_start = loadavg()
     t0, c0 = time.perf_counter(), time.process_time()
-    trainer = Trainer(cfg, run_dir, data)
-    trainer.fit()
+    trainer = RunState(cfg, run_dir, data)
+    train_runs([trainer], skip_finished=False)
     train_wall, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     x = evaluation_images(data, "test", cfg.data.binarization, cfg.data.binarization_seed)
     t1 = time.perf_counter()

@@ -26,7 +26,7 @@ from elbolab.data import load
 from elbolab.diagnostics.active_units import active_units
 from elbolab.diagnostics.gradient_snr import log_log_slope, plot_snr_vs_k, snr_sweep
 from elbolab.evaluation import evaluate_bounds, log_likelihood
-from elbolab.training import Trainer
+from elbolab.training import RunState, train_runs
 
 ESTIMATORS = ("standard", "stl", "dreg")
 
@@ -34,8 +34,8 @@ ESTIMATORS = ("standard", "stl", "dreg")
 def _train(overrides: dict, out: Path):
     cfg = RunConfig().with_overrides({"train.progress": False, "train.eval_every": 0, **overrides})
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, out)
-    trainer.fit()
+    trainer = RunState(cfg, out)
+    train_runs([trainer], skip_finished=False)
     return trainer, time.perf_counter() - t0
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from trainhelp import fit
 
 import elbolab
 from elbolab import cli
@@ -22,7 +23,7 @@ from elbolab.api import config_for
 from elbolab.config import ConfigError, RunConfig, preset
 from elbolab.data import DataError, ImageDataset, as_dataset, data_source, evaluation_images, load
 from elbolab.diagnostics.summary import summarize
-from elbolab.training import Trainer
+from elbolab.training import RunState
 
 TINY = {"model.hidden": [16], "model.latent_dim": 4, "train.epochs": 2, "train.batch_size": 60,
         "train.progress": False, "train.threads": 1}
@@ -134,12 +135,12 @@ def test_a_run_on_files_records_their_sha256_and_refuses_a_changed_file(tmp_path
 
 
 def test_a_dataset_the_config_does_not_name_is_recorded_as_passed_in(tmp_path, capsys, caplog) -> None:
-    """Trainer(cfg naming the embedded data, dataset=other): evaluate must not score the embedded data."""
+    """RunState(cfg naming the embedded data, dataset=other): evaluate must not score the embedded data."""
     x = images(120).reshape(120, -1).to(torch.uint8)
     cfg = RunConfig().with_overrides({**TINY, "train.epochs": 1})
     with caplog.at_level(logging.WARNING, logger="elbolab"):
-        Trainer(cfg, tmp_path / "run", ImageDataset("my-data", {"train": x[:100], "test": x[100:]}, (8, 8),
-                                                    True)).fit()
+        fit(RunState(cfg, tmp_path / "run", ImageDataset("my-data", {"train": x[:100], "test": x[100:]}, (8, 8),
+                                                    True)))
     assert "'my-data'" in caplog.text
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["data_source"]["kind"] == "in-memory" and info["data_source"]["name"] == "my-data"

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 import elbolab.files as files
-import elbolab.training as training
+import elbolab.training.loop as train_loop
 from elbolab import cli
 from elbolab.config import ConfigError, RunConfig, load_config
 from elbolab.runs import DIGEST, RunError, content_digest, load_checkpoint, load_run
+from elbolab.training import RunState
 
 TINY = ["model.hidden=[8]", "model.latent_dim=2", "train.epochs=2", "train.batch_size=1000",
         "train.progress=false", "train.checkpoint_minutes=0", "train.threads=1"]
@@ -64,7 +65,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         if steps["n"] == 15:
             raise Crash
 
-    mp.setattr(training, "fault_point", crash)
+    mp.setattr(train_loop, "fault_point", crash)
     try:
         with pytest.raises(Crash):
             cli.main(train_args(base / "unfinished"))
@@ -306,7 +307,7 @@ def _raise(code: int):
 
 def test_full_disk_keeps_previous_checkpoint_then_resume_finishes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    real_save = training.Trainer.save_checkpoint
+    real_save = RunState.save_checkpoint
     calls = {"n": 0}
 
     def save(self):
@@ -315,7 +316,7 @@ def test_full_disk_keeps_previous_checkpoint_then_resume_finishes(tmp_path, monk
             monkeypatch.setattr(files.os, "fsync", _raise(errno.ENOSPC))
         real_save(self)
 
-    monkeypatch.setattr(training.Trainer, "save_checkpoint", save)
+    monkeypatch.setattr(RunState, "save_checkpoint", save)
     code, err = run_cli(train_args(out), capsys)
     assert code == 2 and err.count("\n") == 1
     assert f"cannot write {out / 'checkpoint.pt'}: No space left on device (ENOSPC)" in err

@@ -166,14 +166,15 @@ def test_long_stages_show_what_they_do_on_a_terminal(monkeypatch):
 
 def test_the_first_compiled_step_says_it_is_compiling(tmp_path, caplog, monkeypatch):
     import elbolab.preflight
-    import elbolab.training
+    import elbolab.training.state
+    from elbolab.training import RunState, train_runs
 
-    monkeypatch.setattr(elbolab.training, "compile_objective", lambda objective, device: objective)
+    monkeypatch.setattr(elbolab.training.state, "compile_objective", lambda objective, device: objective)
     monkeypatch.setattr(elbolab.preflight.shutil, "which", lambda name: "/usr/bin/c++")
     cfg = RunConfig().with_overrides({"model.hidden": [8], "model.latent_dim": 2, "train.epochs": 1,
                                       "train.compile": True, "train.progress": False, "train.batch_size": 3000})
     with caplog.at_level(logging.INFO, logger="elbolab"):
-        elbolab.training.Trainer(cfg, tmp_path / "r").fit()
+        train_runs([RunState(cfg, tmp_path / "r")])
     said = [r.getMessage() for r in caplog.records if "compil" in r.getMessage()]
     # batches of 3000, 3000, 3000 and 1000: one message per new batch size, each followed by its time
     assert [s.split(" (")[0] for s in said if s.startswith("compiling")] == [

@@ -7,7 +7,9 @@ import shutil
 
 import pytest
 import torch
+from trainhelp import fit
 
+import elbolab
 from elbolab.config import ModelConfig, ObjectiveConfig, RunConfig
 from elbolab.data import load
 from elbolab.data.dataset import ImageDataset
@@ -15,7 +17,7 @@ from elbolab.fastpaths import compile_objective
 from elbolab.models import build_model
 from elbolab.objectives import make_objective
 from elbolab.runs import config_differences, read_metrics
-from elbolab.training import Trainer
+from elbolab.training import RunState
 
 needs_cxx = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                reason="torch.compile's CPU backend needs a C++ compiler")
@@ -70,8 +72,8 @@ def test_compiled_training_matches_eager_training(tmp_path, one_thread) -> None:
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for flag in (False, True):
         c = cfg.with_overrides({"train.compile": flag})
-        trainer = Trainer(c, tmp_path / str(flag), data)
-        trainer.fit()
+        trainer = RunState(c, tmp_path / str(flag), data)
+        fit(trainer)
         runs[flag] = (trainer.model, read_metrics(tmp_path / str(flag) / "metrics.jsonl"))
     assert_same_training(runs[True], runs[False])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= graphs + 2  # warm-up and full weight compiled
@@ -85,5 +87,5 @@ def test_compile_without_a_cxx_compiler_is_refused_naming_the_option(monkeypatch
     monkeypatch.delenv("CXX", raising=False)
     cfg = RunConfig().with_overrides({"train.compile": True, "train.progress": False})
     with pytest.raises(ConfigError, match="train.compile: .*C\\+\\+ compiler"):
-        Trainer(cfg, tmp_path / "run")
+        elbolab.train(config=cfg, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Independent, Normal
+from trainhelp import fit
 
 from elbolab.config import RunConfig
 from elbolab.data import DATASETS, DatasetSpec, ImageDataset, load
@@ -23,7 +24,7 @@ from elbolab.priors import PRIORS, StandardNormal, VampPrior
 from elbolab.reproduce import reproduce
 from elbolab.reproduce.tables import get_table, plan_rows
 from elbolab.runs import load_run
-from elbolab.training import Trainer
+from elbolab.training import RunState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -383,8 +384,8 @@ def trained(embedded, tmp_path_factory):
     out = {}
     for name in MODELS:
         run = tmp_path_factory.mktemp(name) / "run"
-        trainer = Trainer(RunConfig().with_overrides({**TRAIN, **tiny_overrides(name)}), run)
-        trainer.fit()
+        trainer = RunState(RunConfig().with_overrides({**TRAIN, **tiny_overrides(name)}), run)
+        fit(trainer)
         model = trainer.model.eval()
         out[name] = (run, model, evaluate_bounds(model, x, k=1)["elbo"], independent)
     return out

@@ -242,10 +242,11 @@ def test_benchmark_rows_on_cuda_count_device_memory_and_peak(tmp_path) -> None:
 def test_compiled_training_on_cuda_with_cuda_graphs_matches_eager(tmp_path) -> None:
     """train.compile on a GPU replays CUDA graphs (mode reduce-overhead): same samples, same model."""
     from test_compile import assert_same_training
+    from trainhelp import fit
 
     from elbolab.data.dataset import ImageDataset
     from elbolab.runs import read_metrics
-    from elbolab.training import Trainer
+    from elbolab.training import RunState
 
     full = load("binarized-mnist-embedded")
     data = ImageDataset("binarized-mnist-embedded", {"train": full.splits["train"][:130],
@@ -258,8 +259,8 @@ def test_compiled_training_on_cuda_with_cuda_graphs_matches_eager(tmp_path) -> N
     })
     runs = {}
     for flag in (False, True):
-        trainer = Trainer(cfg.with_overrides({"train.compile": flag}), tmp_path / str(flag), data)
-        trainer.fit()
+        trainer = RunState(cfg.with_overrides({"train.compile": flag}), tmp_path / str(flag), data)
+        fit(trainer)
         runs[flag] = (trainer.model, read_metrics(tmp_path / str(flag) / "metrics.jsonl"))
     assert_same_training(runs[True], runs[False])
 

@@ -258,9 +258,11 @@ def _documented_aliases() -> dict[str, str]:
 def test_every_documented_alias_passes_preflight_loads_and_trains(shared_data: Path, loaded, tmp_path) -> None:
     """`data.name=omniglot` (frey, caltech): config validation, preflight, the trainer's own load and
     one epoch of a tiny model, under the name the docs give."""
+    from trainhelp import fit
+
     from elbolab.config import RunConfig
     from elbolab.preflight import preflight
-    from elbolab.training import Trainer
+    from elbolab.training import RunState
 
     aliases = _documented_aliases()
     assert aliases == {"omniglot": "omniglot-28-elbolab", "caltech": "caltech101-silhouettes", "frey": "freyfaces"}
@@ -272,9 +274,9 @@ def test_every_documented_alias_passes_preflight_loads_and_trains(shared_data: P
                                           "train.progress": False, "train.threads": 1, "eval.k_importance": 2})
         assert cfg.data.name == alias
         preflight(cfg)
-        trainer = Trainer(cfg, tmp_path / alias)
+        trainer = RunState(cfg, tmp_path / alias)
         assert trainer.dataset.name == name
-        trainer.fit()
+        fit(trainer)
         assert len((tmp_path / alias / "metrics.jsonl").read_text().splitlines()) == 1
 
 

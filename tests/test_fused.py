@@ -222,8 +222,9 @@ def test_supports_the_paper_presets_and_names_what_does_not_fit() -> None:
 
 
 def test_train_fused_key_is_validated() -> None:
-    assert RunConfig().train.fused == "auto"
-    assert RunConfig().with_overrides(["train.fused=off"]).train.fused == "off"
+    assert RunConfig().train.fused == "off"
+    assert preset("iwae-paper").train.fused == preset("iwae-paper-two-layer").train.fused == "auto"
+    assert RunConfig().with_overrides(["train.fused=auto"]).train.fused == "auto"
     with pytest.raises(ConfigError, match=r"train\.fused: must be auto, on or off"):
         RunConfig().with_overrides(["train.fused=maybe"])
 
@@ -253,7 +254,7 @@ def test_the_direct_adam_call_is_torch_adam_bit_for_bit() -> None:
 def test_train_fused_picks_the_step() -> None:
     """auto: fused where the run fits, plain elsewhere; on: refuses a misfit in one line; off: plain."""
     def pick(*overrides: str):
-        cfg = RunConfig().with_overrides(list(overrides))
+        cfg = RunConfig().with_overrides(["train.fused=auto", *overrides])
         model = build_model(cfg.model, 784)
         return fused_step_for(model, make_optimizer(model, cfg.train, "cpu"), cfg)
 
@@ -267,3 +268,73 @@ def test_train_fused_picks_the_step() -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"train\.compile"):
         pick("train.fused=on", "train.compile=true")
+
+
+# --- the loop's choice: train.fused in a run ------------------------------------------------
+
+def _binary_dataset():
+    from elbolab.data.dataset import ImageDataset
+
+    g = torch.Generator().manual_seed(0)
+    splits = {s: torch.bernoulli(torch.full((n, 36), 0.3), generator=g).to(torch.uint8)
+              for s, n in (("train", 120), ("valid", 40), ("test", 40))}
+    return ImageDataset("user", splits, (6, 6), True)
+
+
+def _run_cfg(fused: str, **over):
+    return RunConfig().with_overrides({
+        "data.name": "user", "model.hidden": [8, 8], "model.latent_dim": 3, "objective.name": "iwae",
+        "objective.k": 3, "train.epochs": 3, "train.batch_size": 20, "train.progress": False,
+        "train.checkpoint_minutes": 0, "train.threads": 1, "train.monitor_every": 0, "train.fused": fused, **over})
+
+
+def test_the_loop_steps_a_fitting_run_through_its_fused_step_and_a_stack_through_the_plain_one(tmp_path):
+    from elbolab.training import RunState, make_step, pack
+    from elbolab.training.step import FusedRunStep, PlainStep
+
+    ds = _binary_dataset()
+    auto = RunState(_run_cfg("auto"), tmp_path / "a", ds)
+    assert isinstance(make_step([auto.step_run()]), FusedRunStep)
+    assert isinstance(make_step([RunState(_run_cfg("off"), tmp_path / "b", ds).step_run()]), PlainStep)
+    assert isinstance(make_step([auto.step_run(alone=False)] * 1), PlainStep)
+    # fused runs are never packed into a stack (its plain stacked step would round otherwise)
+    assert pack([_run_cfg("auto", **{"train.seed": s}) for s in (0, 1)]) == [[0], [1]]
+    assert pack([_run_cfg("off", **{"train.seed": s}) for s in (0, 1)]) == [[0, 1]]
+    with pytest.raises(ConfigError, match="train.fused=on"):
+        RunState(_run_cfg("on", **{"model.likelihood": "gaussian"}), tmp_path / "c", ds)
+
+
+def test_a_fused_run_trains_as_the_plain_run_and_resumes_bit_exact(tmp_path, monkeypatch):
+    """3 epochs through the loop: the fused run's final bounds match the plain run's within float32
+    drift, and a run killed mid-epoch and resumed ends bit-identical to the uninterrupted fused run."""
+    from trainhelp import fit
+
+    import elbolab.training.loop as train_loop
+    from elbolab.runs import load_checkpoint, read_metrics
+    from elbolab.training import RunState
+
+    ds = _binary_dataset()
+    plain = RunState(_run_cfg("off"), tmp_path / "plain", ds)
+    fit(plain)
+    ref = RunState(_run_cfg("auto", **{"train.checkpoint_steps": 4}), tmp_path / "ref", ds)
+    fit(ref)
+    a = [r["train_bound"] for r in read_metrics(tmp_path / "plain" / "metrics.jsonl")]
+    b = [r["train_bound"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
+    assert b == pytest.approx(a, abs=1e-3)
+
+    calls = {"n": 0}
+
+    def crash_at_step_11(name: str) -> None:
+        calls["n"] += name == "step"
+        if calls["n"] == 11:
+            raise KeyboardInterrupt("test")
+
+    monkeypatch.setattr(train_loop, "fault_point", crash_at_step_11)
+    with pytest.raises(KeyboardInterrupt):
+        fit(RunState(_run_cfg("auto", **{"train.checkpoint_steps": 4}), tmp_path / "run", ds))
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 8
+    monkeypatch.setattr(train_loop, "fault_point", lambda name: None)
+    resumed = RunState(_run_cfg("auto", **{"train.checkpoint_steps": 4}), tmp_path / "run", ds)
+    fit(resumed)
+    for (name, x), y in zip(ref.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name

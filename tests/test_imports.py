@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "devices", "rng", "sweep", "progress"),
     ("priors", "likelihoods", "flows", "models", "data", "adapters"),
     ("objectives", "evaluation", "optimizers", "schedules", "fused"),
-    ("runs", "preflight", "sinks", "training", "stacked"),
+    ("runs", "preflight", "sinks", "training"),
     ("diagnostics", "reproduce", "speed", "api"),
     ("cli",),
 )

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.special import logsumexp
+from trainhelp import fit
 
 from elbolab.cli import main
 from elbolab.config import ModelConfig, RunConfig
@@ -23,7 +24,7 @@ from elbolab.diagnostics.monitor import CollapseMonitor, collapse_metrics, per_u
 from elbolab.diagnostics.surgery import elbo_surgery
 from elbolab.models import build_model
 from elbolab.priors import MixtureOfGaussians
-from elbolab.training import Trainer
+from elbolab.training import RunState
 
 ACTIVE, COLLAPSED = [0, 1], [2, 3]
 
@@ -141,10 +142,10 @@ def test_monitored_training_logs_every_n_epochs_and_the_last_and_trains_the_same
     cfg, ds = small_cfg(), tiny_dataset()
     mon = CollapseMonitor.for_run(cfg, ds)
     assert mon.split == "valid" and mon.x.shape == (40, 36) and mon.every == 2
-    with_mon = Trainer(cfg, tmp_path / "a", ds, mon)
-    with_mon.fit()
-    without = Trainer(cfg, tmp_path / "b", ds)
-    without.fit()
+    with_mon = RunState(cfg, tmp_path / "a", ds, mon)
+    fit(with_mon)
+    without = RunState(cfg, tmp_path / "b", ds)
+    fit(without)
     # the monitor draws from its own seeded stream: the two runs are bit-identical
     for (name, p), q in zip(with_mon.model.state_dict().items(), without.model.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
@@ -173,7 +174,7 @@ def test_each_logged_epoch_matches_the_offline_diagnostics_at_that_epochs_weight
             copies.append(copy.deepcopy(model))  # the weights this epoch's numbers describe
             return mon(model)
 
-    Trainer(cfg, tmp_path / "r", ds, Spy()).fit()
+    fit(RunState(cfg, tmp_path / "r", ds, Spy()))
     rows = [r for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
             if "active_units" in r]
     assert [r["epoch"] for r in rows] == [2, 4] and len(copies) == 2
@@ -203,7 +204,7 @@ def test_tensorboard_gets_grouped_numbers_a_kl_histogram_and_the_figures(tmp_pat
 
     over = {"model.prior.name": prior, "model.prior.components": 4}
     cfg, ds = small_cfg(**over, **{"train.tensorboard": True}), tiny_dataset()
-    Trainer(cfg, tmp_path / "r", ds, CollapseMonitor.for_run(cfg, ds)).fit()
+    fit(RunState(cfg, tmp_path / "r", ds, CollapseMonitor.for_run(cfg, ds)))
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"), size_guidance={"images": 0, "histograms": 0})
     acc.Reload()
@@ -231,7 +232,7 @@ def test_tensorboard_gets_grouped_numbers_a_kl_histogram_and_the_figures(tmp_pat
         shown = acc.Images(tag)
         assert [i.step for i in shown] == [2, 3] and all(i.width > 50 and i.height > 20 for i in shown), tag
     plain = small_cfg(**over)
-    Trainer(plain, tmp_path / "p", ds, CollapseMonitor.for_run(plain, ds)).fit()
+    fit(RunState(plain, tmp_path / "p", ds, CollapseMonitor.for_run(plain, ds)))
     assert (tmp_path / "r" / "model.safetensors").read_bytes() == (tmp_path / "p" / "model.safetensors").read_bytes()
 
 
@@ -267,7 +268,7 @@ def test_wandb_offline_gets_the_monitor_numbers(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg, ds = small_cfg(**{"train.wandb": True}), tiny_dataset()
     assert cfg.train.wandb_mode == "offline"
-    Trainer(cfg, tmp_path / "r", ds, CollapseMonitor.for_run(cfg, ds)).fit()
+    fit(RunState(cfg, tmp_path / "r", ds, CollapseMonitor.for_run(cfg, ds)))
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]  # the sink never dropped
     (run_file,) = (tmp_path / "r" / "wandb").glob("offline-run-*/run-*.wandb")
@@ -305,7 +306,7 @@ def test_a_missing_optional_package_is_one_line_before_anything_is_created(tmp_p
 def test_diagnose_plots_the_monitored_epochs(tmp_path):
     cfg, ds = small_cfg(**{"train.monitor_every": 1}), tiny_dataset()
     run_dir = tmp_path / "r"
-    Trainer(cfg, run_dir, ds, CollapseMonitor.for_run(cfg, ds)).fit()
+    fit(RunState(cfg, run_dir, ds, CollapseMonitor.for_run(cfg, ds)))
     import elbolab
 
     report = elbolab.diagnose(run_dir, ds, k=10, quiet=True)

@@ -7,13 +7,14 @@ import math
 
 import pytest
 import torch
+from trainhelp import fit
 
-import elbolab.training as training
+import elbolab.training.loop as train_loop
 from elbolab.config import ConfigError, RunConfig, preset
 from elbolab.data.dataset import ImageDataset
 from elbolab.optimizers import NORM_EPS, AdamNormGrad
 from elbolab.runs import load_checkpoint
-from elbolab.training import Trainer
+from elbolab.training import RunState
 
 
 def hand_adamnormgrad(p0: list[float], grads: list[list[float]], lr: float, b1: float, b2: float,
@@ -72,9 +73,9 @@ class Crash(Exception):
 @pytest.mark.usefixtures("restore_threads")
 def test_adamnormgrad_state_round_trips_through_a_checkpoint(tmp_path, monkeypatch):
     cfg = small_config()
-    ref = Trainer(cfg, tmp_path / "ref", grey_dataset())
+    ref = RunState(cfg, tmp_path / "ref", grey_dataset())
     assert isinstance(ref.optimizer, AdamNormGrad)
-    ref.fit()
+    fit(ref)
     steps = {"n": 0}
 
     def crash_at_step_17(name: str) -> None:
@@ -82,14 +83,14 @@ def test_adamnormgrad_state_round_trips_through_a_checkpoint(tmp_path, monkeypat
         if steps["n"] == 17:
             raise Crash
 
-    monkeypatch.setattr(training, "fault_point", crash_at_step_17)
+    monkeypatch.setattr(train_loop, "fault_point", crash_at_step_17)
     with pytest.raises(Crash):
-        Trainer(cfg, tmp_path / "run", grey_dataset()).fit()
+        fit(RunState(cfg, tmp_path / "run", grey_dataset()))
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["optimizer"]["state"]
     assert saved and all(s["step"] == 16 for s in saved.values())
-    monkeypatch.setattr(training, "fault_point", lambda name: None)
-    resumed = Trainer(cfg, tmp_path / "run", grey_dataset())
-    resumed.fit()
+    monkeypatch.setattr(train_loop, "fault_point", lambda name: None)
+    resumed = RunState(cfg, tmp_path / "run", grey_dataset())
+    fit(resumed)
     for (name, x), y in zip(ref.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     for p, q in zip(ref.model.parameters(), resumed.model.parameters(), strict=True):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainhelp import fit
 
 from elbolab.cli import main
 from elbolab.config import ConfigError, RunConfig
@@ -23,8 +24,7 @@ from elbolab.fastpaths import with_precision
 from elbolab.models import build_model
 from elbolab.objectives import make_objective
 from elbolab.runs import RunError, load_checkpoint
-from elbolab.stacked import StackedTrainer
-from elbolab.training import Trainer
+from elbolab.training import Loop, RunState, train_runs
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
@@ -91,21 +91,21 @@ TINY = {"model.hidden": [40], "model.latent_dim": 8, "objective.k": 2, "train.ep
 def test_precision_is_part_of_the_run_and_resumes_as_it_was(tmp_path: Path, images):
     data = load("binarized-mnist-embedded")
     cfg = RunConfig().with_overrides(TINY)
-    Trainer(cfg, tmp_path / "whole", data).fit()
+    fit(RunState(cfg, tmp_path / "whole", data))
     run = tmp_path / "run"
-    early = Trainer(cfg, run, data)
-    early._interrupt = "test"  # checkpoint after the first step and stop, as Ctrl-C does
+    early = Loop([RunState(cfg, run, data)])
+    early.request_stop("test")  # checkpoint after the first step and stop, as Ctrl-C does
     with pytest.raises(KeyboardInterrupt):
         early.fit()
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 1
     assert "precision: bf16" in (run / "config.yaml").read_text()
     with pytest.raises(RunError, match="train.precision"):
-        Trainer(cfg.with_overrides({"train.precision": "fp32"}), run, data).fit(resume=True)
+        fit(RunState(cfg.with_overrides({"train.precision": "fp32"}), run, data), resume=True)
     assert main(["train", "--resume", str(run), "--no-eval", "--set", "train.precision=fp32"]) == 2
     assert main(["train", "--resume", str(run), "--no-eval"]) == 0  # the saved config: bf16, as it was
     assert (run / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
     # stacked, a bf16 run still ends with its bits alone
-    StackedTrainer([(cfg, tmp_path / "s0"), (cfg.with_overrides({"train.seed": 1}), tmp_path / "s1")], data).fit()
+    train_runs([(cfg, tmp_path / "s0"), (cfg.with_overrides({"train.seed": 1}), tmp_path / "s1")], dataset=data)
     assert (tmp_path / "s0" / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
     with pytest.raises(ConfigError, match="train.precision"):
         cfg.with_overrides({"train.precision": "fp16"})

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-import elbolab.training as training
+import elbolab.training.step as train_step
 from elbolab import cli
 from elbolab.config import RunConfig
 from elbolab.data.dataset import ImageDataset
 from elbolab.models import build_model
 from elbolab.preflight import available_memory, estimate_memory
+from elbolab.training import RunState, train_runs
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
@@ -143,19 +144,16 @@ def test_more_threads_than_cpus_is_refused(tmp_path, capsys):
 def test_a_run_that_dies_of_an_unexpected_error_is_marked_failed_not_running(tmp_path, monkeypatch):
     """Whatever ends a run (here a RuntimeError from inside a step, as an allocation failure is),
     run.json does not stay "running"."""
-    real = training.take_step
-
     def out_of_memory(*a, **k):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
 
-    monkeypatch.setattr(training, "take_step", out_of_memory)
+    monkeypatch.setattr(train_step, "take_step", out_of_memory)
     cfg = RunConfig().with_overrides({"model.hidden": [8], "model.latent_dim": 2, "train.epochs": 1,
                                       "train.progress": False, "train.threads": 1})
     import torch
 
     data = ImageDataset("t", {"train": torch.zeros(50, 16, dtype=torch.uint8)}, (4, 4), binary=True)
     with pytest.raises(RuntimeError, match="can't allocate"):
-        training.Trainer(cfg, tmp_path / "run", data).fit()
+        train_runs([RunState(cfg, tmp_path / "run", data)])
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "failed" and "can't allocate memory" in info["error"]
-    monkeypatch.setattr(training, "take_step", real)

@@ -125,17 +125,19 @@ def test_learned_pseudo_inputs_move_and_data_ones_do_not(mnist):
 
 @pytest.mark.parametrize("prior", ["vampprior", "vampprior-data", "mog"])
 def test_run_with_mixture_prior_reloads_and_draws_its_components(mnist, tmp_path, prior):
+    from trainhelp import fit
+
     from elbolab.data.dataset import ImageDataset
     from elbolab.diagnostics.prior_figures import component_grid, plot_components
     from elbolab.runs import load_run
-    from elbolab.training import Trainer
+    from elbolab.training import RunState
 
     data = ImageDataset("mnist-subset", {"train": mnist[:600].to(torch.uint8), "valid": mnist[600:].to(torch.uint8)},
                         (28, 28), binary=True)
     cfg = RunConfig().with_overrides({**TINY, "model.name": "hierarchical", "model.prior.name": prior,
                                       "objective.warmup_epochs": 1, "train.epochs": 2, "train.progress": False})
-    trainer = Trainer(cfg, tmp_path / "run", data)
-    trainer.fit()
+    trainer = RunState(cfg, tmp_path / "run", data)
+    fit(trainer)
     run = load_run(tmp_path / "run")
     x = mnist[600:650]
     torch.manual_seed(3)

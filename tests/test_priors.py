@@ -261,12 +261,12 @@ def test_built_pseudo_inputs_start_around_the_datasets_mean(name, mean, std):
 
 
 def test_trainer_builds_caltech_pseudo_inputs_around_its_mean(shared_data, tmp_path):
-    """The path a run takes: Trainer resolves the unset init from data.name (Caltech: 0.5, 0.02)."""
-    from elbolab.training import Trainer
+    """The path a run takes: RunState resolves the unset init from data.name (Caltech: 0.5, 0.02)."""
+    from elbolab.training import RunState
 
     cfg = RunConfig().with_overrides({"data.name": "caltech101-silhouettes", "data.data_dir": str(shared_data),
                                       "model.prior.name": "vampprior", "model.prior.components": 50,
                                       "model.hidden": [16], "model.latent_dim": 4, "train.progress": False})
-    w = Trainer(cfg, tmp_path / "run").model.prior.pre_activation.detach().double()
+    w = RunState(cfg, tmp_path / "run").model.prior.pre_activation.detach().double()
     assert abs(float(w.mean()) - 0.5) < 5 * 0.02 / math.sqrt(w.numel())
     assert cfg.model.prior.pseudo_inputs_mean is None  # the saved config still says "the dataset's value"

@@ -16,7 +16,7 @@ from elbolab.reproduce.executors import LocalExecutor, RayExecutor
 from elbolab.reproduce.rows import RowTask
 from elbolab.reproduce.tables import get_table, plan_rows, row_config, select_rows
 from elbolab.schedules import learning_rate
-from elbolab.training import Trainer
+from elbolab.training import Loop, RunState
 
 # --- papers.yaml ----------------------------------------------------------------------
 
@@ -161,14 +161,16 @@ ROWS = ["mnist-1layer-iwae-k5", "mnist-1layer-vae-k1"]
 
 
 def _count_fits(monkeypatch) -> list[int]:
+    """One entry per run trained alone (a loop of one run)."""
     calls: list[int] = []
-    original = Trainer.fit
+    original = Loop.fit
 
-    def counting_fit(self, resume=False):
-        calls.append(1)
-        return original(self, resume=resume)
+    def counting_fit(self, *a, **k):
+        if len(self.specs) == 1:
+            calls.append(1)
+        return original(self, *a, **k)
 
-    monkeypatch.setattr(Trainer, "fit", counting_fit)
+    monkeypatch.setattr(Loop, "fit", counting_fit)
     return calls
 
 
@@ -211,7 +213,7 @@ def test_tiny_reproduction_writes_the_table_and_the_cache_skips_finished_rows(ti
 
 def test_an_interrupted_row_resumes_from_its_checkpoint(tiny_data, tmp_path, monkeypatch):
     epochs_run: list[int] = []
-    original = Trainer.train_epoch
+    original = RunState.begin_epoch
 
     def interrupted(self):
         if self.epoch == 1 and not epochs_run.count(-1):
@@ -220,7 +222,7 @@ def test_an_interrupted_row_resumes_from_its_checkpoint(tiny_data, tmp_path, mon
         epochs_run.append(self.epoch)
         return original(self)
 
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    monkeypatch.setattr(RunState, "begin_epoch", interrupted)
     args = dict(budget="quick", only=ROWS[:1], results=tmp_path, overrides={**TINY, "train.epochs": 2})
     with pytest.raises(KeyboardInterrupt):
         reproduce("iwae-table", **args)
@@ -391,7 +393,7 @@ def _plain_key(cfg) -> str:
 
     d = cfg.to_dict()
     for section, key in (("train", "threads"), ("train", "progress"), ("train", "device"), ("train", "compile"),
-                         ("data", "data_dir"), ("eval", "gpu_chunk_size"),
+                         ("data", "data_dir"), ("eval", "gpu_chunk_size"), ("train", "fused"),
                          # logging and monitoring keys, added later, leave every key as it was
                          ("train", "monitor_every"), ("train", "monitor_points"), ("train", "wandb"),
                          ("train", "wandb_mode"), ("train", "wandb_project")):
@@ -480,7 +482,7 @@ def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monk
 
 
 def test_rows_of_one_shape_train_stacked_as_they_do_alone(tiny_data, tmp_path, monkeypatch) -> None:
-    """The k = 5 VAE and IWAE rows share a shape: one stacked training (no Trainer.fit), whose row
+    """The k = 5 VAE and IWAE rows share a shape: one stacked training (no loop of one run), whose row
     folders hold the bits the rows get trained one by one, and so the same table values."""
     import pickle
     from pathlib import Path
@@ -489,9 +491,10 @@ def test_rows_of_one_shape_train_stacked_as_they_do_alone(tiny_data, tmp_path, m
 
     fits = _count_fits(monkeypatch)
     pair = ["mnist-1layer-vae-k5", "mnist-1layer-iwae-k5"]
-    stacked = reproduce("iwae-table", budget="quick", only=pair, results=tmp_path / "a", overrides=TINY)
+    plain = {**TINY, "train.fused": "off"}  # a fused row trains alone (training.packing)
+    stacked = reproduce("iwae-table", budget="quick", only=pair, results=tmp_path / "a", overrides=plain)
     assert len(fits) == 0 and sorted(stacked.trained) == sorted(pair)
-    alone = reproduce("iwae-table", budget="quick", only=pair, results=tmp_path / "b", overrides=TINY, stack=False)
+    alone = reproduce("iwae-table", budget="quick", only=pair, results=tmp_path / "b", overrides=plain, stack=False)
     assert len(fits) == 2
     for a, b in zip(stacked.entries, alone.entries, strict=True):
         assert a.cells["nll"].ours == b.cells["nll"].ours

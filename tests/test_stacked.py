@@ -1,8 +1,9 @@
 """Stacked runs: S runs trained as one model end with the bits of each run trained alone.
 
-The truth each stacked run is checked against is the same config trained by the plain
-Trainer in its own folder: final and best weights (file bytes), metrics (less wall-clock
-seconds) and the whole last checkpoint (model, optimizer state, position, every RNG stream).
+The truth each stacked run is checked against is the same config trained alone (a loop of one
+run: the plain step on torch's global stream) in its own folder: final and best weights (file
+bytes), metrics (less wall-clock seconds) and the whole last checkpoint (model, optimizer state,
+position, every RNG stream).
 Tiny models on the embedded data, one thread, two short epochs with mid-epoch checkpoints.
 """
 
@@ -13,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainhelp import fit
 
 from elbolab.config import ConfigError, RunConfig
 from elbolab.data import load
 from elbolab.models import build_model
 from elbolab.models.stacked import TAIL_SENSITIVE, _plain, batched_agrees, stack_models
 from elbolab.runs import load_checkpoint
-from elbolab.stacked import StackedTrainer, check_stackable, pack, stack_refusal
 from elbolab.sweep import expand, load_config_with_sweep, parse_sweep
-from elbolab.training import Trainer
+from elbolab.training import Loop, RunState, check_stackable, pack, stack_refusal
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
@@ -68,11 +69,11 @@ def data():
 
 @pytest.fixture(scope="module")
 def singles(tmp_path_factory, data) -> list[Path]:
-    """Each variant trained alone, by the plain Trainer."""
+    """Each variant trained alone (a loop of one run, the plain step)."""
     root = tmp_path_factory.mktemp("singles")
     out = []
     for i, v in enumerate(VARIANTS):
-        Trainer(config(**v), root / f"run{i}", data).fit()
+        fit(RunState(config(**v), root / f"run{i}", data))
         out.append(root / f"run{i}")
     return out
 
@@ -85,7 +86,7 @@ def assert_same_run(stacked: Path, single: Path) -> None:
 
 def test_stacked_runs_equal_runs_alone_bit_for_bit(tmp_path, data, singles):
     runs = [(config(**v), tmp_path / f"run{i}") for i, v in enumerate(VARIANTS)]
-    outcomes = StackedTrainer(runs, data).fit()
+    outcomes = Loop(runs, data).fit()
     assert [o.status for o in outcomes] == ["finished"] * len(VARIANTS)
     for (_, run), single in zip(runs, singles, strict=True):
         assert_same_run(run, single)
@@ -98,8 +99,8 @@ def test_monitored_stacked_runs_log_what_each_run_alone_logs(tmp_path, data):
 
     cfgs = [config(**{**v, "train.monitor_every": 1, "train.monitor_points": 64}) for v in VARIANTS[:2]]
     for i, c in enumerate(cfgs):
-        Trainer(c, tmp_path / f"alone{i}", data, run_monitor(c, data)).fit()
-    StackedTrainer([(c, tmp_path / f"stack{i}") for i, c in enumerate(cfgs)], data, run_monitor).fit()
+        fit(RunState(c, tmp_path / f"alone{i}", data, run_monitor(c, data)))
+    Loop([(c, tmp_path / f"stack{i}") for i, c in enumerate(cfgs)], data, run_monitor).fit()
     for i in range(2):
         rows = outcome(tmp_path / f"stack{i}")[2]
         assert all("active_units" in r for r in rows), rows
@@ -110,12 +111,12 @@ def test_monitored_stacked_runs_log_what_each_run_alone_logs(tmp_path, data):
 def test_runs_at_different_points_are_brought_level(tmp_path, data, singles):
     """A stack put together from a run stopped after 3 steps and two fresh ones ends as each alone."""
     runs = [(config(**v), tmp_path / f"run{i}") for i, v in enumerate(VARIANTS)]
-    early = Trainer(*runs[0], data)
-    early._interrupt = "test"  # checkpoint after the first step and stop, as Ctrl-C does
+    early = Loop([runs[0]], data)
+    early.request_stop("test")  # checkpoint after the first step and stop, as Ctrl-C does
     with pytest.raises(KeyboardInterrupt):
         early.fit()
     assert load_checkpoint(runs[0][1] / "checkpoint.pt")["step"] == 1
-    outcomes = StackedTrainer(runs, data).fit()
+    outcomes = Loop(runs, data).fit()
     assert [o.status for o in outcomes] == ["finished"] * len(VARIANTS)
     for (_, run), single in zip(runs, singles, strict=True):
         assert_same_run(run, single)
@@ -129,10 +130,10 @@ def test_a_diverging_run_is_reported_and_leaves_the_others_exact(tmp_path, data,
     bad = config(**{"train.seed": 5, "train.lr": 1e30, "train.nonfinite": policy, "train.max_nonfinite_skips": 2})
     alone = tmp_path / "bad-alone"
     with pytest.raises(FloatingPointError) as err:
-        Trainer(bad, alone, data).fit()
+        fit(RunState(bad, alone, data))
     runs = [(config(**VARIANTS[0]), tmp_path / "run0"), (bad, tmp_path / "bad"),
             (config(**VARIANTS[1]), tmp_path / "run1")]
-    outcomes = StackedTrainer(runs, data).fit()
+    outcomes = Loop(runs, data).fit()
     assert [o.status for o in outcomes] == ["finished", "failed", "finished"]
     assert outcomes[1].error == str(err.value), "the stacked run stops where and as the run alone does"
     info = json.loads((tmp_path / "bad" / "run.json").read_text())
@@ -147,8 +148,8 @@ def test_detached_estimators_stack_on_the_two_layer_model(tmp_path, data):
                       "model.two_layer.hidden2": [20], "train.epochs": 1, "train.seed": s, "objective.estimator": e})
             for s, e in ((0, "stl"), (1, "dreg"))]
     for i, c in enumerate(cfgs):
-        Trainer(c, tmp_path / f"alone{i}", data).fit()
-    StackedTrainer([(c, tmp_path / f"stack{i}") for i, c in enumerate(cfgs)], data).fit()
+        fit(RunState(c, tmp_path / f"alone{i}", data))
+    Loop([(c, tmp_path / f"stack{i}") for i, c in enumerate(cfgs)], data).fit()
     for i in range(2):
         assert_same_run(tmp_path / f"stack{i}", tmp_path / f"alone{i}")
 
@@ -159,7 +160,7 @@ def test_stacked_products_and_runwise_tails_on_odd_shapes(one_thread):
     from elbolab.distributions import noise_source
     from elbolab.models.stacked import RunwiseTails, run_noise
     from elbolab.objectives import estimate, estimate_from_terms, objective_plan
-    from elbolab.stacked import _split_runs
+    from elbolab.training.step import _split_runs
 
     x_all = load("binarized-mnist-embedded").as_float("train")
     for act in ("softplus", "elu"):

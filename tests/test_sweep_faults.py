@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from trainhelp import fit
 
 import elbolab
 import elbolab.preflight as preflight
@@ -27,7 +28,7 @@ from elbolab.config import RunConfig
 from elbolab.files import TEST_STOP_ENV
 from elbolab.models import build_model
 from elbolab.runs import RunError, load_run
-from elbolab.training import Trainer
+from elbolab.training import RunState
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
@@ -142,7 +143,7 @@ from elbolab.models import build_model
 from elbolab.objectives import make_objective, objective_plan
 from elbolab.optimizers import make_optimizer
 from elbolab.preflight import estimate_memory
-from elbolab.stacked import Stack, StackRun
+from elbolab.training import StackedStep, StepRun
 torch.set_num_threads(1)
 retain_freed_memory()
 S = int(sys.argv[2])
@@ -152,10 +153,10 @@ plan, estimator = objective_plan(cfg.objective)
 runs = []
 for s in range(S):
     model = build_model(cfg.model, 784, x)
-    runs.append(StackRun(model, make_optimizer(model, cfg.train, torch.device("cpu")), make_objective(cfg.objective),
+    runs.append(StepRun(model, make_optimizer(model, cfg.train, torch.device("cpu")), make_objective(cfg.objective),
                          plan, estimator, torch.Generator().manual_seed(s)))
 estimate = estimate_memory(cfg, runs[0].model, 784, runs=S)
-stack = Stack(runs)
+stack = StackedStep(runs)
 stack.step(torch.stack([x[:2]] * S), [1.0] * S)  # gradients and Adam's state exist before the measurement
 def kib(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
@@ -318,5 +319,5 @@ def test_two_identical_runs_write_identical_checkpoints(tmp_path):
     for i in (1, 2):
         np.random.seed(i)
         random.seed(i)
-        Trainer(cfg, tmp_path / f"r{i}").fit()
+        fit(RunState(cfg, tmp_path / f"r{i}"))
     assert (tmp_path / "r1" / "checkpoint.pt").read_bytes() == (tmp_path / "r2" / "checkpoint.pt").read_bytes()

@@ -9,13 +9,15 @@ import math
 
 import pytest
 import torch
+from trainhelp import fit
 
-import elbolab.training as training
+import elbolab.training.loop as train_loop
+import elbolab.training.state as train_state
 from elbolab import cli
 from elbolab.config import RunConfig
 from elbolab.data.dataset import ImageDataset
 from elbolab.runs import load_checkpoint
-from elbolab.training import NonFiniteError, Trainer
+from elbolab.training import NonFiniteError, RunState
 
 
 def grey_dataset() -> ImageDataset:
@@ -38,13 +40,13 @@ pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 class Crash(Exception):
-    """Stands in for a killed process: nothing in memory survives to the resumed Trainer."""
+    """Stands in for a killed process: nothing in memory survives to the resumed run."""
 
 
 def test_resume_in_process_with_dynamic_binarization_is_exact(tmp_path, monkeypatch):
     cfg = small_config(checkpoint_steps=4)
-    ref = Trainer(cfg, tmp_path / "ref", grey_dataset())
-    ref.fit()
+    ref = RunState(cfg, tmp_path / "ref", grey_dataset())
+    fit(ref)
     calls = {"n": 0}
 
     def crash_at_step_17(name: str) -> None:
@@ -52,13 +54,13 @@ def test_resume_in_process_with_dynamic_binarization_is_exact(tmp_path, monkeypa
         if calls["n"] == 17:  # epoch 2, batch 7; last checkpoint at step 16
             raise Crash
 
-    monkeypatch.setattr(training, "fault_point", crash_at_step_17)
+    monkeypatch.setattr(train_loop, "fault_point", crash_at_step_17)
     with pytest.raises(Crash):
-        Trainer(cfg, tmp_path / "run", grey_dataset()).fit()
+        fit(RunState(cfg, tmp_path / "run", grey_dataset()))
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 16
-    monkeypatch.setattr(training, "fault_point", lambda name: None)
-    resumed = Trainer(cfg, tmp_path / "run", grey_dataset())
-    resumed.fit()  # automatic: same config, unfinished
+    monkeypatch.setattr(train_loop, "fault_point", lambda name: None)
+    resumed = RunState(cfg, tmp_path / "run", grey_dataset())
+    fit(resumed)  # automatic: same config, unfinished
     for (name, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert torch.equal(ref.batcher.generator.get_state(), resumed.batcher.generator.get_state())
@@ -68,7 +70,7 @@ def test_resume_in_process_with_dynamic_binarization_is_exact(tmp_path, monkeypa
 def test_rng_states_round_trip():
     """torch's and the shuffler's streams come back; numpy's and Python's global ones, which training
     never draws from, are not stored (their unseeded states made identical runs' checkpoints differ)."""
-    t = Trainer(small_config(), "unused", grey_dataset())
+    t = RunState(small_config(), "unused", grey_dataset())
     state = t.state()
     assert not {"numpy", "python"} & set(state["rng"])
     draws = (torch.rand(2), torch.rand(2, generator=t.shuffle))
@@ -77,7 +79,7 @@ def test_rng_states_round_trip():
     assert torch.equal(draws[0], again[0]) and torch.equal(draws[1], again[1])
 
 
-def poison(trainer: Trainer, at_steps: set[int], term: str = "likelihood", value: float = math.nan) -> None:
+def poison(trainer: RunState, at_steps: set[int], term: str = "likelihood", value: float = math.nan) -> None:
     """Make the log-weight terms of the given training steps (1-based) non-finite for image 1."""
     model = trainer.model
     real = model.log_weight_terms
@@ -103,10 +105,10 @@ def poison(trainer: Trainer, at_steps: set[int], term: str = "likelihood", value
 
 
 def test_nan_in_reconstruction_is_skipped_and_named(tmp_path, caplog):
-    t = Trainer(small_config(nonfinite="skip", max_nonfinite_skips=3), tmp_path / "run", grey_dataset())
+    t = RunState(small_config(nonfinite="skip", max_nonfinite_skips=3), tmp_path / "run", grey_dataset())
     poison(t, {3})
     with caplog.at_level(logging.WARNING, logger="elbolab"):
-        t.fit()
+        fit(t)
     msg = "\n".join(r.getMessage() for r in caplog.records)
     assert "step 3 (epoch 1, batch 2)" in msg
     assert "reconstruction log p(x|z) non-finite for 1 of 20 images" in msg
@@ -120,10 +122,10 @@ def test_nan_in_reconstruction_is_skipped_and_named(tmp_path, caplog):
 
 def test_stop_policy_keeps_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
-    t = Trainer(small_config(nonfinite="stop", checkpoint_steps=2), run, grey_dataset())
+    t = RunState(small_config(nonfinite="stop", checkpoint_steps=2), run, grey_dataset())
     poison(t, {3}, term="prior", value=-math.inf)
     with pytest.raises(NonFiniteError) as err:
-        t.fit()
+        fit(t)
     assert "step 3 (epoch 1, batch 2)" in str(err.value)
     assert "prior log p(z) (KL, layer z) non-finite for 1 of 20 images" in str(err.value)
     ckpt = load_checkpoint(run / "checkpoint.pt")
@@ -134,25 +136,25 @@ def test_stop_policy_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_nan_gradient_with_finite_loss_is_caught_and_names_layers(tmp_path):
-    t = Trainer(small_config(nonfinite="stop"), tmp_path / "run", grey_dataset())
+    t = RunState(small_config(nonfinite="stop"), tmp_path / "run", grey_dataset())
     poison(t, {2}, term="gradient")
     with pytest.raises(NonFiniteError) as err:
-        t.fit()
+        fit(t)
     msg = str(err.value)
     assert "step 2" in msg and "gradient non-finite in encoder.0.weight" in msg
     assert "loss=" not in msg and "log p(x|z)" not in msg  # the loss and terms were finite
 
 
 def test_skip_budget_runs_out_then_stops(tmp_path):
-    t = Trainer(small_config(nonfinite="skip", max_nonfinite_skips=2), tmp_path / "run", grey_dataset())
+    t = RunState(small_config(nonfinite="skip", max_nonfinite_skips=2), tmp_path / "run", grey_dataset())
     poison(t, {3, 4, 5, 6})
     with pytest.raises(NonFiniteError) as err:
-        t.fit()
+        fit(t)
     assert "step 5" in str(err.value) and "2 skipped steps already" in str(err.value)
 
 
 def test_cli_exit_code_3_on_numerical_fault(tmp_path, monkeypatch, capsys):
-    real = training.make_objective
+    real = train_state.make_objective
 
     def nan_objective(cfg):
         objective = real(cfg)
@@ -164,7 +166,7 @@ def test_cli_exit_code_3_on_numerical_fault(tmp_path, monkeypatch, capsys):
 
         return fn
 
-    monkeypatch.setattr(training, "make_objective", nan_objective)
+    monkeypatch.setattr(train_state, "make_objective", nan_objective)
     code = cli.main(["train", "--no-eval", "--out", str(tmp_path / "run"), "--set", "train.nonfinite=stop",
                      "--set", "model.hidden=[8]", "--set", "model.latent_dim=2", "--set", "train.progress=false"])
     err = capsys.readouterr().err
@@ -174,22 +176,23 @@ def test_cli_exit_code_3_on_numerical_fault(tmp_path, monkeypatch, capsys):
 
 def test_one_host_sync_per_step(tmp_path, monkeypatch):
     """The NaN check rides on the one transfer that reads the logged bound: count every
-    tensor-to-Python conversion made by training.py during an epoch of 10 steps."""
+    tensor-to-Python conversion made by the train package during a run of one epoch of 10 steps."""
     import sys
+    from pathlib import Path
 
-    t = Trainer(small_config(epochs=1, eval_every=0), tmp_path / "run", grey_dataset())
-    t.prepare_run_dir()
+    t = RunState(small_config(epochs=1, eval_every=0), tmp_path / "run", grey_dataset())
+    package = Path(train_state.__file__).parent
     calls = []
     for name in ("tolist", "item", "__bool__", "__float__", "__int__", "cpu", "numpy"):
         real = getattr(torch.Tensor, name)
 
         def counted(self, *a, _real=real, _name=name, **kw):
-            if sys._getframe(1).f_code.co_filename == training.__file__:
+            if Path(sys._getframe(1).f_code.co_filename).parent == package:
                 calls.append(_name)
             return _real(self, *a, **kw)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    t.train_epoch()
+    fit(t)
     assert calls == ["tolist"] * 10
 
 
@@ -205,15 +208,16 @@ def test_time_based_checkpoints_record_the_position(tmp_path, monkeypatch):
         perf_counter = staticmethod(lambda: 0.0)
 
     saved = []
-    real_save = Trainer.save_checkpoint
+    real_save = RunState.save_checkpoint
 
     def save(self):
         saved.append((self.step, self.next_batch))
         real_save(self)
 
-    monkeypatch.setattr(training, "time", Clock)
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
-    Trainer(small_config(epochs=1, checkpoint_minutes=1.0), tmp_path / "run", grey_dataset()).fit()
+    monkeypatch.setattr(train_state, "time", Clock)
+    monkeypatch.setattr(train_loop, "time", Clock)
+    monkeypatch.setattr(RunState, "save_checkpoint", save)
+    fit(RunState(small_config(epochs=1, checkpoint_minutes=1.0), tmp_path / "run", grey_dataset()))
     assert saved[:2] == [(2, 2), (4, 4)]  # every minute of (fake) time, mid-epoch
     assert saved[-1] == (10, 0)  # and at the end
 
@@ -230,9 +234,9 @@ def test_sigterm_checkpoints_at_the_step_and_restores_handlers(tmp_path, monkeyp
         if steps["n"] == 5:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(training, "fault_point", terminate_at_step_5)
+    monkeypatch.setattr(train_loop, "fault_point", terminate_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(small_config(), tmp_path / "run", grey_dataset()).fit()
+        fit(RunState(small_config(), tmp_path / "run", grey_dataset()))
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert (ckpt["step"], ckpt["position"]["next_batch"]) == (5, 5)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
@@ -253,10 +257,10 @@ def test_early_stopping_does_not_count_warmup_epochs_but_tracks_the_best(tmp_pat
             best_weights.update({k: v.clone() for k, v in self.model.state_dict().items()})
         return {"valid_elbo": value, "valid_iwae_3": value}
 
-    monkeypatch.setattr(Trainer, "validate", scripted)
-    t = Trainer(small_config(epochs=8, early_stopping_patience=2, checkpoint_steps=0)
+    monkeypatch.setattr(RunState, "validate", scripted)
+    t = RunState(small_config(epochs=8, early_stopping_patience=2, checkpoint_steps=0)
                 .with_overrides({"objective.warmup_epochs": 4}), tmp_path / "run", grey_dataset())
-    t.fit()
+    fit(t)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert t.best_valid == -90.0 and t.epochs_since_best == 2

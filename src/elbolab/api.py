@@ -34,13 +34,14 @@ from .data import USER, DataError, ImageDataset, as_dataset, evaluation_images, 
 from .data.user import matches, reload_files
 from .devices import resolve_device
 from .diagnostics.gradient_snr import snr_sweep
-from .diagnostics.monitor import CollapseMonitor
+from .diagnostics.monitor import run_monitor
 from .diagnostics.report import diagnose as write_diagnostics
 from .diagnostics.summary import summarize
 from .models.base import HasLogWeights, NoPosterior
 from .objectives import make_objective
+from .preflight import preflight
 from .runs import Run, load_run
-from .training import Trainer, take_step
+from .training import StepRun, make_step, train_runs
 
 log = logging.getLogger("elbolab")
 
@@ -88,9 +89,10 @@ def train(data: Any = None, out: str | Path | None = None, config: Any = None, *
     or .npz path, or None for the dataset the config names. ``valid`` / ``test`` add those
     splits. ``config``: a RunConfig, preset name, YAML path or mapping; ``overrides``
     are dotted keys: ``train(x, **{"objective.k": 10, "train.epochs": 20})``.
-    An unfinished run of the same config in ``out`` is continued (``resume`` as in Trainer.fit).
+    An unfinished run of the same config in ``out`` is continued (``resume`` as in RunState.prepare_run_dir).
     """
     cfg = config_for(config, overrides)
+    preflight(cfg)
     if data is None:
         if valid is not None or test is not None:
             raise ConfigError("valid= / test=: give the training data too (data=...)")
@@ -100,10 +102,8 @@ def train(data: Any = None, out: str | Path | None = None, config: Any = None, *
             cfg = cfg.with_overrides({"data.name": USER})
         dataset = as_dataset(data, valid=valid, test=test).with_validation(cfg.data.validation)
     run_dir = Path(out) if out is not None else _default_out(cfg)
-    monitor = CollapseMonitor.for_run(cfg, dataset, resolve_device(cfg.train.device))
-    trainer = Trainer(cfg, run_dir, dataset, monitor)
-    trainer.fit(resume=resume)
-    run = load_run(run_dir, device=str(trainer.device))
+    train_runs([(cfg, run_dir)], resume=resume, dataset=dataset, monitors=run_monitor, skip_finished=False)
+    run = load_run(run_dir, device=str(resolve_device(cfg.train.device)))
     run.data = dataset if data is not None else None
     return run
 
@@ -124,7 +124,7 @@ def train_model(model: Any, data: Any, *, epochs: int = 10, batch_size: int = 10
     """
     cfg = ObjectiveConfig(name=objective, k=k, estimator=estimator)
     cfg.validate("objective")
-    step = make_objective(cfg)
+    objective_fn = make_objective(cfg)
     device = next(iter(model.parameters())).device
     if isinstance(data, Tensor) and data.is_floating_point():
         x_all = data.reshape(data.shape[0], -1)
@@ -132,6 +132,7 @@ def train_model(model: Any, data: Any, *, epochs: int = 10, batch_size: int = 10
         x_all = (data if isinstance(data, ImageDataset) else as_dataset(data)).as_float("train")
     x_all = x_all.to(device)
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+    step = make_step([StepRun.plain(model, opt, objective_fn, cfg)])  # the loop's step, for one run
     shuffle = torch.Generator().manual_seed(seed)
     bounds: list[float] = []
     model.train()
@@ -139,7 +140,7 @@ def train_model(model: Any, data: Any, *, epochs: int = 10, batch_size: int = 10
         total = count = 0.0
         for idx in torch.randperm(x_all.shape[0], generator=shuffle).split(batch_size):
             x = x_all[idx.to(device)]
-            _, bound_sum, taken = take_step(model, opt, step, x)
+            (_, bound_sum, taken), = step.step(x[None], [1.0])
             if taken:
                 total, count = total + bound_sum, count + x.shape[0]
             else:

@@ -28,7 +28,7 @@ def standard_normal(shape: tuple[int, ...], like: Tensor, generator: torch.Gener
 
     ``torch.randn`` from ``generator`` (else torch's global stream), unless a caller without a
     generator runs inside :func:`noise_source`: a stacked run draws each run's share from that
-    run's own stream there (elbolab.stacked).
+    run's own stream there (elbolab.training).
     """
     source = _NOISE.get() if generator is None else None
     if source is not None:

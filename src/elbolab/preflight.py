@@ -184,7 +184,7 @@ def estimate_memory(cfg: RunConfig, model: torch.nn.Module, data_dim: int, n_val
                "objective.k or train.batch_size" + (" or the runs of this shape" if runs > 1 else ""))]
     others = 4 * params * (runs - 1)  # the other runs' weights, gradients and Adam state
     if n_valid and cfg.train.eval_every:
-        rows = min(500, n_valid)  # Trainer.validate's batch
+        rows = min(500, n_valid)  # RunState.validate's batch
         passes.append((EVAL_FACTOR * score.at(rows, o.k) + params + others,
                        f"the validation bound (objective.k={o.k} x {rows} images)", "objective.k"))
     e = cfg.eval

@@ -13,8 +13,9 @@ This module owns the folder: creating it (atomically: built under a temporary na
 renamed, so a kill leaves either nothing or a run to resume), locking it, reading and
 writing checkpoints and weights (each carrying the SHA-256 of its contents, checked on
 load), deciding whether a folder holds a run to continue, and ``load_run(path)``, which
-gives the model back in one call. What a checkpoint holds is the trainer's business
-(training.py).
+gives the model back in one call. What a checkpoint holds is written down here too
+(:class:`Checkpoint`: its fields, and the checks a damaged or crafted one fails), and
+:func:`run_status` is how every caller tells whether a folder's run is finished.
 """
 
 from __future__ import annotations
@@ -232,6 +233,100 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state["model"], dict):
         raise RunError(f"{path}: checkpoint field 'model' is {type(state['model']).__name__}, not a mapping of tensors")
     return state
+
+
+def checkpoint_field(state: dict[str, Any], key: str, kind: type | tuple[type, ...], source: Path | str,
+                     default: Any = ...) -> Any:
+    """``state[key]`` checked to be a ``kind`` (a crafted or damaged checkpoint is named, not run)."""
+    if key not in state:
+        if default is not ...:
+            return default
+        raise RunError(f"{source}: checkpoint field {key!r} missing; not a complete elbolab checkpoint")
+    value = state[key]
+    bad_bool = isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    if not isinstance(value, kind) or bad_bool:
+        want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise RunError(f"{source}: checkpoint field {key!r} is {type(value).__name__} {str(value)[:40]!r}, "
+                       f"expected {want}")
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise RunError(f"{source}: checkpoint field {key!r} is {value}, expected >= 0")
+    return value
+
+
+@dataclass
+class Checkpoint:
+    """What checkpoint.pt holds: a run's model and optimizer, its counters, its position inside
+    the current epoch (permutation, next batch, running bound sums) and every RNG it draws from."""
+
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    #: completed epochs, and steps taken (skipped ones included)
+    epoch: int
+    step: int
+    best_valid: float
+    epochs_since_best: int
+    nonfinite_skips: int
+    finished: bool
+    #: the current epoch's permutation (None until drawn), next batch, and the sums behind train_bound
+    order: torch.Tensor | None
+    next_batch: int
+    bound_sum: float
+    count: int
+    rng: dict[str, Any]
+
+    def to_state(self) -> dict[str, Any]:
+        """The plain containers :func:`save_checkpoint` writes."""
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_valid": self.best_valid,
+            "epochs_since_best": self.epochs_since_best,
+            "nonfinite_skips": self.nonfinite_skips,
+            "finished": self.finished,
+            "position": {"order": self.order, "next_batch": self.next_batch, "bound_sum": self.bound_sum,
+                         "count": self.count},
+            "rng": self.rng,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], source: Path | str, model: torch.nn.Module, n_images: int,
+                   batch_size: int) -> Checkpoint:
+        """Every field of a loaded checkpoint checked against the run it is to resume (``model``,
+        ``n_images`` training images in batches of ``batch_size``): a damaged or crafted one is
+        refused in one line naming the field."""
+        f = checkpoint_field
+        model_state = f(state, "model", dict, source)
+        check_model_state(model, model_state, source)
+        pos = f(state, "position", (dict, type(None)), source, None) or {}
+        out = cls(
+            model=model_state,
+            optimizer=f(state, "optimizer", dict, source),
+            epoch=f(state, "epoch", int, source),
+            step=f(state, "step", int, source),
+            best_valid=float(f(state, "best_valid", (float, int), source)),
+            epochs_since_best=f(state, "epochs_since_best", int, source),
+            nonfinite_skips=f(state, "nonfinite_skips", int, source, 0),
+            finished=f(state, "finished", bool, source),
+            order=f(pos, "order", (torch.Tensor, type(None)), source, None),
+            next_batch=f(pos, "next_batch", int, source, 0),
+            bound_sum=float(f(pos, "bound_sum", (float, int), source, 0.0)),
+            count=f(pos, "count", int, source, 0),
+            rng=f(state, "rng", dict, source),
+        )
+        order, n = out.order, n_images
+        if order is not None:
+            if order.numel() != n:
+                raise RunError(f"{source}: its epoch permutation covers {order.numel()} images, "
+                               f"the training split has {n}")
+            if order.dtype != torch.int64 or order.dim() != 1 or not torch.equal(order.sort().values, torch.arange(n)):
+                raise RunError(f"{source}: checkpoint field 'position.order' is not a permutation of the "
+                               f"{n} training images")
+        if out.next_batch > -(-n // batch_size):
+            raise RunError(f"{source}: checkpoint field 'position.next_batch' is {out.next_batch}, "
+                           "past the epoch's end")
+        return out
 
 
 # --- the folder's small files ---------------------------------------------------------------
@@ -576,6 +671,25 @@ def create_run_dir(run_dir: Path, cfg: RunConfig, info: dict[str, Any]) -> RunLo
 
 def holds_run(run_dir: Path) -> bool:
     return (Path(run_dir) / INFO).exists()
+
+
+#: what :func:`run_status` says of a folder holding no run
+NO_RUN = "none"
+#: run.json says finished but the final weights are missing
+DAMAGED = "damaged"
+
+
+def run_status(run_dir: str | Path) -> str:
+    """Where a run folder's run stands: :data:`NO_RUN`, run.json's status (running, interrupted,
+    failed, finished) or :data:`DAMAGED` (finished without its final weights). An unreadable
+    run.json is a :class:`RunError` naming it."""
+    run_dir = Path(run_dir)
+    if not holds_run(run_dir):
+        return NO_RUN
+    status = str(read_json_object(run_dir / INFO).get("status"))
+    if status == "finished" and not (run_dir / WEIGHTS["final"]).exists():
+        return DAMAGED
+    return status
 
 
 def check_config_unedited(run_dir: Path, info: dict[str, Any], saved: RunConfig) -> None:

@@ -12,7 +12,7 @@ lists::
 
 Each run is named by the values it takes (``name=vae,seed=0``) and gets a run folder of that
 name inside the sweep's folder; runs that share a shape train as one stacked model
-(elbolab.stacked).
+(elbolab.training).
 """
 
 from __future__ import annotations

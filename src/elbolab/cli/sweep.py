@@ -35,7 +35,6 @@ from ..runs import (
     remove_owned_temp_files,
     write_json,
 )
-from ..stacked import pack, train_stacked
 from ..sweep import (
     SWEEP_FILE,
     expand,
@@ -46,7 +45,7 @@ from ..sweep import (
     read_sweep_file,
     write_sweep_file,
 )
-from ..training import NonFiniteError
+from ..training import NonFiniteError, pack, train_runs
 
 
 def wants_sweep(args: argparse.Namespace) -> bool:
@@ -217,7 +216,7 @@ def _train_sweep(args: argparse.Namespace, folder: Path, runs: list[tuple[str, R
     args.to_continue = ("every run's last checkpoint is kept; continue with: elbolab train --resume "
                         f"{shlex.quote(str(folder))}" + (" --no-eval" if args.no_eval else ""))
     # a run whose folder a kill came before starts; the others continue (resume=None, as the first command)
-    outcomes = train_stacked([(c, folder / n) for n, c in runs], resume=None, dataset=dataset, monitors=run_monitor)
+    outcomes = train_runs([(c, folder / n) for n, c in runs], resume=None, dataset=dataset, monitors=run_monitor)
     print(f"trained in {time.perf_counter() - t0:.0f} s")
     failed = [(n, o) for (n, _), o in zip(runs, outcomes, strict=True) if o.status != "finished"]
     for (name, cfg), o in zip(runs, outcomes, strict=True):

@@ -20,7 +20,6 @@ from ..files import fault_point
 from ..preflight import preflight
 from ..runs import (
     CONFIG,
-    INFO,
     METRICS,
     REPORT,
     RunError,
@@ -29,11 +28,11 @@ from ..runs import (
     holds_run,
     load_run,
     lock_run,
-    read_json_object,
     read_metrics,
+    run_status,
     write_json,
 )
-from ..training import Trainer
+from ..training import RunState, train_runs
 from .common import add_data_dir, add_device, warn_if_data_dir_unused
 from .sweep import cmd_sweep, wants_sweep
 
@@ -80,10 +79,7 @@ def _resume_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
 def _finished_unevaluated(run_dir: Path, cfg: RunConfig, args: argparse.Namespace) -> bool:
     """Whether ``run_dir`` holds this config's run, trained to the end but without its report (an
     interrupted final evaluation): then it is evaluated, not refused."""
-    if not holds_run(run_dir):
-        return False
-    info = read_json_object(run_dir / INFO)
-    if info.get("status") != "finished" or config_differences(load_config(run_dir / CONFIG), cfg):
+    if run_status(run_dir) != "finished" or config_differences(load_config(run_dir / CONFIG), cfg):
         return False  # the trainer continues it, or refuses it naming the differences
     if args.no_eval or (run_dir / REPORT).exists():
         raise RunError(f"{run_dir}: already holds a finished{'' if args.no_eval else ' and evaluated'} run of this "
@@ -133,22 +129,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     t0 = time.perf_counter()
     monitor = CollapseMonitor.for_run(cfg, dataset, resolve_device(cfg.train.device))
-    trainer = Trainer(cfg, run_dir, dataset, monitor)  # refuses, before anything is written, a run that cannot fit
+    state = RunState(cfg, run_dir, dataset, monitor)  # refuses, before anything is written, a run that cannot fit
     print(header(cfg, dataset.name, run_dir), flush=True)
     try:
-        trainer.fit(resume=resume, keep_lock=True)  # held through the evaluation: one owner at a time
+        # held through the evaluation: one owner at a time
+        train_runs([state], resume=resume, keep_lock=True, skip_finished=False)
         session = time.perf_counter() - t0
         train_seconds = trained_seconds(run_dir, session)
         if args.no_eval:
             print(f"{_trained_in(train_seconds, session)}; run folder: {run_dir}")
             return 0
-        _report(trainer.model, trainer.device, dataset, cfg, run_dir, train_seconds, session)
+        _report(state.model, state.device, dataset, cfg, run_dir, train_seconds, session)
     except KeyboardInterrupt:
         if holds_run(run_dir):
             args.to_continue = continue_line(run_dir, args.no_eval)
         raise
     finally:
-        trainer.release()
+        state.release()
     return 0
 
 

@@ -18,6 +18,8 @@ _IWAE_PAPER: dict[str, Any] = {
     "train.epochs": 3280,
     "data.name": "mnist",
     "data.binarization": "dynamic",
+    # the batch-20 step without autograd's per-op overhead (elbolab.fused; docs/bench.md)
+    "train.fused": "auto",
 }
 
 #: Named bundles of overrides. A paper's preset trains on the paper's dataset (its files

@@ -2,7 +2,7 @@
 
 Posterior collapse shows as units whose q(z_u|x) no longer depends on x: their KL to the
 prior falls to ~0, their activity Cov_x(E_q[z_u|x]) falls below the threshold, and the
-mutual information between the data index and z falls. The trainer (training.py, a layer
+mutual information between the data index and z falls. The trainer (training/, a layer
 below) calls a :class:`CollapseMonitor` every ``train.monitor_every`` epochs and adds its
 numbers to that epoch's row of metrics.jsonl (and TensorBoard / W&B); the entry points
 build it with :meth:`CollapseMonitor.for_run`. Every estimator here runs seeded and in

@@ -6,7 +6,7 @@
 Rows are planned from papers.yaml and tables.PROTOCOLS, checked for missing pieces
 before anything trains, run by an executor, cached in the results folder (a finished
 row is never retrained; an interrupted one resumes), and written as a table. Rows that
-share a shape (elbolab.stacked.stack_key: same model, data, batch and draws per point)
+share a shape (elbolab.training.stack_key: same model, data, batch and draws per point)
 train as one stacked model, a pack being one task for the executor; each row's folder
 and numbers are those it gets trained alone.
 """
@@ -23,7 +23,7 @@ from typing import Any
 from ..config import ConfigError, RunConfig, load_config, parse_overrides
 from ..preflight import preflight
 from ..runs import CONFIG
-from ..stacked import pack
+from ..training import pack
 from .executors import EXECUTORS, make_executor
 from .output import Entry, make_entry, read_committed, write_outputs
 from .rows import RESULT_FILE, PackTask, RowTask, run_row, run_unit

@@ -3,7 +3,7 @@
 A row lives in ``<table folder>/rows/<row id>-<config hash>/``: ``run/`` is an ordinary
 run folder, ``result.json`` is written last and atomically, so its presence means the
 row is finished. A killed row resumes from its run folder's checkpoint. Rows of one shape
-can train as one stacked model (:class:`PackTask`, elbolab.stacked) and are then evaluated
+can train as one stacked model (:class:`PackTask`, elbolab.training) and are then evaluated
 one by one; each row's folder is the same as if it had trained alone.
 """
 
@@ -26,9 +26,8 @@ from ..diagnostics.monitor import run_monitor
 from ..diagnostics.surgery import elbo_surgery
 from ..evaluation import log_likelihood, random_subset
 from ..fastpaths import retain_freed_memory
-from ..runs import environment_info, load_run, read_json_object, read_metrics, write_json
-from ..stacked import StackedTrainer
-from ..training import Trainer
+from ..runs import NO_RUN, environment_info, load_run, read_json_object, read_metrics, run_status, write_json
+from ..training import train_runs
 from .figures import ROW_FIGURES
 
 RESULT_FILE = "result.json"
@@ -102,9 +101,8 @@ def _weights(cfg: RunConfig) -> str:
 def _finished(run_dir: Path) -> tuple[bool, bool]:
     """(finished, started) for a row's run folder: trained to the end, or begun (a killed one,
     before its first checkpoint or after, is continued by the trainer from where it was)."""
-    info = read_json_object(run_dir / "run.json") if (run_dir / "run.json").exists() else None
-    finished = info is not None and info.get("status") == "finished" and (run_dir / "model.safetensors").exists()
-    return finished, info is not None
+    status = run_status(run_dir)
+    return status == "finished", status != NO_RUN
 
 
 def _trained_model(cfg: RunConfig, run_dir: Path):
@@ -117,7 +115,9 @@ def _train(cfg: RunConfig, run_dir: Path, dataset):
     seed); returns the model to evaluate, in eval mode."""
     finished, started = _finished(run_dir)
     if not finished:
-        Trainer(cfg, run_dir, dataset, run_monitor(cfg, dataset)).fit(resume=started)
+        (outcome,) = train_runs([(cfg, run_dir)], resume=started, dataset=dataset, monitors=run_monitor,
+                                skip_finished=False)
+        outcome.raise_if_failed()
     return _trained_model(cfg, run_dir)
 
 
@@ -175,7 +175,7 @@ def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> d
 
 @dataclass(frozen=True)
 class PackTask:
-    """Rows of one shape (elbolab.stacked.stack_key) trained as one stacked model, then evaluated
+    """Rows of one shape (elbolab.training.stack_key) trained as one stacked model, then evaluated
     one by one. Plain picklable data, like a RowTask, for any executor."""
 
     tasks: tuple[RowTask, ...]
@@ -207,8 +207,8 @@ def run_pack(pack: PackTask) -> dict[str, Any]:
     train_now = [(task, cfg) for task, cfg in todo if not _finished(Path(task.row_dir) / "run")[0]]
     status = {task.row_id: None for task, _ in todo}
     if train_now:
-        outcomes = StackedTrainer([(cfg, Path(task.row_dir) / "run") for task, cfg in train_now], dataset,
-                                  run_monitor).fit()
+        outcomes = train_runs([(cfg, Path(task.row_dir) / "run") for task, cfg in train_now], dataset=dataset,
+                              monitors=run_monitor)
         for (task, _), o in zip(train_now, outcomes, strict=True):
             status[task.row_id] = o.error if o.status != "finished" else None
     for task, cfg in todo:

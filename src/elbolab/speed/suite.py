@@ -29,8 +29,7 @@ from ..fastpaths import compile_objective, retain_freed_memory, with_precision
 from ..models import build_model
 from ..objectives import make_objective, objective_plan
 from ..optimizers import make_optimizer
-from ..stacked import Stack, StackRun
-from ..training import NonFiniteError, take_step
+from ..training import NonFiniteError, StepRun, make_step, take_step
 from . import pythae_models
 from .measure import (
     Throughput,
@@ -198,7 +197,7 @@ class Bench:
         probe, Adam step."""
         objective = with_precision(make_objective(ObjectiveConfig(name=objective_name, k=k)), model, precision,
                                    self.device)
-        if compiled:  # as Trainer compiles it
+        if compiled:  # as RunState compiles it
             objective = compile_objective(objective, self.device)
         return trainer_step(objective, model, x)
 
@@ -242,7 +241,7 @@ class Bench:
         """S one-layer IWAE runs (seeds 0..S-1, each on its own images) stacked, against the same S
         stepped one by one here and S processes running one each; images/s per run."""
         alone = [_bench_run(self, s, batch, k) for s in range(runs)]
-        stack = Stack([_bench_run(self, s, batch, k) for s in range(runs)])
+        stack = make_step([_bench_run(self, s, batch, k) for s in range(runs)])
         xs = torch.stack([self.images(batch * runs)[s * batch:(s + 1) * batch] for s in range(runs)])
         ones = [1.0] * runs
 
@@ -380,14 +379,14 @@ class Bench:
         return curve
 
 
-def _bench_run(bench: Bench, seed: int, batch: int, k: int) -> StackRun:
+def _bench_run(bench: Bench, seed: int, batch: int, k: int) -> StepRun:
     """One benchmark run: the one-layer model of ``seed`` with the trainer's Adam and objective."""
     cfg = RunConfig().with_overrides({"objective.k": k, "train.seed": seed, "train.batch_size": batch})
     torch.manual_seed(seed)
     model = build_model(cfg.model, bench.data_dim, bench.train_data).to(bench.device).train()
     plan, estimator = objective_plan(cfg.objective)
     gen = torch.Generator(device=bench.device).manual_seed(seed)
-    return StackRun(model, make_optimizer(model, TrainConfig(lr=1e-4), bench.device), make_objective(cfg.objective),
+    return StepRun(model, make_optimizer(model, TrainConfig(lr=1e-4), bench.device), make_objective(cfg.objective),
                     plan, estimator, gen, device=bench.device)
 
 
