@@ -18,9 +18,11 @@ from .hierarchical import HierarchicalVAE
 from .one_layer import OneLayerVAE
 from .pixel_hierarchical import PixelHierarchicalVAE
 from .two_layer import TwoLayerVAE
+from .vampprior_vae import GatedOneLayerVAE
 
 __all__ = [
     "ConvHierarchicalVAE",
+    "GatedOneLayerVAE",
     "HasLogWeights",
     "HierarchicalVAE",
     "LatentVariableModel",
@@ -43,6 +45,13 @@ def _one_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> La
         prior=make_prior(cfg.prior, cfg.latent_dim, data_dim, train_data),
         posterior=cfg.posterior,
     )
+
+
+def _gated_one_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
+    # the VampPrior paper's clamp of the log-variance, shared with its hierarchical model's section
+    return GatedOneLayerVAE(data_dim, cfg.latent_dim, cfg.hidden, cfg.likelihood,
+                            make_prior(cfg.prior, cfg.latent_dim, data_dim, train_data),
+                            cfg.hierarchical.log_var_range, cfg.posterior)
 
 
 def _two_layer(cfg: ModelConfig, data_dim: int, train_data: Tensor | None) -> LatentVariableModel:
@@ -105,6 +114,7 @@ def _pixel_hierarchical(cfg: ModelConfig, data_dim: int, train_data: Tensor | No
 #: ``model.name`` -> builder(model config, data dimension, float training data [N, D] or None)
 MODELS: Registry[Callable[[ModelConfig, int, Tensor | None], LatentVariableModel]] = Registry("model", {
     "one-layer": _one_layer,
+    "gated-one-layer": _gated_one_layer,
     "two-layer": _two_layer,
     "hierarchical": _hierarchical,
     "conv-hierarchical": _conv_hierarchical,
