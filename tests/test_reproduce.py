@@ -120,7 +120,12 @@ def test_vampprior_rows_use_the_papers_preset() -> None:
     hier = plans["mnist-hierarchical-mog"]
     assert (hier.model.name, hier.model.prior.name, hier.data.name) == ("hierarchical", "mog", "binarized-mnist")
     assert (hier.train.lr, hier.train.epochs, hier.train.early_stopping_patience) == (5e-4, 2000, 50)
-    assert plans["mnist-1layer-vampprior"].model.name == "one-layer"
+    # the authors' one-layer VAE (gated layers) under every one-layer row, flows included
+    assert {plans[r].model.name for r in plans if "-1layer-" in r} == {"gated-one-layer"}
+    # VampPrior data: the authors' --use_training_data_init, pseudo-inputs started at training images, learned
+    data = plans["mnist-hierarchical-vampprior-data"].model.prior
+    assert (data.name, data.pseudo_inputs_init) == ("vampprior", "data")
+    assert {r.id for r in spec.rows if r.stand_in} == {"mnist-1layer-planar-flow", "mnist-1layer-iaf"}
     quick = {p.row.id: p.config for p in plan_rows(spec, "quick")}["mnist-hierarchical-vampprior"]
     assert (quick.train.epochs, quick.objective.warmup_epochs) == (10, 5)
 
