@@ -496,6 +496,15 @@ def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monk
     assert ks[ROWS[0]] == ks[ROWS[1]] == 20 and sorted(stale.stale) == sorted(ROWS)
     md = stale.outputs["markdown"].read_text()
     assert "| mnist-1layer-iwae-k5 ‡ | tiny-embedded |" in md and "‡ not rerun under the current protocol" in md
+    # ... unless its folder carries the row's config key, as older versions named row folders
+    plan = plan_rows(get_table("iwae-table"), "quick", ROWS[:1], None, TINY)[0]
+    older = json.loads((out / "table.json").read_text())
+    for r in older["rows"]:
+        r.pop("key", None)
+        if r["row"] == ROWS[0]:
+            r["row_dir"] = f"/elsewhere/rows/{ROWS[0]}-{plan.result_key}"
+    (out / "table.json").write_text(json.dumps(older))
+    assert reproduce("iwae-table", budget="quick", results=tmp_path, overrides=TINY, train=False).stale == ROWS[1:]
 
     # rerun one row (a device or thread override changes nothing): it trains; the other is kept
     rerun = reproduce("iwae-table", budget="quick", only=ROWS[:1], results=tmp_path,

@@ -201,8 +201,19 @@ def _mark_stale(spec, budget: str, committed: dict[str, Entry], data_dir: str | 
             key = row_config(spec, spec.row(row_id), budget, data_dir, overrides).result_key
         except ConfigError:
             key = None
+        if entry.key is None:
+            entry.key = _key_from_folder(entry.row_dir)
         if entry.key is None or entry.key != key:
             entry.status = "committed"
+        elif entry.status == "committed":  # marked stale by an earlier protocol, current again
+            entry.status = "cached"
+
+
+def _key_from_folder(row_dir: str | None) -> str | None:
+    """The config key a row recorded before table.json held it: older versions named the row's
+    folder ``<row>-<config_key>`` (a key added since makes it differ: the row reads as stale)."""
+    tail = Path(row_dir).name.rsplit("-", 1)[-1] if row_dir else ""
+    return tail if len(tail) == 10 and all(c in "0123456789abcdef" for c in tail) else None
 
 
 def _unpack(unit: RowTask | PackTask, result: dict[str, Any] | None, error: BaseException | None
