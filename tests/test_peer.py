@@ -76,3 +76,23 @@ def test_the_peer_schedule_is_the_papers(monkeypatch) -> None:
     assert [c[0] for c in curve] == list(range(1, 14))  # 1 + 3 + 9 epochs
     assert lrs[:2] == [1e-3] * 2 and lrs[2:8] == [pytest.approx(1e-3 * 10 ** (-1 / 7))] * 6
     assert lrs[8:] == [pytest.approx(1e-3 * 10 ** (-2 / 7))] * 18
+
+
+def test_a_killed_peer_continues_from_its_last_epoch_as_if_never_stopped(tmp_path) -> None:
+    peer = _peer()
+    x = torch.rand(40, 6)
+
+    def fresh():
+        torch.manual_seed(3)
+        return peer.PeerVAE(6, hidden=4, latent=2)
+
+    whole = fresh()
+    curve = peer.train(whole, x, "iwae", 2, passes=2, seed=0, log=lambda m: None)
+    part = fresh()
+    ckpt = tmp_path / "c.pt"
+    peer.train(part, x, "iwae", 2, passes=1, seed=0, log=lambda m: None, checkpoint=ckpt)  # epoch 1, then "killed"
+    resumed = fresh()
+    again = peer.train(resumed, x, "iwae", 2, passes=2, seed=0, log=lambda m: None, checkpoint=ckpt)
+    assert again == curve
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)

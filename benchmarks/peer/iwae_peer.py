@@ -69,15 +69,27 @@ def bound(log_w: Tensor, objective: str) -> Tensor:
 
 
 def train(model: PeerVAE, x_train: Tensor, objective: str, k: int, passes: int, seed: int,
-          batch: int = 20, log=print) -> list[list[float]]:
-    """The IWAE paper's schedule; returns [epoch, mean training bound] per epoch."""
+          batch: int = 20, log=print, checkpoint: Path | None = None) -> list[list[float]]:
+    """The IWAE paper's schedule; returns [epoch, mean training bound] per epoch. With
+    ``checkpoint``, the state is saved after every epoch and a rerun continues from it."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-4)
-    curve, epoch = [], 0
+    curve: list[list[float]] = []
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        curve = state["curve"]
+        log(f"resumed after epoch {len(curve)} from {checkpoint}")
+    epoch = 0
     for i in range(passes):
-        for group in opt.param_groups:
-            group["lr"] = 1e-3 * 10 ** (-i / 7)
         for _ in range(3**i):
+            epoch += 1
+            if epoch <= len(curve):
+                continue
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * 10 ** (-i / 7)
             t0, total = time.perf_counter(), 0.0
             order = torch.randperm(x_train.shape[0], generator=g)
             for start in range(0, x_train.shape[0], batch):
@@ -88,9 +100,14 @@ def train(model: PeerVAE, x_train: Tensor, objective: str, k: int, passes: int, 
                 (-b.mean()).backward()
                 opt.step()
                 total += float(b.detach().sum())
-            epoch += 1
             curve.append([epoch, total / x_train.shape[0]])
             log(f"epoch {epoch}: train bound {curve[-1][1]:.2f}, {time.perf_counter() - t0:.0f} s")
+            if checkpoint is not None:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                tmp = checkpoint.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "generator": g.get_state(),
+                            "curve": curve}, tmp)
+                tmp.replace(checkpoint)
     return curve
 
 
@@ -111,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     x_train = data.as_float("train")
     model = PeerVAE(data.data_dim)
     t0 = time.perf_counter()
+    # beside the row folders (not committed): a killed run continues from its last epoch
+    ckpt = Path(args.results) / "iwae-table" / args.budget / "rows" / f"peer-{args.row}-seed{args.seed}"
+    ckpt = ckpt / "checkpoint.pt"
     curve = train(model, x_train, objective, k, BUDGET_PASSES[args.budget], args.seed,
-                  log=lambda m: print(m, flush=True))
+                  log=lambda m: print(m, flush=True), checkpoint=ckpt)
     t1 = time.perf_counter()
     x_test = evaluation_images(data, "test", "dynamic", 0)  # the fixed draw every elbolab row is scored on
     ll = log_likelihood(model, x_test, k=args.k_eval, seed=1)
