@@ -32,12 +32,12 @@ def test_the_peer_imports_only_elbolabs_data_loading_and_estimator() -> None:
     assert {m for m in used if m.startswith("elbolab")} == {"elbolab.data", "elbolab.evaluation"}
 
 
-@pytest.mark.parametrize("objective", ["vae", "iwae"])
-def test_the_peer_bound_equals_elbolabs_on_the_same_weights_and_noise(objective: str) -> None:
+def _twins(latent: int):
+    """elbolab's one-layer model and the peer's, with the same float64 weights."""
     peer = _peer()
     torch.manual_seed(0)
-    ours = build_model(RunConfig().with_overrides({"model.hidden": [200, 200], "model.latent_dim": 50}).model, 784)
-    model = peer.PeerVAE(784).double()
+    ours = build_model(RunConfig().with_overrides({"model.hidden": [200, 200], "model.latent_dim": latent}).model, 784)
+    model = peer.PeerVAE(784, latent=latent).double()
     ours.double()
     with torch.no_grad():  # copy our weights into the peer, layer by layer
         for mine, theirs in ((model.enc[0], ours.encoder[0]), (model.enc[2], ours.encoder[2]),
@@ -46,8 +46,15 @@ def test_the_peer_bound_equals_elbolabs_on_the_same_weights_and_noise(objective:
             mine.weight.copy_(theirs.weight)
             mine.bias.copy_(theirs.bias)
         w, b = ours.encoder_head.linear.weight, ours.encoder_head.linear.bias
-        model.enc_mean.weight.copy_(w[:50]), model.enc_mean.bias.copy_(b[:50])
-        model.enc_log_var.weight.copy_(w[50:]), model.enc_log_var.bias.copy_(b[50:])
+        model.enc_mean.weight.copy_(w[:latent]), model.enc_mean.bias.copy_(b[:latent])
+        model.enc_log_var.weight.copy_(w[latent:]), model.enc_log_var.bias.copy_(b[latent:])
+    return peer, ours, model
+
+
+@pytest.mark.parametrize("objective", ["vae", "iwae"])
+def test_the_peer_bound_equals_elbolabs_on_the_same_weights_and_noise(objective: str) -> None:
+    peer, ours, model = _twins(50)
+    with torch.no_grad():
         x = torch.bernoulli(torch.full((4, 784), 0.3, dtype=torch.float64))
         eps = torch.randn(5, 4, 50, dtype=torch.float64)
         theirs = model.log_weights_from_noise(x, eps)
@@ -96,3 +103,22 @@ def test_a_killed_peer_continues_from_its_last_epoch_as_if_never_stopped(tmp_pat
     assert again == curve
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_peer_surgery_elbo_is_elbolabs() -> None:
+    """The same terms on the same noise, and the same estimate within Monte Carlo error (4 standard errors)."""
+    from elbolab.diagnostics.surgery import analytic_kl, elbo_surgery
+
+    peer, ours, model = _twins(10)
+    torch.manual_seed(1)
+    x = torch.bernoulli(torch.full((300, 784), 0.2, dtype=torch.float64))
+    eps = torch.randn(1, 300, 10, dtype=torch.float64)
+    with torch.no_grad():
+        log_px, kl = model.elbo_terms(x, eps)
+        q = ours.posterior(x)
+        z = q.mean + torch.exp(0.5 * q.log_var) * eps
+        assert torch.allclose(log_px, ours.log_p_x_given_z(x, z), atol=1e-9)
+        assert torch.allclose(kl, analytic_kl(ours.prior, q).double(), atol=1e-9)
+    value, stderr = peer.surgery_elbo(model, x, seed=5)
+    theirs = elbo_surgery(ours, x, seed=2).elbo
+    assert abs(value - theirs) < 4 * math.sqrt(2) * stderr and 0 < stderr < 5
