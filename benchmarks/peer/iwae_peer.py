@@ -153,14 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k-eval", type=int, default=5000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--again", action="store_true", help="run a row that peer.json already holds")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     surgery = args.row in SURGERY_ROWS
     table = "surgery-table" if surgery else "iwae-table"
+    out = Path(args.results) / table / args.budget
+    path = out / "peer.json"
+    if not args.again and path.exists() and args.row in json.loads(path.read_text()).get("rows", {}):
+        print(f"{args.row}: already in {path} (--again to rerun it)")
+        return 0
     data = load("mnist", args.data_dir)
     x_train = data.as_float("train")
-    out = Path(args.results) / table / args.budget
     # beside the row folders (not committed): a killed run continues from its last epoch
     ckpt = out / "rows" / f"peer-{args.row}-seed{args.seed}" / "checkpoint.pt"
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -183,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         ll = log_likelihood(model, x_eval, k=args.k_eval, seed=1)
         value, stderr = -ll.mean, ll.stderr
         scored = {"metric": "nll", "k_importance": args.k_eval}
-    path = out / "peer.json"
     doc = json.loads(path.read_text()) if path.exists() else {"implementation": "benchmarks/peer/iwae_peer.py",
                                                               "rows": {}}
     doc["rows"][args.row] = {
