@@ -758,3 +758,17 @@ def test_bad_results_paths_and_files_are_one_line_exit_2(tiny_data, tmp_path, ca
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{table}: not a reproduction table" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_peer_column_comes_from_peer_json_as_it_is_now(tiny_data, tmp_path) -> None:
+    row = ROWS[1]  # mnist-1layer-vae-k1
+    reproduce("iwae-table", budget="quick", only=[row], results=tmp_path, overrides=TINY)
+    out = tmp_path / "iwae-table" / "quick"
+    for value in (101.5, 99.25):  # a committed row shows the peer file's current value
+        (out / "peer.json").write_text(json.dumps({"rows": {row: {"value": value, "stderr": 0.5}}}))
+        table = reproduce("iwae-table", budget="quick", only=[row], results=tmp_path, overrides=TINY, train=False)
+        md = table.outputs["markdown"].read_text()
+        assert "| NLL (nats) paper | ours | peer | Δ |" in md and f"| {value:.2f} ± 0.50 |" in md
+    (out / "peer.json").write_text(json.dumps({"rows": {row: {"value": "x"}}}))
+    with pytest.raises(ConfigError, match="peer.json: not a peer results file"):
+        reproduce("iwae-table", budget="quick", only=[row], results=tmp_path, overrides=TINY, train=False)

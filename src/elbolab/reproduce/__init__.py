@@ -122,6 +122,8 @@ def reproduce(
         _fill_k(spec, budget, committed, data_dir, overrides)
     _mark_stale(spec, budget, committed, data_dir, overrides)
     peer = read_peer(out, spec)
+    for row_id, entry in committed.items():  # the peer's file, as it is now
+        entry.peer = peer.get(row_id)
     threads = max(1, (os.cpu_count() or 1) // workers)
     tasks, by_row, claimed = [], {}, {}
     # rows in parallel report when they finish (their progress bars would interleave); one row at a
