@@ -122,3 +122,13 @@ def test_the_peer_surgery_elbo_is_elbolabs() -> None:
     value, stderr = peer.surgery_elbo(model, x, seed=5)
     theirs = elbo_surgery(ours, x, seed=2).elbo
     assert abs(value - theirs) < 4 * math.sqrt(2) * stderr and 0 < stderr < 5
+
+
+def test_the_peer_starts_its_decoder_at_the_mean_image_as_elbolab_does() -> None:
+    peer = _peer()
+    x = torch.rand(50, 784) ** 3
+    torch.manual_seed(0)
+    ours = build_model(RunConfig().model, 784, train_data=x)
+    model = peer.PeerVAE(784)
+    model.start_at_mean_image(x)
+    assert torch.allclose(model.dec[-1].bias, ours.likelihood.head.bias, atol=1e-5)
