@@ -768,7 +768,13 @@ def test_the_peer_column_comes_from_peer_json_as_it_is_now(tiny_data, tmp_path) 
         (out / "peer.json").write_text(json.dumps({"rows": {row: {"value": value, "stderr": 0.5}}}))
         table = reproduce("iwae-table", budget="quick", only=[row], results=tmp_path, overrides=TINY, train=False)
         md = table.outputs["markdown"].read_text()
-        assert "| NLL (nats) paper | ours | peer | Δ |" in md and f"| {value:.2f} ± 0.50 |" in md
+        assert "| NLL (nats) paper | ours | peer | Δ |" in md and f"| {value:.2f} ± 0.50 ‼ |" in md
+        assert "more than 3 standard errors" in md  # one epoch on 500 images is nowhere near 100 nats
+    ours = table.entries[0].cells["nll"]
+    (out / "peer.json").write_text(json.dumps({"rows": {row: {"value": ours.ours + 0.1, "stderr": 0.5}}}))
+    md = reproduce("iwae-table", budget="quick", only=[row], results=tmp_path, overrides=TINY,
+                   train=False).outputs["markdown"].read_text()
+    assert f"| {ours.ours + 0.1:.2f} ± 0.50 |" in md and "‼" not in md
     (out / "peer.json").write_text(json.dumps({"rows": {row: {"value": "x"}}}))
     with pytest.raises(ConfigError, match="peer.json: not a peer results file"):
         reproduce("iwae-table", budget="quick", only=[row], results=tmp_path, overrides=TINY, train=False)

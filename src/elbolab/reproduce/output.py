@@ -27,6 +27,8 @@ KEPT = "‡"
 STAND_IN = "§"
 #: the equal-budget peer's results beside a table (benchmarks/peer/)
 PEER_FILE = "peer.json"
+#: marks a peer value more than 3 standard errors from ours
+PEER_GAP = "‼"
 
 
 @dataclass
@@ -257,13 +259,16 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
             diff = "" if c.difference is None else f"{c.difference:+.{digits}f}"
             cells += [paper, ours if e.status in ("trained", "cached", "committed") else e.status]
             if with_peer and i == 0:
-                cells.append(_peer_cell(e.peer))
+                cells.append(_peer_cell(e.peer) + (f" {PEER_GAP}" if _peer_gap(c, e.peer) else ""))
             cells.append(diff)
         cells += [str(e.epochs) if e.epochs is not None else "", _duration(e.wall_seconds), e.hardware or ""]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [e for e in entries if e.error]
     if unverified:
         lines += ["", f"{DAGGER} paper value not verified against a copy of the paper (see papers.yaml)."]
+    if with_peer and any(_peer_gap(e.cells[table.metrics[0].name], e.peer) for e in entries):
+        lines += ["", f"{PEER_GAP} ours and the peer differ by more than 3 standard errors of the difference: a "
+                      "defect to find (or a seed-to-seed spread to measure) before the row is read."]
     shown = [r for r in stand_ins if any(e.row == r for e in entries)]
     if shown:
         lines += [""] + [f"{STAND_IN} {r}: stand-in architecture: {stand_ins[r]}.  " for r in shown]
@@ -280,6 +285,14 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
             f"- {e.row}: {e.error}" + (" (the committed value is kept)" if e.from_table else "")
             for e in failed]
     return "\n".join(lines) + "\n"
+
+
+def _peer_gap(cell: Cell, peer: dict[str, Any] | None) -> bool:
+    """Ours and the peer's further apart than 3 standard errors of their difference."""
+    if not peer or not isinstance(cell.ours, int | float) or not isinstance(peer.get("value"), int | float):
+        return False
+    se = math.hypot(cell.ours_stderr or 0.0, peer.get("stderr") or 0.0)
+    return abs(cell.ours - peer["value"]) > 3 * se
 
 
 def _peer_cell(peer: dict[str, Any] | None) -> str:
