@@ -234,7 +234,7 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
         "Δ = ours − paper (NLL: positive is worse than the paper; log-likelihood and ELBO: negative is worse; "
         "active units: difference in total units). Ours ± one Monte Carlo standard error where one exists.",
         *(["peer: the same architecture and schedule trained by an independent plain-PyTorch implementation "
-           "(benchmarks/peer/), scored by the same estimator on the same test images."] if with_peer else []),
+           "(benchmarks/peer/), scored by the same estimator on the same images."] if with_peer else []),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|",
