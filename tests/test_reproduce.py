@@ -120,7 +120,12 @@ def test_vampprior_rows_use_the_papers_preset() -> None:
     hier = plans["mnist-hierarchical-mog"]
     assert (hier.model.name, hier.model.prior.name, hier.data.name) == ("hierarchical", "mog", "binarized-mnist")
     assert (hier.train.lr, hier.train.epochs, hier.train.early_stopping_patience) == (5e-4, 2000, 50)
-    assert plans["mnist-1layer-vampprior"].model.name == "one-layer"
+    # the authors' one-layer VAE (gated layers) under every one-layer row, flows included
+    assert {plans[r].model.name for r in plans if "-1layer-" in r} == {"gated-one-layer"}
+    # VampPrior data: the authors' --use_training_data_init, pseudo-inputs started at training images, learned
+    data = plans["mnist-hierarchical-vampprior-data"].model.prior
+    assert (data.name, data.pseudo_inputs_init) == ("vampprior", "data")
+    assert {r.id for r in spec.rows if r.stand_in} == {"mnist-1layer-planar-flow", "mnist-1layer-iaf"}
     quick = {p.row.id: p.config for p in plan_rows(spec, "quick")}["mnist-hierarchical-vampprior"]
     assert (quick.train.epochs, quick.objective.warmup_epochs) == (10, 5)
 
@@ -190,7 +195,8 @@ def test_tiny_reproduction_writes_the_table_and_the_cache_skips_finished_rows(ti
         assert units["difference"] == sum(result["metrics"]["active_units_counts"]) - int(units["paper"])
         assert r["epochs"] == 1 and r["hardware"]
     md = rep.outputs["markdown"].read_text()
-    assert "| mnist-1layer-iwae-k5 | tiny-embedded | 20 | 85.54 |" in md  # K beside every row
+    # K, binarization and split beside every row
+    assert "| mnist-1layer-iwae-k5 | tiny-embedded | binary as distributed | 500 / 100 / 100 | 20 | 85.54 |" in md
     assert "| 19† |" in md.split("| mnist-1layer-vae-k1 |")[1].splitlines()[0]  # not verified: marked
     assert "train.epochs=1" in md and rep.outputs["curve"].stat().st_size > 10_000
 
@@ -317,28 +323,31 @@ def test_tiny_surgery_table(tiny_data, tmp_path) -> None:
     result = json.loads(next((tmp_path / "surgery-table" / "quick" / "rows").glob("*/result.json")).read_text())
     m = result["metrics"]
     assert abs(m["identity_error"]) <= 4 * m["identity_stderr"] + 1e-6
-    assert "| mnist-vae-2latents | tiny-embedded | -129.63 |" in rep.outputs["markdown"].read_text()
+    assert "| mnist-vae-2latents | tiny-embedded | binary as distributed | 500 / 100 / 100 | -129.63 |" in \
+        rep.outputs["markdown"].read_text()
+    assert [p[0] for p in result["curve"]] == [1] and result["curve"][0][2] is not None  # eval_every 1: validated
 
 
-def test_curve_draws_the_k50_rows_of_a_large_table_and_falls_back_to_any(tmp_path) -> None:
-    from elbolab.reproduce.output import curve_series, make_entry
+def test_curve_draws_each_training_once_a_panel_per_dataset(tmp_path) -> None:
+    from elbolab.reproduce.output import curve_series, make_entry, plot_curves
 
     spec = get_table("iwae-table")
 
-    def entry(row_id: str, with_metrics: bool = True):
-        d = tmp_path / row_id
-        (d / "run").mkdir(parents=True)
-        if with_metrics:
-            (d / "run" / "metrics.jsonl").write_text('{"epoch": 1, "train_bound": -120.0}\n')
+    def entry(row_id: str, data: str, curve):
         result = {"metrics": {"nll": 100.0, "active_units": "10", "active_units_counts": [10]},
-                  "epochs": 1, "train_seconds": 1.0, "eval_seconds": 1.0, "hardware": "cpu"}
-        return make_entry(spec, row_id, "mnist", result, None, str(d))
+                  "epochs": len(curve), "train_seconds": 1.0, "eval_seconds": 1.0, "hardware": "cpu",
+                  "config": {}, "curve": curve}
+        return make_entry(spec, row_id, data, result, None, None)
 
-    k1, k50, vae50 = entry("mnist-1layer-iwae-k1"), entry("mnist-2layer-iwae-k50"), entry("mnist-2layer-vae-k50")
-    restored = entry("omniglot-1layer-iwae-k50", with_metrics=False)  # a row without its run: no line
-    assert [e.row for e, _ in curve_series(spec, [k1, k50, vae50, restored])] == [
-        "mnist-2layer-iwae-k50", "mnist-2layer-vae-k50"]
-    assert [e.row for e, _ in curve_series(spec, [k1, restored])] == ["mnist-1layer-iwae-k1"]
+    shared = [[1, -120.0, None], [2, -110.0, None]]
+    vae1, iwae1 = entry("mnist-1layer-vae-k1", "mnist", shared), entry("mnist-1layer-iwae-k1", "mnist", shared)
+    other = entry("omniglot-1layer-vae-k1", "omniglot", shared)  # the same numbers on other data: its own line
+    restored = entry("mnist-1layer-iwae-k50", "mnist", [])  # a row without a curve: no line
+    series = curve_series([vae1, iwae1, other, restored])
+    assert [[e.row for e in rows] for rows, _ in series] == [
+        ["mnist-1layer-vae-k1", "mnist-1layer-iwae-k1"], ["omniglot-1layer-vae-k1"]]
+    assert plot_curves(spec, [vae1, iwae1, other, restored], tmp_path / "c.png").stat().st_size > 10_000
+    assert plot_curves(spec, [restored], tmp_path / "none.png") is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -351,11 +360,23 @@ def test_a_device_this_machine_lacks_fails_once_before_any_row(tmp_path, capsys)
 # --- protocol details: K per budget, OMNIGLOT's validation split --------------------------
 
 
-def test_iwae_rows_evaluate_with_k_1000_quick_and_5000_otherwise() -> None:
-    spec = get_table("iwae-table")
-    for budget, k in (("quick", 1000), ("medium", 5000), ("paper", 5000)):
-        assert {p.config.eval.k_importance for p in plan_rows(spec, budget)} == {k}
-        assert f"K = {k}" in spec.protocol.budget_notes[budget]
+def test_every_mlp_row_evaluates_with_k_5000_at_every_budget() -> None:
+    """The papers' K = 5000 (K = 1000 reads the k = 1 MNIST NLL about 0.4 nats higher); only the
+    convolutional rows keep their own stated K and test subset at the quick budget."""
+    for name in ("iwae-table", "vampprior-table"):
+        spec = get_table(name)
+        for budget in ("quick", "medium", "paper"):
+            for p in plan_rows(spec, budget):
+                conv = p.row.id in ("mnist-convhvae-vampprior", "mnist-pixelhvae-vampprior") and budget == "quick"
+                assert (p.config.eval.k_importance, p.config.eval.test_images) == \
+                    ((100, 500) if conv else (5000, 0)), (name, budget, p.row.id)
+            assert "K = 5000" in spec.protocol.budget_notes[budget]
+
+
+def test_rows_record_the_validation_bound_per_epoch_where_a_split_exists() -> None:
+    for name in ("surgery-table", "vampprior-table"):
+        for budget in ("quick", "medium", "paper"):
+            assert {p.config.train.eval_every for p in plan_rows(get_table(name), budget)} == {1}
 
 
 def test_vampprior_omniglot_row_holds_out_the_papers_validation_split() -> None:
@@ -405,13 +426,25 @@ def test_k1_vae_and_iwae_rows_share_a_key_and_other_keys_are_unchanged() -> None
     plans = {p.row.id: p for p in plan_rows(get_table("iwae-table"), "quick")}
     pairs = [(f"{d}-{n}layer-vae-k1", f"{d}-{n}layer-iwae-k1") for d in ("mnist", "omniglot") for n in (1, 2)]
     for vae, iwae in pairs:
-        assert plans[vae].key == plans[iwae].key == _plain_key(plans[vae].config)
-        assert plans[iwae].key != _plain_key(plans[iwae].config)
+        assert plans[vae].result_key == plans[iwae].result_key == _plain_key(plans[vae].config)
+        assert plans[iwae].result_key != _plain_key(plans[iwae].config)
+        assert plans[vae].key == plans[iwae].key
     shared = {r for pair in pairs for r in pair}
     for row_id, p in plans.items():
         if row_id not in shared:
-            assert p.key == _plain_key(p.config), row_id
-    assert len({p.key for p in plans.values()}) == 24 - 4
+            assert p.result_key == _plain_key(p.config), row_id
+    assert len({p.key for p in plans.values()}) == len({p.result_key for p in plans.values()}) == 24 - 4
+
+
+def test_the_folder_key_leaves_out_evaluation_settings_but_the_validation_seed() -> None:
+    spec = get_table("iwae-table")
+    row = spec.row("mnist-1layer-iwae-k5")
+    base = row_config(spec, row, "quick")
+    for key, value, same in (("eval.k_importance", 1000, True), ("eval.test_images", 500, True),
+                             ("eval.chunk_size", 20, True), ("eval.seed", 7, False), ("train.lr", 3e-4, False)):
+        other = row_config(spec, row, "quick", overrides={key: value})
+        assert (other.key == base.key) is same, key
+        assert other.result_key != base.result_key, key
 
 
 def test_k1_vae_and_iwae_rows_train_once(tiny_data, tmp_path, monkeypatch) -> None:
@@ -439,23 +472,41 @@ def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monk
     out = tmp_path / "iwae-table" / "quick"
     shutil.rmtree(out / "rows")  # a fresh clone: table.md and table.json only
 
-    # --table-only over every row: the two committed rows are kept, the 22 others were never run
+    # --table-only in a fresh clone, nothing rerun: the tables stay byte for byte the same
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert reproduce("iwae-table", budget="quick", only=ROWS, results=tmp_path, train=False,
+                     overrides={k: v for k, v in TINY.items()}).committed == ROWS[::-1]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+    # --table-only over every row: the two committed rows are kept as they were, the 22 others never ran
     table = reproduce("iwae-table", budget="quick", results=tmp_path, overrides=TINY, train=False)
     doc = json.loads(table.outputs["json"].read_text())
     status = {r["row"]: r["status"] for r in doc["rows"]}
-    assert sorted(table.committed) == sorted(ROWS) and len(status) == 24
-    assert {status[r] for r in ROWS} == {"committed"} and list(status.values()).count("not run") == 22
+    assert sorted(table.committed) == sorted(ROWS) and len(status) == 24 and not table.stale
+    assert {status[r] for r in ROWS} == {"trained"} and list(status.values()).count("not run") == 22
     assert {e.row: e.cells["nll"].ours for e in table.entries if e.row in ROWS} == before
     md = table.outputs["markdown"].read_text()
-    assert "| mnist-1layer-iwae-k5 ‡ | tiny-embedded | 20 |" in md and "‡ not rerun here" in md
-    # a table.json written before rows recorded K: the K its protocol and overrides set
+    assert "| mnist-1layer-iwae-k5 | tiny-embedded |" in md and "‡" not in md
+    # a table.json written before rows recorded K and their config key: K filled in, the rows marked ‡
     older = json.loads((out / "table.json").read_text())
     for r in older["rows"]:
         r.pop("k_importance")
+        r.pop("key")
     (out / "table.json").write_text(json.dumps(older))
-    ks = {e.row: e.k_importance for e in reproduce("iwae-table", budget="quick", results=tmp_path,
-                                                   overrides=TINY, train=False).entries}
-    assert ks[ROWS[0]] == ks[ROWS[1]] == 20
+    stale = reproduce("iwae-table", budget="quick", results=tmp_path, overrides=TINY, train=False)
+    ks = {e.row: e.k_importance for e in stale.entries}
+    assert ks[ROWS[0]] == ks[ROWS[1]] == 20 and sorted(stale.stale) == sorted(ROWS)
+    md = stale.outputs["markdown"].read_text()
+    assert "| mnist-1layer-iwae-k5 ‡ | tiny-embedded |" in md and "‡ not rerun under the current protocol" in md
+    # ... unless its folder carries the row's config key, as older versions named row folders
+    plan = plan_rows(get_table("iwae-table"), "quick", ROWS[:1], None, TINY)[0]
+    older = json.loads((out / "table.json").read_text())
+    for r in older["rows"]:
+        r.pop("key", None)
+        if r["row"] == ROWS[0]:
+            r["row_dir"] = f"/elsewhere/rows/{ROWS[0]}-{plan.result_key}"
+    (out / "table.json").write_text(json.dumps(older))
+    assert reproduce("iwae-table", budget="quick", results=tmp_path, overrides=TINY, train=False).stale == ROWS[1:]
 
     # rerun one row (a device or thread override changes nothing): it trains; the other is kept
     rerun = reproduce("iwae-table", budget="quick", only=ROWS[:1], results=tmp_path,
@@ -642,3 +693,91 @@ def test_workers_die_with_the_parent_on_sigterm_and_sigkill_and_the_rerun_resume
         assert json.loads((run / "run.json").read_text())["status"] == "finished"
         assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
         assert (run.parent / "result.json").exists()
+
+
+# --- the cache trusts a result only with its weights and config; bad files: one line ------------
+
+
+def _row_folder(tmp_path, row: str):
+    return next((tmp_path / "iwae-table" / "quick" / "rows").glob(f"{row}-*"))
+
+
+def test_an_edited_result_is_recomputed_and_one_without_its_weights_is_not_used(tiny_data, tmp_path, monkeypatch):
+    fits = _count_fits(monkeypatch)
+    row = ROWS[:1]
+    first = reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY)
+    truth = first.entries[0].cells["nll"].ours
+    path = _row_folder(tmp_path, row[0]) / "result.json"
+    edited = json.loads(path.read_text())
+    edited["metrics"]["nll"] = 80.0
+    path.write_text(json.dumps(edited))
+    # the table is written from the result.json alone: the edit is not trusted and not shown
+    table = reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY, train=False)
+    assert table.entries[0].cells["nll"].ours == truth and not table.cached
+    # a rerun evaluates the saved weights again (no training) and writes a trusted result
+    again = reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY)
+    assert len(fits) == 1 and again.trained == row and again.entries[0].cells["nll"].ours == truth
+    assert json.loads(path.read_text())["metrics"]["nll"] == truth
+    # the weights deleted: the edited number never reaches the table; the row fails, naming the file
+    path.write_text(json.dumps(edited))
+    (path.parent / "run" / "model.safetensors").unlink()
+    gone = reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY)
+    assert gone.failed == row and "model.safetensors: missing" in gone.entries[0].error
+    assert gone.entries[0].cells["nll"].ours == truth  # the value committed before, not 80.00
+
+
+def test_a_new_evaluation_k_reevaluates_the_saved_weights(tiny_data, tmp_path, monkeypatch) -> None:
+    fits = _count_fits(monkeypatch)
+    row = ROWS[:1]
+    reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY)
+    more = reproduce("iwae-table", budget="quick", only=row, results=tmp_path,
+                     overrides={**TINY, "eval.k_importance": 40})
+    assert len(fits) == 1 and more.trained == row and more.entries[0].k_importance == 40
+    assert len(list((tmp_path / "iwae-table" / "quick" / "rows").iterdir())) == 1  # the same folder
+
+
+def test_bad_results_paths_and_files_are_one_line_exit_2(tiny_data, tmp_path, capsys) -> None:
+    (tmp_path / "file").write_text("x")
+    assert main(["reproduce", "surgery-table", "--table-only", "--results", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "--results" in err and "is not a folder" in err and len(err.strip().splitlines()) == 1
+
+    reproduce("iwae-table", budget="quick", only=ROWS[:1], results=tmp_path / "r", overrides=TINY)
+    path = _row_folder(tmp_path / "r", ROWS[0]) / "result.json"
+    bad = json.loads(path.read_text())
+    bad["metrics"] = "x"
+    path.write_text(json.dumps(bad))
+    args = ["reproduce", "iwae-table", "--table-only", "--only", ROWS[0], "--results", str(tmp_path / "r"),
+            *(f"--set={k}={v}" for k, v in TINY.items())]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not a row result (metrics is str" in err and len(err.strip().splitlines()) == 1
+
+    path.unlink()
+    table = tmp_path / "r" / "iwae-table" / "quick" / "table.json"
+    doc = json.loads(table.read_text())
+    doc["rows"][0]["cells"] = "x"
+    table.write_text(json.dumps(doc))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{table}: not a reproduction table" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_peer_column_comes_from_peer_json_as_it_is_now(tiny_data, tmp_path) -> None:
+    row = ROWS[1]  # mnist-1layer-vae-k1
+    reproduce("iwae-table", budget="quick", only=[row], results=tmp_path, overrides=TINY)
+    out = tmp_path / "iwae-table" / "quick"
+    for value in (101.5, 99.25):  # a committed row shows the peer file's current value
+        (out / "peer.json").write_text(json.dumps({"rows": {row: {"value": value, "stderr": 0.5}}}))
+        table = reproduce("iwae-table", budget="quick", only=[row], results=tmp_path, overrides=TINY, train=False)
+        md = table.outputs["markdown"].read_text()
+        assert "| NLL (nats) paper | ours | peer | Δ |" in md and f"| {value:.2f} ± 0.50 ‼ |" in md
+        assert "more than 3 standard errors" in md  # one epoch on 500 images is nowhere near 100 nats
+    ours = table.entries[0].cells["nll"]
+    (out / "peer.json").write_text(json.dumps({"rows": {row: {"value": ours.ours + 0.1, "stderr": 0.5}}}))
+    md = reproduce("iwae-table", budget="quick", only=[row], results=tmp_path, overrides=TINY,
+                   train=False).outputs["markdown"].read_text()
+    assert f"| {ours.ours + 0.1:.2f} ± 0.50 |" in md and "‼" not in md
+    (out / "peer.json").write_text(json.dumps({"rows": {row: {"value": "x"}}}))
+    with pytest.raises(ConfigError, match="peer.json: not a peer results file"):
+        reproduce("iwae-table", budget="quick", only=[row], results=tmp_path, overrides=TINY, train=False)

@@ -42,7 +42,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print()
     print(rep.outputs["markdown"].read_text())
     print(f"trained {len(rep.trained)}, from cache {len(rep.cached)}, failed {len(rep.failed)}, "
-          f"kept from the table already there {len(rep.committed)}; "
+          f"kept from the table already there {len(rep.committed)} ({len(rep.stale)} under an earlier protocol, ‡); "
           f"table: {rep.outputs['markdown']} and {rep.outputs['json']}"
           + (f"; curve: {rep.outputs['curve']}" if "curve" in rep.outputs else ""))
     return 1 if rep.failed else 0

@@ -22,12 +22,14 @@ from .hierarchical import HierarchicalVAE
 from .one_layer import OneLayerVAE
 from .pixel_hierarchical import PixelHierarchicalVAE
 from .two_layer import TwoLayerVAE
+from .vampprior_vae import GatedOneLayerVAE
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "ConvHierarchicalVAE",
+    "GatedOneLayerVAE",
     "HasLogWeights",
     "HierarchicalVAE",
     "LatentVariableModel",

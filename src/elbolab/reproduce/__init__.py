@@ -25,9 +25,9 @@ from ..preflight import preflight
 from ..runs import CONFIG
 from ..training import pack
 from .executors import EXECUTORS, make_executor
-from .output import Entry, make_entry, read_committed, write_outputs
-from .rows import RESULT_FILE, PackTask, RowTask, run_row, run_unit
-from .tables import BUDGETS, config_key, get_table, load_tables, plan_rows, result_overrides, row_config
+from .output import Entry, make_entry, read_committed, read_peer, write_outputs
+from .rows import RESULT_FILE, PackTask, RowTask, run_row, run_unit, trusted_result
+from .tables import BUDGETS, get_table, load_tables, plan_rows, result_overrides, row_config, train_key
 
 __all__ = ["BUDGETS", "EXECUTORS", "Reproduction", "get_table", "load_tables", "reproduce"]
 
@@ -44,6 +44,8 @@ class Reproduction:
     failed: list[str]
     #: row ids printed from the table.json the folder already held (not rerun, no cache)
     committed: list[str] = field(default_factory=list)
+    #: of those, the rows whose config differs from the current protocol's (marked ‡)
+    stale: list[str] = field(default_factory=list)
 
 
 def table_dir(results: str | Path, table: str, budget: str) -> Path:
@@ -66,13 +68,14 @@ def row_dir_for(rows: Path, row_id: str, key: str, claimed: dict[str, Path]) -> 
 
 
 def _same_config_under_another_key(rows: Path, row_id: str, key: str) -> Path | None:
-    """A folder of this row whose saved config, read by this version of elbolab, is this
-    row's config: written before a config key was added (its default then fills it in), so
-    its name carries an older hash. A finished one first, else one to resume."""
+    """A folder of this row whose saved config, read by this version of elbolab, trains as this
+    row does: written before a config key was added (its default then fills it in) or named by
+    the whole config's hash as older versions did, so its name carries another hash. A
+    finished one first, else one to resume."""
     found = []
     for d in sorted(rows.glob(f"{row_id}-*")):
         try:
-            if config_key(load_config(d / "run" / CONFIG)) == key:
+            if train_key(load_config(d / "run" / CONFIG)) == key:
                 found.append(d)
         except (ConfigError, OSError):
             continue
@@ -105,6 +108,8 @@ def reproduce(
     model (with the default ``run_fn``).
     """
     spec = get_table(table)
+    results = Path(results)
+    _check_results_folder(results, spec.name, budget)
     plans = plan_rows(spec, budget, only, data_dir, overrides)
     if train and executor == "local":
         for p in plans:  # a device this machine lacks fails here once, not in every row (Ray nodes may have it)
@@ -112,9 +117,13 @@ def reproduce(
     out = table_dir(results, spec.name, budget)
     override_notes = ([f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict)
                       else list(overrides or []))
-    committed = read_committed(out / "table.json", spec, budget, result_overrides(override_notes))
+    committed, committed_notes = read_committed(out / "table.json", spec, budget, result_overrides(override_notes))
     if spec.protocol.evaluation == "likelihood":
         _fill_k(spec, budget, committed, data_dir, overrides)
+    _mark_stale(spec, budget, committed, data_dir, overrides)
+    peer = read_peer(out, spec)
+    for row_id, entry in committed.items():  # the peer's file, as it is now
+        entry.peer = peer.get(row_id)
     threads = max(1, (os.cpu_count() or 1) // workers)
     tasks, by_row, claimed = [], {}, {}
     # rows in parallel report when they finish (their progress bars would interleave); one row at a
@@ -131,7 +140,7 @@ def reproduce(
                        figure_dir=str(out))
         tasks.append(task)
         by_row[p.row.id] = (p, row_dir)
-    cached_tasks = [t for t in tasks if (Path(t.row_dir) / RESULT_FILE).exists()]
+    cached_tasks = [t for t in tasks if trusted_result(t) is not None]
     todo = [t for t in tasks if t not in cached_tasks]
     # one training per folder: a row sharing another's folder takes that row's result
     first = {t.row_dir: t for t in reversed(todo)}
@@ -140,7 +149,7 @@ def reproduce(
     trained, cached, failed = [], [], []
 
     def record(task: RowTask, result: dict[str, Any] | None, error: BaseException | None) -> None:
-        entry = make_entry(spec, task.row_id, task.data_label, result, error, task.row_dir)
+        entry = make_entry(spec, task.row_id, task.data_label, result, error, task.row_dir, peer.get(task.row_id))
         {"trained": trained, "cached": cached, "failed": failed}[entry.status].append(task.row_id)
         if entry.status == "failed" and task.row_id in committed:
             entry = replace(committed[task.row_id], error=entry.error)
@@ -148,7 +157,8 @@ def reproduce(
         if on_row is not None:
             on_row(entry)
         # rewrite the table after every row, so a long reproduction shows progress
-        write_outputs(spec, budget, _ordered(spec, plans, results_by_row, by_row, committed), out, override_notes)
+        write_outputs(spec, budget, _ordered(spec, plans, results_by_row, by_row, committed, peer), out,
+                      override_notes)
 
     for t in cached_tasks:
         record(t, run_row(t), None)
@@ -164,10 +174,48 @@ def reproduce(
                 for twin in (u for u in todo if u.row_dir == t.row_dir):
                     shared = res if twin is t or res is None else {**res, "cached": True}
                     record(twin, shared, err)
-    entries = _ordered(spec, plans, results_by_row, by_row, committed)
+    entries = _ordered(spec, plans, results_by_row, by_row, committed, peer)
+    # nothing computed in this call: the table keeps the overrides it was made with (so a table
+    # rewritten from itself, e.g. --table-only in a fresh clone, stays byte for byte the same)
+    if not results_by_row and committed:
+        override_notes = committed_notes
     outputs = write_outputs(spec, budget, entries, out, override_notes)
-    kept = [e.row for e in entries if e.status == "committed"]
-    return Reproduction(spec.name, budget, entries, outputs, trained, cached, failed, kept)
+    kept = [e.row for e in entries if e.from_table]
+    stale = [e.row for e in entries if e.from_table and e.status == "committed"]
+    return Reproduction(spec.name, budget, entries, outputs, trained, cached, failed, kept, stale)
+
+
+def _check_results_folder(results: Path, table: str, budget: str) -> None:
+    """--results and the folders under it must be folders (or not exist yet): one line, exit 2."""
+    for p in (results, results / table, results / table / budget, results / table / budget / "rows"):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--results {results}: {p} is not a folder")
+
+
+def _mark_stale(spec, budget: str, committed: dict[str, Entry], data_dir: str | None, overrides) -> None:
+    """A committed row made under another config than the one this budget and these overrides
+    give it now (or recorded before rows carried their config key) is marked stale (‡); the
+    others keep the status they were written with."""
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for row_id, entry in committed.items():
+        try:
+            key = row_config(spec, spec.row(row_id), budget, data_dir, overrides).result_key
+        except ConfigError:
+            key = None
+        if entry.key is None:
+            entry.key = _key_from_folder(entry.row_dir)
+        if entry.key is None or entry.key != key:
+            entry.status = "committed"
+        elif entry.status == "committed":  # marked stale by an earlier protocol, current again
+            entry.status = "cached"
+
+
+def _key_from_folder(row_dir: str | None) -> str | None:
+    """The config key a row recorded before table.json held it: older versions named the row's
+    folder ``<row>-<config_key>`` (a key added since makes it differ: the row reads as stale)."""
+    tail = Path(row_dir).name.rsplit("-", 1)[-1] if row_dir else ""
+    return tail if len(tail) == 10 and all(c in "0123456789abcdef" for c in tail) else None
 
 
 def _unpack(unit: RowTask | PackTask, result: dict[str, Any] | None, error: BaseException | None
@@ -199,7 +247,8 @@ def _fill_k(spec, budget: str, committed: dict[str, Entry], data_dir: str | None
                 entry.k_importance = plan.config.eval.k_importance
 
 
-def _ordered(spec, plans, done: dict[str, Entry], by_row, committed: dict[str, Entry]) -> list[Entry]:
+def _ordered(spec, plans, done: dict[str, Entry], by_row, committed: dict[str, Entry],
+             peer: dict[str, dict[str, Any]]) -> list[Entry]:
     """Entries in table order: this call's rows, else the committed ones; selected rows
     found nowhere appear as 'not run'; rows neither selected nor committed are left out."""
     planned = {p.row.id: p for p in plans}
@@ -211,7 +260,7 @@ def _ordered(spec, plans, done: dict[str, Entry], by_row, committed: dict[str, E
             entries.append(committed[row.id])
         elif row.id in planned:
             p = planned[row.id]
-            entry = make_entry(spec, row.id, p.data_label, None, None, str(by_row[row.id][1]))
+            entry = make_entry(spec, row.id, p.data_label, None, None, str(by_row[row.id][1]), peer.get(row.id))
             if spec.protocol.evaluation == "likelihood":
                 entry.k_importance = p.config.eval.k_importance  # the K it will be scored with
             entries.append(entry)

@@ -9,6 +9,8 @@ one by one; each row's folder is the same as if it had trained alone.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -18,17 +20,29 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data import evaluation_images, load
+from ..data.dataset import file_sha256
 from ..devices import resolve_device
 from ..diagnostics import active_units
 from ..diagnostics.monitor import run_monitor
 from ..diagnostics.surgery import elbo_surgery
 from ..evaluation import log_likelihood, random_subset
 from ..fastpaths import retain_freed_memory
-from ..runs import NO_RUN, environment_info, load_run, read_json_object, read_metrics, run_status, write_json
+from ..runs import (
+    NO_RUN,
+    WEIGHTS,
+    RunError,
+    environment_info,
+    load_run,
+    read_json_object,
+    read_metrics,
+    run_status,
+    write_json,
+)
 from ..training import train_runs
 from .figures import ROW_FIGURES
+from .tables import config_key
 
 RESULT_FILE = "result.json"
 
@@ -112,8 +126,11 @@ def _trained_model(cfg: RunConfig, run_dir: Path):
 
 def _train(cfg: RunConfig, run_dir: Path, dataset):
     """Train, resuming an interrupted run (one killed before its first checkpoint starts from its
-    seed); returns the model to evaluate, in eval mode."""
+    seed); returns the model to evaluate, in eval mode. A finished run is not trained again."""
     finished, started = _finished(run_dir)
+    if not finished and started and read_json_object(run_dir / "run.json").get("status") == "finished":
+        raise RunError(f"{_weights_file(cfg, run_dir)}: missing from a finished row; delete {run_dir.parent} "
+                       "to train the row again")
     if not finished:
         (outcome,) = train_runs([(cfg, run_dir)], resume=started, dataset=dataset, monitors=run_monitor,
                                 skip_finished=False)
@@ -121,13 +138,73 @@ def _train(cfg: RunConfig, run_dir: Path, dataset):
     return _trained_model(cfg, run_dir)
 
 
+def _weights_file(cfg: RunConfig, run_dir: Path) -> Path:
+    return run_dir / WEIGHTS[_weights(cfg)]
+
+
+def result_checksum(result: dict[str, Any], weights_sha256: str) -> str:
+    """SHA-256 tying a row's result to its config (inside the result) and to the bytes of the
+    weights it was computed from: an edited number, config or weights file no longer matches."""
+    body = json.dumps({k: v for k, v in result.items() if k not in ("checksum", "cached")}, sort_keys=True)
+    return hashlib.sha256(f"{body}\n{weights_sha256}".encode()).hexdigest()
+
+
+#: result.json key -> the types it must hold (what _evaluate_row writes)
+_RESULT_FIELDS: dict[str, tuple[type, ...]] = {
+    "metrics": (dict,), "epochs": (int,), "train_seconds": (int, float), "eval_seconds": (int, float),
+    "hardware": (str,), "config": (dict,),
+}
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A row's result.json, checked for the shape this module writes; anything else is refused
+    in one line naming the file (a ConfigError: exit 2), never a traceback."""
+    try:
+        result = read_json_object(path, "a row result")
+    except RunError as e:
+        raise ConfigError(f"{e}; delete it to recompute the row") from None
+    for key, types in _RESULT_FIELDS.items():
+        if not isinstance(result.get(key), types) or isinstance(result.get(key), bool):
+            raise ConfigError(f"{path}: not a row result ({key} is {type(result.get(key)).__name__}, "
+                              f"expected {' or '.join(t.__name__ for t in types)}); delete it to recompute the row")
+    return result
+
+
+def trusted_result(task: RowTask) -> dict[str, Any] | None:
+    """The row's result.json when it can stand for this row: computed under this row's config
+    (training and evaluation), from the weights in the run folder as they are now (its
+    checksum); None when the row is to be evaluated (or trained) again."""
+    row_dir = Path(task.row_dir)
+    path = row_dir / RESULT_FILE
+    if not path.exists():
+        return None
+    result = read_result(path)
+    cfg = RunConfig.from_dict(task.config)
+    try:
+        same = config_key(RunConfig.from_dict(result["config"])) == config_key(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: its config is not valid ({e}); delete it to recompute the row") from None
+    if not same:
+        log.info("%s: computed under another evaluation config; evaluating the row again", path)
+        return None
+    weights = _weights_file(cfg, row_dir / "run")
+    if not weights.exists():
+        log.warning("%s: its weights %s are missing; not used", path, weights)
+        return None
+    if result.get("checksum") != result_checksum(result, file_sha256(weights)):
+        log.warning("%s: its checksum does not match its contents and %s; not used", path, weights.name)
+        return None
+    return result
+
+
 def run_row(task: RowTask) -> dict[str, Any]:
-    """Train and evaluate one row (or return its cached result)."""
+    """Train and evaluate one row, or evaluate its trained weights again (a new evaluation
+    config, or a result.json that cannot be trusted), or return its trusted cached result."""
     retain_freed_memory()  # a worker process's entry point, like the CLI's
     row_dir = Path(task.row_dir)
-    result_path = row_dir / RESULT_FILE
-    if result_path.exists():
-        return {**read_json_object(result_path, "a row result"), "cached": True}
+    cached = trusted_result(task)
+    if cached is not None:
+        return {**cached, "cached": True}
     cfg = RunConfig.from_dict(task.config)
     row_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -136,6 +213,28 @@ def run_row(task: RowTask) -> dict[str, Any]:
              task.data_label, cfg.train.epochs, row_dir / "run")
     model = _train(cfg, row_dir / "run", dataset)
     return _evaluate_row(task, cfg, model, dataset, t0)
+
+
+def binarization_label(cfg: RunConfig, dataset) -> str:
+    """How the row's images were binarized, as the table states it."""
+    if dataset.binary:
+        return "static (Larochelle)" if dataset.name.startswith("binarized-mnist") else "binary as distributed"
+    return {"dynamic": "dynamic", "static": "static (one seeded draw)"}.get(cfg.data.binarization, "grey levels")
+
+
+def split_label(dataset) -> str:
+    """Train / validation / test images, as the table states them."""
+    n = dataset.counts()
+    return " / ".join(f"{n[s]:,}" if s in n else "–" for s in ("train", "valid", "test"))
+
+
+def curve_points(metrics_rows: list[dict[str, Any]]) -> list[list[float | None]]:
+    """[epoch, training bound, validation bound or None] per epoch: the learning curve."""
+    out = []
+    for r in metrics_rows:
+        valid = next((v for k, v in r.items() if k.startswith("valid_iwae_")), None)
+        out.append([r.get("epoch"), r.get("train_bound"), valid])
+    return out
 
 
 def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> dict[str, Any]:
@@ -152,11 +251,13 @@ def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> d
         path = Path(task.figure_dir or row_dir) / f"{task.row_id}-{name}.png"
         figures[name] = ROW_FIGURES[name](model, dataset, cfg, path).name
     metrics_rows = read_metrics(run_dir / "metrics.jsonl")
-    result = {
+    result: dict[str, Any] = {
         "table": task.table,
         "row": task.row_id,
         "data": task.data_label,
         "dataset_source": dataset.source,
+        "binarization": binarization_label(cfg, dataset),
+        "split": split_label(dataset),
         "metrics": metrics,
         "epochs": len(metrics_rows),
         "epochs_planned": cfg.train.epochs,
@@ -167,8 +268,10 @@ def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> d
         "session_seconds": round(time.perf_counter() - t0, 1),
         "hardware": hardware(),
         "figures": figures,
+        "curve": curve_points(metrics_rows),
         "config": task.config,
     }
+    result["checksum"] = result_checksum(result, file_sha256(_weights_file(cfg, run_dir)))
     write_json(row_dir / RESULT_FILE, result)
     return {**result, "cached": False}
 
@@ -194,9 +297,9 @@ def run_pack(pack: PackTask) -> dict[str, Any]:
     out: dict[str, Any] = {}
     todo: list[tuple[RowTask, RunConfig]] = []
     for task in pack.tasks:
-        path = Path(task.row_dir) / RESULT_FILE
-        if path.exists():
-            out[task.row_id] = {**read_json_object(path, "a row result"), "cached": True}
+        cached = trusted_result(task)
+        if cached is not None:
+            out[task.row_id] = {**cached, "cached": True}
         else:
             Path(task.row_dir).mkdir(parents=True, exist_ok=True)
             todo.append((task, RunConfig.from_dict(task.config)))

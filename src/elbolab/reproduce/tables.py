@@ -22,6 +22,7 @@ from ..config import ConfigError, RunConfig, parse_overrides, preset
 from ..data import resolve_data_dir
 from ..errors import did_you_mean
 from ..objectives import OBJECTIVES, vae_plan
+from ..runs import resume_free
 from ..schedules import iwae_epochs
 from .figures import ROW_FIGURES
 
@@ -61,6 +62,8 @@ class RowSpec:
     values: dict[str, PaperValue]
     #: extra figures the row saves beside the table (names of figures.ROW_FIGURES)
     figures: tuple[str, ...] = ()
+    #: what differs from the paper's architecture, for a row that is a stand-in (None: faithful)
+    stand_in: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,6 @@ class Protocol:
     evaluation: str
     #: one line per budget for the docs and the table header
     budget_notes: dict[str, str] = field(default_factory=dict)
-    #: rows drawn in curve.png: ids ending with one of these (empty, or none of them
-    #: run: every row); a 24-row table would otherwise be 48 overlapping lines
-    curve_rows: tuple[str, ...] = ()
     #: row id -> budget -> keys set on top of the budget's, for rows too costly for the
     #: table's protocol at that budget (stated in ``row_budget_notes``)
     row_budgets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
@@ -127,17 +127,16 @@ PROTOCOLS: dict[str, Protocol] = {
         preset="iwae-paper",
         base={"train.eval_every": 0},
         budgets={
-            "quick": {"train.epochs": iwae_epochs(3), "eval.k_importance": 1000},
+            "quick": {"train.epochs": iwae_epochs(3), "eval.k_importance": 5000},
             "medium": {"train.epochs": iwae_epochs(5), "eval.k_importance": 5000},
             "paper": {"train.epochs": iwae_epochs(8), "eval.k_importance": 5000},
         },
         evaluation="likelihood",
         budget_notes={
-            "quick": f"{iwae_epochs(3)} epochs (3^i passes i = 0..2), test NLL from K = 1000",
+            "quick": f"{iwae_epochs(3)} epochs (3^i passes i = 0..2), test NLL from K = 5000",
             "medium": f"{iwae_epochs(5)} epochs (passes i = 0..4), test NLL from K = 5000",
             "paper": f"{iwae_epochs(8)} epochs (passes i = 0..7, the paper), test NLL from K = 5000",
         },
-        curve_rows=("iwae-k50", "vae-k50"),
     ),
     # Hoffman & Johnson do not state the training protocol; ours: the IWAE paper's
     # one-layer MLP (200-200 tanh), single-sample ELBO, Adam lr 1e-3, batch 100,
@@ -146,7 +145,7 @@ PROTOCOLS: dict[str, Protocol] = {
         preset=None,
         base={
             "objective.name": "vae", "objective.k": 1, "data.binarization": "dynamic",
-            "model.hidden": [200, 200], "train.batch_size": 100, "train.lr": 1e-3, "train.eval_every": 0,
+            "model.hidden": [200, 200], "train.batch_size": 100, "train.lr": 1e-3, "train.eval_every": 1,
         },
         budgets={
             "quick": {"train.epochs": 10},
@@ -167,13 +166,13 @@ PROTOCOLS: dict[str, Protocol] = {
         base={},
         budgets={
             "quick": {"train.epochs": 10, "objective.warmup_epochs": 5, "train.early_stopping_patience": 0,
-                      "eval.k_importance": 1000},
+                      "eval.k_importance": 5000},
             "medium": {"train.epochs": 200, "eval.k_importance": 5000},
             "paper": {},
         },
         evaluation="likelihood",
         budget_notes={
-            "quick": "10 epochs, KL warm-up over 5, no early stopping, test LL from K = 1000 "
+            "quick": "10 epochs, KL warm-up over 5, no early stopping, test LL from K = 5000 "
                      "(the convolutional rows: their own, below)",
             "medium": "at most 200 epochs, warm-up 100, early stopping 50, K = 5000",
             "paper": "at most 2000 epochs, warm-up 100, early stopping 50, K = 5000 (the paper)",
@@ -217,7 +216,8 @@ def load_tables(path: Path = PAPERS_FILE) -> dict[str, TableSpec]:
             bad = [f for f in figures if f not in ROW_FIGURES]
             if bad:
                 raise ConfigError(f"{path}: {name}/{r['id']}: unknown figures {bad}; known: {sorted(ROW_FIGURES)}")
-            rows.append(RowSpec(id=r["id"], setup=dict(r["setup"]), values=values, figures=figures))
+            rows.append(RowSpec(id=r["id"], setup=dict(r["setup"]), values=values, figures=figures,
+                                stand_in=r.get("stand_in")))
         ids = [r.id for r in rows]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"{path}: {name}: duplicate row ids")
@@ -269,6 +269,12 @@ class RowPlan:
 
     @property
     def key(self) -> str:
+        """The row folder's key: what defines the training (see :func:`train_key`)."""
+        return train_key(self.config)
+
+    @property
+    def result_key(self) -> str:
+        """What defines the row's numbers: training and evaluation (see :func:`config_key`)."""
         return config_key(self.config)
 
 
@@ -286,16 +292,34 @@ def _same_as_vae_k1(cfg: RunConfig) -> bool:
     return OBJECTIVES[cfg.objective.name](cfg.objective) == vae_plan(1)
 
 
-def config_key(cfg: RunConfig) -> str:
-    """Short hash of everything that defines a row's result (not threads, device, compilation,
-    paths). Objectives that compute the same thing share a key (``vae`` for every k = 1
-    ELBO), so the k = 1 VAE and IWAE rows of a table train once."""
+def _key_dict(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.to_dict()
     for section, key in _KEY_IGNORED:
         d.get(section, {}).pop(key, None)
     if _same_as_vae_k1(cfg):
         d["objective"]["name"] = "vae"
+    return d
+
+
+def _hash(d: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def config_key(cfg: RunConfig) -> str:
+    """Short hash of everything that defines a row's result (not threads, device, compilation,
+    paths). Objectives that compute the same thing share a key (``vae`` for every k = 1
+    ELBO), so the k = 1 VAE and IWAE rows of a table train once."""
+    return _hash(_key_dict(cfg))
+
+
+def train_key(cfg: RunConfig) -> str:
+    """Short hash of what defines a row's training: :func:`config_key` without the evaluation
+    settings a run may change after training (``runs.resume_free``: every ``eval`` key but the
+    seed of the validation bound). A row's folder is named by it, so a new K or test subset
+    re-evaluates the saved weights instead of training again."""
+    d = _key_dict(cfg)
+    d["eval"] = {k: v for k, v in d.get("eval", {}).items() if not resume_free(f"eval.{k}")}
+    return _hash(d)
 
 
 def result_overrides(notes: list[str]) -> list[str]:
