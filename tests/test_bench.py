@@ -86,6 +86,7 @@ def test_pythae_twin_has_the_same_architecture(model) -> None:
     assert flops == 3 * 2 * 4 * (ENC + 5 * DEC) - 2 * 4 * 784 * 200
 
 
+@pytest.mark.slow  # the whole quick bench in-process
 def test_bench_command_writes_json_with_the_rows_asked_for(tmp_path, capsys) -> None:
     assert main(["bench", "--quick", "--no-pythae", "--only", "IWAE k=1 B=20", "--only", "two-layer",
                  "--out", str(tmp_path), "--name", "t", "--threads", "1", "--clock", "cpu"]) == 0
@@ -154,6 +155,7 @@ def test_rows_carry_the_busy_flag_only_on_the_wall_clock() -> None:
     assert bench._rows("r", quiet, None)[0].note == ""
 
 
+@pytest.mark.slow  # starts worker processes
 def test_stacked_row_times_the_stack_against_runs_one_by_one_and_processes(tmp_path, monkeypatch) -> None:
     import elbolab.speed
 
