@@ -19,6 +19,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # every diagnostic and figure of a run (each has its own fast test)
 def test_diagnose_writes_a_consistent_report(tiny_run, tmp_path):
     out = tmp_path / "report"
     assert main(["diagnose", str(tiny_run), "--k", "50", "--points", "120", "--out", str(out)]) == 0

@@ -209,6 +209,7 @@ def test_tiny_reproduction_writes_the_table_and_the_cache_skips_finished_rows(ti
     assert statuses["mnist-1layer-iwae-k50"] == "not run" and statuses["mnist-1layer-iwae-k5"] == "cached"
 
 
+@pytest.mark.slow
 def test_an_interrupted_row_resumes_from_its_checkpoint(tiny_data, tmp_path, monkeypatch):
     epochs_run: list[int] = []
     original = Trainer.train_epoch
@@ -232,6 +233,7 @@ def test_an_interrupted_row_resumes_from_its_checkpoint(tiny_data, tmp_path, mon
     assert [m["epoch"] for m in metrics] == [1, 2] and rep.entries[0].epochs == 2
 
 
+@pytest.mark.slow  # a real process killed
 def test_a_row_killed_while_creating_its_run_folder_trains_on_the_rerun(tiny_data, tmp_path):
     """A kill in the middle of creating a row's run folder: what an older elbolab left (config and
     environment written, no run.json) and what this one leaves (a temporary folder beside it); the
@@ -271,12 +273,14 @@ def _tasks(ids):
     return [RowTask(table="t", row_id=i, config={}, row_dir="", evaluation="likelihood", data_label="") for i in ids]
 
 
+@pytest.mark.slow  # worker processes
 def test_local_executor_runs_rows_in_parallel_processes_and_reports_failures() -> None:
     out = {t.row_id: (res, err) for t, res, err in LocalExecutor(2).run(_tasks(["a", "bad", "c"]), echo_row)}
     assert out["a"][0]["row"] == "a" and out["c"][0]["row"] == "c"
     assert out["bad"][0] is None and "on purpose" in str(out["bad"][1])
 
 
+@pytest.mark.slow  # starts a local Ray
 def test_ray_executor_in_a_local_ray() -> None:
     pytest.importorskip("ray")
 
@@ -479,6 +483,7 @@ def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monk
     assert [e.status for e in other.entries] == ["not run"]
 
 
+@pytest.mark.slow
 def test_rows_of_one_shape_train_stacked_as_they_do_alone(tiny_data, tmp_path, monkeypatch) -> None:
     """The k = 5 VAE and IWAE rows share a shape: one stacked training (no Trainer.fit), whose row
     folders hold the bits the rows get trained one by one, and so the same table values."""
