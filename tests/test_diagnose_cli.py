@@ -61,6 +61,7 @@ def test_eval_config_checks_the_diagnose_keys():
         RunConfig().with_overrides({"eval.surgery_samples": 0})
 
 
+@pytest.mark.slow  # trains a VampPrior run, then every diagnostic (fast twin: tests/test_prior_training.py)
 def test_vampprior_run_reports_its_pseudo_inputs(tmp_path):
     """A mixture prior adds the pseudo-input / component figure; its MC surgery identity is no check."""
     run = tmp_path / "vamp"
