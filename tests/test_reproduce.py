@@ -598,6 +598,7 @@ def _wait_gone(pids: list[int], timeout: float = 90.0) -> None:
     assert all(_state(p) in (None, "Z") for p in pids), f"orphan workers still running: {pids}"
 
 
+@pytest.mark.slow  # worker processes signalled and killed
 def test_workers_die_with_the_parent_on_sigterm_and_sigkill_and_the_rerun_resumes(tmp_path) -> None:
     """`reproduce --workers 2` in real processes, both workers frozen mid-row (holding their runs).
     SIGTERM to the parent alone: it stops its workers (each checkpoints) and exits 130 like Ctrl-C.
