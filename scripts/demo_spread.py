@@ -6,9 +6,9 @@ the tolerances of scripts/check_readme_demo.py (README's demo block against a fr
                                                                                     # still training (a proxy)
 
 Another machine's float rounding (another CPU type picks other kernels) makes the demo follow
-another trajectory from the first epochs on, as another seed does; the thread count does not change
-a CPU run's bits here (MKL and torch's CPU kernels give the same sums at 1 and 2 threads). So the
-seeds' spread stands for the machines' spread. For each run this reads the collapse monitor's epochs
+another trajectory from the first epochs on, as another seed does; the thread count does not (the
+demo's weights after an epoch at 1 and at 2 threads are bit-identical on this project's machine). So
+the seeds' spread stands for the machines' spread. For each run this reads the collapse monitor's epochs
 (active units, validation L_5) from metrics.jsonl and, for finished runs, the test report; it writes
 each number's values per epoch and their standard deviation across runs.
 """
