@@ -432,6 +432,7 @@ def test_k1_vae_and_iwae_rows_train_once(tiny_data, tmp_path, monkeypatch) -> No
 # --- a partial rerun never replaces a committed result with less ---------------------------
 
 
+@pytest.mark.slow
 def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monkeypatch) -> None:
     import shutil
 
@@ -506,6 +507,7 @@ def test_rows_of_one_shape_train_stacked_as_they_do_alone(tiny_data, tmp_path, m
     assert pickle.loads(pickle.dumps(PackTask((task, task)))).tasks[1] == task  # any executor can ship it
 
 
+@pytest.mark.slow
 def test_a_row_saved_before_a_config_key_existed_is_found_under_its_old_name(tiny_data, tmp_path, monkeypatch):
     """Adding a config key (with a default) changes every row's hash; a finished row whose saved
     config, read now, is the row's config is still answered from its folder, not retrained."""
