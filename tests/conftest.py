@@ -14,10 +14,20 @@ SHARED_DATA = Path(os.environ.get("ELBOLAB_TEST_DATA", REPO.parent / "shared" / 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``../shared/data`` (the real dataset files); tests that need it skip without it."""
+    """``../shared/data`` or ``$ELBOLAB_TEST_DATA`` (the real dataset files); tests that need it are in
+    the slow tier and skip, saying so, without it."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (set ELBOLAB_TEST_DATA)")
     return SHARED_DATA
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reads the real data (the ``shared_data`` fixture, directly or through another
+    fixture) belongs to the slow tier: README's `pytest` must not depend on what lies beside the clone."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

@@ -86,6 +86,7 @@ def test_pythae_twin_has_the_same_architecture(model) -> None:
     assert flops == 3 * 2 * 4 * (ENC + 5 * DEC) - 2 * 4 * 784 * 200
 
 
+@pytest.mark.slow  # the whole quick bench in-process
 def test_bench_command_writes_json_with_the_rows_asked_for(tmp_path, capsys) -> None:
     assert main(["bench", "--quick", "--no-pythae", "--only", "IWAE k=1 B=20", "--only", "two-layer",
                  "--out", str(tmp_path), "--name", "t", "--threads", "1", "--clock", "cpu"]) == 0
@@ -154,6 +155,7 @@ def test_rows_carry_the_busy_flag_only_on_the_wall_clock() -> None:
     assert bench._rows("r", quiet, None)[0].note == ""
 
 
+@pytest.mark.slow  # starts worker processes
 def test_stacked_row_times_the_stack_against_runs_one_by_one_and_processes(tmp_path, monkeypatch) -> None:
     import elbolab.speed
 
@@ -166,3 +168,41 @@ def test_stacked_row_times_the_stack_against_runs_one_by_one_and_processes(tmp_p
     assert len(rows[2]["extra"]["per_process"]) == 2
     one_by_one = rows[0]["extra"]["stacked_speedup"]
     assert one_by_one == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"])
+
+
+def _demo_time():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_time.py"
+    spec = importlib.util.spec_from_file_location("demo_time", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_time_reads_the_commands_last_timing_line_and_flags_a_busy_run() -> None:
+    demo = _demo_time()
+    out = "epoch 1/1: ...\ntrained in 90 s, evaluated in 9 s\nrun folder: runs/x\n"
+    assert demo.printed_times(out) == (90.0, 9.0)
+    assert demo.printed_times("trained in 12 s; run folder: r\n") == (12.0, None)
+    assert demo.printed_times("no timing\n") == (None, None)
+    quiet = demo.summarize(wall_s=100.0, cpu_s=190.0, threads=2, train_s=90.0, eval_s=9.0)
+    assert quiet["cpu_share"] == 0.95 and quiet["within_target"] and quiet["note"] == ""
+    # 400 s wall but 160 CPU seconds on 2 threads: busy (share 0.2); the idle estimate 80 s meets the target
+    busy = demo.summarize(wall_s=400.0, cpu_s=160.0, threads=2, train_s=380.0, eval_s=20.0)
+    assert busy["cpu_share"] == 0.2 and busy["idle_wall_estimate_s"] == 80.0 and busy["within_target"]
+    assert busy["note"].startswith("BUSY MACHINE")
+    assert not demo.summarize(wall_s=130.0, cpu_s=250.0, threads=2, train_s=120.0, eval_s=10.0)["within_target"]
+
+
+@pytest.mark.slow
+def test_demo_time_times_a_real_train_command_and_writes_json(tmp_path) -> None:
+    out = tmp_path / "demo.json"
+    sets = ["train.epochs=1", "model.hidden=[8]", "model.latent_dim=2", "train.threads=1", "eval.k_importance=2",
+            "eval.test_images=20", "train.monitor_every=0"]
+    assert _demo_time().main([a for kv in sets for a in ("--set", kv)] + ["--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["threads"] == 1 and row["train_s"] is not None and row["eval_s"] is not None
+    assert row["train_s"] + row["eval_s"] <= row["wall_s"] + 1  # the printed times are rounded to 1 s
+    assert row["cpu_s"] > 0 and row["command"].endswith("--set train.monitor_every=0")

@@ -27,6 +27,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow  # two `elbolab train` processes
 def test_one_line_per_epoch_by_default_and_detail_with_v_after_the_subcommand(tmp_path):
     plain = run_cli("train", "--out", str(tmp_path / "a"), "--no-eval", "--set", "train.epochs=2", *TINY)
     assert plain.returncode == 0, plain.stderr

@@ -23,6 +23,7 @@ needs_cxx = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++
                                reason="torch.compile's CPU backend needs a C++ compiler")
 
 
+@pytest.mark.slow  # torch.compile builds C++ kernels: minutes on a cold cache
 @needs_cxx
 def test_compiled_objective_equals_eager_on_the_same_draws(one_thread) -> None:
     torch.manual_seed(0)
@@ -56,6 +57,7 @@ def assert_same_training(compiled, eager) -> None:
         assert a["train_bound"] == pytest.approx(b["train_bound"], abs=1e-3)
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_compiled_training_matches_eager_training(tmp_path, one_thread) -> None:
     full = load("binarized-mnist-embedded")

@@ -391,6 +391,7 @@ def trained(embedded, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the fixture trains both models an epoch on the embedded data: tens of CPU seconds
 def test_short_training_beats_what_a_broken_model_can_reach(trained):
     """Independent pixels score about -207 nats here. ConvHVAE can only beat that through its
     latents (its decoder never sees x); measured -155 (> -182 asked). PixelHVAE beats it
@@ -403,6 +404,7 @@ def test_short_training_beats_what_a_broken_model_can_reach(trained):
     assert -60 > pixel > -135, pixel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_a_trained_run_reloads_with_its_image_shape(trained, embedded, name):
     run_dir, model, _, _ = trained[name]
@@ -418,6 +420,7 @@ def test_a_trained_run_reloads_with_its_image_shape(trained, embedded, name):
 # --- the pseudo-input figure ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pseudo_input_figure_rows_are_the_most_used_components(trained, embedded, tmp_path):
     _, model, _, _ = trained["pixel-hierarchical"]
     x = embedded[1][:300]

@@ -26,6 +26,10 @@ SETTINGS = [
     "train.threads=1", "train.progress=false", "train.checkpoint_minutes=0", "train.checkpoint_steps=20",
 ]
 
+#: real processes trained, killed and resumed: the slow tier (an in-process resume stays in the fast one,
+#: tests/test_training_faults.py)
+pytestmark = pytest.mark.slow
+
 
 def elbolab_train(*args: str, stop_at: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "elbolab.cli", "train", "--no-eval", *args]

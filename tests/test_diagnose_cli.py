@@ -19,6 +19,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # every diagnostic and figure of a run (each has its own fast test)
 def test_diagnose_writes_a_consistent_report(tiny_run, tmp_path):
     out = tmp_path / "report"
     assert main(["diagnose", str(tiny_run), "--k", "50", "--points", "120", "--out", str(out)]) == 0
@@ -60,6 +61,7 @@ def test_eval_config_checks_the_diagnose_keys():
         RunConfig().with_overrides({"eval.surgery_samples": 0})
 
 
+@pytest.mark.slow  # trains a VampPrior run, then every diagnostic (fast twin: tests/test_prior_training.py)
 def test_vampprior_run_reports_its_pseudo_inputs(tmp_path):
     """A mixture prior adds the pseudo-input / component figure; its MC surgery identity is no check."""
     run = tmp_path / "vamp"

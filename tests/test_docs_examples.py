@@ -27,7 +27,8 @@ def blocks(page: str) -> list[str]:
 
 
 @pytest.mark.usefixtures("restore_threads")
-@pytest.mark.parametrize("page", ["README.md", "docs/api.md"])
+# docs/api.md trains pythae and Pyro models too (about 16 CPU seconds): the slow tier
+@pytest.mark.parametrize("page", ["README.md", pytest.param("docs/api.md", marks=pytest.mark.slow)])
 def test_examples_run(page, tmp_path, monkeypatch) -> None:
     found = blocks(page)
     assert found, f"{page}: no example marked {MARKER}"

@@ -298,11 +298,26 @@ def test_the_model_x_prior_grid_covers_every_shipped_model_and_prior():
 GRID_REPS, GRID_STEPS = 100, 40
 
 
+#: the convolutional models' cases take tens of seconds each: the full grid is in the slow tier,
+#: the fast tier checks each of them with the VampPrior (a prior that reuses the encoder) at 1/10 the draws
+CONV_MODELS = ("conv-hierarchical", "pixel-hierarchical")
+FAST_REPS, FAST_STEPS = 20, 20
+
+
 @pytest.mark.parametrize("prior", PRIOR_NAMES)
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in CONV_MODELS else n
+                                  for n in MODEL_NAMES])
 def test_dreg_mean_gradient_equals_standard_for_every_model_and_prior(name, prior):
     model, x = _small_model(name, prior)
     t, threshold = _max_t(_paired_differences(model, x, GRID_REPS, GRID_STEPS, k=8))
+    assert t < threshold, (t, threshold)
+
+
+@pytest.mark.parametrize("name", CONV_MODELS)
+def test_dreg_mean_gradient_equals_standard_on_the_conv_models_with_a_vampprior(name):
+    """The fast twin of the grid's convolutional cases: fewer draws, the same Bonferroni test."""
+    model, x = _small_model(name, "vampprior")
+    t, threshold = _max_t(_paired_differences(model, x, FAST_REPS, FAST_STEPS, k=8))
     assert t < threshold, (t, threshold)
 
 

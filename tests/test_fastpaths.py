@@ -169,6 +169,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
 
+@pytest.mark.slow  # allocates and frees large temporaries for about 18 CPU seconds
 def test_retained_memory_does_not_grow_with_large_temporaries() -> None:
     """With an mmap threshold of 1 GiB this pattern grows the heap by a chunk per iteration;
     large blocks must still be returned so that the peak stops growing."""

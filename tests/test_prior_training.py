@@ -155,3 +155,32 @@ def test_run_with_mixture_prior_reloads_and_draws_its_components(mnist, tmp_path
             assert torch.equal(run.model.prior.images, trainer.model.prior.images)
     png = plot_components(run.model, (28, 28), tmp_path / "components.png", n_components=4, samples_per=3)
     assert png.stat().st_size > 1000
+
+
+def test_vampprior_components_figure_on_the_embedded_data(tmp_path):
+    """The fast twin of the real-data test above (and of `diagnose`'s pseudo-input figure, slow tier):
+    a VampPrior run on the packaged subset reloads exactly, and each row of its component grid
+    starts with that component's pseudo-input."""
+    from elbolab.data import load
+    from elbolab.data.dataset import ImageDataset
+    from elbolab.diagnostics.prior_figures import component_grid, plot_components
+    from elbolab.runs import load_run
+    from elbolab.training import Trainer
+
+    train = load("binarized-mnist-embedded").split("train")
+    data = ImageDataset("embedded-subset", {"train": train[:600], "valid": train[600:700]}, (28, 28), binary=True)
+    cfg = RunConfig().with_overrides({**TINY, "model.name": "hierarchical", "model.prior.name": "vampprior",
+                                      "train.epochs": 1, "train.progress": False})
+    trainer = Trainer(cfg, tmp_path / "run", data)
+    trainer.fit()
+    run = load_run(tmp_path / "run")
+    x = train[700:720].float()
+    torch.manual_seed(3)
+    want = trainer.model.eval().log_weights(x, 4)
+    torch.manual_seed(3)
+    torch.testing.assert_close(run.model.log_weights(x, 4), want)
+    grid = component_grid(run.model, n_components=4, samples_per=3)
+    assert grid.shape == (4, 4, 784)
+    torch.testing.assert_close(grid[:, 0], run.model.prior.pseudo_inputs()[:4].detach().clamp(0, 1))
+    png = plot_components(run.model, (28, 28), tmp_path / "components.png", n_components=4, samples_per=3)
+    assert png.stat().st_size > 1000

@@ -5,6 +5,7 @@ and scripts/check_readme_demo.py's comparison able to fail."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -57,21 +58,43 @@ def test_readme_block_is_in_todays_format(check, block):
 
 def test_the_comparison_passes_within_tolerance_and_names_each_miss(check, block):
     readme = check.demo_numbers(block)
-    tol = check.tolerances(readme)
-    assert tol["log_p"] == pytest.approx(3 * readme["log_p_stderr"]) and tol["n_test"] == 0
+    spread = {"monitor_epochs": {"40": {"active_units": {"sd": 2.0}, "valid_bound": {"sd": 0.1}}}, "test": {},
+              "other_machines": {"active_units": [30, 33, 35]}}
+    tol = check.tolerances(readme, spread)
+    # counts: 3 sqrt(2) x the larger sd (the other machines' 2.517 > the seeds' 2.0), rounded up
+    assert tol["active_units"] == tol["epoch_active_units"] == 11 and tol["n_test"] == 0
+    # bounds: the test mean's 3 standard errors exceed 3 sqrt(2) x 0.1
+    assert tol["log_p"] == pytest.approx(3 * readme["log_p_stderr"])
+    wide = check.tolerances(readme, {**spread, "test": {"log_p": {"sd": 1.0}}})
+    assert wide["log_p"] == wide["elbo"] == pytest.approx(3 * 2**0.5)
     assert check.compare(readme, dict(readme)) == []
-    near = {**readme, "log_p": readme["log_p"] + 0.9 * tol["log_p"], "active_units": readme["active_units"] - 3}
-    assert check.compare(readme, near) == []
-    far = {**readme, "elbo": readme["elbo"] - 1.1 * tol["elbo"], "active_units": readme["active_units"] + 9,
+    near = {**readme, "log_p": readme["log_p"] + 0.9 * tol["log_p"], "active_units": readme["active_units"] - 11}
+    assert check.compare(readme, near, spread) == []
+    far = {**readme, "elbo": readme["elbo"] - 1.1 * tol["elbo"], "active_units": readme["active_units"] + 12,
            "n_test": 1999}
-    misses = check.compare(readme, far)
+    misses = check.compare(readme, far, spread)
     assert [m.split(":")[0] for m in misses] == ["n_test", "elbo", "active_units"]
     with pytest.raises(ValueError, match="lacks"):
         check.demo_numbers("test points 2000\n")
 
 
+def test_the_measured_spread_covers_another_machines_demo(check, block):
+    """Issue 30: README's 33 active units came back as 39 on another machine of this kind; the
+    tolerance now comes from the spread measured between trajectories (scripts/demo_spread.json),
+    and covers every trajectory measured there."""
+    readme = check.demo_numbers(block)
+    spread = json.loads(check.SPREAD.read_text())
+    assert len(spread["per_run"]) >= 3 and spread["monitor_epochs"]
+    measured = [r["test"]["active_units"] for r in spread["per_run"] if "test" in r]
+    for units in (38, 39, *measured):
+        assert check.compare(readme, {**readme, "active_units": units, "epoch_active_units": units}) == [], units
+    # still able to fail: a collapsed model (no active unit)
+    assert [m.split(":")[0] for m in check.compare(readme, {**readme, "active_units": 0})] == ["active_units"]
+
+
+@pytest.mark.slow
 def test_readme_numbers_match_a_fresh_run_of_the_demo(check, block):
-    """The demo trains now, as a newcomer runs it; every number README shows must come back within
-    its tolerance (scripts/check_readme_demo.py: 3 standard errors of the test mean, 3 units)."""
+    """The demo trains now, as a newcomer runs it (80 epochs: minutes); every number README shows must
+    come back within its tolerance (scripts/check_readme_demo.py: own error or measured spread)."""
     fresh = check.demo_numbers(check.run_demo())
     assert check.compare(check.demo_numbers(block), fresh) == []

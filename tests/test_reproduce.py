@@ -217,6 +217,7 @@ def test_tiny_reproduction_writes_the_table_and_the_cache_skips_finished_rows(ti
     assert statuses["mnist-1layer-iwae-k50"] == "not run" and statuses["mnist-1layer-iwae-k5"] == "cached"
 
 
+@pytest.mark.slow
 def test_an_interrupted_row_resumes_from_its_checkpoint(tiny_data, tmp_path, monkeypatch):
     epochs_run: list[int] = []
     original = RunState.begin_epoch
@@ -240,6 +241,7 @@ def test_an_interrupted_row_resumes_from_its_checkpoint(tiny_data, tmp_path, mon
     assert [m["epoch"] for m in metrics] == [1, 2] and rep.entries[0].epochs == 2
 
 
+@pytest.mark.slow  # a real process killed
 def test_a_row_killed_while_creating_its_run_folder_trains_on_the_rerun(tiny_data, tmp_path):
     """A kill in the middle of creating a row's run folder: what an older elbolab left (config and
     environment written, no run.json) and what this one leaves (a temporary folder beside it); the
@@ -279,12 +281,14 @@ def _tasks(ids):
     return [RowTask(table="t", row_id=i, config={}, row_dir="", evaluation="likelihood", data_label="") for i in ids]
 
 
+@pytest.mark.slow  # worker processes
 def test_local_executor_runs_rows_in_parallel_processes_and_reports_failures() -> None:
     out = {t.row_id: (res, err) for t, res, err in LocalExecutor(2).run(_tasks(["a", "bad", "c"]), echo_row)}
     assert out["a"][0]["row"] == "a" and out["c"][0]["row"] == "c"
     assert out["bad"][0] is None and "on purpose" in str(out["bad"][1])
 
 
+@pytest.mark.slow  # starts a local Ray
 def test_ray_executor_in_a_local_ray() -> None:
     pytest.importorskip("ray")
 
@@ -463,6 +467,7 @@ def test_k1_vae_and_iwae_rows_train_once(tiny_data, tmp_path, monkeypatch) -> No
 # --- a partial rerun never replaces a committed result with less ---------------------------
 
 
+@pytest.mark.slow
 def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monkeypatch) -> None:
     import shutil
 
@@ -532,6 +537,7 @@ def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monk
     assert [e.status for e in other.entries] == ["not run"]
 
 
+@pytest.mark.slow
 def test_rows_of_one_shape_train_stacked_as_they_do_alone(tiny_data, tmp_path, monkeypatch) -> None:
     """The k = 5 VAE and IWAE rows share a shape: one stacked training (no loop of one run), whose row
     folders hold the bits the rows get trained one by one, and so the same table values."""
@@ -555,6 +561,7 @@ def test_rows_of_one_shape_train_stacked_as_they_do_alone(tiny_data, tmp_path, m
     assert pickle.loads(pickle.dumps(PackTask((task, task)))).tasks[1] == task  # any executor can ship it
 
 
+@pytest.mark.slow
 def test_a_row_saved_before_a_config_key_existed_is_found_under_its_old_name(tiny_data, tmp_path, monkeypatch):
     """Adding a config key (with a default) changes every row's hash; a finished row whose saved
     config, read now, is the row's config is still answered from its folder, not retrained."""
@@ -647,6 +654,7 @@ def _wait_gone(pids: list[int], timeout: float = 90.0) -> None:
     assert all(_state(p) in (None, "Z") for p in pids), f"orphan workers still running: {pids}"
 
 
+@pytest.mark.slow  # worker processes signalled and killed
 def test_workers_die_with_the_parent_on_sigterm_and_sigkill_and_the_rerun_resumes(tmp_path) -> None:
     """`reproduce --workers 2` in real processes, both workers frozen mid-row (holding their runs).
     SIGTERM to the parent alone: it stops its workers (each checkpoints) and exits 130 like Ctrl-C.
