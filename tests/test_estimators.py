@@ -232,7 +232,7 @@ def test_stl_bias_grows_with_k(lg):
 # T_ALPHA under Student's t with n - 1 degrees of freedom.
 
 T_ALPHA = 1e-4
-MODEL_NAMES = ("one-layer", "two-layer", "hierarchical", "conv-hierarchical", "pixel-hierarchical")
+MODEL_NAMES = ("one-layer", "gated-one-layer", "two-layer", "hierarchical", "conv-hierarchical", "pixel-hierarchical")
 PRIOR_NAMES = ("standard", "mog", "vampprior", "vampprior-data")
 
 

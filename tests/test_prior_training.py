@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from trainhelp import fit
 
 from elbolab.config import RunConfig
 from elbolab.data.formats import read_amat
@@ -165,14 +166,14 @@ def test_vampprior_components_figure_on_the_embedded_data(tmp_path):
     from elbolab.data.dataset import ImageDataset
     from elbolab.diagnostics.prior_figures import component_grid, plot_components
     from elbolab.runs import load_run
-    from elbolab.training import Trainer
+    from elbolab.training import RunState
 
     train = load("binarized-mnist-embedded").split("train")
     data = ImageDataset("embedded-subset", {"train": train[:600], "valid": train[600:700]}, (28, 28), binary=True)
     cfg = RunConfig().with_overrides({**TINY, "model.name": "hierarchical", "model.prior.name": "vampprior",
                                       "train.epochs": 1, "train.progress": False})
-    trainer = Trainer(cfg, tmp_path / "run", data)
-    trainer.fit()
+    trainer = RunState(cfg, tmp_path / "run", data)
+    fit(trainer)
     run = load_run(tmp_path / "run")
     x = train[700:720].float()
     torch.manual_seed(3)
