@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def trained_seconds(run_dir: Path, session: float) -> float:
     """The run's training time over all its sessions: metrics.jsonl's epoch (and monitor) times
-    summed, or this session's wall clock where that is more (it also counts setup and checkpoints)."""
+    summed, or this process's wall clock where that is more (it also counts setup and checkpoints)."""
     rows = read_metrics(run_dir / METRICS)
     logged = sum(float(r.get("seconds") or 0.0) + float(r.get("monitor_seconds") or 0.0) for r in rows)
     return max(session, logged)
