@@ -183,7 +183,7 @@ class RunState:
         self._lock: RunLock | None = None
         self._fused: FusedStep | None = None
         if cfg.train.fused == "on":  # refused before anything is written, naming what does not fit
-            fused_step_for(self.model, self.optimizer, cfg)
+            self._fused = fused_step_for(self.model, self.optimizer, cfg)
 
     # --- the step's view of the run ----------------------------------------------------------
     def step_run(self, alone: bool = True) -> StepRun:
