@@ -143,7 +143,7 @@ from elbolab.models import build_model
 from elbolab.objectives import make_objective, objective_plan
 from elbolab.optimizers import make_optimizer
 from elbolab.preflight import estimate_memory
-from elbolab.training import StackedStep, StepRun
+from elbolab.training import StepRun, make_step
 torch.set_num_threads(1)
 retain_freed_memory()
 S = int(sys.argv[2])
@@ -156,7 +156,7 @@ for s in range(S):
     runs.append(StepRun(model, make_optimizer(model, cfg.train, torch.device("cpu")), make_objective(cfg.objective),
                          plan, estimator, torch.Generator().manual_seed(s)))
 estimate = estimate_memory(cfg, runs[0].model, 784, runs=S)
-stack = StackedStep(runs)
+stack = make_step(runs)  # as training builds it: a run alone takes the plain step
 stack.step(torch.stack([x[:2]] * S), [1.0] * S)  # gradients and Adam's state exist before the measurement
 def kib(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
