@@ -26,7 +26,7 @@ from ..runs import CONFIG
 from ..training import pack
 from .executors import EXECUTORS, make_executor
 from .output import Entry, make_entry, read_committed, read_peer, write_outputs
-from .rows import RESULT_FILE, PackTask, RowTask, run_row, run_unit, trusted_result
+from .rows import RESULT_FILE, PackTask, RowTask, draw_table_figures, run_row, run_unit, trusted_result
 from .tables import BUDGETS, get_table, load_tables, plan_rows, result_overrides, row_config, train_key
 
 __all__ = ["BUDGETS", "EXECUTORS", "Reproduction", "get_table", "load_tables", "reproduce"]
@@ -97,7 +97,8 @@ def reproduce(
     train: bool = True,
     stack: bool = True,
 ) -> Reproduction:
-    """Run the selected rows of ``table`` at ``budget`` and write table.md/.json (+ curve).
+    """Run the selected rows of ``table`` at ``budget`` and write table.md/.json (+ curve and the
+    table's figures, drawn from its finished rows).
 
     ``train=False`` writes the table from the rows already finished in ``results`` and
     trains nothing: a table while a reproduction runs elsewhere, or from a results folder
@@ -179,6 +180,7 @@ def reproduce(
     # rewritten from itself, e.g. --table-only in a fresh clone, stays byte for byte the same)
     if not results_by_row and committed:
         override_notes = committed_notes
+    draw_table_figures(spec.figures, entries, out, data_dir)  # before table.md, which links them
     outputs = write_outputs(spec, budget, entries, out, override_notes)
     kept = [e.row for e in entries if e.from_table]
     stale = [e.row for e in entries if e.from_table and e.status == "committed"]

@@ -216,7 +216,17 @@ def _digits(metric: Metric) -> int:
     return 4 if metric.name == "log_n" else 2
 
 
-def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: list[str] | None = None) -> str:
+#: how table.md introduces each table figure (figures.TABLE_FIGURES)
+TABLE_FIGURE_CAPTIONS = {
+    "pseudo-inputs": "Trained pseudo-inputs across datasets (each row's most used, ranked by their average "
+                     "responsibility for the posterior means of 2,000 test images; a row not finished here "
+                     "is a line saying so)",
+}
+
+
+def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: list[str] | None = None,
+                table_figures: list[str] | tuple[str, ...] = ()) -> str:
+    """The table as markdown; ``table_figures``: the table figures drawn beside it, linked at the end."""
     with_k = table.protocol.evaluation == "likelihood"
     with_peer = any(e.peer for e in entries)
     head = ["row", "data", "binarization", "train / valid / test", *(["IS samples K"] if with_k else [])]
@@ -280,6 +290,8 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
         lines += ["", "Learning curves: [curve.png](curve.png)."]
     for e in entries:
         lines += [f"\n{e.row}, {name}:\n\n![{e.row} {name}]({file})" for name, file in e.figures.items()]
+    for name in table_figures:
+        lines += [f"\n{TABLE_FIGURE_CAPTIONS.get(name, name)}:\n\n![{name}]({name}.png)"]
     if failed:
         lines += ["", "Rows that failed:"] + [
             f"- {e.row}: {e.error}" + (" (the committed value is kept)" if e.from_table else "")
@@ -304,10 +316,13 @@ def _peer_cell(peer: dict[str, Any] | None) -> str:
 
 def write_outputs(table: TableSpec, budget: str, entries: list[Entry], out_dir: Path,
                   overrides: list[str] | None = None) -> dict[str, Path]:
-    """table.md, table.json and (when any row has a curve) curve.png. Files whose contents
-    would not change are not rewritten (the figure is redrawn only when table.json changes)."""
+    """table.md, table.json and (when any row has a curve) curve.png; table.md links the table
+    figures already drawn beside it (rows.draw_table_figures). Files whose contents would not
+    change are not rewritten (the curve is redrawn only when table.json changes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / "table.md", "json": out_dir / "table.json"}
+    drawn = [name for name in table.figures if (out_dir / f"{name}.png").exists()]
+    paths.update({name: out_dir / f"{name}.png" for name in drawn})
     doc = {
         "table": table.name, "title": table.title, "source": table.citation, "paper_table": table.table,
         "budget": budget, "budget_note": table.protocol.budget_notes.get(budget, ""),
@@ -318,7 +333,7 @@ def write_outputs(table: TableSpec, budget: str, entries: list[Entry], out_dir: 
     unchanged = _holds(paths["json"], text)
     if not unchanged:
         atomic_write_text(paths["json"], text)
-    md = to_markdown(table, budget, entries, overrides)
+    md = to_markdown(table, budget, entries, overrides, drawn)
     if not _holds(paths["markdown"], md):
         atomic_write_text(paths["markdown"], md)
     curve = out_dir / "curve.png"

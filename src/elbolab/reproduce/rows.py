@@ -41,7 +41,7 @@ from ..runs import (
     write_json,
 )
 from ..training import train_runs
-from .figures import ROW_FIGURES
+from .figures import ROW_FIGURES, TABLE_FIGURES
 from .tables import config_key
 
 RESULT_FILE = "result.json"
@@ -329,3 +329,46 @@ def run_unit(unit: RowTask | PackTask) -> dict[str, Any]:
     """What an executor runs: one row, or a pack of rows trained stacked."""
     return run_pack(unit) if isinstance(unit, PackTask) else run_row(unit)
 
+
+
+# --- table figures: drawn from the finished rows -------------------------------------------
+
+#: what a table figure says of a row whose trained model it cannot read, by the row's status
+_MISSING = {"not run": "not run yet", "failed": "failed", None: "not selected and not in the table"}
+
+
+def finished_row(row_dir: str | None, data_dir: str | None = None) -> tuple[Any, Any, RunConfig] | str:
+    """(model on the CPU, dataset, config) of a finished row folder, or a one-line reason it
+    cannot be read here (no folder on this machine, weights or data missing)."""
+    if not row_dir or not (Path(row_dir) / RESULT_FILE).exists():
+        return "not finished here (no row folder with a result)"
+    try:
+        cfg = RunConfig.from_dict(read_result(Path(row_dir) / RESULT_FILE)["config"])
+        model = load_run(Path(row_dir) / "run", device="cpu", weights=_weights(cfg)).model
+        dataset = load(cfg.data.name, data_dir or cfg.data.data_dir, validation=cfg.data.validation)
+    except (ConfigError, RunError, OSError) as e:
+        return f"not readable here ({e})"
+    return model, dataset, cfg
+
+
+def draw_table_figures(figures: dict[str, tuple[str, ...]], entries: list[Any], out_dir: Path,
+                       data_dir: str | None = None) -> dict[str, Path]:
+    """Each table figure (``TableSpec.figures``) drawn from its rows as ``<out_dir>/<name>.png``; a row
+    that is not finished here is a line saying so. With none of its rows finished here (a fresh
+    clone, ``--table-only``) the PNG already there is kept as it is. Returns the figures there."""
+    by_row = {e.row: e for e in entries}
+    out: dict[str, Path] = {}
+    for name, row_ids in figures.items():
+        path = out_dir / f"{name}.png"
+        rows: dict[str, Any] = {}
+        for row_id in row_ids:
+            e = by_row.get(row_id)
+            status = e.status if e is not None else None
+            rows[row_id] = (finished_row(e.row_dir, data_dir) if status in ("trained", "cached", "committed")
+                            else _MISSING.get(status, status))
+        if any(not isinstance(v, str) for v in rows.values()):
+            log.info("drawing %s from %d finished rows", path, sum(not isinstance(v, str) for v in rows.values()))
+            TABLE_FIGURES[name](rows, path)
+        if path.exists():
+            out[name] = path
+    return out

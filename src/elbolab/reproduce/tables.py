@@ -24,7 +24,7 @@ from ..errors import did_you_mean
 from ..objectives import OBJECTIVES, vae_plan
 from ..runs import resume_free
 from ..schedules import iwae_epochs
-from .figures import ROW_FIGURES
+from .figures import ROW_FIGURES, TABLE_FIGURES
 
 PAPERS_FILE = Path(__file__).with_name("papers.yaml")
 
@@ -101,6 +101,8 @@ class TableSpec:
     metrics: tuple[Metric, ...]
     rows: tuple[RowSpec, ...]
     protocol: Protocol
+    #: table figures (figures.TABLE_FIGURES names) -> the rows each is drawn from, in order
+    figures: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def row(self, row_id: str) -> RowSpec:
         for r in self.rows:
@@ -224,10 +226,16 @@ def load_tables(path: Path = PAPERS_FILE) -> dict[str, TableSpec]:
         stray = sorted(set(PROTOCOLS[name].row_budgets) - set(ids))
         if stray:
             raise ConfigError(f"{path}: {name}: tables.PROTOCOLS sets budgets for rows it lacks: {stray}")
+        figures = {str(f): tuple(r) for f, r in (t.get("figures") or {}).items()}
+        for f, fig_rows in figures.items():
+            if f not in TABLE_FIGURES:
+                raise ConfigError(f"{path}: {name}: unknown table figure {f!r}; known: {sorted(TABLE_FIGURES)}")
+            if sorted(set(fig_rows) - set(ids)):
+                raise ConfigError(f"{path}: {name}: figure {f} names rows it lacks: {sorted(set(fig_rows) - set(ids))}")
         src = sources[t["source"]]
         tables[name] = TableSpec(
             name=name, title=t["title"], source=t["source"], citation=src["citation"], table=t["table"],
-            metrics=metrics, rows=tuple(rows), protocol=PROTOCOLS[name],
+            metrics=metrics, rows=tuple(rows), protocol=PROTOCOLS[name], figures=figures,
         )
     return tables
 
