@@ -130,7 +130,8 @@ def plot_pseudo_input_rows(lines: list[PseudoInputRow], path: Path) -> Path:
         ax_row[0].text(-0.1, 0.5, line.dataset, fontsize=7, rotation=90, ha="right", va="center",
                        transform=ax_row[0].transAxes)
     fig.suptitle(f"VampPrior: the {cols} most-used trained pseudo-inputs per dataset (most used first; "
-                 f"above each: its average responsibility for the posterior means of {USAGE_IMAGES:,} test images)",
+                 f"above each: its average responsibility for the posterior means of {USAGE_IMAGES:,} test images, "
+                 "or all when fewer)",
                  fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

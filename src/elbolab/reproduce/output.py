@@ -219,8 +219,8 @@ def _digits(metric: Metric) -> int:
 #: how table.md introduces each table figure (figures.TABLE_FIGURES)
 TABLE_FIGURE_CAPTIONS = {
     "pseudo-inputs": "Trained pseudo-inputs across datasets (each row's most used, ranked by their average "
-                     "responsibility for the posterior means of 2,000 test images; a row not finished here "
-                     "is a line saying so)",
+                     "responsibility for the posterior means of 2,000 test images, or all when fewer; a row "
+                     "not finished here is a line saying so)",
 }
 
 
