@@ -44,7 +44,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(f"trained {len(rep.trained)}, from cache {len(rep.cached)}, failed {len(rep.failed)}, "
           f"kept from the table already there {len(rep.committed)} ({len(rep.stale)} under an earlier protocol, ‡); "
           f"table: {rep.outputs['markdown']} and {rep.outputs['json']}"
-          + (f"; curve: {rep.outputs['curve']}" if "curve" in rep.outputs else ""))
+          + (f"; curve: {rep.outputs['curve']}" if "curve" in rep.outputs else "")
+          + "".join(f"; {name}: {rep.outputs[name]}" for name in get_table(args.table).figures if name in rep.outputs))
     return 1 if rep.failed else 0
 
 
