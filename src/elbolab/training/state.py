@@ -78,8 +78,24 @@ class EpochMonitor(Protocol):
 MonitorFactory = Callable[[RunConfig, ImageDataset], EpochMonitor | None]
 
 
-def epoch_line(row: dict[str, Any], epochs: int, k: int) -> str:
-    """The line printed after each epoch: bounds in nats, time, and the monitor's numbers."""
+#: epochs the remaining-time estimate averages over: recent ones, so it follows a machine's load
+ETA_EPOCHS = 5
+
+
+def time_left(seconds: float) -> str:
+    """An estimate of the time left, as an epoch line ends: "~40 s", "~7 min", "~2 h 05 min"."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"~{s} s"
+    if s < 3600:
+        return f"~{round(s / 60)} min"
+    h, m = divmod(round(s / 60), 60)
+    return f"~{h} h {m:02d} min"
+
+
+def epoch_line(row: dict[str, Any], epochs: int, k: int, left: float | None = None) -> str:
+    """The line printed after each epoch: bounds in nats, time, the monitor's numbers and, before
+    the last epoch, ``left``: the estimated seconds to the run's end (:meth:`RunState.seconds_left`)."""
     parts = [f"epoch {row['epoch']}/{epochs}: train bound {row['train_bound']:.2f}"]
     if f"valid_iwae_{k}" in row:
         parts.append(f"valid L_{k} {row[f'valid_iwae_{k}']:.2f}" if k > 1 else f"valid ELBO {row['valid_elbo']:.2f}")
@@ -88,6 +104,8 @@ def epoch_line(row: dict[str, Any], epochs: int, k: int) -> str:
         parts.append(f"active units {row['active_units']}")
     if row.get("mutual_information") is not None:
         parts.append(f"I(x;z) {row['mutual_information']:.2f} nats")
+    if left is not None and row["epoch"] < epochs:
+        parts.append(f"{time_left(left)} left")
     return ", ".join(parts)
 
 
@@ -179,6 +197,9 @@ class RunState:
         self.epoch_bound_sum = 0.0
         self.epoch_count = 0
         self.last_checkpoint = time.monotonic()
+        #: seconds of each epoch trained (its step and monitor time), read back from
+        #: metrics.jsonl at the first epoch end, so a resumed run's estimate counts the earlier ones
+        self.epoch_seconds: list[float] | None = None
         #: the run folder's lock, held from prepare_run_dir to release
         self._lock: RunLock | None = None
         self._fused: FusedStep | None = None
@@ -390,9 +411,10 @@ class RunState:
         self.epoch += 1
         self.order, self.next_batch = None, 0
         self._track_best(row)
+        left = self.seconds_left(row)
         append_line(self.run_dir / METRICS, json.dumps(row))
         sinks = log_to_sinks(sinks or [], row, self.epoch, images)
-        log.info("%s%s", self.line_prefix, epoch_line(row, cfg.train.epochs, cfg.objective.k))
+        log.info("%s%s", self.line_prefix, epoch_line(row, cfg.train.epochs, cfg.objective.k, left))
         log.debug("epoch %d: %s", self.epoch, json.dumps(row))
         patience = cfg.train.early_stopping_patience
         if patience and self.epochs_since_best >= patience:
@@ -401,6 +423,16 @@ class RunState:
         self.save_checkpoint()
         self.write_info("running")
         return sinks
+
+    def seconds_left(self, row: dict[str, Any]) -> float:
+        """Estimated seconds to the run's last epoch, after the epoch of ``row`` (its metrics row):
+        the mean time of the last :data:`ETA_EPOCHS` epochs, resumed ones included, times the epochs left."""
+        if self.epoch_seconds is None:
+            self.epoch_seconds = [_epoch_cost(r) for r in read_metrics(self.run_dir / METRICS)
+                                  if r["epoch"] < row["epoch"]]
+        self.epoch_seconds.append(_epoch_cost(row))
+        recent = self.epoch_seconds[-ETA_EPOCHS:]
+        return sum(recent) / len(recent) * max(0, self.cfg.train.epochs - row["epoch"])
 
     def finish(self) -> None:
         """The run is done: final (and, without validation, best) weights, last checkpoint, status."""
@@ -429,6 +461,16 @@ class RunState:
             self.epochs_since_best = 0
         else:
             self.epochs_since_best += 1
+
+
+def _epoch_cost(row: dict[str, Any]) -> float:
+    """An epoch's seconds in its metrics row: training and validation, and the monitor's."""
+    cost = 0.0
+    for key in ("seconds", "monitor_seconds"):
+        value = row.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            cost += float(value)
+    return cost
 
 
 def close_sinks(sinks: list[MetricSink]) -> None:
