@@ -42,6 +42,7 @@ from ..runs import (
     RunError,
     RunLock,
     create_run_dir,
+    describe_model,
     holds_run,
     keep_metrics_upto,
     lock_run,
@@ -133,8 +134,15 @@ class RunState:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, dataset: ImageDataset | None = None,
                  monitor: EpochMonitor | None = None,
-                 images: dict[tuple[str, int], tuple[Tensor, Tensor | None]] | None = None) -> None:
+                 images: dict[tuple[str, int], tuple[Tensor, Tensor | None]] | None = None, *,
+                 model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """``model``: a model elbolab did not build (elbolab.train_model), trained in place instead of
+        building the config's (whose ``model`` section then goes unused); run.json records its class
+        and tensors (runs.describe_model), and a resume or reload must bring one of the same kind.
+        ``optimizer``: its optimizer (default: train.optimizer's, over its parameters)."""
         self.cfg = cfg
+        #: what run.json records of a model elbolab did not build (None: the config's own)
+        self.wrapped = describe_model(model) if model is not None else None
         #: measures the model every ``monitor.every`` epochs (train.monitor_every; see EpochMonitor)
         self.monitor = monitor
         self.run_dir = Path(run_dir)
@@ -162,17 +170,19 @@ class RunState:
             )
             if images is not None:
                 images[shared_key] = (self.batcher.data, self.valid)
-        train_float = self.dataset.as_float("train", "none")
-        check_parameter_memory(cfg, self.dataset.data_dim, self.device, train_float, cfg.data.name)
-        try:
-            model = build_model(cfg.model, self.dataset.data_dim, train_float, dataset=cfg.data.name,
-                                image_shape=self.dataset.image_shape)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"model: cannot build {cfg.model.name!r} with this config: {e}") from None
-        self.model: LatentVariableModel = model.to(self.device)
-        # refused before anything is written: no run folder is left "running" by a step that cannot fit
-        check_memory(cfg, self.model, self.dataset.data_dim, 0 if self.valid is None else self.valid.shape[0])
-        self.optimizer = make_optimizer(self.model, cfg.train, self.device)
+        if model is None:
+            train_float = self.dataset.as_float("train", "none")
+            check_parameter_memory(cfg, self.dataset.data_dim, self.device, train_float, cfg.data.name)
+            try:
+                model = build_model(cfg.model, self.dataset.data_dim, train_float, dataset=cfg.data.name,
+                                    image_shape=self.dataset.image_shape)
+            except (ValueError, TypeError, KeyError) as e:
+                raise ConfigError(f"model: cannot build {cfg.model.name!r} with this config: {e}") from None
+            model = model.to(self.device)
+            # refused before anything is written: no run folder is left "running" by a step that cannot fit
+            check_memory(cfg, model, self.dataset.data_dim, 0 if self.valid is None else self.valid.shape[0])
+        self.model: LatentVariableModel = model
+        self.optimizer = optimizer or make_optimizer(self.model, cfg.train, self.device)
         self.objective = with_precision(make_objective(cfg.objective), self.model, cfg.train.precision, self.device)
         if cfg.train.compile:
             self.objective = compile_objective(self.objective, self.device)
@@ -288,7 +298,7 @@ class RunState:
         if not holds_run(self.run_dir):
             if resume:
                 raise RunError(f"{self.run_dir}: no run to resume here (run.json missing)")
-            info = run_info("running", self.cfg, self.dataset, self.epoch, self.step)
+            info = run_info("running", self.cfg, self.dataset, self.epoch, self.step, wrapped=self.wrapped)
             self._lock = create_run_dir(self.run_dir, self.cfg, info)
             if self._lock is not None:
                 return False
@@ -297,7 +307,7 @@ class RunState:
             raise RunError(f"{self.run_dir}: already holds a run; resume it or choose another --out")
         self._lock = lock_run(self.run_dir)
         try:
-            state = open_unfinished_run(self.run_dir, self.cfg, self.dataset)
+            state = open_unfinished_run(self.run_dir, self.cfg, self.dataset, self.wrapped)
             if state is not None:
                 self.load_state(state, self.run_dir / CHECKPOINT)
             # else: killed before the first checkpoint; the freshly seeded state is where it began
@@ -317,7 +327,7 @@ class RunState:
             self._lock = None
 
     def write_info(self, status: str, error: str | None = None) -> None:
-        write_info(self.run_dir, status, self.cfg, self.dataset, self.epoch, self.step, error)
+        write_info(self.run_dir, status, self.cfg, self.dataset, self.epoch, self.step, error, self.wrapped)
 
     def write_info_quietly(self, status: str, error: str | None = None) -> None:
         """Record how the run ended, unless the disk refuses that too (the real error wins)."""
