@@ -84,7 +84,8 @@ def test_a_killed_wrapped_run_resumes_to_the_bits_of_one_never_stopped(tmp_path,
     ck = load_checkpoint(killed / "checkpoint.pt")
     assert (ck["epoch"], ck["step"], ck["position"]["next_batch"]) == (1, 6, 2)
     model = TinyVAE()
-    bounds = elbolab.train_model(model, data(), killed, **ARGS)  # the same call again continues
+    # the same call again continues (TensorBoard may be switched on at a resume: it changes no bits)
+    bounds = elbolab.train_model(model, data(), killed, **ARGS, **{"train.tensorboard": True})
     assert bounds == ref and len(bounds) == 3
     for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -96,6 +97,7 @@ def test_a_killed_wrapped_run_resumes_to_the_bits_of_one_never_stopped(tmp_path,
     assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["train_bound"] for r in rows] == ref
     files = {p.name for p in killed.iterdir()}
     assert {"config.yaml", "checkpoint.pt", "model.safetensors", "environment.json"} <= files
+    assert list((killed / "tensorboard").glob("events.out.tfevents.*"))
     run = load_run(killed, model=TinyVAE(seed=5))
     for (name, a), b in zip(model.state_dict().items(), run.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

@@ -12,7 +12,8 @@ where it came from (files and their SHA-256, or in-memory with a checksum per sp
 :func:`run_data` is how every command, here and in the CLI, gets a run's data back or
 says in one line what it needs. Models elbolab did not build (``elbolab.adapters``) go
 through the same :func:`evaluate` and :func:`diagnose`, and :func:`train_model` trains
-them with elbolab's objectives and gradient estimators.
+them with elbolab's objectives and gradient estimators, in the loop and run folder of
+:func:`train` (``load_run(path, model=...)`` reloads one).
 """
 
 from __future__ import annotations
