@@ -143,3 +143,44 @@ def test_without_a_folder_it_trains_as_with_one(tmp_path):
     assert elbolab.train_model(a, data(), **ARGS) == elbolab.train_model(b, data(), tmp_path / "run", **ARGS)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not list(tmp_path.glob("elbolab-train-model-*"))
+
+
+CHILD = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[2])
+import elbolab
+from test_train_model_runs import ARGS, TinyVAE, data
+torch.set_num_threads(1)
+elbolab.train_model(TinyVAE(), data(), sys.argv[1], **ARGS)
+"""
+
+
+@pytest.mark.slow  # a child process of its own (the kill is real); the in-process kill above is the fast twin
+@pytest.mark.usefixtures("restore_threads")
+def test_a_sigkilled_wrapped_run_resumes_to_the_same_bits(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from elbolab.files import TEST_STOP_ENV
+
+    env = {**os.environ, TEST_STOP_ENV: "step#8"}  # frozen after step 8, then killed: step 6's checkpoint is the last
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "run"), str(Path(__file__).parent)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), proc.stderr.read() if proc.stderr else status
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "running"
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 6
+    torch.set_num_threads(1)
+    ref_model, model = TinyVAE(), TinyVAE()
+    ref = elbolab.train_model(ref_model, data(), tmp_path / "ref", **ARGS)
+    assert elbolab.train_model(model, data(), tmp_path / "run", **ARGS) == ref
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
