@@ -68,7 +68,7 @@ def left_seconds(text: str | None) -> float | None:
 
 
 @pytest.mark.parametrize("seconds, text", [(0.4, "~0 s"), (59.4, "~59 s"), (61, "~1 min"), (3569, "~59 min"),
-                                           (3600, "~1 h 00 min"), (7530, "~2 h 06 min")])
+                                           (3590, "~1 h 00 min"), (7530, "~2 h 06 min")])
 def test_an_epoch_line_ends_with_the_time_left_and_reads_back(check, seconds, text):
     row = {"epoch": 3, "train_bound": -114.853, "valid_iwae_5": -110.2, "seconds": 7.04}
     line = epoch_line(row, 13, 5, seconds)

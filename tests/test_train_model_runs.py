@@ -33,7 +33,7 @@ class TinyVAE(nn.Module):
     def log_weight_terms(self, x: torch.Tensor, k: int, *, stop_posterior_grad: bool = False) -> LogWeightTerms:
         mean, log_var = self.enc(x).chunk(2, dim=-1)
         std = (0.5 * log_var).exp()
-        z = mean + std * torch.randn(k, *mean.shape)
+        z = mean + std * torch.randn(k, *mean.shape, dtype=mean.dtype, device=mean.device)
         q = torch.distributions.Normal(mean.detach() if stop_posterior_grad else mean,
                                        std.detach() if stop_posterior_grad else std)
         log_q = q.log_prob(z).sum(-1)

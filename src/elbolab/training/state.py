@@ -88,9 +88,10 @@ def time_left(seconds: float) -> str:
     s = max(0, round(seconds))
     if s < 60:
         return f"~{s} s"
-    if s < 3600:
-        return f"~{round(s / 60)} min"
-    h, m = divmod(round(s / 60), 60)
+    minutes = round(s / 60)
+    if minutes < 60:
+        return f"~{minutes} min"
+    h, m = divmod(minutes, 60)
     return f"~{h} h {m:02d} min"
 
 
