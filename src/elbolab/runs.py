@@ -1,7 +1,8 @@
 """A run folder: everything needed to reload, rerun and audit one training run.
 
     config.yaml        the full RunConfig
-    run.json           elbolab version, data shape, status (running | finished | interrupted | failed)
+    run.json           elbolab version, data shape, status (running | finished | interrupted | failed);
+                       for a model elbolab did not build (train_model), its class and tensors
     environment.json   package versions, git commit, CPU/GPU
     metrics.jsonl      one line per epoch
     model.safetensors  final weights (best.safetensors: best on validation)
@@ -13,7 +14,8 @@ This module owns the folder: creating it (atomically: built under a temporary na
 renamed, so a kill leaves either nothing or a run to resume), locking it, reading and
 writing checkpoints and weights (each carrying the SHA-256 of its contents, checked on
 load), deciding whether a folder holds a run to continue, and ``load_run(path)``, which
-gives the model back in one call. What a checkpoint holds is written down here too
+gives the model back in one call (``load_run(path, model=...)`` for a model elbolab did not
+build). What a checkpoint holds is written down here too
 (:class:`Checkpoint`: its fields, and the checks a damaged or crafted one fails), and
 :func:`run_status` is how every caller tells whether a folder's run is finished.
 """
