@@ -46,7 +46,7 @@ PATTERNS = {
     "log_p": rf"^test log p\(x\), IS K=(\d+)\s+{NUM} \+- {NUM} nats$",
     "active_units": r"^active units\s+(\d+) \(threshold ([\d.]+)\)$",
     "last_epoch": (rf"^epoch (\d+)/(\d+): train bound {NUM}, valid L_(\d+) {NUM}, {NUM} s"
-                   rf"(?:, active units (\d+), I\(x;z\) {NUM} nats)?$"),
+                   rf"(?:, active units (\d+), I\(x;z\) {NUM} nats)?(?:, (~[\d hmins]+) left)?$"),
 }
 
 

@@ -7,6 +7,7 @@ reconstruction loss and KL must equal our terms at the same z. Skipped without p
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -154,3 +155,44 @@ def test_missing_pythae_is_one_line_naming_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "pythae.models", None)
     with pytest.raises(ImportError, match=r"pip install 'elbolab\[pythae\]'"):
         from_pythae(nn.Linear(1, 1))
+
+
+def test_a_pythae_vamp_run_folder_resumes_bit_exact_with_the_monitor(tmp_path, monkeypatch) -> None:
+    """train_model with out=: a pythae model killed mid-run continues, on the same call, to the bits
+    of an uninterrupted run; metrics.jsonl carries the monitor's numbers, and the weights reload
+    into a fresh pythae model."""
+    import elbolab.training.loop as train_loop
+    from elbolab.runs import load_run
+
+    def vamp():
+        torch.manual_seed(0)
+        return build("VAMP")
+
+    class Killed(Exception):
+        """Stands in for a kill: nothing in memory reaches the next call."""
+
+    x = data(24)
+    args = dict(epochs=2, batch_size=6, k=3, progress=False, **{
+        "train.monitor_every": 1, "train.monitor_points": 12, "train.checkpoint_steps": 3})
+    ref = vamp()
+    ref_bounds = elbolab.train_model(from_pythae(ref), x, tmp_path / "ref", **args)
+
+    def kill_at_step_5(name: str) -> None:  # epoch 2, batch 1; the checkpoint is step 3's (epoch 1, batch 3)
+        kill_at_step_5.n += name == "step"
+        if kill_at_step_5.n == 5:
+            raise Killed
+    kill_at_step_5.n = 0
+    monkeypatch.setattr(train_loop, "fault_point", kill_at_step_5)
+    with pytest.raises(Killed):
+        elbolab.train_model(from_pythae(vamp()), x, tmp_path / "run", **args)
+    monkeypatch.setattr(train_loop, "fault_point", lambda name: None)
+    model = vamp()
+    assert elbolab.train_model(from_pythae(model), x, tmp_path / "run", **args) == ref_bounds
+    for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["active_units"] <= LATENT for r in rows)
+    assert len(rows[0]["kl_per_unit"]) == LATENT and rows[0]["monitor_points"] == 12
+    fresh = vamp()
+    load_run(tmp_path / "run", model=from_pythae(fresh))
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), fresh.state_dict().values(), strict=True))

@@ -82,8 +82,11 @@ def test_snr_counts_its_samples_as_it_draws_them(caplog):
 def test_train_model_logs_each_epoch(caplog):
     caplog.set_level(logging.INFO, "elbolab")
     bounds = elbolab.train_model(model(6), torch.bernoulli(torch.full((20, 6), 0.4)), epochs=2, batch_size=10)
-    assert re.findall(r"epoch (\d)/2: bound (-\d+\.\d{3})", "\n".join(caplog.messages)) == [
-        ("1", f"{bounds[0]:.3f}"), ("2", f"{bounds[1]:.3f}")]
+    assert re.findall(r"epoch (\d)/2: train bound (-\d+\.\d{2})", "\n".join(caplog.messages)) == [
+        ("1", f"{bounds[0]:.2f}"), ("2", f"{bounds[1]:.2f}")]
+    caplog.clear()
+    elbolab.train_model(model(6), torch.bernoulli(torch.full((20, 6), 0.4)), epochs=2, batch_size=10, progress=False)
+    assert not [m for m in caplog.messages if m.startswith("epoch ")], caplog.messages
 
 
 SCRIPT = """

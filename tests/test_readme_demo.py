@@ -53,7 +53,29 @@ def test_readme_block_is_in_todays_format(check, block):
                "seconds": float(g[5])}
         if g[6] is not None:
             row.update(active_units=int(g[6]), mutual_information=float(g[7]))
-        assert epoch_line(row, int(g[1]), int(g[3])) == line
+        assert epoch_line(row, int(g[1]), int(g[3]), left_seconds(g[8])) == line
+
+
+def left_seconds(text: str | None) -> float | None:
+    """The seconds an epoch line's "~2 h 05 min left" stands for (None: the line has no estimate,
+    as the last epoch's, and the lines of runs made before epoch lines carried one)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"~(?:(\d+) h )?(\d+) (min|s)", text)
+    assert m, text
+    h, n, unit = m.groups()
+    return 3600 * int(h or 0) + int(n) * (60 if unit == "min" else 1)
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "~0 s"), (59.4, "~59 s"), (61, "~1 min"), (3569, "~59 min"),
+                                           (3590, "~1 h 00 min"), (7530, "~2 h 06 min")])
+def test_an_epoch_line_ends_with_the_time_left_and_reads_back(check, seconds, text):
+    row = {"epoch": 3, "train_bound": -114.853, "valid_iwae_5": -110.2, "seconds": 7.04}
+    line = epoch_line(row, 13, 5, seconds)
+    assert line == f"epoch 3/13: train bound -114.85, valid L_5 -110.20, 7.0 s, {text} left"
+    g = re.match(check.PATTERNS["last_epoch"], line).groups()
+    assert g[8] == text and epoch_line(row, 13, 5, left_seconds(g[8])) == line
+    assert epoch_line({**row, "epoch": 13}, 13, 5, seconds).endswith("7.0 s")  # the last epoch: none
 
 
 def test_the_comparison_passes_within_tolerance_and_names_each_miss(check, block):

@@ -270,3 +270,36 @@ def test_early_stopping_does_not_count_warmup_epochs_but_tracks_the_best(tmp_pat
     assert set(best) == set(best_weights)
     for k, v in best.items():
         assert torch.equal(v, best_weights[k]), k
+
+
+def test_the_time_left_counts_the_epochs_trained_before_a_resume(tmp_path, monkeypatch, caplog):
+    """Epoch lines end with the time left, from the last epochs' seconds in metrics.jsonl: a resumed
+    run's first estimate already averages the epochs trained before it was killed."""
+    cfg = small_config(epochs=4, early_stopping_patience=0)
+    steps = {"n": 0}
+
+    def crash_in_epoch_3(name: str) -> None:
+        steps["n"] += name == "step"
+        if steps["n"] == 21:  # epoch 3, batch 1; the checkpoint of epoch 2's end is the last
+            raise Crash
+
+    monkeypatch.setattr(train_loop, "fault_point", crash_in_epoch_3)
+    with pytest.raises(Crash):
+        fit(RunState(cfg, tmp_path / "run", grey_dataset()))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    # as if the killed process had trained slowly: 100 s and 200 s (monitor included)
+    rows[0]["seconds"], rows[1]["seconds"], rows[1]["monitor_seconds"] = 100.0, 150.0, 50.0
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(train_loop, "fault_point", lambda name: None)
+    caplog.set_level(logging.INFO, "elbolab")
+    caplog.clear()
+    resumed = RunState(cfg, tmp_path / "run", grey_dataset())
+    fit(resumed)
+    lines = [m for m in caplog.messages if m.startswith("epoch ")]
+    assert [m.split(":")[0] for m in lines] == ["epoch 3/4", "epoch 4/4"]
+    third = json.loads(metrics.read_text().splitlines()[2])
+    left = (300.0 + third["seconds"]) / 3  # the mean of epochs 1-3, one epoch to go: just over 100 s
+    assert lines[0].endswith(f", {train_state.time_left(left)} left") and lines[0].endswith("~2 min left")
+    assert "left" not in lines[1]  # the last epoch's line has none

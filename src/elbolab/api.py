@@ -12,15 +12,18 @@ where it came from (files and their SHA-256, or in-memory with a checksum per sp
 :func:`run_data` is how every command, here and in the CLI, gets a run's data back or
 says in one line what it needs. Models elbolab did not build (``elbolab.adapters``) go
 through the same :func:`evaluate` and :func:`diagnose`, and :func:`train_model` trains
-them with elbolab's objectives and gradient estimators.
+them with elbolab's objectives and gradient estimators, in the loop and run folder of
+:func:`train` (``load_run(path, model=...)`` reloads one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import limits
-from .config import PRESETS, ConfigError, ObjectiveConfig, RunConfig, load_config, preset
+from .config import PRESETS, ConfigError, RunConfig, load_config, preset
 from .data import USER, DataError, ImageDataset, as_dataset, evaluation_images, load
 from .data.user import matches, reload_files
 from .devices import resolve_device
@@ -38,10 +41,9 @@ from .diagnostics.monitor import run_monitor
 from .diagnostics.report import diagnose as write_diagnostics
 from .diagnostics.summary import summarize
 from .models.base import HasLogWeights, NoPosterior
-from .objectives import make_objective
 from .preflight import preflight
-from .runs import Run, load_run
-from .training import StepRun, make_step, train_runs
+from .runs import METRICS, Run, load_run, read_metrics
+from .training import RunState, train_runs
 
 log = logging.getLogger("elbolab")
 
@@ -108,48 +110,95 @@ def train(data: Any = None, out: str | Path | None = None, config: Any = None, *
     return run
 
 
-def train_model(model: Any, data: Any, *, epochs: int = 10, batch_size: int = 100, lr: float = 1e-3,
-                objective: str = "iwae", k: int = 5, estimator: str = "standard", seed: int = 0,
-                optimizer: torch.optim.Optimizer | None = None, progress: bool = True) -> list[float]:
-    """Train a model elbolab did not build (an adapter) with an elbolab objective; returns
-    the mean training bound of each epoch, in nats.
+#: config sections train_model takes from its model and data, not from keys
+_WRAPPED_FIXED = ("model.", "data.")
 
-    ``data``: a float tensor ``[N, D]`` used as it is (any real values, for models with
+
+def train_model(model: Any, data: Any, out: str | Path | None = None, *, valid: Any = None, epochs: int = 10,
+                batch_size: int = 100, lr: float = 1e-3, objective: str = "iwae", k: int = 5,
+                estimator: str = "standard", seed: int = 0, optimizer: torch.optim.Optimizer | None = None,
+                progress: bool = True, resume: bool | None = None, **overrides: Any) -> list[float]:
+    """Train a model elbolab did not build (an adapter, or anything with ``log_weight_terms``)
+    with an elbolab objective, through the loop native runs train in; returns the mean
+    training bound of each epoch, in nats (those before a resume included).
+
+    ``data`` (and ``valid``, for the validation bound, best weights and early stopping): a
+    float tensor ``[N, D]`` used as it is (any real values, in its dtype, for models with
     their own likelihood), or images as :func:`train` takes them (scored as floats in
     [0, 1]). ``objective``/``k``/``estimator`` as in the config (``"dreg"`` and ``"stl"``
     need the model's ``log_weight_terms(stop_posterior_grad=...)`` and its encoder /
-    decoder split). A step whose loss or gradients are not finite is skipped (logged).
-    The model stays yours: save it with its own library's means. ``progress``: one line per
-    epoch on the ``elbolab`` logger (shown by default; ``elbolab.set_verbosity("warning")``).
+    decoder split). ``out``: a run folder as :func:`train` keeps one (config.yaml, run.json
+    naming the model's class and tensors, metrics.jsonl, atomic checkpoints, the collapse
+    monitor, TensorBoard with ``**{"train.tensorboard": True}``, and the weights as
+    model.safetensors); the same call again continues an unfinished run after a kill, and a
+    folder of another model, data or config is refused naming what differs (``resume`` as in
+    :func:`train`). Reload it with ``elbolab.load_run(out, model=a_model_of_its_kind)``.
+    Without ``out`` the run folder is a temporary one, removed at the end. ``overrides``:
+    dotted ``train.*`` / ``objective.*`` / ``eval.*`` keys (``model.*`` and ``data.*`` come
+    from the model and data). A step whose loss or gradients are not finite is skipped
+    (``train.nonfinite``). The model is trained in place. ``optimizer``: your own (its
+    learning rate is set to ``lr`` each epoch). ``progress``: the epoch lines on the
+    ``elbolab`` logger (shown by default; ``elbolab.set_verbosity("warning")`` for all).
     """
-    cfg = ObjectiveConfig(name=objective, k=k, estimator=estimator)
-    cfg.validate("objective")
-    objective_fn = make_objective(cfg)
-    device = next(iter(model.parameters())).device
-    if isinstance(data, Tensor) and data.is_floating_point():
-        x_all = data.reshape(data.shape[0], -1)
-    else:
-        x_all = (data if isinstance(data, ImageDataset) else as_dataset(data)).as_float("train")
-    x_all = x_all.to(device)
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
-    step = make_step([StepRun.plain(model, opt, objective_fn, cfg)])  # the loop's step, for one run
-    shuffle = torch.Generator().manual_seed(seed)
-    bounds: list[float] = []
-    model.train()
-    for epoch in range(epochs):
-        total = count = 0.0
-        for idx in torch.randperm(x_all.shape[0], generator=shuffle).split(batch_size):
-            x = x_all[idx.to(device)]
-            (_, bound_sum, taken), = step.step(x[None], [1.0])
-            if taken:
-                total, count = total + bound_sum, count + x.shape[0]
-            else:
-                log.warning("epoch %d: non-finite loss or gradient; step skipped", epoch + 1)
-        bounds.append(total / count if count else math.nan)
-        if progress:
-            log.info("epoch %d/%d: bound %.3f", epoch + 1, epochs, bounds[-1])
-    model.eval()
-    return bounds
+    params = list(model.parameters())
+    if not params:
+        raise ConfigError(f"train_model: {type(model).__name__} has no parameters to train")
+    device = params[0].device
+    fixed = sorted(key for key in overrides if str(key).startswith(_WRAPPED_FIXED))
+    if fixed:
+        raise ConfigError(f"{fixed[0]}: train_model trains the model and data it is given; model.* and data.* "
+                          "keys do not apply")
+    if optimizer is not None:
+        lr = float(optimizer.param_groups[0]["lr"])
+    cfg = RunConfig().with_overrides({
+        "data.name": USER, "data.binarization": "none", "data.validation": 0,
+        "objective.name": objective, "objective.k": k, "objective.estimator": estimator,
+        "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed,
+        "train.device": str(device), "train.progress": progress, "train.fused": "off",
+        **overrides})
+    dataset = _wrapped_dataset(model, data, valid)
+    monitor = run_monitor(cfg, dataset) if hasattr(model, "posterior") else None
+    with contextlib.ExitStack() as stack:
+        if out is None:
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="elbolab-train-model-"))) / "run"
+        if not progress:
+            stack.enter_context(_without_info_lines())
+        state = RunState(cfg, out, dataset, monitor, model=model, optimizer=optimizer)
+        train_runs([state], resume=resume, skip_finished=False)
+        model.eval()
+        return [float(r["train_bound"]) for r in read_metrics(Path(out) / METRICS)]
+
+
+def _wrapped_dataset(model: Any, data: Any, valid: Any) -> ImageDataset:
+    """train_model's data: real-valued float tensors kept as they are, images as :func:`train` reads them."""
+    if not (isinstance(data, Tensor) and data.is_floating_point()):
+        return data if isinstance(data, ImageDataset) else as_dataset(data, valid=valid)
+    splits = {"train": data}
+    if valid is not None:
+        if not (isinstance(valid, Tensor) and valid.is_floating_point()):
+            raise DataError("valid: give it as the training data is given (a float tensor [N, D])")
+        splits["valid"] = valid
+    flat = {name: x.detach().reshape(x.shape[0], -1).cpu() for name, x in splits.items()}
+    dims = {x.shape[1] for x in flat.values()}
+    if len(dims) != 1:
+        raise DataError(f"valid: {sorted(dims)[-1]} values per point, the training data has {flat['train'].shape[1]}")
+    (d,) = dims
+    shape = tuple(getattr(model, "image_shape", None) or ())
+    return ImageDataset(USER, flat, shape if shape and math.prod(shape) == d else (d,), binary=True)
+
+
+@contextlib.contextmanager
+def _without_info_lines() -> Iterator[None]:
+    """The ``elbolab`` logger's info lines (epoch lines) held back inside the block; warnings pass."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 # --- a run's data ---------------------------------------------------------------------------

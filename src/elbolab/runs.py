@@ -1,7 +1,8 @@
 """A run folder: everything needed to reload, rerun and audit one training run.
 
     config.yaml        the full RunConfig
-    run.json           elbolab version, data shape, status (running | finished | interrupted | failed)
+    run.json           elbolab version, data shape, status (running | finished | interrupted | failed);
+                       for a model elbolab did not build (train_model), its class and tensors
     environment.json   package versions, git commit, CPU/GPU
     metrics.jsonl      one line per epoch
     model.safetensors  final weights (best.safetensors: best on validation)
@@ -13,7 +14,8 @@ This module owns the folder: creating it (atomically: built under a temporary na
 renamed, so a kill leaves either nothing or a run to resume), locking it, reading and
 writing checkpoints and weights (each carrying the SHA-256 of its contents, checked on
 load), deciding whether a folder holds a run to continue, and ``load_run(path)``, which
-gives the model back in one call. What a checkpoint holds is written down here too
+gives the model back in one call (``load_run(path, model=...)`` for a model elbolab did not
+build). What a checkpoint holds is written down here too
 (:class:`Checkpoint`: its fields, and the checks a damaged or crafted one fails), and
 :func:`run_status` is how every caller tells whether a folder's run is finished.
 """
@@ -433,8 +435,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def run_info(status: str, cfg: RunConfig, dataset: Any, epoch: int, step: int,
-             error: str | None = None) -> dict[str, Any]:
-    """What run.json holds: version, status, the data's name, shape and source, progress, the config."""
+             error: str | None = None, wrapped: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What run.json holds: version, status, the data's name, shape and source, progress, the config
+    and, for a model elbolab did not build (``wrapped``: :func:`describe_model`), what it is."""
     info = {
         "elbolab": __version__,
         "status": status,
@@ -446,15 +449,17 @@ def run_info(status: str, cfg: RunConfig, dataset: Any, epoch: int, step: int,
         "step": step,
         "config": cfg.to_dict(),
     }
+    if wrapped is not None:
+        info[WRAPPED] = wrapped
     if error:
         info["error"] = error
     return info
 
 
 def write_info(run_dir: Path, status: str, cfg: RunConfig, dataset: Any, epoch: int, step: int,
-               error: str | None = None) -> None:
+               error: str | None = None, wrapped: dict[str, Any] | None = None) -> None:
     """Rewrite run.json; the checksum of config.yaml recorded at creation is carried over."""
-    info = run_info(status, cfg, dataset, epoch, step, error)
+    info = run_info(status, cfg, dataset, epoch, step, error, wrapped)
     with contextlib.suppress(RunError, AttributeError):
         recorded = read_json(Path(run_dir) / INFO).get(CONFIG_DIGEST)
         if isinstance(recorded, str):
@@ -514,6 +519,52 @@ def check_same_data(run_dir: Path, info: dict[str, Any], dataset: Any) -> None:
             raise RunError(f"{run_dir}: trained on other data ({key} SHA-256 {recorded[key][:12]}... recorded "
                            f"in {INFO}, {given[key][:12]}... given); nothing was changed. Pass the same data, "
                            "or choose another out folder")
+
+
+# --- models elbolab did not build ------------------------------------------------------------
+
+#: run.json key describing a model elbolab did not build (elbolab.train_model): its class and tensors
+WRAPPED = "wrapped_model"
+
+
+def describe_model(model: torch.nn.Module) -> dict[str, Any]:
+    """What run.json records of a model elbolab did not build: its class and each tensor of its
+    state (dtype and shape), which is what its checkpoints and weights must fit."""
+    cls = type(model)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "name": str(getattr(model, "model_name", cls.__name__)),
+        "tensors": {k: f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}" for k, v in model.state_dict().items()},
+    }
+
+
+def model_differences(recorded: Any, given: dict[str, Any]) -> list[str]:
+    """How ``given`` (:func:`describe_model`) differs from the description a run folder recorded."""
+    if not isinstance(recorded, dict):
+        return [f"model: elbolab's own {recorded!r} -> {given['class']}" if recorded else
+                f"model: none recorded -> {given['class']}"]
+    if recorded.get("class") != given["class"]:
+        return [f"model class: {recorded.get('class')} -> {given['class']}"]
+    old, new = recorded.get("tensors") or {}, given["tensors"]
+    return [f"model tensor {k}: {old.get(k, 'absent')} -> {new.get(k, 'absent')}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_same_model(run_dir: Path, info: dict[str, Any], wrapped: dict[str, Any] | None) -> None:
+    """Refuse to continue or reload a run into another model than the one it trained, naming what differs."""
+    recorded = info.get(WRAPPED)
+    if wrapped is None:
+        if recorded is not None:
+            raise RunError(f"{run_dir}: trained a model elbolab did not build ({recorded.get('class')}); pass one "
+                           "of its kind: elbolab.load_run(path, model=...) / elbolab.train_model(model, ...)")
+        return
+    if recorded is None:
+        raise RunError(f"{run_dir}: holds a run of elbolab's own model, not of the model given; choose another "
+                       "out folder (load_run(path) rebuilds its model)")
+    diff = model_differences(recorded, wrapped)
+    if diff:
+        raise RunError(f"{run_dir}: trained another model ({describe_differences(diff)}); nothing was changed. "
+                       "Pass the same model, or choose another out folder")
 
 
 # --- starting or continuing a run ---------------------------------------------------------
@@ -708,13 +759,15 @@ def check_config_unedited(run_dir: Path, info: dict[str, Any], saved: RunConfig)
                        "records what was trained); restore it, or start a new run with the new config")
 
 
-def open_unfinished_run(run_dir: Path, cfg: RunConfig, dataset: Any = None) -> dict[str, Any] | None:
-    """Check that ``run_dir`` holds an unfinished run of ``cfg`` (trained on ``dataset``, when given)
-    and return its last checkpoint (None when it was killed before the first). Anything else is
-    refused, the folder untouched."""
+def open_unfinished_run(run_dir: Path, cfg: RunConfig, dataset: Any = None,
+                        wrapped: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Check that ``run_dir`` holds an unfinished run of ``cfg`` (trained on ``dataset``, when given;
+    of the model ``wrapped`` describes, or else of elbolab's own) and return its last checkpoint
+    (None when it was killed before the first). Anything else is refused, the folder untouched."""
     info_path = run_dir / INFO
     info = read_json_object(info_path)
     check_version(info.get("elbolab", "?"), info_path, "; it cannot be resumed")
+    check_same_model(run_dir, info, wrapped)
     try:
         saved = load_config(run_dir / CONFIG)
     except ConfigError as e:
@@ -763,11 +816,14 @@ def _is_epoch(value: object) -> bool:
 # --- reloading ------------------------------------------------------------------------------
 
 
-def load_run(path: str | Path, device: str = "cpu", weights: str = "final") -> Run:
+def load_run(path: str | Path, device: str = "cpu", weights: str = "final",
+             model: torch.nn.Module | None = None) -> Run:
     """Reload a run folder: its config, model (eval mode) and metrics.
 
     ``weights``: "final" (model.safetensors), "best" (best on validation) or "last"
-    (the last checkpoint, e.g. of an unfinished run).
+    (the last checkpoint, e.g. of an unfinished run). ``model``: for a run of a model
+    elbolab did not build (elbolab.train_model), a model of its kind to load the weights into
+    (refused, naming what differs, when its class or tensors are not the run's).
     """
     path = Path(path)
     if not path.is_dir():
@@ -783,10 +839,12 @@ def load_run(path: str | Path, device: str = "cpu", weights: str = "final") -> R
     except ConfigError as e:
         raise RunError(str(e)) from None
     check_config_digest(path, info)
-    try:
-        model = build_model(cfg.model, int(info["data_dim"]), image_shape=info.get("image_shape"))
-    except (ValueError, TypeError, KeyError, OverflowError) as e:
-        raise RunError(f"{path / CONFIG}: describes a model this elbolab cannot build ({e})") from None
+    check_same_model(path, info, describe_model(model) if model is not None else None)
+    if model is None:
+        try:
+            model = build_model(cfg.model, int(info["data_dim"]), image_shape=info.get("image_shape"))
+        except (ValueError, TypeError, KeyError, OverflowError) as e:
+            raise RunError(f"{path / CONFIG}: describes a model this elbolab cannot build ({e})") from None
     if weights == "last":
         load_model_state(model, load_checkpoint(path / CHECKPOINT)["model"], path / CHECKPOINT)
     else:

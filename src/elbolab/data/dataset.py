@@ -1,6 +1,7 @@
 """An image dataset held as one compact tensor per split, and the binarization transforms.
 
-Images are stored flat, ``[N, D]`` uint8: 0/1 for binary data, 0..255 for grey levels.
+Images are stored flat, ``[N, D]`` uint8: 0/1 for binary data, 0..255 for grey levels
+(or, for a model with its own likelihood trained by elbolab.train_model, the real values given).
 Batches are slices of that tensor, so drawing a batch costs one index operation.
 """
 
@@ -22,7 +23,7 @@ class DataError(ValueError):
 @dataclass
 class ImageDataset:
     name: str
-    #: split name -> uint8 [N, D]
+    #: split name -> uint8 [N, D] (floats: real-valued data used as given, see :func:`to_unit_float`)
     splits: dict[str, Tensor]
     image_shape: tuple[int, ...]
     #: True when pixels are already {0, 1}; False for grey levels 0..255
@@ -100,6 +101,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def to_unit_float(x: Tensor, binary: bool) -> Tensor:
+    """Stored images as floats in [0, 1]. A split stored as floats already (the real-valued data
+    elbolab.train_model takes, in its own dtype) is used as it is."""
+    if x.is_floating_point():
+        return x
     return x.float() if binary else x.float() / 255.0
 
 
@@ -113,7 +118,7 @@ class Batcher:
 
     def __init__(self, data: Tensor, binary: bool, binarization: str, seed: int, device: torch.device) -> None:
         self.binary = binary
-        self.binarization = "none" if binary else binarization
+        self.binarization = "none" if binary or data.is_floating_point() else binarization
         self.device = device
         x = to_unit_float(data, binary)
         if self.binarization == "static":

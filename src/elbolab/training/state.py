@@ -42,6 +42,7 @@ from ..runs import (
     RunError,
     RunLock,
     create_run_dir,
+    describe_model,
     holds_run,
     keep_metrics_upto,
     lock_run,
@@ -78,8 +79,25 @@ class EpochMonitor(Protocol):
 MonitorFactory = Callable[[RunConfig, ImageDataset], EpochMonitor | None]
 
 
-def epoch_line(row: dict[str, Any], epochs: int, k: int) -> str:
-    """The line printed after each epoch: bounds in nats, time, and the monitor's numbers."""
+#: epochs the remaining-time estimate averages over: recent ones, so it follows a machine's load
+ETA_EPOCHS = 5
+
+
+def time_left(seconds: float) -> str:
+    """An estimate of the time left, as an epoch line ends: "~40 s", "~7 min", "~2 h 05 min"."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"~{s} s"
+    minutes = round(s / 60)
+    if minutes < 60:
+        return f"~{minutes} min"
+    h, m = divmod(minutes, 60)
+    return f"~{h} h {m:02d} min"
+
+
+def epoch_line(row: dict[str, Any], epochs: int, k: int, left: float | None = None) -> str:
+    """The line printed after each epoch: bounds in nats, time, the monitor's numbers and, before
+    the last epoch, ``left``: the estimated seconds to the run's end (:meth:`RunState.seconds_left`)."""
     parts = [f"epoch {row['epoch']}/{epochs}: train bound {row['train_bound']:.2f}"]
     if f"valid_iwae_{k}" in row:
         parts.append(f"valid L_{k} {row[f'valid_iwae_{k}']:.2f}" if k > 1 else f"valid ELBO {row['valid_elbo']:.2f}")
@@ -88,6 +106,8 @@ def epoch_line(row: dict[str, Any], epochs: int, k: int) -> str:
         parts.append(f"active units {row['active_units']}")
     if row.get("mutual_information") is not None:
         parts.append(f"I(x;z) {row['mutual_information']:.2f} nats")
+    if left is not None and row["epoch"] < epochs:
+        parts.append(f"{time_left(left)} left")
     return ", ".join(parts)
 
 
@@ -115,8 +135,15 @@ class RunState:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, dataset: ImageDataset | None = None,
                  monitor: EpochMonitor | None = None,
-                 images: dict[tuple[str, int], tuple[Tensor, Tensor | None]] | None = None) -> None:
+                 images: dict[tuple[str, int], tuple[Tensor, Tensor | None]] | None = None, *,
+                 model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """``model``: a model elbolab did not build (elbolab.train_model), trained in place instead of
+        building the config's (whose ``model`` section then goes unused); run.json records its class
+        and tensors (runs.describe_model), and a resume or reload must bring one of the same kind.
+        ``optimizer``: its optimizer (default: train.optimizer's, over its parameters)."""
         self.cfg = cfg
+        #: what run.json records of a model elbolab did not build (None: the config's own)
+        self.wrapped = describe_model(model) if model is not None else None
         #: measures the model every ``monitor.every`` epochs (train.monitor_every; see EpochMonitor)
         self.monitor = monitor
         self.run_dir = Path(run_dir)
@@ -144,17 +171,19 @@ class RunState:
             )
             if images is not None:
                 images[shared_key] = (self.batcher.data, self.valid)
-        train_float = self.dataset.as_float("train", "none")
-        check_parameter_memory(cfg, self.dataset.data_dim, self.device, train_float, cfg.data.name)
-        try:
-            model = build_model(cfg.model, self.dataset.data_dim, train_float, dataset=cfg.data.name,
-                                image_shape=self.dataset.image_shape)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"model: cannot build {cfg.model.name!r} with this config: {e}") from None
-        self.model: LatentVariableModel = model.to(self.device)
-        # refused before anything is written: no run folder is left "running" by a step that cannot fit
-        check_memory(cfg, self.model, self.dataset.data_dim, 0 if self.valid is None else self.valid.shape[0])
-        self.optimizer = make_optimizer(self.model, cfg.train, self.device)
+        if model is None:
+            train_float = self.dataset.as_float("train", "none")
+            check_parameter_memory(cfg, self.dataset.data_dim, self.device, train_float, cfg.data.name)
+            try:
+                model = build_model(cfg.model, self.dataset.data_dim, train_float, dataset=cfg.data.name,
+                                    image_shape=self.dataset.image_shape)
+            except (ValueError, TypeError, KeyError) as e:
+                raise ConfigError(f"model: cannot build {cfg.model.name!r} with this config: {e}") from None
+            model = model.to(self.device)
+            # refused before anything is written: no run folder is left "running" by a step that cannot fit
+            check_memory(cfg, model, self.dataset.data_dim, 0 if self.valid is None else self.valid.shape[0])
+        self.model: LatentVariableModel = model
+        self.optimizer = optimizer or make_optimizer(self.model, cfg.train, self.device)
         self.objective = with_precision(make_objective(cfg.objective), self.model, cfg.train.precision, self.device)
         if cfg.train.compile:
             self.objective = compile_objective(self.objective, self.device)
@@ -179,6 +208,9 @@ class RunState:
         self.epoch_bound_sum = 0.0
         self.epoch_count = 0
         self.last_checkpoint = time.monotonic()
+        #: seconds of each epoch trained (its step and monitor time), read back from
+        #: metrics.jsonl at the first epoch end, so a resumed run's estimate counts the earlier ones
+        self.epoch_seconds: list[float] | None = None
         #: the run folder's lock, held from prepare_run_dir to release
         self._lock: RunLock | None = None
         self._fused: FusedStep | None = None
@@ -267,7 +299,7 @@ class RunState:
         if not holds_run(self.run_dir):
             if resume:
                 raise RunError(f"{self.run_dir}: no run to resume here (run.json missing)")
-            info = run_info("running", self.cfg, self.dataset, self.epoch, self.step)
+            info = run_info("running", self.cfg, self.dataset, self.epoch, self.step, wrapped=self.wrapped)
             self._lock = create_run_dir(self.run_dir, self.cfg, info)
             if self._lock is not None:
                 return False
@@ -276,7 +308,7 @@ class RunState:
             raise RunError(f"{self.run_dir}: already holds a run; resume it or choose another --out")
         self._lock = lock_run(self.run_dir)
         try:
-            state = open_unfinished_run(self.run_dir, self.cfg, self.dataset)
+            state = open_unfinished_run(self.run_dir, self.cfg, self.dataset, self.wrapped)
             if state is not None:
                 self.load_state(state, self.run_dir / CHECKPOINT)
             # else: killed before the first checkpoint; the freshly seeded state is where it began
@@ -296,7 +328,7 @@ class RunState:
             self._lock = None
 
     def write_info(self, status: str, error: str | None = None) -> None:
-        write_info(self.run_dir, status, self.cfg, self.dataset, self.epoch, self.step, error)
+        write_info(self.run_dir, status, self.cfg, self.dataset, self.epoch, self.step, error, self.wrapped)
 
     def write_info_quietly(self, status: str, error: str | None = None) -> None:
         """Record how the run ended, unless the disk refuses that too (the real error wins)."""
@@ -390,9 +422,10 @@ class RunState:
         self.epoch += 1
         self.order, self.next_batch = None, 0
         self._track_best(row)
+        left = self.seconds_left(row)
         append_line(self.run_dir / METRICS, json.dumps(row))
         sinks = log_to_sinks(sinks or [], row, self.epoch, images)
-        log.info("%s%s", self.line_prefix, epoch_line(row, cfg.train.epochs, cfg.objective.k))
+        log.info("%s%s", self.line_prefix, epoch_line(row, cfg.train.epochs, cfg.objective.k, left))
         log.debug("epoch %d: %s", self.epoch, json.dumps(row))
         patience = cfg.train.early_stopping_patience
         if patience and self.epochs_since_best >= patience:
@@ -401,6 +434,16 @@ class RunState:
         self.save_checkpoint()
         self.write_info("running")
         return sinks
+
+    def seconds_left(self, row: dict[str, Any]) -> float:
+        """Estimated seconds to the run's last epoch, after the epoch of ``row`` (its metrics row):
+        the mean time of the last :data:`ETA_EPOCHS` epochs, resumed ones included, times the epochs left."""
+        if self.epoch_seconds is None:
+            self.epoch_seconds = [_epoch_cost(r) for r in read_metrics(self.run_dir / METRICS)
+                                  if r["epoch"] < row["epoch"]]
+        self.epoch_seconds.append(_epoch_cost(row))
+        recent = self.epoch_seconds[-ETA_EPOCHS:]
+        return sum(recent) / len(recent) * max(0, self.cfg.train.epochs - row["epoch"])
 
     def finish(self) -> None:
         """The run is done: final (and, without validation, best) weights, last checkpoint, status."""
@@ -429,6 +472,16 @@ class RunState:
             self.epochs_since_best = 0
         else:
             self.epochs_since_best += 1
+
+
+def _epoch_cost(row: dict[str, Any]) -> float:
+    """An epoch's seconds in its metrics row: training and validation, and the monitor's."""
+    cost = 0.0
+    for key in ("seconds", "monitor_seconds"):
+        value = row.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            cost += float(value)
+    return cost
 
 
 def close_sinks(sinks: list[MetricSink]) -> None:

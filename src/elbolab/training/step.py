@@ -130,7 +130,7 @@ class StepRun:
     @classmethod
     def plain(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective: Any,
               objective_cfg: Any) -> StepRun:
-        """A run drawing from torch's global stream (api.train_model, benchmarks)."""
+        """A run drawing from torch's global stream (tests)."""
         plan, estimator = objective_plan(objective_cfg)
         return cls(model, optimizer, objective, plan, estimator, None, "fp32",
                    next(iter(model.parameters())).device)
