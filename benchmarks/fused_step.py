@@ -2,6 +2,7 @@
 
     python benchmarks/fused_step.py                  # the full table (a few minutes)
     python benchmarks/fused_step.py --ks 1 --models one-layer --seconds 0.2 --repeats 3
+    python benchmarks/fused_step.py --stacks 1,2,4 --ks 1,5 --objectives iwae   # fused stacks
 
 For each dense model of the IWAE paper, objective and k: ms per step of the trainer's plain
 step (training.take_step) and of the fused step, pythae's step on the one-layer model, all in
@@ -11,6 +12,10 @@ FLOP counter on the plain step) per second over that peak. "hours/row" is a pape
 row at the measured step: 3,280 epochs x 50,000 / 20 steps. Timings are the minimum over the
 repeats (CPU clock by default: a shared machine's waiting is not counted); the CPU share of
 each reported repeat is kept. Prints the table and writes JSON to benchmarks/results/.
+
+``--stacks``: instead, ms per step and run of S runs of one shape in one fused step
+(training.make_step's FusedStackStep, each run its own generator), for each S given, beside the
+plain step of one run, interleaved in one process; best and median over the repeats.
 """
 
 from __future__ import annotations
@@ -81,6 +86,35 @@ def profile(mname: str, obj: str, k: int, x: torch.Tensor, data_dim: int, train:
     return {name: 1e3 / tp.best for name, (tp, _) in res.items()}
 
 
+def stack_row(mname: str, obj: str, k: int, stacks: list[int], x: torch.Tensor, data_dim: int, train: torch.Tensor,
+              repeats: int, seconds: float) -> dict:
+    """Per-run ms of a fused stack of each size in ``stacks`` and of one run's plain step, interleaved."""
+    from elbolab.objectives import objective_plan
+    from elbolab.training import StepRun, make_step
+
+    cfg = RunConfig().with_overrides([*MODELS[mname], f"objective.name={obj}", f"objective.k={k}"])
+    plan, estimator = objective_plan(cfg.objective)
+
+    def run(seed: int) -> StepRun:
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, data_dim, train).train()
+        opt = make_optimizer(model, TrainConfig(lr=1e-4), x.device)
+        return StepRun(model, opt, make_objective(cfg.objective), plan, estimator,
+                       torch.Generator().manual_seed(seed), fused=FusedStep(model, opt, obj, k, estimator))
+
+    torch.manual_seed(0)
+    plain_model = build_model(cfg.model, data_dim, train).train()
+    steps = {"plain S=1": (trainer_step(make_objective(cfg.objective), plain_model, x), 1)}
+    for s in stacks:
+        stack = make_step([run(i) for i in range(s)])
+        xs, betas = torch.stack([x] * s), [1.0] * s
+        steps[f"fused S={s}"] = ((lambda stack=stack, xs=xs, betas=betas: stack.step(xs, betas)), s)
+    res = compare(steps, x.device, repeats, seconds)
+    return {"name": f"{mname} {obj.upper()} k={k}", "model": mname, "objective": obj, "k": k, "batch": BATCH,
+            "ms_per_run_step": {n: 1e3 / tp.best for n, (tp, _) in res.items()},
+            "ms_per_run_step_median": {n: 1e3 / tp.median for n, (tp, _) in res.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="one-layer,two-layer")
@@ -92,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pythae", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fused-step-cpu-1thread.json"))
     p.add_argument("--profile", action="store_true", help="instead of the table: where a fused step's time goes")
+    p.add_argument("--stacks", default="", help="instead of the table: per-run ms of fused stacks of these sizes")
     args = p.parse_args(argv)
     models, objectives = args.models.split(","), args.objectives.split(",")
     bad = [m for m in models if m not in MODELS] + [o for o in objectives if o not in ("iwae", "vae")]
@@ -111,6 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     pythae_reason = "--no-pythae" if args.no_pythae else pythae_models.available()
     peak_step, peak_flops = matmul_step(device, 1024)
     info = machine_info(device)
+    if args.stacks:
+        try:
+            stacks = [int(v) for v in args.stacks.split(",")]
+        except ValueError:
+            raise ConfigError(f"--stacks: expected integers like 1,2,4, got {args.stacks!r}") from None
+        rows = []
+        for mname in models:
+            for obj in objectives:
+                for k in ks:
+                    row = stack_row(mname, obj, k, stacks, x, data.data_dim, train, args.repeats, args.seconds)
+                    rows.append(row)
+                    print(f"{row['name']:<26} " + "  ".join(
+                        f"{n} {row['ms_per_run_step'][n]:.3f} (median {row['ms_per_run_step_median'][n]:.3f})"
+                        for n in row["ms_per_run_step"]), flush=True)
+        out = args.out.with_name("fused-stacks-cpu-1thread.json")
+        write_json({"machine": info, "clock": args.clock, "threads": 1, "rows": rows}, out)
+        print(f"ms per step and run; wrote {out}")
+        return 0
     if args.profile:
         for mname in models:
             for obj in objectives:
