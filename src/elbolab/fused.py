@@ -142,9 +142,13 @@ def fused_step_for(model: LatentVariableModel, optimizer: torch.optim.Optimizer,
 class _Buffers:
     acts: list[Tensor]   # tanh outputs of the hidden layers, [runs, rows, width]
     deltas: list[Tensor]  # gradients at the hidden layers' pre-activations
-    squares: list[Tensor]  # scratch for 1 - tanh^2
-    out: Tensor  # the head's output [runs, rows, out]
+    out: Tensor  # the head's output [runs, rows, out] (its gradient in the backward)
     grad_in: Tensor  # gradient at the chain's input [runs, rows, in]
+
+    def __post_init__(self) -> None:
+        # the transposed views the weight gradients' products take, made once
+        self.deltas_t = [d.transpose(1, 2) for d in self.deltas]
+        self.out_t = self.out.transpose(1, 2)
 
 
 class _Chain:
@@ -168,8 +172,7 @@ class _Chain:
             return self.w[0].new_empty(runs, rows, width)
 
         hidden = self.widths[:-1]
-        return _Buffers([new(w) for w in hidden], [new(w) for w in hidden], [new(w) for w in hidden],
-                        new(self.widths[-1]), new(self.in_dim))
+        return _Buffers([new(w) for w in hidden], [new(w) for w in hidden], new(self.widths[-1]), new(self.in_dim))
 
     def forward(self, x: Tensor, buf: _Buffers) -> Tensor:
         h = x
@@ -183,20 +186,21 @@ class _Chain:
                  input_grad: bool = False) -> Tensor | None:
         """Gradients of the chain's parameters (written over theirs) and, if asked, at its input."""
         d = grad_out
+        d_t = buf.out_t if grad_out is buf.out else grad_out.transpose(1, 2)
         n = len(self.w)
         for i in range(n - 1, -1, -1):
             inp = buf.acts[i - 1] if i > 0 else x
             if params:
-                torch.bmm(d.transpose(1, 2), inp, out=self.gw[i])
+                torch.bmm(d_t, inp, out=self.gw[i])
                 torch.sum(d, 1, out=self.gb[i])
             if i == 0:
                 if not input_grad:
                     return None
                 return torch.bmm(d, self.w[0], out=buf.grad_in)
             nxt = torch.bmm(d, self.w[i], out=buf.deltas[i - 1])
-            sq = torch.mul(inp, inp, out=buf.squares[i - 1])
-            nxt.addcmul_(nxt, sq, value=-1.0)  # times tanh' = 1 - tanh^2
-            d = nxt
+            # times tanh' = 1 - tanh^2, in place: autograd's own kernel for it
+            torch.ops.aten.tanh_backward.grad_input(nxt, inp, grad_input=nxt)
+            d, d_t = nxt, buf.deltas_t[i - 1]
         return None
 
 
@@ -325,16 +329,16 @@ class _FusedCore:
         """``beta`` for [S, B] tensors."""
         return beta if isinstance(beta, float) else beta.view(-1, 1)
 
-    def _likelihood_backward(self, x: Tensor, logits: Tensor, g: Tensor) -> Tensor:
-        """dLoss/dlogits = G (x - sigmoid(logits)), written over the logits."""
+    def _likelihood_backward(self, x1: Tensor, logits: Tensor, g: Tensor) -> Tensor:
+        """dLoss/dlogits = G (x - sigmoid(logits)), written over the logits (``x1``: [S, 1, B, D])."""
         s = torch.sigmoid(logits, out=logits).view(g.shape + (-1,))
-        s.sub_(x.unsqueeze(1)).mul_(g.neg().unsqueeze(-1))
+        torch.sub(x1, s, out=s).mul_(g.unsqueeze(-1))
         return logits
 
     @staticmethod
-    def _log_bernoulli(x: Tensor, logits: Tensor, k: int) -> Tensor:
-        lv = logits.view(x.shape[0], k, x.shape[1], -1)
-        return torch.linalg.vecdot(lv, x.unsqueeze(1)) - torch.nn.functional.softplus(lv).sum(-1)
+    def _log_bernoulli(x1: Tensor, logits: Tensor, k: int) -> Tensor:
+        lv = logits.view(x1.shape[0], k, x1.shape[2], -1)
+        return torch.linalg.vecdot(lv, x1) - torch.nn.functional.softplus(lv).sum(-1)
 
     # --- the models -------------------------------------------------------------
     def _one_layer(self, x: Tensor, beta: float | Tensor) -> tuple[Tensor, Tensor, Tensor, LogWeightTerms]:
@@ -348,14 +352,15 @@ class _FusedCore:
         z = torch.addcmul(mean.unsqueeze(1), std.unsqueeze(1), eps)  # [S, K, B, D]
         zf = z.view(s, k * b, d)
         logits = dec.forward(zf, bufs["px"])
-        log_px = self._log_bernoulli(x, logits, k)
+        x1 = x.unsqueeze(1)
+        log_px = self._log_bernoulli(x1, logits, k)
         half_log2pi = 0.5 * d * math.log(2 * math.pi)
         log_pz = -0.5 * torch.linalg.vecdot(z, z) - half_log2pi
         log_q = -0.5 * (log_var.sum(-1).unsqueeze(1) + torch.linalg.vecdot(eps, eps)) - half_log2pi
         bound, log_w, loss, g, a = self._weights(log_px, log_pz - log_q, beta)
         terms = LogWeightTerms(log_px, {"z": log_pz}, {"z": log_q}, {"z": z})
 
-        dlogits = self._likelihood_backward(x, logits, g)
+        dlogits = self._likelihood_backward(x1, logits, g)
         gz = dec.backward(zf, dlogits, bufs["px"], input_grad=True).view(s, k, b, d)
         if self.dreg:
             gz.mul_((1.0 - beta + beta * (g * -b)).unsqueeze(-1))
@@ -397,7 +402,8 @@ class _FusedCore:
         outp = p1.forward(z2, bufs["p1"])
         pm1, plv1 = outp[..., :d1], outp[..., d1:]
         logits = px.forward(z1f, bufs["px"])
-        log_px = self._log_bernoulli(x, logits, k)
+        x1 = x.unsqueeze(1)
+        log_px = self._log_bernoulli(x1, logits, k)
         log_p2 = (-0.5 * torch.linalg.vecdot(z2, z2) - half_log2pi2).view(s, k, b)
         u = z1f - pm1
         ip = torch.exp(-plv1)
@@ -411,7 +417,7 @@ class _FusedCore:
 
         # decoder side: weights G
         gb = (g * beta).view(s, kb, 1)
-        dlogits = self._likelihood_backward(x, logits, g)
+        dlogits = self._likelihood_backward(x1, logits, g)
         gz1 = px.backward(z1f, dlogits, bufs["px"], input_grad=True)  # [S, KB, D1]
         g_p = bufs["p1"].out
         g_pm1, g_plv1 = g_p[..., :d1], g_p[..., d1:]
