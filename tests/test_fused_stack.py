@@ -125,6 +125,37 @@ def test_batched_path_within_float32_rounding_on_odd_shapes() -> None:
     assert not stack.exact_at(xs)  # more threads split kernels by the whole tensor: one by one
 
 
+def test_where_the_batched_kernels_would_round_otherwise_the_stack_steps_runs_one_by_one() -> None:
+    """Odd tiny shapes (a 12-pixel batch of 6, k = 3: the logits' sigmoid leaves a scalar tail per
+    run): make_step's fused stack still gives each run its bits alone, stepping them one by one."""
+    lrs, betas = [1e-2, 3e-3], [1.0, 0.4]
+    xs = torch.stack([_batch(torch.float32), 1.0 - _batch(torch.float32)])
+
+    def runs() -> list[StepRun]:
+        out = []
+        for i, lr in enumerate(lrs):
+            m = _model("one-layer", torch.float32, seed=i)
+            opt = make_optimizer(m, TrainConfig(lr=lr), "cpu")
+            ocfg = ObjectiveConfig(name="iwae", k=3, estimator="dreg")
+            plan, estimator = objective_plan(ocfg)
+            out.append(StepRun(m, opt, make_objective(ocfg), plan, estimator, torch.Generator().manual_seed(10 + i),
+                               fused=FusedStep(m, opt, "iwae", 3, "dreg")))
+        return out
+
+    alone, stacked = runs(), runs()
+    for i, r in enumerate(alone):
+        step = make_step([r])
+        for _ in range(3):
+            step.step(xs[i:i + 1], betas[i:i + 1])
+    step = make_step(stacked)
+    assert isinstance(step, FusedStackStep) and not step.fused.exact_at(xs)
+    for _ in range(3):
+        step.step(xs, betas)
+    for a, s in zip(alone, stacked, strict=True):
+        for p, q in zip(a.model.parameters(), s.model.parameters(), strict=True):
+            assert torch.equal(p, q)
+
+
 def test_a_non_finite_run_of_a_fused_stack_is_not_taken_and_the_others_are() -> None:
     runs = _fused_runs("one-layer", "iwae", 2, "standard", [1e-3, 1e-3])
     with torch.no_grad():
