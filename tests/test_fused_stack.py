@@ -53,6 +53,29 @@ def test_stacked_gradients_equal_autograd_run_by_run_in_float64(name: str) -> No
             assert abs(float(losses[i]) - float(ref_res.loss.detach())) < 1e-12, where
 
 
+def test_two_latents_of_one_size_keep_their_own_noise() -> None:
+    """A two-layer model whose z1 and z2 have one size: the stack's z1 noise is not overwritten by
+    z2's draw before the backward needs it (gradients as autograd's, float64)."""
+    cfg = RunConfig().with_overrides({"model.name": "two-layer", "model.two_layer": dict(
+        latent_dims=[3, 3], hidden1=[7, 6], hidden2=[5, 4])})
+    from elbolab.models import build_model
+
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(build_model(cfg.model, 12).double())
+    xs = torch.stack([_batch(), 1.0 - _batch()])
+    refs = []
+    for i, m in enumerate(models):
+        with _own_noise(10 + i):
+            refs.append(_autograd(copy.deepcopy(m), xs[i], "iwae", 4, "stl", 1.0)[1])
+    steps = [FusedStep(m, torch.optim.SGD(m.parameters(), lr=0.0), "iwae", 4, "stl") for m in models]
+    StackedFusedStep(steps, [torch.Generator().manual_seed(10 + i) for i in range(2)]).gradients(xs, [1.0, 1.0])
+    for m, ref in zip(models, refs, strict=True):
+        for p, r in zip(m.parameters(), ref, strict=True):
+            assert torch.allclose(p.grad, r, rtol=1e-10, atol=1e-12 * float(r.abs().max()))
+
+
 def _fused_runs(name: str, obj: str, k: int, est: str, lrs: list[float], d: int = 784):
     """Float32 runs of one shape with Adam, each its own model and generator."""
     cfg = RunConfig().with_overrides(["model.name=two-layer"] if name == "two-layer" else [])

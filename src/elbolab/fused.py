@@ -18,6 +18,11 @@ It is the same training as the plain step, which stays the reference
   on gradients that are views of one flat buffer, so its state, ``state_dict`` and
   checkpoints are those of the plain path.
 
+S runs of one shape train as one :class:`StackedFusedStep`: the same code with a run axis in
+front (:class:`FusedStep` is S = 1), each layer one batched product over the runs, each run's
+noise from its own generator, one Adam kernel call for all; each run gets the bits it gets
+alone wherever :meth:`StackedFusedStep.exact_at` holds (tests/test_fused_stack.py).
+
 Supported (:func:`supports` names what does not fit): the ``one-layer`` and ``two-layer`` models
 with tanh MLPs, Gaussian heads without a log-variance clamp, no flow, a standard normal
 prior and Bernoulli pixels on logits; float32 on a CPU; optimizer adam or adamnormgrad.
@@ -272,7 +277,7 @@ class _FusedCore:
         self.d1 = chains["q1"][-1].out_features // 2
         self.d2 = chains["q2"][-1].out_features // 2 if self.two_layer else 0
         self._bufs: dict[int, dict[str, _Buffers]] = {}
-        self._noise: dict[tuple[int, ...], Tensor] = {}
+        self._noise: dict[tuple, Tensor] = {}
         return chains
 
     def _buffers(self, b: int) -> dict[str, _Buffers]:
@@ -281,14 +286,15 @@ class _FusedCore:
             self._bufs[b] = {role: c.buffers(rows[role]) for role, c in self.chains.items()}
         return self._bufs[b]
 
-    def _draw(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """``[S, *shape]`` standard normal noise: each run's share what it draws alone."""
+    def _draw(self, site: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """``[S, *shape]`` standard normal noise for the latent ``site``: each run's share what it
+        draws alone (a stack draws into one buffer per site, kept until that site's next draw)."""
         if self.generators is None:
             return standard_normal(shape, like).unsqueeze(0)
-        key = (len(self.generators), *shape)
+        key = (site, len(self.generators), *shape)
         out = self._noise.get(key)
         if out is None:
-            out = self._noise[key] = like.new_empty(key)
+            out = self._noise[key] = like.new_empty(key[1:])
         for i, g in enumerate(self.generators):
             torch.randn(shape, generator=g, out=out[i])
         return out
@@ -348,7 +354,7 @@ class _FusedCore:
         out = enc.forward(x, bufs["q1"])
         mean, log_var = out[..., :d], out[..., d:]
         std = torch.exp(log_var * 0.5)
-        eps = self._draw((k, b, d), mean)
+        eps = self._draw("z", (k, b, d), mean)
         z = torch.addcmul(mean.unsqueeze(1), std.unsqueeze(1), eps)  # [S, K, B, D]
         zf = z.view(s, k * b, d)
         logits = dec.forward(zf, bufs["px"])
@@ -389,14 +395,14 @@ class _FusedCore:
         out1 = q1.forward(x, bufs["q1"])
         m1, lv1 = out1[..., :d1], out1[..., d1:]
         std1 = torch.exp(lv1 * 0.5)
-        eps1 = self._draw((k, b, d1), m1)
+        eps1 = self._draw("z1", (k, b, d1), m1)
         z1 = torch.addcmul(m1.unsqueeze(1), std1.unsqueeze(1), eps1)  # [S, K, B, D1]
         z1f = z1.view(s, kb, d1)
         # q(z2 | z1)
         out2 = q2.forward(z1f, bufs["q2"])
         m2, lv2 = out2[..., :d2], out2[..., d2:]
         std2 = torch.exp(lv2 * 0.5)
-        eps2 = self._draw((k, b, d2), m2).view(s, kb, d2)
+        eps2 = self._draw("z2", (k, b, d2), m2).view(s, kb, d2)
         z2 = torch.addcmul(m2, std2, eps2)  # [S, KB, D2]
         # p(z1 | z2) and p(x | z1)
         outp = p1.forward(z2, bufs["p1"])
