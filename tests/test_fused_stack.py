@@ -236,3 +236,28 @@ def test_make_step_falls_back_to_the_stacked_model_where_runs_differ() -> None:
     a = _fused_runs("one-layer", "iwae", 2, "standard", [1e-3])
     b = _fused_runs("one-layer", "iwae", 2, "dreg", [1e-3])
     assert isinstance(make_step(a + b), StackedStep)
+
+
+def test_a_fused_stack_killed_mid_epoch_resumes_to_the_bits_of_each_run_alone(tmp_path, monkeypatch) -> None:
+    """The loop's fused stack, interrupted after its step-70 checkpoint and resumed from it: each run
+    ends with the weights and metrics of the same run trained alone and uninterrupted."""
+    import elbolab.training.loop as train_loop
+
+    data = load("binarized-mnist-embedded")
+    calls = {"n": 0}
+
+    def crash_at_step_80(name: str) -> None:
+        calls["n"] += name == "step"
+        if calls["n"] == 80:
+            raise KeyboardInterrupt("test")
+
+    runs = [(RunConfig().with_overrides({**BASE, **v}), tmp_path / f"stack{i}") for i, v in enumerate(VARIANTS)]
+    monkeypatch.setattr(train_loop, "fault_point", crash_at_step_80)
+    with pytest.raises(KeyboardInterrupt):
+        Loop(runs, data).fit()
+    assert load_checkpoint(tmp_path / "stack0" / "checkpoint.pt")["step"] == 70
+    monkeypatch.setattr(train_loop, "fault_point", lambda name: None)
+    assert [o.status for o in Loop(runs, data).fit(resume=True)] == ["finished"] * 2
+    for i, v in enumerate(VARIANTS):
+        fit(RunState(RunConfig().with_overrides({**BASE, **v}), tmp_path / f"alone{i}", data))
+        assert _outcome(tmp_path / f"stack{i}") == _outcome(tmp_path / f"alone{i}"), f"run {i}"
