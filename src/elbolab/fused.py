@@ -48,6 +48,8 @@ from .priors import StandardNormal
 #: the objectives and estimators the fused step computes
 OBJECTIVES = ("vae", "iwae")
 ESTIMATORS = ("standard", "stl", "dreg")
+#: the optimizers it steps
+OPTIMIZERS = ("adam", "adamnormgrad")
 
 
 def _mlp_linears(seq: nn.Sequential) -> list[nn.Linear] | None:
@@ -109,8 +111,8 @@ def supports(model: nn.Module, cfg: RunConfig) -> str | None:
         return f"objective.name={o.name!r} (fused: {', '.join(OBJECTIVES)})"
     if o.estimator not in ESTIMATORS:
         return f"objective.estimator={o.estimator!r} (fused: {', '.join(ESTIMATORS)})"
-    if t.optimizer not in ("adam", "adamnormgrad"):
-        return f"train.optimizer={t.optimizer!r} (fused: adam, adamnormgrad)"
+    if t.optimizer not in OPTIMIZERS:
+        return f"train.optimizer={t.optimizer!r} (fused: {', '.join(OPTIMIZERS)})"
     if t.precision != "fp32":
         return f"train.precision={t.precision!r} (fused: fp32)"
     chains = _chains(model)
