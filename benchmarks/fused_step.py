@@ -2,6 +2,7 @@
 
     python benchmarks/fused_step.py                  # the full table (a few minutes)
     python benchmarks/fused_step.py --ks 1 --models one-layer --seconds 0.2 --repeats 3
+    python benchmarks/fused_step.py --stacks 1,2,4 --ks 1,5 --objectives iwae   # fused stacks
 
 For each dense model of the IWAE paper, objective and k: ms per step of the trainer's plain
 step (training.take_step) and of the fused step, pythae's step on the one-layer model, all in
@@ -11,6 +12,10 @@ FLOP counter on the plain step) per second over that peak. "hours/row" is a pape
 row at the measured step: 3,280 epochs x 50,000 / 20 steps. Timings are the minimum over the
 repeats (CPU clock by default: a shared machine's waiting is not counted); the CPU share of
 each reported repeat is kept. Prints the table and writes JSON to benchmarks/results/.
+
+``--stacks``: instead, ms per step and run of S runs of one shape in one fused step
+(training.make_step's FusedStackStep, each run its own generator), for each S given, beside the
+plain step of one run, interleaved in one process; best and median over the repeats.
 """
 
 from __future__ import annotations
@@ -52,33 +57,107 @@ def fused_step(model, cfg: RunConfig, x: torch.Tensor):
     return run
 
 
-def profile(mname: str, obj: str, k: int, x: torch.Tensor, data_dim: int, train: torch.Tensor, repeats: int,
-            seconds: float) -> dict[str, float]:
-    """Where a fused step's time goes: ms of the whole step and of its parts, each timed alone
-    (alone, a part runs with its data hot in cache, so the parts sum to less than the step)."""
-    cfg = RunConfig().with_overrides([*MODELS[mname], f"objective.name={obj}", f"objective.k={k}"])
+def _fused(mname: str, obj: str, k: int, data_dim: int, train: torch.Tensor, widths: bool = False) -> FusedStep:
+    over = [*MODELS[mname], f"objective.name={obj}", f"objective.k={k}"]
+    if widths:  # every layer 8 wide: the same operations on almost no data
+        over += (["model.hidden=[8,8]", "model.latent_dim=4"] if mname == "one-layer" else
+                 ["model.two_layer.hidden1=[8,8]", "model.two_layer.hidden2=[8,8]",
+                  "model.two_layer.latent_dims=[8,4]"])
+    cfg = RunConfig().with_overrides(over)
     torch.manual_seed(0)
     model = build_model(cfg.model, data_dim, train).train()
-    opt = make_optimizer(model, TrainConfig(lr=1e-4), x.device)
-    step = FusedStep(model, opt, obj, k)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4), train.device)
+    return FusedStep(model, opt, obj, k)
+
+
+def _aten_ops(fn) -> int:
+    """How many ATen operations one call dispatches (views included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def profile(mname: str, obj: str, k: int, x: torch.Tensor, data_dim: int, train: torch.Tensor, repeats: int,
+            seconds: float) -> dict[str, float]:
+    """Where a fused step's time goes, each part timed alone and interleaved with the step:
+    its matrix products (the step's GEMMs on its own buffers), the Adam kernel, the gradient
+    norm that checks finiteness, and the dispatch floor (the same step with every layer 8
+    wide: the same operations on almost no data). The rest of the step is elementwise work."""
+    step = _fused(mname, obj, k, data_dim, train)
     step.step(x)
+    step.step(x)  # Adam's state exists: the direct kernel call runs
+    tiny = _fused(mname, obj, k, 8, train[:, :8].contiguous(), widths=True)
+    x8 = x[:, :8].contiguous()
+    tiny.step(x8)
     bufs = step._buffers(x.shape[0])
-    inputs = {role: x if role == "q1" else torch.randn_like(b.grad_in) for role, b in bufs.items()}
+    ins = {role: x.unsqueeze(0) if role == "q1" else torch.randn_like(b.grad_in) for role, b in bufs.items()}
 
-    def forward() -> None:
+    def products() -> None:
         for role, chain in step.chains.items():
-            chain.forward(inputs[role], bufs[role])
+            buf = bufs[role]
+            inputs = [ins[role], *buf.acts]
+            outs = [*buf.acts, buf.out]
+            for i in range(len(chain.w)):
+                torch.baddbmm(chain.b[i], inputs[i], chain.wt[i], out=outs[i])
+            for i in range(len(chain.w) - 1, -1, -1):
+                d = outs[i]
+                torch.bmm(d.transpose(1, 2), inputs[i], out=chain.gw[i])
+                if i > 0:
+                    torch.bmm(d, chain.w[i], out=buf.deltas[i - 1])
+                elif role != "q1":
+                    torch.bmm(d, chain.w[0], out=buf.grad_in)
 
-    def backward() -> None:
-        for role, chain in step.chains.items():
-            chain.backward(inputs[role], bufs[role].out, bufs[role], input_grad=role != "q1")
-
-    parts = {"step": lambda: step.step(x), "forward and backward": lambda: step.gradients(x),
-             "products and tanh, forward": forward, "products and tanh', backward": backward,
-             "Adam update": step._adam_direct, "gradient norm (finiteness probe)": lambda: step.flat.norm()}
+    peak_step, peak_flops = matmul_step(x.device, 1024)
+    parts = {"step": (lambda: step.step(x), 1), "matrix products": (products, 1), "Adam update": (step._adam_direct, 1),
+             "finiteness probe (gradient norm)": ((lambda: step.flat.norm()), 1),
+             "dispatch floor (all layers 8 wide)": ((lambda: tiny.step(x8)), 1), "matmul": (peak_step, peak_flops)}
     with torch.no_grad():
-        res = compare({name: (fn, 1) for name, fn in parts.items()}, x.device, repeats, seconds)
-    return {name: 1e3 / tp.best for name, (tp, _) in res.items()}
+        res = compare(parts, x.device, repeats, seconds)
+    out = {name: 1e3 / tp.median for name, (tp, _) in res.items() if name != "matmul"}
+    flops = count_flops(products)
+    out["elementwise (the rest)"] = out["step"] - sum(v for n, v in out.items() if n != "step")
+    out["aten ops per step"] = _aten_ops(lambda: step.step(x))
+    out["products of peak"] = flops / (out["matrix products"] / 1e3) / res["matmul"][0].median
+    out["step of peak"] = flops / (out["step"] / 1e3) / res["matmul"][0].median
+    return out
+
+
+def stack_row(mname: str, obj: str, k: int, stacks: list[int], x: torch.Tensor, data_dim: int, train: torch.Tensor,
+              repeats: int, seconds: float) -> dict:
+    """Per-run ms of a fused stack of each size in ``stacks`` and of one run's plain step, interleaved."""
+    from elbolab.objectives import objective_plan
+    from elbolab.training import StepRun, make_step
+
+    cfg = RunConfig().with_overrides([*MODELS[mname], f"objective.name={obj}", f"objective.k={k}"])
+    plan, estimator = objective_plan(cfg.objective)
+
+    def run(seed: int) -> StepRun:
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, data_dim, train).train()
+        opt = make_optimizer(model, TrainConfig(lr=1e-4), x.device)
+        return StepRun(model, opt, make_objective(cfg.objective), plan, estimator,
+                       torch.Generator().manual_seed(seed), fused=FusedStep(model, opt, obj, k, estimator))
+
+    torch.manual_seed(0)
+    plain_model = build_model(cfg.model, data_dim, train).train()
+    steps = {"plain S=1": (trainer_step(make_objective(cfg.objective), plain_model, x), 1)}
+    for s in stacks:
+        stack = make_step([run(i) for i in range(s)])
+        xs, betas = torch.stack([x] * s), [1.0] * s
+        steps[f"fused S={s}"] = ((lambda stack=stack, xs=xs, betas=betas: stack.step(xs, betas)), s)
+    res = compare(steps, x.device, repeats, seconds)
+    return {"name": f"{mname} {obj.upper()} k={k}", "model": mname, "objective": obj, "k": k, "batch": BATCH,
+            "ms_per_run_step": {n: 1e3 / tp.best for n, (tp, _) in res.items()},
+            "ms_per_run_step_median": {n: 1e3 / tp.median for n, (tp, _) in res.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pythae", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fused-step-cpu-1thread.json"))
     p.add_argument("--profile", action="store_true", help="instead of the table: where a fused step's time goes")
+    p.add_argument("--stacks", default="", help="instead of the table: per-run ms of fused stacks of these sizes")
     args = p.parse_args(argv)
     models, objectives = args.models.split(","), args.objectives.split(",")
     bad = [m for m in models if m not in MODELS] + [o for o in objectives if o not in ("iwae", "vae")]
@@ -111,12 +191,39 @@ def main(argv: list[str] | None = None) -> int:
     pythae_reason = "--no-pythae" if args.no_pythae else pythae_models.available()
     peak_step, peak_flops = matmul_step(device, 1024)
     info = machine_info(device)
+    if args.stacks:
+        try:
+            stacks = [int(v) for v in args.stacks.split(",")]
+        except ValueError:
+            raise ConfigError(f"--stacks: expected integers like 1,2,4, got {args.stacks!r}") from None
+        rows = []
+        for mname in models:
+            for obj in objectives:
+                for k in ks:
+                    row = stack_row(mname, obj, k, stacks, x, data.data_dim, train, args.repeats, args.seconds)
+                    rows.append(row)
+                    print(f"{row['name']:<26} " + "  ".join(
+                        f"{n} {row['ms_per_run_step'][n]:.3f} (median {row['ms_per_run_step_median'][n]:.3f})"
+                        for n in row["ms_per_run_step"]), flush=True)
+        out = args.out.with_name("fused-stacks-cpu-1thread.json")
+        write_json({"machine": info, "clock": args.clock, "threads": 1, "rows": rows}, out)
+        print(f"ms per step and run; wrote {out}")
+        return 0
     if args.profile:
+        prof_rows = []
         for mname in models:
             for obj in objectives:
                 for k in ks:
                     parts = profile(mname, obj, k, x, data.data_dim, train, args.repeats, args.seconds)
-                    print(f"{mname} {obj.upper()} k={k}: " + "; ".join(f"{n} {v:.3f} ms" for n, v in parts.items()))
+                    step_ms = parts["step"]
+                    shown = [f"{n} {v:.3f} ms ({100 * v / step_ms:.0f}%)" for n, v in parts.items()
+                             if n not in ("step", "aten ops per step", "products of peak", "step of peak")]
+                    print(f"{mname} {obj.upper()} k={k}: step {step_ms:.3f} ms, {parts['aten ops per step']} aten ops, "
+                          f"{100 * parts['step of peak']:.0f}% of peak (its products alone: "
+                          f"{100 * parts['products of peak']:.0f}%): " + "; ".join(shown), flush=True)
+                    prof_rows.append({"name": f"{mname} {obj.upper()} k={k}", "median_ms_and_fractions": parts})
+        write_json({"machine": info, "clock": args.clock, "threads": 1, "rows": prof_rows},
+                   args.out.with_name("fused-step-profile-cpu-1thread.json"))
         return 0
     rows, peak_seen = [], 0.0
     print(f"{'row':<28} {'plain ms':>9} {'fused ms':>9} {'speed-up':>8} {'plain':>6} {'fused':>6} "

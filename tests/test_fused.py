@@ -288,18 +288,23 @@ def _run_cfg(fused: str, **over):
         "train.checkpoint_minutes": 0, "train.threads": 1, "train.monitor_every": 0, "train.fused": fused, **over})
 
 
-def test_the_loop_steps_a_fitting_run_through_its_fused_step_and_a_stack_through_the_plain_one(tmp_path):
+def test_the_loop_steps_a_fitting_run_through_its_fused_step_and_a_stack_through_a_fused_stack(tmp_path):
     from elbolab.training import RunState, make_step, pack
-    from elbolab.training.step import FusedRunStep, PlainStep
+    from elbolab.training.step import FusedRunStep, FusedStackStep, PlainStep, StackedStep
 
     ds = _binary_dataset()
     auto = RunState(_run_cfg("auto"), tmp_path / "a", ds)
     assert isinstance(make_step([auto.step_run()]), FusedRunStep)
     assert isinstance(make_step([RunState(_run_cfg("off"), tmp_path / "b", ds).step_run()]), PlainStep)
-    assert isinstance(make_step([auto.step_run(alone=False)] * 1), PlainStep)
-    # fused runs are never packed into a stack (its plain stacked step would round otherwise)
-    assert pack([_run_cfg("auto", **{"train.seed": s}) for s in (0, 1)]) == [[0], [1]]
+    # fused runs of one objective, k and estimator pack into one fused stack (tests/test_fused_stack.py)
+    assert pack([_run_cfg("auto", **{"train.seed": s}) for s in (0, 1)]) == [[0, 1]]
     assert pack([_run_cfg("off", **{"train.seed": s}) for s in (0, 1)]) == [[0, 1]]
+    runs = [RunState(_run_cfg(f, **{"train.seed": s}), tmp_path / f"s{f}{s}", ds) for f in ("auto", "off")
+            for s in (0, 1)]
+    for r in runs:
+        r.own_stream()
+    assert isinstance(make_step([r.step_run() for r in runs[:2]]), FusedStackStep)
+    assert isinstance(make_step([r.step_run() for r in runs[2:]]), StackedStep)
     with pytest.raises(ConfigError, match="train.fused=on"):
         RunState(_run_cfg("on", **{"model.likelihood": "gaussian"}), tmp_path / "c", ds)
 

@@ -548,7 +548,7 @@ def test_rows_of_one_shape_train_stacked_as_they_do_alone(tiny_data, tmp_path, m
 
     fits = _count_fits(monkeypatch)
     pair = ["mnist-1layer-vae-k5", "mnist-1layer-iwae-k5"]
-    plain = {**TINY, "train.fused": "off"}  # a fused row trains alone (training.packing)
+    plain = {**TINY, "train.fused": "off"}  # fused, VAE and IWAE rows would not share a stack (training.packing)
     stacked = reproduce("iwae-table", budget="quick", only=pair, results=tmp_path / "a", overrides=plain)
     assert len(fits) == 0 and sorted(stacked.trained) == sorted(pair)
     alone = reproduce("iwae-table", budget="quick", only=pair, results=tmp_path / "b", overrides=plain, stack=False)

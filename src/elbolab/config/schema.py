@@ -331,8 +331,9 @@ class TrainConfig:
     precision: str = "fp32"
     #: auto | on | off: the fused batch step (elbolab.fused: forward, hand-written backward and
     #: optimizer update with no autograd) for the IWAE paper's dense models; auto uses it where
-    #: a run fits (fused.supports), on refuses a run that does not, off never uses it. A fused run
-    #: trains alone (never stacked, whose plain step rounds differently); the iwae-paper presets set auto
+    #: a run fits (fused.supports), on refuses a run that does not, off never uses it. Fused runs of
+    #: one objective, k and estimator stack into one fused step (fused.StackedFusedStep), each run's
+    #: bits those of the run alone; the iwae-paper presets set auto
     fused: str = "off"
 
     def validate(self, key: str) -> None:

@@ -263,7 +263,7 @@ class Loop:
     def _step_for(self, active: list[_Member]) -> Step:
         """The step of the runs ``active`` (built anew when the runs stepping together change)."""
         if self._step is None or [id(r.model) for r in self._step.members] != [id(m.run.model) for m in active]:
-            self._step = make_step([m.run.step_run(alone=len(active) == 1) for m in active])
+            self._step = make_step([m.run.step_run() for m in active])
         return self._step
 
     def _advance(self, active: list[_Member]) -> None:

@@ -3,7 +3,8 @@
 Runs whose configs agree on everything but :data:`STACK_FREE_KEYS` (the data, the model, the
 batch size, the draws per data point, whether log q is detached, the precision, the device
 and threads) may differ in seed, objective, estimator, KL warm-up, learning rate, optimizer,
-schedule, epochs and early stopping, and train as one stacked model (step.StackedStep).
+schedule, epochs and early stopping, and train as one stacked model (step.StackedStep); under
+``train.fused`` runs of one objective, k and estimator share one fused step (step.FusedStackStep).
 """
 
 from __future__ import annotations
@@ -46,12 +47,15 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def stack_key(cfg: RunConfig) -> dict[str, Any]:
     """What runs must share to train in one stack: every config key but :data:`STACK_FREE_KEYS`,
-    plus the draws per data point and whether log q is detached (STL and DReG detach it)."""
+    plus the draws per data point and whether log q is detached (STL and DReG detach it), and under
+    ``train.fused`` the objective, k and estimator (a fused stack computes one for all its runs)."""
     plan, estimator = objective_plan(cfg.objective)
     key = {k: v for k, v in _flat(cfg.to_dict()).items()
            if k not in STACK_FREE_KEYS and k.split(".", 1)[0] not in STACK_FREE_SECTIONS}
     key["draws per data point"] = plan.n_samples
     key["log q detached (stl, dreg)"] = detaches_posterior(estimator)
+    if cfg.train.fused != "off":  # one fused step computes one objective, k and estimator for all its runs
+        key["fused step"] = (cfg.objective.name, cfg.objective.k, cfg.objective.estimator)
     return key
 
 
@@ -76,8 +80,6 @@ def stack_refusal(cfg: RunConfig) -> str | None:
     """Why ``cfg`` trains alone whatever it is packed with, or None."""
     if cfg.train.compile:
         return "train.compile=true (a compiled step is not stacked)"
-    if cfg.train.fused != "off":  # a stack steps through the plain stacked step, which rounds otherwise
-        return f"train.fused={cfg.train.fused} (the fused step trains a run alone; train.fused=off stacks it)"
     return _parameter_outside_linear(json.dumps(cfg.to_dict()["model"], sort_keys=True, default=str), cfg.data.name)
 
 

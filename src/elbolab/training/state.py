@@ -218,12 +218,11 @@ class RunState:
             self._fused = fused_step_for(self.model, self.optimizer, cfg)
 
     # --- the step's view of the run ----------------------------------------------------------
-    def step_run(self, alone: bool = True) -> StepRun:
-        """What a step needs of this run (step.make_step); ``alone``: it steps by itself, so it
-        may take its fused step (train.fused)."""
+    def step_run(self) -> StepRun:
+        """What a step needs of this run (step.make_step), its fused step (train.fused) included."""
         plan, estimator = objective_plan(self.cfg.objective)
         return StepRun(self.model, self.optimizer, self.objective, plan, estimator, self.generator,
-                       self.cfg.train.precision, self.device, self.fused_step() if alone else None)
+                       self.cfg.train.precision, self.device, self.fused_step())
 
     def fused_step(self) -> FusedStep | None:
         """The run's fused step under train.fused (built once; again if the model's parameters were

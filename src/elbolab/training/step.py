@@ -4,8 +4,9 @@
 (``x``: [S, B, D]) and returns, per run, its result, its summed bound and whether its
 optimizer stepped. :func:`make_step` picks the implementation for a stack of runs: the
 plain autograd step for one run (:class:`PlainStep`, :func:`take_step`), or its fused step
-(:class:`FusedRunStep`, elbolab.fused, chosen by ``train.fused``), the stacked model for
-several (:class:`StackedStep`). Another implementation plugs in there and nowhere else.
+(:class:`FusedRunStep`, elbolab.fused, chosen by ``train.fused``); for several, one fused step
+(:class:`FusedStackStep`) where every run has one of one shape, else the stacked model
+(:class:`StackedStep`). Another implementation plugs in there and nowhere else.
 
 No silent NaN: each step checks its loss and gradients in the same host transfer that reads
 the logged bound (one sync per step on a GPU). A step that is not finite is not taken; the
@@ -26,6 +27,7 @@ from torch.optim.adam import adam as adam_update
 
 from ..distributions import noise_source
 from ..fastpaths import add_float32_outputs, precision_context
+from ..fused import StackedFusedStep
 from ..models.base import LogWeightTerms
 from ..models.stacked import RunwiseTails, run_noise, stack_models
 from ..objectives import BoundPlan, ObjectiveResult, detaches_posterior, estimate_from_terms, objective_plan
@@ -124,7 +126,7 @@ class StepRun:
     generator: torch.Generator | None = None
     precision: str = "fp32"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    #: the run's fused step (elbolab.fused.FusedStep) when it trains alone under train.fused, else None
+    #: the run's fused step (elbolab.fused.FusedStep) under train.fused, else None
     fused: Any = None
 
     @classmethod
@@ -281,13 +283,41 @@ class StackedStep:
         return values[: self.runs], values[self.runs:]
 
 
+class FusedStackStep:
+    """Several runs of one shape through one fused step (elbolab.fused.StackedFusedStep): batched
+    products over the runs, each run's noise from its own generator, one Adam kernel call. Each
+    run's numbers are those of its fused step alone: where the batched kernels would not give
+    them at a batch's shape (StackedFusedStep.exact_at), the runs step one after another
+    through their own fused steps."""
+
+    def __init__(self, runs: Sequence[StepRun]) -> None:
+        self.members = list(runs)
+        self.fused = StackedFusedStep([r.fused for r in self.members], [r.generator for r in self.members])
+        self.model = self.members[0].model
+        self.alone = [FusedRunStep(r) for r in self.members]
+
+    def step(self, x: Tensor, betas: Sequence[float]) -> list[StepOutcome]:
+        if self.fused.exact_at(x):
+            return [StepOutcome(*out) for out in self.fused.step(x, list(betas))]
+        return [out for i, one in enumerate(self.alone) for out in one.step(x[i:i + 1], betas[i:i + 1])]
+
+
+def fused_stackable(runs: Sequence[StepRun]) -> bool:
+    """Whether ``runs`` can share one fused step: each has one, of one shape, and its own generator."""
+    steps = [r.fused for r in runs]
+    if any(s is None for s in steps) or any(r.generator is None for r in runs):
+        return False
+    return all(s.shape() == steps[0].shape() for s in steps)
+
+
 def make_step(runs: Sequence[StepRun]) -> Step:
     """The step for a stack of ``runs``: for one, its fused step where it has one, else the plain
-    autograd step; the stacked model for several."""
+    autograd step; for several, one fused step where every run has one of one shape, else the
+    stacked model."""
     if not runs:
         raise ValueError("a step needs at least one run")
     if len(runs) > 1:
-        return StackedStep(runs)
+        return FusedStackStep(runs) if fused_stackable(runs) else StackedStep(runs)
     return FusedRunStep(runs[0]) if runs[0].fused is not None else PlainStep(runs[0])
 
 
