@@ -66,7 +66,7 @@ class VLAEConfig:
     log_var_range: tuple[float, float] = (-6.0, 2.0)
     #: free bits: the KL floor lambda in nats per group of units (0: the plain bound)
     free_bits: float = 0.0
-    #: free bits: groups of consecutive latent units (must divide latent_dim)
+    #: free bits: groups of consecutive latent units (must divide latent_dim when free_bits > 0)
     free_bits_groups: int = 8
     #: (height, width) of the images; null: the dataset's
     image_shape: tuple[int, int] | None = None
@@ -82,7 +82,7 @@ class VLAEConfig:
         require(lo < hi, f"{key}.log_var_range", f"needs min < max, got [{lo}, {hi}]")
         require(math.isfinite(self.free_bits) and self.free_bits >= 0, f"{key}.free_bits",
                 f"must be a finite number >= 0, got {self.free_bits}")
-        require(self.latent_dim % self.free_bits_groups == 0, f"{key}.free_bits_groups",
+        require(self.free_bits == 0 or self.latent_dim % self.free_bits_groups == 0, f"{key}.free_bits_groups",
                 f"{self.free_bits_groups} groups do not divide latent_dim {self.latent_dim}")
 
 
