@@ -218,7 +218,7 @@ def test_free_bits_cancel_the_kl_gradient_of_groups_under_the_floor_only():
 
 
 def test_free_bits_refuse_what_cannot_split_the_kl_by_unit():
-    with pytest.raises(ModelCapabilityError, match="free bits"):
+    with pytest.raises(ValueError, match="model.vlae.free_bits: .*Mixture.*free bits need it"):
         tiny_vlae(latent=2, prior=MixtureOfGaussians(2, 3).double(), free_bits=0.5)
     with pytest.raises(ConfigError, match="model.vlae.free_bits_groups"):
         RunConfig().with_overrides({"model.name": "vlae", "model.vlae.latent_dim": 10, "model.vlae.free_bits": 1.0,

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..config import ModelConfig, PosteriorConfig, model_section, require
 from ..distributions import LOG_2PI, DiagonalGaussian
+from ..errors import ModelCapabilityError
 from ..flows import log_prob_fixed, make_flow, push_forward
 from ..likelihoods import make_likelihood
 from ..priors import Prior
@@ -119,7 +120,10 @@ class VLAE(LatentVariableModel):
             if self.q_flow is not None:
                 raise ValueError("model.vlae.free_bits: a flow posterior gives no log q per latent unit; "
                                  "set free_bits 0 or model.posterior.flow none")
-            prior.log_prob_dims(torch.zeros(1, latent_dim))  # refuses in one line if the prior cannot split
+            try:
+                prior.log_prob_dims(torch.zeros(1, latent_dim))
+            except ModelCapabilityError as e:
+                raise ValueError(f"model.vlae.free_bits: {e}") from None
         self.attach_prior(prior, posterior, self.q_flow)
 
     # --- q ----------------------------------------------------------------------------------
