@@ -4,9 +4,9 @@
     python benchmarks/vlae_step.py --steps 300 --device cuda
 
 Builds the row's model from its table plan (the quick budget's config: the model is the same at
-every budget), trains it ``--steps`` Adam steps of batch 100 on the embedded binarized MNIST
-(28 x 28, as the row's data) after 5 unmeasured ones, and times one IS pass of K = 100 over two
-test images. CPU: process time of one thread (waiting on a shared machine is not counted);
+every budget), trains it ``--steps`` steps of the row's optimizer (AdamNormGrad) at batch 100 on
+the embedded binarized MNIST (28 x 28, as the row's data) after 5 unmeasured ones, and times one
+IS pass of K = 100 over two test images. CPU: process time of one thread (waiting on a shared machine is not counted);
 CUDA: wall time with synchronization. Prints the per-step cost, the epoch (50,000 / 100 = 500
 steps, plus validation not counted), and the paper budget of the table (at most 2,000 epochs).
 """
@@ -21,6 +21,7 @@ import torch
 from elbolab.data import load
 from elbolab.models import build_model
 from elbolab.objectives import make_objective
+from elbolab.optimizers import make_optimizer
 from elbolab.reproduce.tables import get_table, plan_rows
 
 #: training steps in one epoch of static MNIST's 50,000 training images at batch 100
@@ -42,7 +43,7 @@ def main() -> None:
     train, test = data.as_float("train"), data.as_float("test")[:2].to(device)
     torch.manual_seed(0)
     model = build_model(cfg.model, 784, train, dataset="binarized-mnist-embedded").to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    opt = make_optimizer(model, cfg.train, device)
     objective = make_objective(cfg.objective)
     g = torch.Generator().manual_seed(0)
     batch = cfg.train.batch_size

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from elbolab.config import ConfigError, RunConfig
+from elbolab.config import ConfigError, RunConfig, preset
 from elbolab.data import load
 from elbolab.errors import ModelCapabilityError
 from elbolab.evaluation import evaluate_bounds, log_likelihood
@@ -226,6 +226,12 @@ def test_free_bits_refuse_what_cannot_split_the_kl_by_unit():
 
 
 # --- registry, config and the table row -------------------------------------------------------
+
+
+def test_the_vlae_preset_is_the_vampprior_protocol_with_vlae_and_the_af_prior():
+    cfg, paper = preset("vlae"), preset("vampprior-paper")
+    assert (cfg.model.name, cfg.model.prior.name) == ("vlae", "af")
+    assert (cfg.train, cfg.objective, cfg.data) == (paper.train, paper.objective, paper.data)
 
 
 def test_vlae_builds_from_a_config_with_the_af_prior():
