@@ -123,8 +123,8 @@ _CONV_QUICK_NOTE = ("1 epoch, no warm-up, test LL from K = 100 on 500 test image
 _VLAE_ROW_BUDGETS: dict[str, dict[str, dict[str, Any]]] = {"mnist-vlae": {"quick": _CONV_QUICK}}
 _VLAE_ROW_NOTES: dict[str, dict[str, str]] = {"mnist-vlae": {"quick": (
     "1 epoch, no warm-up, test LL from K = 100 on 500 test images chosen at random (seed 0): one epoch "
-    "(500 steps of batch 100) takes 10 min of a CPU core and K = 100 0.4 s per test image, so the paper "
-    "budget (at most 2,000 epochs) is up to 340 core-hours; GPU not measured "
+    "(500 steps of batch 100) takes 10.5 min of a CPU core and K = 100 0.4 s per test image, so the paper "
+    "budget (at most 2,000 epochs) is up to 350 core-hours; GPU not measured "
     "(python benchmarks/vlae_step.py [--device cuda])")}}
 
 #: The protocols. Epochs per budget are stated here and in docs/reproduce.md.
