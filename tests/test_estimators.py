@@ -232,8 +232,9 @@ def test_stl_bias_grows_with_k(lg):
 # T_ALPHA under Student's t with n - 1 degrees of freedom.
 
 T_ALPHA = 1e-4
-MODEL_NAMES = ("one-layer", "gated-one-layer", "two-layer", "hierarchical", "conv-hierarchical", "pixel-hierarchical")
-PRIOR_NAMES = ("standard", "mog", "vampprior", "vampprior-data")
+MODEL_NAMES = ("one-layer", "gated-one-layer", "two-layer", "hierarchical", "conv-hierarchical", "pixel-hierarchical",
+               "vlae")
+PRIOR_NAMES = ("standard", "mog", "vampprior", "vampprior-data", "af")
 
 
 def _paired_differences(model, x, n_rep, steps, fn=iwae_objective, seed=0, **kw):
@@ -278,9 +279,12 @@ def _small_model(name: str, prior: str):
                 decoder_layers=2, image_shape=[4, 4])
     cfg = RunConfig().with_overrides({
         "model.name": name, "model.latent_dim": 3, "model.hidden": [8], "model.prior.name": prior,
-        "model.prior.components": 3, "model.two_layer": dict(latent_dims=[3, 2], hidden1=[8], hidden2=[6]),
+        "model.prior.components": 3, "model.prior.flow_width": 12,
+        "model.two_layer": dict(latent_dims=[3, 2], hidden1=[8], hidden2=[6]),
         "model.hierarchical": dict(latent_dims=[3, 2], width=8), "model.conv_hierarchical": conv,
-        "model.pixel_hierarchical": dict(conv, batch_norm=False)}).model
+        "model.pixel_hierarchical": dict(conv, batch_norm=False),
+        "model.vlae": dict(latent_dim=2, encoder_channels=[2, 3], encoder_out_channels=2, decoder_channels=4,
+                           decoder_layers=2, image_shape=[4, 4])}).model
     data = (torch.rand(32, 16, generator=torch.Generator().manual_seed(1)) < 0.3).to(torch.float64)
     torch.manual_seed(0)
     return build_model(cfg, 16, data).to(torch.float64), data[:4]
@@ -300,7 +304,7 @@ GRID_REPS, GRID_STEPS = 100, 40
 
 #: the convolutional models' cases take tens of seconds each: the full grid is in the slow tier,
 #: the fast tier checks each of them with the VampPrior (a prior that reuses the encoder) at 1/10 the draws
-CONV_MODELS = ("conv-hierarchical", "pixel-hierarchical")
+CONV_MODELS = ("conv-hierarchical", "pixel-hierarchical", "vlae")
 FAST_REPS, FAST_STEPS = 20, 20
 
 

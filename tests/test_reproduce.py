@@ -125,7 +125,7 @@ def test_vampprior_rows_use_the_papers_preset() -> None:
     # VampPrior data: the authors' --use_training_data_init, pseudo-inputs started at training images, learned
     data = plans["mnist-hierarchical-vampprior-data"].model.prior
     assert (data.name, data.pseudo_inputs_init) == ("vampprior", "data")
-    assert {r.id for r in spec.rows if r.stand_in} == {"mnist-1layer-planar-flow", "mnist-1layer-iaf"}
+    assert {r.id for r in spec.rows if r.stand_in} == {"mnist-1layer-planar-flow", "mnist-1layer-iaf", "mnist-vlae"}
     quick = {p.row.id: p.config for p in plan_rows(spec, "quick")}["mnist-hierarchical-vampprior"]
     assert (quick.train.epochs, quick.objective.warmup_epochs) == (10, 5)
 
@@ -366,12 +366,13 @@ def test_a_device_this_machine_lacks_fails_once_before_any_row(tmp_path, capsys)
 
 def test_every_mlp_row_evaluates_with_k_5000_at_every_budget() -> None:
     """The papers' K = 5000 (K = 1000 reads the k = 1 MNIST NLL about 0.4 nats higher); only the
-    convolutional rows keep their own stated K and test subset at the quick budget."""
+    convolutional rows and VLAE keep their own stated K and test subset at the quick budget."""
     for name in ("iwae-table", "vampprior-table"):
         spec = get_table(name)
         for budget in ("quick", "medium", "paper"):
             for p in plan_rows(spec, budget):
-                conv = p.row.id in ("mnist-convhvae-vampprior", "mnist-pixelhvae-vampprior") and budget == "quick"
+                conv = p.row.id in ("mnist-convhvae-vampprior", "mnist-pixelhvae-vampprior",
+                                    "mnist-vlae") and budget == "quick"
                 assert (p.config.eval.k_importance, p.config.eval.test_images) == \
                     ((100, 500) if conv else (5000, 0)), (name, budget, p.row.id)
             assert "K = 5000" in spec.protocol.budget_notes[budget]

@@ -185,7 +185,7 @@ class IAFStep(nn.Module):
     degree 0 read it alone, which carries it to every output, the first variable's included.
     """
 
-    def __init__(self, latent_dim: int, width: int, reverse: bool) -> None:
+    def __init__(self, latent_dim: int, width: int, reverse: bool, context: bool = True) -> None:
         super().__init__()
         d = latent_dim
         order = torch.arange(d - 1, -1, -1) if reverse else torch.arange(d)
@@ -193,17 +193,25 @@ class IAFStep(nn.Module):
         degree_in[order] = torch.arange(1, d + 1)
         degree_h = torch.arange(width) % d
         self.reverse = reverse
+        #: the variables in the order this step's MADE reads them
+        self.register_buffer("order", order, persistent=False)
         self.inp = MaskedLinear(d, width, degree_h[:, None] >= degree_in[None, :])
-        self.ctx = nn.Linear(width, width)
+        # without a context (the autoregressive-flow prior), degree-0 units read the biases alone
+        self.ctx = nn.Linear(width, width) if context else None
         self.hidden = MaskedLinear(width, width, degree_h[:, None] >= degree_h[None, :])
         out_mask = degree_in[:, None] > degree_h[None, :]
         self.out = MaskedLinear(width, 2 * d, torch.cat([out_mask, out_mask]))
         with torch.no_grad():
             self.out.bias[d:].fill_(IAF_GATE_BIAS)
 
+    def made(self, z: Tensor, c: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(m, s)``, ``[..., D]`` each: output i reads z_j only for j before i in this step's order."""
+        a = self.inp(z) if self.ctx is None else self.inp(z) + self.ctx(c)
+        m, s = self.out(F.elu(self.hidden(F.elu(a)))).chunk(2, dim=-1)
+        return m, s
+
     def forward(self, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        a = F.elu(self.inp(z) + self.ctx(c))
-        m, s = self.out(F.elu(self.hidden(a))).chunk(2, dim=-1)
+        m, s = self.made(z, c)
         sigma = torch.sigmoid(s)
         return sigma * z + (1.0 - sigma) * m, F.logsigmoid(s).sum(-1)
 

@@ -6,7 +6,8 @@ Priors that depend on the model's own encoder (VampPrior) receive it through
 stochastic layers the prior is the distribution of the top layer (the one nothing
 else generates); see ``LatentVariableModel.prior_layer``.
 
-Names (``model.prior.name``): ``standard``, ``mog``, ``vampprior``, ``vampprior-data``.
+Names (``model.prior.name``): ``standard``, ``mog``, ``vampprior``, ``vampprior-data``, ``af``
+(an autoregressive-flow prior, Chen et al. 2016's VLAE).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.registry import PSEUDO_INPUTS_DEFAULT
-from .distributions import DiagonalGaussian, log_normal_diag_mixture, log_standard_normal
+from .distributions import LOG_2PI, DiagonalGaussian, log_normal_diag_mixture, log_standard_normal
+from .errors import ModelCapabilityError
+from .flows import IAFStep
 from .registry import Registry
 
 
@@ -39,6 +42,12 @@ class Prior(nn.Module, ABC):
     def attach(self, model: nn.Module) -> None:
         """Hook for priors that use the model (e.g. its encoder); default: nothing."""
 
+    def log_prob_dims(self, z: Tensor) -> Tensor:
+        """``[..., D]`` terms, one per latent unit, that sum to :meth:`log_prob` (free bits split
+        the KL over groups of units with them); priors that do not factor that way refuse."""
+        raise ModelCapabilityError(f"the {type(self).__name__} prior does not split log p(z) over latent units "
+                                   "(free bits need it): use model.prior.name standard or af")
+
     @property
     def has_analytic_kl(self) -> bool:
         """True when KL(N(m, s) || p) has a closed form used by diagnostics."""
@@ -54,6 +63,9 @@ class StandardNormal(Prior):
 
     def log_prob(self, z: Tensor) -> Tensor:
         return log_standard_normal(z)
+
+    def log_prob_dims(self, z: Tensor) -> Tensor:
+        return -0.5 * (LOG_2PI + z * z)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         a = self._anchor
@@ -227,6 +239,60 @@ class VampPriorData(VampPriorBase):
         return self.images
 
 
+class AutoregressiveFlowPrior(Prior):
+    """p(z) through an autoregressive flow whose networks read z itself (Chen et al. 2016's AF prior).
+
+        eps = g_T(...g_1(z)),   eps ~ N(0, I),   log p(z) = log N(eps) + sum_t log |det dg_t/dy|
+
+    Each step is the inverse of an IAF step (:class:`~elbolab.flows.IAFStep`, no context):
+    [m, s] = MADE(y), sigma = sigmoid(s), g(y) = (y - (1 - sigma) m) / sigma, so output i
+    reads y_j only for j before i in the step's order and dg/dy is triangular with diagonal
+    1 / sigma: the density is ONE pass per step. Sampling inverts each step unit by unit,
+    y_i = sigma_i eps_i + (1 - sigma_i) m_i with the MADE rerun on the units already drawn:
+    D passes per step. Steps alternate between the natural and the reversed order.
+    """
+
+    def __init__(self, latent_dim: int, steps: int, width: int) -> None:
+        super().__init__(latent_dim)
+        self.layers = nn.ModuleList(IAFStep(latent_dim, width, reverse=t % 2 == 1, context=False)
+                                    for t in range(steps))
+
+    def to_noise(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(eps, log |d eps / dz|)`` per unit: ``[..., D]`` and ``[..., D]`` (summed over steps)."""
+        log_det = torch.zeros_like(z)
+        for step in self.layers:
+            m, s = step.made(z)
+            z = (z - (1.0 - torch.sigmoid(s)) * m) * torch.exp(-F.logsigmoid(s))
+            log_det = log_det - F.logsigmoid(s)
+        return z, log_det
+
+    def log_prob_dims(self, z: Tensor) -> Tensor:
+        eps, log_det = self.to_noise(z)
+        return -0.5 * (LOG_2PI + eps * eps) + log_det
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return self.log_prob_dims(z).sum(-1)
+
+    def from_noise(self, eps: Tensor) -> Tensor:
+        """The flow's inverse, ``[..., D]`` -> ``[..., D]``: D MADE passes per step."""
+        y = eps
+        for step in reversed(self.layers):
+            out = torch.zeros_like(y)
+            for i in step.order.tolist():
+                m, s = step.made(out)
+                sigma = torch.sigmoid(s[..., i])
+                out = out.clone()
+                out[..., i] = sigma * y[..., i] + (1.0 - sigma) * m[..., i]
+            y = out
+        return y
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        w = self.layers[0].out.weight if len(self.layers) else torch.zeros(())
+        eps = torch.randn(n, self.latent_dim, generator=generator, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            return self.from_noise(eps)
+
+
 def random_images(train_data: Tensor | None, count: int, seed: int, key: str) -> Tensor | None:
     """``count`` distinct training images chosen with ``seed`` (None without data)."""
     if train_data is None:
@@ -260,6 +326,10 @@ def _vampprior_data(cfg, latent_dim: int, data_dim: int, train_data: Tensor | No
     return VampPriorData(latent_dim, data_dim, cfg.components, images)
 
 
+def _af(cfg, latent_dim: int, data_dim: int, train_data: Tensor | None) -> Prior:
+    return AutoregressiveFlowPrior(latent_dim, cfg.flow_steps, cfg.flow_width)
+
+
 #: ``model.prior.name`` -> builder(prior config, latent dim of the prior's layer, data dim,
 #: float train data [N, D] or None)
 PRIORS: Registry[Callable[..., Prior]] = Registry("prior", {
@@ -267,6 +337,7 @@ PRIORS: Registry[Callable[..., Prior]] = Registry("prior", {
     "mog": _mog,
     "vampprior": _vampprior,
     "vampprior-data": _vampprior_data,
+    "af": _af,
 })
 
 

@@ -60,6 +60,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: VLAE (Chen et al. 2016; docs/priors.md): the vampprior-paper protocol with model vlae and its
+#: autoregressive-flow prior, small evaluation chunks (a PixelCNN per importance sample)
+PRESETS["vlae"] = {**PRESETS["vampprior-paper"], "model.name": "vlae", "model.prior.name": "af",
+                   "eval.chunk_size": 20, "eval.gpu_chunk_size": 50}
+
 
 
 def preset(name: str) -> RunConfig:

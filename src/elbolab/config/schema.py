@@ -84,7 +84,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PriorConfig:
-    #: standard | mog | vampprior | vampprior-data (elbolab.priors.PRIORS)
+    #: standard | mog | vampprior | vampprior-data | af (elbolab.priors.PRIORS)
     name: str = "standard"
     #: mixture components or pseudo-inputs
     components: int = 500
@@ -101,10 +101,16 @@ class PriorConfig:
     pseudo_inputs_std: float | None = None
     #: seed choosing the training images of vampprior-data and of the "data" init
     data_seed: int = 0
+    #: af: autoregressive steps of the flow prior (alternating variable order)
+    flow_steps: int = 2
+    #: af: hidden units of each step's MADE (two hidden layers)
+    flow_width: int = 640
 
     def validate(self, key: str) -> None:
         in_range(self.components, 1, MAX_WIDTH, f"{key}.components")
         in_range(self.data_seed, 0, MAX_SEED, f"{key}.data_seed")
+        in_range(self.flow_steps, 0, 64, f"{key}.flow_steps")
+        in_range(self.flow_width, 1, MAX_WIDTH, f"{key}.flow_width")
         check_name("prior", self.name, f"{key}.name")
         require(
             self.pseudo_inputs_init in ("normal", "data"),

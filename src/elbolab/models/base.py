@@ -50,6 +50,9 @@ class LogWeightTerms:
     log_prior: dict[str, Tensor]
     log_posterior: dict[str, Tensor]
     z: dict[str, Tensor] = field(default_factory=dict)
+    #: ``[K, B]`` of value 0 whose gradient cancels the KL gradient of latent groups under their
+    #: free-bits floor (models/vlae.py), scaled like the KL by ``kl_weight``; None: none
+    free_bits: Tensor | None = None
 
     def kl(self) -> Tensor:
         """Single-sample KL estimate log q(z|x) - log p(z), summed over layers: ``[K, B]``."""
@@ -59,8 +62,10 @@ class LogWeightTerms:
         """``log p(x|z) - kl_weight * (log q - log p(z))``; kl_weight < 1 is KL warm-up
         (a 0-dim tensor under torch.compile, where a branch on its value would break the graph)."""
         if isinstance(kl_weight, float | int) and kl_weight == 1.0:
-            return self.log_likelihood + sum(self.log_prior.values()) - sum(self.log_posterior.values())
-        return self.log_likelihood - kl_weight * self.kl()
+            log_w = self.log_likelihood + sum(self.log_prior.values()) - sum(self.log_posterior.values())
+            return log_w if self.free_bits is None else log_w + self.free_bits
+        log_w = self.log_likelihood - kl_weight * self.kl()
+        return log_w if self.free_bits is None else log_w + kl_weight * self.free_bits
 
 
 def model_input(x: Tensor, data_dim: int | None = None, model: nn.Module | None = None) -> Tensor:

@@ -55,7 +55,11 @@ class PixelHierarchicalConfig(ConvHierarchicalConfig):
 
 
 class PixelCNNDecoder(nn.Module):
-    """p(x | z1, z2) as a PixelCNN conditioned on two latent maps; parameters ``[..., P * D]``."""
+    """p(x | z1, z2) as a PixelCNN conditioned on one latent map per latent; parameters ``[..., P * D]``.
+
+    ``z_dims`` holds one size (one latent z1, z2 None: VLAE's decoder) or two. The output at
+    pixel (i, j) reads rows i - L .. i and columns j - L .. j + L only (L = ``reach``, one
+    pixel per 3x3 masked layer), and of those only the pixels before (i, j) in raster order."""
 
     def __init__(self, image_shape: tuple[int, int], z_dims: Sequence[int], channels: int, layers: int, params: int,
                  batch_norm: bool, out_bias: bool) -> None:
@@ -63,10 +67,10 @@ class PixelCNNDecoder(nn.Module):
         self.image_shape = tuple(image_shape)
         d = self.image_shape[0] * self.image_shape[1]
         self.z1 = GatedDense(z_dims[0], d)
-        self.z2 = GatedDense(z_dims[1], d)
+        self.z2 = GatedDense(z_dims[1], d) if len(z_dims) > 1 else None
         blocks: list[nn.Module] = []
         for i in range(layers):
-            blocks.append(MaskedConv2d("A" if i == 0 else "B", 3 if i == 0 else channels, channels, 3, 1,
+            blocks.append(MaskedConv2d("A" if i == 0 else "B", 1 + len(z_dims) if i == 0 else channels, channels, 3, 1,
                                        bias=not batch_norm))
             if batch_norm:
                 blocks.append(nn.BatchNorm2d(channels))
@@ -77,16 +81,16 @@ class PixelCNNDecoder(nn.Module):
         #: how far (in pixels) the output at one pixel reaches back: one per 3x3 masked layer
         self.reach = layers
 
-    def latent_maps(self, z1: Tensor, z2: Tensor) -> Tensor:
-        """``[..., D1]``, ``[..., D2]`` -> ``[N, 2, H, W]`` (N: the leading dims flattened)."""
-        maps = torch.stack([self.z1(z1), self.z2(z2)], dim=-2)  # [..., 2, D]
-        return maps.reshape(-1, 2, *self.image_shape)
+    def latent_maps(self, z1: Tensor, z2: Tensor | None = None) -> Tensor:
+        """``[..., D1]`` (and ``[..., D2]``) -> ``[N, M, H, W]``, one map per latent (N: the leading dims)."""
+        maps = [self.z1(z1)] if self.z2 is None else [self.z1(z1), self.z2(z2)]
+        return torch.stack(maps, dim=-2).reshape(-1, len(maps), *self.image_shape)
 
     def param_maps(self, x: Tensor, maps: Tensor) -> Tensor:
-        """``x`` ``[N, 1, h, w]``, ``maps`` ``[N, 2, h, w]`` -> ``[N, P, h, w]`` (any window h x w)."""
+        """``x`` ``[N, 1, h, w]``, ``maps`` ``[N, M, h, w]`` -> ``[N, P, h, w]`` (any window h x w)."""
         return self.out(self.net(torch.cat([x, maps], dim=1)))
 
-    def forward(self, x: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+    def forward(self, x: Tensor, z1: Tensor, z2: Tensor | None = None) -> Tensor:
         """``x`` ``[B, D]`` (broadcast over the sample axis), ``z`` ``[..., B, D_l]`` -> ``[..., B, P * D]``."""
         lead = z1.shape[:-1]
         maps = self.latent_maps(z1, z2)
@@ -94,7 +98,7 @@ class PixelCNNDecoder(nn.Module):
         return self.param_maps(images, maps).reshape(*lead, -1)
 
     @torch.no_grad()
-    def sample(self, z1: Tensor, z2: Tensor, likelihood: Likelihood, generator: torch.Generator | None = None
+    def sample(self, z1: Tensor, z2: Tensor | None, likelihood: Likelihood, generator: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor]:
         """Autoregressive draws x ~ p(x | z1, z2) for ``z`` ``[n, D_l]``: (x ``[n, D]``, the
         parameters of every pixel's conditional given the pixels drawn before it ``[n, P * D]``).
@@ -108,7 +112,7 @@ class PixelCNNDecoder(nn.Module):
         finally:
             self.train(was_training)
 
-    def _sample(self, z1: Tensor, z2: Tensor, likelihood: Likelihood, generator: torch.Generator | None
+    def _sample(self, z1: Tensor, z2: Tensor | None, likelihood: Likelihood, generator: torch.Generator | None
                 ) -> tuple[Tensor, Tensor]:
         h, w = self.image_shape
         maps = self.latent_maps(z1, z2)
