@@ -161,6 +161,8 @@ class AVBModel(LatentVariableModel):
         self.latent_dims = [latent_dim]
         self.eps_dim, self.eps_nbasis, self.moment_draws = eps_dim, eps_nbasis, moment_draws
         self.adversary_lr_ratio = adversary_lr_ratio
+        #: the AIS that estimates its log-likelihood (diagnostics.ais.implicit_log_likelihood)
+        self.ais_settings = {"steps": ais_steps, "chains": ais_chains, "leapfrog": ais_leapfrog}
         self.encoder, width = mlp(data_dim, hidden, activation)
         self.encoder_z0 = nn.Linear(width, latent_dim)
         nn.init.normal_(self.encoder_z0.weight, std=1e-5)  # the authors' z0 starts near 0
