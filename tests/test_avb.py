@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from trainhelp import fit
 
 from elbolab.cli import main
 from elbolab.config import ConfigError, RunConfig
-from elbolab.data import ImageDataset, load
+from elbolab.data import DATASETS, DatasetSpec, ImageDataset, load
 from elbolab.diagnostics.ais import implicit_log_likelihood
 from elbolab.diagnostics.surgery import SurgeryError, elbo_surgery
 from elbolab.distributions import log_normal_diag, log_standard_normal
@@ -18,6 +19,7 @@ from elbolab.errors import ModelCapabilityError
 from elbolab.evaluation import log_likelihood
 from elbolab.models import build_model
 from elbolab.models.avb import VAR_FLOOR, Adversary, AVBModel
+from elbolab.reproduce import reproduce
 from elbolab.training import RunState
 from elbolab.training.step import AdversarialStep, make_step
 
@@ -225,3 +227,25 @@ def test_short_training_on_the_embedded_data_beats_independent_pixels(tmp_path):
 def test_avb_config_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="eps_nbasis"):
         RunConfig().with_overrides({"model.avb.eps_nbasis": 0})
+
+
+def test_the_avb_row_trains_and_is_scored_by_ais_through_reproduce(tmp_path, monkeypatch):
+    """Row mnist-avb-ac on 200 embedded images, tiny sizes: it trains through the one loop, is
+    scored by AIS with the budget's settings, and its table note states them."""
+    full = load("binarized-mnist-embedded")
+    small = ImageDataset(name="tiny-embedded", image_shape=full.image_shape, binary=True, source="test subset",
+                         splits={"train": full.splits["train"][:200], "valid": full.splits["valid"][:50],
+                                 "test": full.splits["test"][:100]})
+    monkeypatch.setitem(DATASETS, "tiny-embedded", DatasetSpec("tiny-embedded", "test", lambda _d: small,
+                                                               embedded=True))
+    over = {**{k: v for k, v in TINY.items() if k.startswith("model.")}, "data.name": "tiny-embedded",
+            "train.epochs": 1, "eval.test_images": 10, "model.avb.ais_steps": 10, "model.avb.ais_chains": 2,
+            "train.threads": 1}
+    rep = reproduce("vampprior-table", budget="quick", only=["mnist-avb-ac"], results=tmp_path, overrides=over)
+    assert rep.trained == ["mnist-avb-ac"] and not rep.failed
+    out = tmp_path / "vampprior-table" / "quick" / "rows"
+    row = json.loads(next(out.iterdir()).joinpath("result.json").read_text())["metrics"]
+    assert row["ais_steps"] == 10 and row["ais_chains"] == 2 and row["ais_leapfrog"] == 5 and row["n_test"] == 10
+    assert -400 < row["log_likelihood"] < 0
+    md = rep.outputs["markdown"].read_text()
+    assert "Row mnist-avb-ac: 3 epochs; test LL by AIS" in md
