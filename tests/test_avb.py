@@ -249,3 +249,22 @@ def test_the_avb_row_trains_and_is_scored_by_ais_through_reproduce(tmp_path, mon
     assert -400 < row["log_likelihood"] < 0
     md = rep.outputs["markdown"].read_text()
     assert "Row mnist-avb-ac: 3 epochs; test LL by AIS" in md
+
+
+def test_python_api_trains_avb_with_both_optimizers(tmp_path):
+    """elbolab.train with model.name=avb, and train_model on an AVB model: the adversary moves
+    only by its own loss (the VAE's optimizer does not hold it), and the bound rises."""
+    import elbolab
+
+    x = small_data(200).splits["train"]
+    run = elbolab.train(x, tmp_path / "run", **{**TINY, "train.epochs": 2, "train.batch_size": 50,
+                                                "train.threads": 1, "model.avb.ais_steps": 5,
+                                                "model.avb.ais_chains": 2, "eval.test_images": 5})
+    assert isinstance(run.model, AVBModel)
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.adversary_parameters()]
+    bounds = elbolab.train_model(model, x.float(), epochs=3, batch_size=50, objective="vae", k=1, progress=False)
+    assert bounds[-1] > bounds[0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.adversary_parameters(), strict=True))
+    with pytest.raises(ConfigError, match="adversary"):
+        elbolab.train_model(model, x.float(), epochs=1, objective="iwae", k=5, progress=False)

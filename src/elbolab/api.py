@@ -131,8 +131,14 @@ def train_model(model: Any, data: Any, *, epochs: int = 10, batch_size: int = 10
     else:
         x_all = (data if isinstance(data, ImageDataset) else as_dataset(data)).as_float("train")
     x_all = x_all.to(device)
-    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
-    step = make_step([StepRun.plain(model, opt, objective_fn, cfg)])  # the loop's step, for one run
+    run = StepRun.plain(model, optimizer or torch.optim.Adam(model.parameters(), lr=lr), objective_fn, cfg)
+    if hasattr(model, "adversary_parameters"):  # trained against an adversary (models.avb): two optimizers
+        if (objective, k, estimator) != ("vae", 1, "standard"):
+            raise ConfigError("train_model: a model trained with an adversary takes objective='vae', k=1, "
+                              "estimator='standard' (its q(z|x) has no density)")
+        run.optimizer = optimizer or torch.optim.Adam(model.vae_parameters(), lr=lr)
+        run.adversary_optimizer = torch.optim.Adam(model.adversary_parameters(), lr=lr * model.adversary_lr_ratio)
+    step = make_step([run])  # the loop's step, for one run
     shuffle = torch.Generator().manual_seed(seed)
     bounds: list[float] = []
     model.train()
