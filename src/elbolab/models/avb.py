@@ -267,7 +267,8 @@ class AVBModel(LatentVariableModel):
     def log_weights(self, x: Tensor, k: int) -> Tensor:
         raise ModelCapabilityError(
             "model avb: its implicit q(z|x) has no density, so there are no importance weights (no IS "
-            "bound or IS log-likelihood); its log-likelihood is estimated by AIS from r(z|x) (elbolab evaluate, reproduce)")
+            "bound or IS log-likelihood); its log-likelihood is estimated by AIS from r(z|x) "
+            "(elbolab evaluate, reproduce)")
 
     def estimated_elbo(self, x: Tensor) -> Tensor:
         """``[B]`` the ELBO with the KL estimated by the adversary (one draw per image)."""
