@@ -131,12 +131,12 @@ _AVB_BUDGETS: dict[str, dict[str, Any]] = {
 }
 _AVB_NOTES = {
     "quick": "3 epochs; test LL by AIS, T = 100 intermediate distributions, 4 chains, 5 leapfrog steps, "
-             "200 test images (seed 0). Cost on this 2-core CPU, one thread, shared: 215 ms per paired step "
-             "(113 ms of CPU time), 3.4 min per epoch of 60,000, ~10 min for 3 epochs; AIS 0.22 s per "
-             "test image (benchmarks/avb_step.py)",
+             "200 test images (seed 0). Cost, one thread of this shared 2-core CPU: 78 ms of CPU time per "
+             "paired step (123 ms wall), 1.2-1.9 min per epoch of 60,000, 4-6 min for 3 epochs; AIS 0.22 s "
+             "per test image (benchmarks/avb_step.py)",
     "medium": "100 epochs; AIS T = 500, 5 chains, 10 leapfrog, 2,048 test images",
     "paper": "2,667 epochs (the authors' 2,500,000 steps of 64); AIS T = 1,000, 5 chains, 10 leapfrog, "
-             "2,048 test images (the paper's protocol as we read it). At 215 ms per step: 150 CPU-hours; on a "
+             "2,048 test images (the paper's protocol as we read it). At 78 ms per step: 54 CPU-hours; on a "
              "GPU not measured (estimate: these MLPs are launch-bound, a few ms per step, 2-4 GPU-hours; "
              "measure with benchmarks/avb_step.py --device cuda); AIS about 5 s per image on a CPU core",
 }

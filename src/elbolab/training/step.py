@@ -221,9 +221,14 @@ class AdversarialStep:
             return StepOutcome(res, float(res.bound.detach().sum()), False)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        # the VAE's loss reaches the adversary's weights too; only the VAE's optimizer steps on it
-        res, bound_sum, taken = take_step(r.model, r.optimizer, r.objective, x, beta)
-        opt.zero_grad(set_to_none=True)
+        # the VAE's loss flows through T into z; the adversary's weights take no gradient from it
+        for p in adversary:
+            p.requires_grad_(False)
+        try:
+            res, bound_sum, taken = take_step(r.model, r.optimizer, r.objective, x, beta)
+        finally:
+            for p in adversary:
+                p.requires_grad_(True)
         return StepOutcome(res, bound_sum, taken)
 
 
