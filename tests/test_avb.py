@@ -258,6 +258,11 @@ def test_python_api_trains_avb_with_both_optimizers(tmp_path):
                                                 "train.threads": 1, "model.avb.ais_steps": 5,
                                                 "model.avb.ais_chains": 2, "eval.test_images": 5})
     assert isinstance(run.model, AVBModel)
+    report = elbolab.evaluate(run, x[:5])
+    assert report["log_likelihood"]["label"].startswith("AIS T=5, 2 chains")
+    assert report["log_likelihood"]["mean"] < 0 and report["elbo_estimated_by"]
+    with pytest.raises(ModelCapabilityError, match="no density"):
+        elbolab.diagnose(run, x[:5], out=tmp_path / "diag")
     model = tiny_model()
     before = [p.detach().clone() for p in model.adversary_parameters()]
     bounds = elbolab.train_model(model, x.float(), epochs=3, batch_size=50, objective="vae", k=1, progress=False)
