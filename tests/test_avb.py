@@ -85,6 +85,19 @@ def test_adaptive_contrast_moments_equal_monte_carlo_moments_of_the_encoder():
     assert float(mc_var.min()) > 0.01
 
 
+def test_the_kept_contrast_moments_follow_the_noise_networks_weights():
+    model = tiny_model()
+    x = torch.rand(4, 784)
+    first = model.posterior(x)
+    with torch.no_grad():
+        model.encoder_noise.weights[0].add_(0.5)  # as an optimizer step changes them: in place
+    kept = model.posterior(x)
+    model._moments = None
+    fresh = model.posterior(x)
+    assert not torch.equal(first.log_var, kept.log_var)
+    assert torch.equal(kept.mean, fresh.mean) and torch.equal(kept.log_var, fresh.log_var)
+
+
 def test_ais_from_the_contrast_gaussian_matches_importance_sampling():
     """A stand-in AVB model with two latents and 16 pixels, whose r(z|x) is a tractable density:
     its log p(x) by AIS (200 intermediate distributions, 64 chains, 2 leapfrog, started from r)

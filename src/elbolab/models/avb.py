@@ -167,6 +167,8 @@ class AVBModel(LatentVariableModel):
         self.encoder_z0 = nn.Linear(width, latent_dim)
         nn.init.normal_(self.encoder_z0.weight, std=1e-5)  # the authors' z0 starts near 0
         self.encoder_a = nn.Linear(width, eps_nbasis * latent_dim)
+        #: (weights' key, E[v_i], Var[v_i]) last computed by noise_moments
+        self._moments: tuple[tuple, Tensor, Tensor] | None = None
         self.encoder_noise = GroupedMLP(eps_nbasis, [eps_dim, *noise_hidden, latent_dim])
         self.decoder, dec_width = mlp(latent_dim, list(reversed(hidden)), activation)
         self.likelihood = make_likelihood(likelihood, data_dim, dec_width)
@@ -198,10 +200,19 @@ class AVBModel(LatentVariableModel):
 
     def noise_moments(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """E[v_i] and Var[v_i] ``[G, D]`` from ``moment_draws`` noise draws of a fixed stream (the
-        same r(z|x) at every call, and the caller's random streams untouched)."""
+        same r(z|x) at every call, and the caller's random streams untouched), detached (the
+        contrast's moments are not differentiated). Kept until the noise networks' weights change
+        (their in-place version counters), as every batch of an evaluation asks for them."""
+        params = list(self.encoder_noise.parameters())
+        key = (like.device, like.dtype, *(id(p) for p in params), *(p._version for p in params))
+        if self._moments is not None and self._moments[0] == key:
+            return self._moments[1], self._moments[2]
         g = torch.Generator(device=like.device).manual_seed(0)
-        v = self.noise(self.moment_draws, like, g)
-        return v.mean(1), v.var(1, unbiased=False)
+        with torch.no_grad():
+            v = self.noise(self.moment_draws, like, g)
+            mean, var = v.mean(1), v.var(1, unbiased=False)
+        self._moments = (key, mean, var)
+        return mean, var
 
     def sample_posterior(self, x: Tensor, k: int, *, stop_posterior_grad: bool = False,
                          generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
