@@ -168,6 +168,12 @@ def test_the_loop_takes_the_paired_step_and_resume_is_bit_exact(tmp_path, monkey
     whole = RunState(cfg, tmp_path / "whole", small_data())
     assert isinstance(make_step([whole.step_run()]), AdversarialStep)
     fit(whole)
+    # validation scores with its own seed: the training stream goes on as if it had not run
+    quiet = RunState(RunConfig().with_overrides({**RUN, "train.epochs": 2, "train.checkpoint_steps": 3,
+                                                 "train.eval_every": 0}), tmp_path / "quiet", small_data())
+    fit(quiet)
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(),
+                                                 quiet.model.state_dict().values(), strict=True))
 
     calls = {"n": 0}
     plain = AdversarialStep._step

@@ -27,7 +27,7 @@ from .. import rng
 from ..config import ConfigError, RunConfig
 from ..data import DATASETS, Batcher, ImageDataset, evaluation_images, load
 from ..devices import resolve_device
-from ..evaluation import evaluate_bounds
+from ..evaluation import evaluate_bounds, seeded
 from ..fastpaths import compile_objective, with_precision
 from ..files import OutputError, append_line
 from ..fused import FusedStep, fused_step_for
@@ -401,7 +401,7 @@ class RunState:
         self.model.eval()
         k = self.cfg.objective.k
         if hasattr(self.model, "estimated_elbo"):  # no importance weights: the adversary's ELBO estimate
-            with torch.no_grad():
+            with torch.no_grad(), seeded(self.cfg.eval.seed, self.device):  # the training stream untouched
                 elbo = float(torch.cat([self.model.estimated_elbo(v) for v in self.valid.split(500)]).mean())
             return {"valid_elbo": elbo, f"valid_iwae_{k}": elbo}
         b = evaluate_bounds(self.model, self.valid, k=k, batch_size=500, seed=self.cfg.eval.seed)
