@@ -21,6 +21,7 @@ from elbolab.models import build_model
 from elbolab.models.avb import VAR_FLOOR, Adversary, AVBModel
 from elbolab.reproduce import reproduce
 from elbolab.training import RunState
+from elbolab.training.packing import pack
 from elbolab.training.step import AdversarialStep, make_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -289,3 +290,12 @@ def test_python_api_trains_avb_with_both_optimizers(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.adversary_parameters(), strict=True))
     with pytest.raises(ConfigError, match="adversary"):
         elbolab.train_model(model, x.float(), epochs=1, objective="iwae", k=5, progress=False)
+
+
+def test_avb_runs_of_a_sweep_train_alone(tmp_path):
+    """A stack steps one optimizer per run: AVB's two are stepped by its own step, run by run."""
+    cfg = RunConfig().with_overrides({**RUN, "train.epochs": 1})
+    assert pack([cfg, cfg]) == [[0], [1]]
+    runs = [RunState(cfg, tmp_path / str(i), small_data(100)).step_run(alone=False) for i in range(2)]
+    with pytest.raises(ValueError, match="alone"):
+        make_step(runs)
