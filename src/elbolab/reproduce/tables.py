@@ -131,9 +131,9 @@ _AVB_BUDGETS: dict[str, dict[str, Any]] = {
 }
 _AVB_NOTES = {
     "quick": "3 epochs; test LL by AIS, T = 100 intermediate distributions, 4 chains, 5 leapfrog steps, "
-             "200 test images (seed 0). Cost, one thread of this shared 2-core CPU: 78 ms of CPU time per "
-             "paired step (123 ms wall), 1.2-1.9 min per epoch of 60,000, 4-6 min for 3 epochs; AIS 0.22 s "
-             "per test image (benchmarks/avb_step.py)",
+             "200 test images (seed 0). Cost, one thread: 78 ms of CPU time per paired step, 1.2 CPU-min per "
+             "epoch of 60,000 (benchmarks/avb_step.py); wall time on this shared 2-core CPU under load: "
+             "7.7 min per epoch and 1.3 s per AIS test image (one epoch and 50 images, measured)",
     "medium": "100 epochs; AIS T = 500, 5 chains, 10 leapfrog, 2,048 test images",
     "paper": "2,667 epochs (the authors' 2,500,000 steps of 64); AIS T = 1,000, 5 chains, 10 leapfrog, "
              "2,048 test images (the paper's protocol as we read it). At 78 ms per step: 54 CPU-hours; on a "
