@@ -125,7 +125,14 @@ def test_vampprior_rows_use_the_papers_preset() -> None:
     # VampPrior data: the authors' --use_training_data_init, pseudo-inputs started at training images, learned
     data = plans["mnist-hierarchical-vampprior-data"].model.prior
     assert (data.name, data.pseudo_inputs_init) == ("vampprior", "data")
-    assert {r.id for r in spec.rows if r.stand_in} == {"mnist-1layer-planar-flow", "mnist-1layer-iaf", "mnist-vlae"}
+    assert {r.id for r in spec.rows if r.stand_in} == {"mnist-1layer-planar-flow", "mnist-1layer-iaf", "mnist-vlae",
+                                                       "mnist-avb-ac"}
+    # AVB + AC: the authors' optimizer and steps (2,500,000 of 64 images), dynamic binarization, AIS
+    avb = plans["mnist-avb-ac"]
+    assert (avb.model.name, avb.data.binarization, avb.train.optimizer, avb.train.lr, avb.train.adam_betas,
+            avb.train.batch_size, avb.train.epochs, avb.train.early_stopping_patience) == (
+        "avb", "dynamic", "adam", 1e-4, (0.5, 0.999), 64, 2667, 0)
+    assert (avb.model.avb.ais_steps, avb.eval.test_images) == (1000, 2048)
     quick = {p.row.id: p.config for p in plan_rows(spec, "quick")}["mnist-hierarchical-vampprior"]
     assert (quick.train.epochs, quick.objective.warmup_epochs) == (10, 5)
 
@@ -371,6 +378,8 @@ def test_every_mlp_row_evaluates_with_k_5000_at_every_budget() -> None:
         spec = get_table(name)
         for budget in ("quick", "medium", "paper"):
             for p in plan_rows(spec, budget):
+                if p.row.id == "mnist-avb-ac":  # no importance weights: AIS (tests/test_avb.py)
+                    continue
                 conv = p.row.id in ("mnist-convhvae-vampprior", "mnist-pixelhvae-vampprior",
                                     "mnist-vlae") and budget == "quick"
                 assert (p.config.eval.k_importance, p.config.eval.test_images) == \

@@ -95,7 +95,9 @@ OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer
 })
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device | str) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.optimizer`` names, over every parameter of ``model``."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device | str,
+                   params: Iterable[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` names, over ``params`` (default: every parameter of ``model``)."""
     build = OPTIMIZERS.get_checked(cfg.optimizer, "train.optimizer")
-    return build(model.parameters(), cfg.lr, cfg.adam_betas, cfg.adam_eps, torch.device(device))
+    return build(model.parameters() if params is None else params, cfg.lr, cfg.adam_betas, cfg.adam_eps,
+                 torch.device(device))

@@ -166,6 +166,8 @@ def estimate_memory(cfg: RunConfig, model: torch.nn.Module, data_dim: int, n_val
 
     def evaluation(b: int, k: int) -> int:
         x = torch.full((b, data_dim), 0.5, dtype=dtype, device=device)
+        if getattr(model, "implicit_posterior", False):  # no log weights (models.avb): the same pass's terms
+            return _saved_bytes(model, lambda: model.log_weight_terms(x, k).log_weights())
         return _saved_bytes(model, lambda: model.log_weights(x, k))
 
     was_training = model.training

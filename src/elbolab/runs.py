@@ -275,6 +275,8 @@ class Checkpoint:
     bound_sum: float
     count: int
     rng: dict[str, Any]
+    #: the adversary's optimizer, for a model trained against one (models.avb), else None
+    adversary_optimizer: dict[str, Any] | None = None
 
     def to_state(self) -> dict[str, Any]:
         """The plain containers :func:`save_checkpoint` writes."""
@@ -290,6 +292,7 @@ class Checkpoint:
             "position": {"order": self.order, "next_batch": self.next_batch, "bound_sum": self.bound_sum,
                          "count": self.count},
             "rng": self.rng,
+            **({} if self.adversary_optimizer is None else {"adversary_optimizer": self.adversary_optimizer}),
         }
 
     @classmethod
@@ -316,6 +319,7 @@ class Checkpoint:
             bound_sum=float(f(pos, "bound_sum", (float, int), source, 0.0)),
             count=f(pos, "count", int, source, 0),
             rng=f(state, "rng", dict, source),
+            adversary_optimizer=f(state, "adversary_optimizer", (dict, type(None)), source, None),
         )
         order, n = out.order, n_images
         if order is not None:

@@ -275,3 +275,12 @@ def bdmc(model, n: int, settings: AISSettings | None = None, seed: int = 0, prog
     lower = ais(model, x, settings, seed=seed + 1, progress=progress)
     upper = ais(model, x, settings, posterior_z=z, seed=seed + 2, progress=progress)
     return BDMCResult(lower, upper, x.cpu(), z.cpu())
+
+
+def implicit_log_likelihood(model, data: Tensor, seed: int | None = 0, progress: bool = False,
+                            batch_size: int = 100) -> AISResult:
+    """log p(x) of a model whose q(z|x) has no density (models.avb): forward AIS started from
+    its adaptive-contrast Gaussian r(z|x) (``model.posterior``), with the intermediate
+    distributions, chains and leapfrog steps of its config (``model.ais_settings``)."""
+    s = AISSettings(**model.ais_settings, start="encoder", batch_size=batch_size)
+    return ais(model, data, s, seed=seed, progress=progress)

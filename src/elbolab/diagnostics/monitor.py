@@ -55,6 +55,8 @@ def carries_prior(model: Any) -> bool:
     dims = getattr(model, "latent_dims", None)
     if dims is None or not hasattr(model, "posterior") or not hasattr(model, "prior"):
         return False
+    if getattr(model, "implicit_posterior", False):  # posterior(x) stands in for q's moments only (models.avb)
+        return False
     if len(dims) == 1:
         return True
     return isinstance(model, LatentVariableModel) and type(model).top_posterior is LatentVariableModel.top_posterior

@@ -154,6 +154,9 @@ def _single_layer(model) -> None:
     dims = getattr(model, "latent_dims", None)
     if dims is None or not hasattr(model, "posterior") or not hasattr(model, "prior"):
         raise SurgeryError(f"{type(model).__name__}: ELBO surgery needs posterior(x), prior and latent_dims")
+    if getattr(model, "implicit_posterior", False):
+        raise SurgeryError(f"{type(model).__name__}: ELBO surgery needs log q(z|x) at every point's z, and an "
+                           "implicit q(z|x) (AVB) has no density")
     flow = getattr(model, "posterior_flow", "none")
     if flow != "none":
         raise SurgeryError(

@@ -25,6 +25,7 @@ from ..data import evaluation_images, load
 from ..data.dataset import file_sha256
 from ..devices import resolve_device
 from ..diagnostics import active_units
+from ..diagnostics.ais import implicit_log_likelihood
 from ..diagnostics.monitor import run_monitor
 from ..diagnostics.surgery import elbo_surgery
 from ..evaluation import log_likelihood, random_subset
@@ -73,6 +74,16 @@ def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any
     e = cfg.eval
     x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed)
     x = random_subset(x, e.test_images).to(device)
+    if getattr(model, "implicit_posterior", False):  # no log q(z|x) (models.avb): AIS from r(z|x)
+        res = implicit_log_likelihood(model, x, seed=e.seed, progress=cfg.train.progress)
+        au = active_units(model, x, threshold=e.active_unit_threshold, batch_size=e.batch_size, seed=e.seed)
+        return {
+            "log_likelihood": res.per_point.mean().item(), "log_likelihood_stderr": res.to_dict()["stderr"],
+            "nll": -res.per_point.mean().item(), "nll_stderr": res.to_dict()["stderr"], "n_test": int(x.shape[0]),
+            "ais_steps": res.settings.steps, "ais_chains": res.settings.chains, "ais_leapfrog": res.settings.leapfrog,
+            "ais_acceptance": float(res.acceptance.mean()),
+            "active_units": str(au), "active_units_counts": au.counts,
+        }
     ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_for(device),
                         seed=e.seed, progress=f"test log p(x), IS K={e.k_importance}" if cfg.train.progress else None)
     au = active_units(model, x, threshold=e.active_unit_threshold, batch_size=e.batch_size, seed=e.seed)

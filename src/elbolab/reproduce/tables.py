@@ -128,6 +128,28 @@ _VLAE_ROW_NOTES: dict[str, dict[str, str]] = {"mnist-vlae": {"quick": (
     "(500 steps of batch 100) takes 10.5 min of a CPU core and K = 100 0.4 s per test image, so the paper "
     "budget (at most 2,000 epochs) is up to 350 core-hours; GPU not measured "
     "(python benchmarks/vlae_step.py [--device cuda])")}}
+#: AVB + AC (row mnist-avb-ac): its own epochs and AIS at each budget (the authors': 2,500,000
+#: steps of 64 images, 2,667 epochs of 60,000); see _AVB_NOTES for the cost
+_AVB_ROW = "mnist-avb-ac"
+_AVB_BUDGETS: dict[str, dict[str, Any]] = {
+    "quick": {"train.epochs": 3, "objective.warmup_epochs": 0, "eval.test_images": 200, "model.avb.ais_steps": 100,
+              "model.avb.ais_chains": 4, "model.avb.ais_leapfrog": 5},
+    "medium": {"train.epochs": 100, "eval.test_images": 2048, "model.avb.ais_steps": 500,
+               "model.avb.ais_chains": 5, "model.avb.ais_leapfrog": 10},
+    "paper": {"train.epochs": 2667, "eval.test_images": 2048, "model.avb.ais_steps": 1000,
+              "model.avb.ais_chains": 5, "model.avb.ais_leapfrog": 10},
+}
+_AVB_NOTES = {
+    "quick": "3 epochs; test LL by AIS, T = 100 intermediate distributions, 4 chains, 5 leapfrog steps, "
+             "200 test images (seed 0). Cost, one thread: 78 ms of CPU time per paired step, 1.2 CPU-min per "
+             "epoch of 60,000 (benchmarks/avb_step.py); wall time on this shared 2-core CPU under load: "
+             "7.7 min per epoch and 1.3 s per AIS test image (one epoch and 50 images, measured)",
+    "medium": "100 epochs; AIS T = 500, 5 chains, 10 leapfrog, 2,048 test images",
+    "paper": "2,667 epochs (the authors' 2,500,000 steps of 64); AIS T = 1,000, 5 chains, 10 leapfrog, "
+             "2,048 test images (the paper's protocol as we read it). At 78 ms per step: 54 CPU-hours; on a "
+             "GPU not measured (estimate: these MLPs are launch-bound, a few ms per step, 2-4 GPU-hours; "
+             "measure with benchmarks/avb_step.py --device cuda); AIS about 5 s per image on a CPU core",
+}
 
 #: The protocols. Epochs per budget are stated here and in docs/reproduce.md.
 PROTOCOLS: dict[str, Protocol] = {
@@ -192,8 +214,10 @@ PROTOCOLS: dict[str, Protocol] = {
         # with 64 channels, and 500 pseudo-inputs through a conv encoder every step): one
         # epoch is over half an hour of a CPU core and K = 1000 about 10 s per test image
         # (docs/priors.md), so their quick budget is one epoch scored on 500 test images
-        row_budgets={**{row: {"quick": _CONV_QUICK} for row in _CONV_ROWS}, **_VLAE_ROW_BUDGETS},
-        row_budget_notes={**{row: {"quick": _CONV_QUICK_NOTE} for row in _CONV_ROWS}, **_VLAE_ROW_NOTES},
+        row_budgets={**{row: {"quick": _CONV_QUICK} for row in _CONV_ROWS}, **_VLAE_ROW_BUDGETS,
+                     _AVB_ROW: _AVB_BUDGETS},
+        row_budget_notes={**{row: {"quick": _CONV_QUICK_NOTE} for row in _CONV_ROWS}, **_VLAE_ROW_NOTES,
+                          _AVB_ROW: _AVB_NOTES},
     ),
 }
 

@@ -27,7 +27,7 @@ from .. import rng
 from ..config import ConfigError, RunConfig
 from ..data import DATASETS, Batcher, ImageDataset, evaluation_images, load
 from ..devices import resolve_device
-from ..evaluation import evaluate_bounds
+from ..evaluation import evaluate_bounds, seeded
 from ..fastpaths import compile_objective, with_precision
 from ..files import OutputError, append_line
 from ..fused import FusedStep, fused_step_for
@@ -183,7 +183,16 @@ class RunState:
             # refused before anything is written: no run folder is left "running" by a step that cannot fit
             check_memory(cfg, model, self.dataset.data_dim, 0 if self.valid is None else self.valid.shape[0])
         self.model: LatentVariableModel = model
-        self.optimizer = optimizer or make_optimizer(self.model, cfg.train, self.device)
+        #: a model trained against an adversary (models.avb) steps it with an optimizer of its own
+        self.adversary_optimizer: torch.optim.Optimizer | None = None
+        if hasattr(self.model, "adversary_parameters"):
+            self._check_adversarial(cfg)
+            self.optimizer = optimizer or make_optimizer(self.model, cfg.train, self.device,
+                                                         self.model.vae_parameters())
+            self.adversary_optimizer = make_optimizer(self.model, cfg.train, self.device,
+                                                      self.model.adversary_parameters())
+        else:
+            self.optimizer = optimizer or make_optimizer(self.model, cfg.train, self.device)
         self.objective = with_precision(make_objective(cfg.objective), self.model, cfg.train.precision, self.device)
         if cfg.train.compile:
             self.objective = compile_objective(self.objective, self.device)
@@ -217,12 +226,26 @@ class RunState:
         if cfg.train.fused == "on":  # refused before anything is written, naming what does not fit
             self._fused = fused_step_for(self.model, self.optimizer, cfg)
 
+    @staticmethod
+    def _check_adversarial(cfg: RunConfig) -> None:
+        """A model with an adversary trains the single-sample ELBO with its estimated KL: other
+        objectives read log q(z|x) (importance weights, STL/DReG), which it does not have."""
+        o = cfg.objective
+        if o.name != "vae" or o.k != 1 or o.estimator != "standard":
+            raise ConfigError(f"objective: model {cfg.model.name!r} trains objective.name=vae, k=1, estimator="
+                              f"standard only (its q(z|x) is implicit: no importance weights, no log q to detach); "
+                              f"got {o.name}, k={o.k}, {o.estimator}")
+        if cfg.train.fused == "on" or cfg.train.compile:
+            raise ConfigError(f"train: model {cfg.model.name!r} takes its own paired step: train.fused and "
+                              "train.compile do not apply")
+
     # --- the step's view of the run ----------------------------------------------------------
     def step_run(self) -> StepRun:
         """What a step needs of this run (step.make_step), its fused step (train.fused) included."""
         plan, estimator = objective_plan(self.cfg.objective)
+        fused = self.fused_step() if self.adversary_optimizer is None else None
         return StepRun(self.model, self.optimizer, self.objective, plan, estimator, self.generator,
-                       self.cfg.train.precision, self.device, self.fused_step())
+                       self.cfg.train.precision, self.device, fused, self.adversary_optimizer)
 
     def fused_step(self) -> FusedStep | None:
         """The run's fused step under train.fused (built once; again if the model's parameters were
@@ -251,6 +274,7 @@ class RunState:
             nonfinite_skips=self.nonfinite_skips, finished=self.finished, order=self.order,
             next_batch=self.next_batch, bound_sum=self.epoch_bound_sum, count=self.epoch_count,
             rng=rng.capture(self.batcher.generator, self.shuffle, self.device),
+            adversary_optimizer=None if self.adversary_optimizer is None else self.adversary_optimizer.state_dict(),
         ).to_state()
 
     def load_state(self, state: dict[str, Any], source: Path | str = "checkpoint") -> None:
@@ -260,6 +284,11 @@ class RunState:
         try:
             self.model.load_state_dict(ck.model)
             self.optimizer.load_state_dict(ck.optimizer)
+            if (ck.adversary_optimizer is None) != (self.adversary_optimizer is None):
+                raise ValueError("the adversary's optimizer state is "
+                                 + ("missing" if ck.adversary_optimizer is None else "there, for a model without one"))
+            if self.adversary_optimizer is not None:
+                self.adversary_optimizer.load_state_dict(ck.adversary_optimizer)
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             why = " ".join(str(e).split())[:300]
             raise RunError(f"{source}: does not fit the configured model/optimizer ({why})") from None
@@ -377,6 +406,9 @@ class RunState:
         lr = learning_rate(self.cfg.train, self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.adversary_optimizer is not None:
+            for group in self.adversary_optimizer.param_groups:
+                group["lr"] = lr * self.model.adversary_lr_ratio
         self.model.train()
         return batches, lr
 
@@ -400,6 +432,10 @@ class RunState:
             return {}
         self.model.eval()
         k = self.cfg.objective.k
+        if hasattr(self.model, "estimated_elbo"):  # no importance weights: the adversary's ELBO estimate
+            with torch.no_grad(), seeded(self.cfg.eval.seed, self.device):  # the training stream untouched
+                elbo = float(torch.cat([self.model.estimated_elbo(v) for v in self.valid.split(500)]).mean())
+            return {"valid_elbo": elbo, f"valid_iwae_{k}": elbo}
         b = evaluate_bounds(self.model, self.valid, k=k, batch_size=500, seed=self.cfg.eval.seed)
         return {"valid_elbo": b["elbo"], f"valid_iwae_{k}": b[f"iwae_{k}"]}
 

@@ -6,7 +6,8 @@ optimizer stepped. :func:`make_step` picks the implementation for a stack of run
 plain autograd step for one run (:class:`PlainStep`, :func:`take_step`), or its fused step
 (:class:`FusedRunStep`, elbolab.fused, chosen by ``train.fused``); for several, one fused step
 (:class:`FusedStackStep`) where every run has one of one shape, else the stacked model
-(:class:`StackedStep`). Another implementation plugs in there and nowhere else.
+(:class:`StackedStep`); the paired adversary / VAE steps of a model trained with an adversary
+(:class:`AdversarialStep`, models.avb). Another implementation plugs in there and nowhere else.
 
 No silent NaN: each step checks its loss and gradients in the same host transfer that reads
 the logged bound (one sync per step on a GPU). A step that is not finite is not taken; the
@@ -128,6 +129,8 @@ class StepRun:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     #: the run's fused step (elbolab.fused.FusedStep) under train.fused, else None
     fused: Any = None
+    #: the adversary's own optimizer, for a model trained against an adversary (models.avb), else None
+    adversary_optimizer: torch.optim.Optimizer | None = None
 
     @classmethod
     def plain(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective: Any,
@@ -184,6 +187,50 @@ class FusedRunStep:
             return [StepOutcome(*self.fused.step(x[0], betas[0]))]
         with noise_source(lambda shape, dtype, device: torch.randn(shape, generator=g, dtype=dtype, device=device)):
             return [StepOutcome(*self.fused.step(x[0], betas[0]))]
+
+
+class AdversarialStep:
+    """One run of a model with an adversary (models.avb): the adversary's step on its own loss
+    (``model.adversary_loss``), then the VAE's step (:func:`take_step`) against the updated
+    adversary. Each optimizer steps only its own parameters; both steps are taken only when
+    both losses and their gradients are finite."""
+
+    def __init__(self, run: StepRun) -> None:
+        self.members = [run]
+        self.model = run.model
+        if run.adversary_optimizer is None:
+            raise ValueError("an adversarial step needs the adversary's optimizer")
+
+    def step(self, x: Tensor, betas: Sequence[float]) -> list[StepOutcome]:
+        g = self.members[0].generator
+        if g is None:
+            return [self._step(x[0], betas[0])]
+        with noise_source(lambda shape, dtype, device: torch.randn(shape, generator=g, dtype=dtype, device=device)):
+            return [self._step(x[0], betas[0])]
+
+    def _step(self, x: Tensor, beta: float) -> StepOutcome:
+        r = self.members[0]
+        adversary = r.model.adversary_parameters()
+        opt = r.adversary_optimizer
+        opt.zero_grad(set_to_none=True)
+        loss = r.model.adversary_loss(x)
+        loss.backward()
+        grads = [p.grad for p in adversary if p.grad is not None]
+        _, probe = step_readout(loss.detach().reshape(1), loss, grads)
+        if not (math.isfinite(probe) or all_finite(loss, grads)):
+            res = r.objective(r.model, x, beta)  # the VAE's terms, for the fault report
+            return StepOutcome(res, float(res.bound.detach().sum()), False)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        # the VAE's loss flows through T into z; the adversary's weights take no gradient from it
+        for p in adversary:
+            p.requires_grad_(False)
+        try:
+            res, bound_sum, taken = take_step(r.model, r.optimizer, r.objective, x, beta)
+        finally:
+            for p in adversary:
+                p.requires_grad_(True)
+        return StepOutcome(res, bound_sum, taken)
 
 
 def _split_runs(terms: LogWeightTerms, runs: int) -> list[LogWeightTerms]:
@@ -311,11 +358,15 @@ def fused_stackable(runs: Sequence[StepRun]) -> bool:
 
 
 def make_step(runs: Sequence[StepRun]) -> Step:
-    """The step for a stack of ``runs``: for one, its fused step where it has one, else the plain
-    autograd step; for several, one fused step where every run has one of one shape, else the
-    stacked model."""
+    """The step for a stack of ``runs``: for one, its adversarial step where it has an adversary,
+    its fused step where it has one, else the plain autograd step; for several, one fused step
+    where every run has one of one shape, else the stacked model."""
     if not runs:
         raise ValueError("a step needs at least one run")
+    if any(r.adversary_optimizer is not None for r in runs):
+        if len(runs) > 1:
+            raise ValueError("a model trained with an adversary trains alone, not in a stack")
+        return AdversarialStep(runs[0])
     if len(runs) > 1:
         return FusedStackStep(runs) if fused_stackable(runs) else StackedStep(runs)
     return FusedRunStep(runs[0]) if runs[0].fused is not None else PlainStep(runs[0])
