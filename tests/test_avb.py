@@ -296,6 +296,6 @@ def test_avb_runs_of_a_sweep_train_alone(tmp_path):
     """A stack steps one optimizer per run: AVB's two are stepped by its own step, run by run."""
     cfg = RunConfig().with_overrides({**RUN, "train.epochs": 1})
     assert pack([cfg, cfg]) == [[0], [1]]
-    runs = [RunState(cfg, tmp_path / str(i), small_data(100)).step_run(alone=False) for i in range(2)]
+    runs = [RunState(cfg, tmp_path / str(i), small_data(100)).step_run() for i in range(2)]
     with pytest.raises(ValueError, match="alone"):
         make_step(runs)

@@ -186,7 +186,7 @@ class RunState:
         #: a model trained against an adversary (models.avb) steps it with an optimizer of its own
         self.adversary_optimizer: torch.optim.Optimizer | None = None
         if hasattr(self.model, "adversary_parameters"):
-            self._check_adversarial(cfg)
+            self._check_adversarial(cfg, cfg.model.name if self.wrapped is None else type(model).__name__)
             self.optimizer = optimizer or make_optimizer(self.model, cfg.train, self.device,
                                                          self.model.vae_parameters())
             self.adversary_optimizer = make_optimizer(self.model, cfg.train, self.device,
@@ -227,16 +227,17 @@ class RunState:
             self._fused = fused_step_for(self.model, self.optimizer, cfg)
 
     @staticmethod
-    def _check_adversarial(cfg: RunConfig) -> None:
+    def _check_adversarial(cfg: RunConfig, name: str) -> None:
         """A model with an adversary trains the single-sample ELBO with its estimated KL: other
         objectives read log q(z|x) (importance weights, STL/DReG), which it does not have."""
         o = cfg.objective
         if o.name != "vae" or o.k != 1 or o.estimator != "standard":
-            raise ConfigError(f"objective: model {cfg.model.name!r} trains objective.name=vae, k=1, estimator="
-                              f"standard only (its q(z|x) is implicit: no importance weights, no log q to detach); "
+            raise ConfigError(f"objective: model {name!r}, trained against an adversary, trains "
+                              "objective.name=vae, k=1, estimator=standard only (its q(z|x) is implicit: no importance "
+                              f"weights, no log q to detach); "
                               f"got {o.name}, k={o.k}, {o.estimator}")
         if cfg.train.fused == "on" or cfg.train.compile:
-            raise ConfigError(f"train: model {cfg.model.name!r} takes its own paired step: train.fused and "
+            raise ConfigError(f"train: model {name!r} takes its own paired step: train.fused and "
                               "train.compile do not apply")
 
     # --- the step's view of the run ----------------------------------------------------------
