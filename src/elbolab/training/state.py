@@ -234,7 +234,7 @@ class RunState:
         if o.name != "vae" or o.k != 1 or o.estimator != "standard":
             raise ConfigError(f"objective: model {name!r}, trained against an adversary, trains "
                               "objective.name=vae, k=1, estimator=standard only (its q(z|x) is implicit: no importance "
-                              f"weights, no log q to detach); "
+                              "weights, no log q to detach); "
                               f"got {o.name}, k={o.k}, {o.estimator}")
         if cfg.train.fused == "on" or cfg.train.compile:
             raise ConfigError(f"train: model {name!r} takes its own paired step: train.fused and "
