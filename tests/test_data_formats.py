@@ -331,3 +331,19 @@ def test_a_damaged_cache_manifest_rebuilds(tmp_path: Path, monkeypatch: pytest.M
         (tmp_path / "e.json").write_bytes(manifest)
     np.testing.assert_array_equal(cache_mod.cached_arrays("e", "k1", build)["x"], np.arange(5))
     assert len(calls) == 2
+
+
+def test_a_static_models_training_split_is_scored_on_the_draw_it_trained_on() -> None:
+    """Under static binarization the training set is one draw: what the trainer's batches hold is
+    what evaluation (ELBO surgery over the training split) scores; another split keeps its own
+    fixed draw, and a dynamic model's training split is scored on a fixed draw of its own."""
+    from elbolab.data import evaluation_images
+    from elbolab.data.dataset import Batcher
+
+    grey = torch.randint(0, 256, (50, 12), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data = ImageDataset("grey", {"train": grey, "test": grey.clone()}, (12,), binary=False)
+    batcher = Batcher(grey, False, "static", 5, torch.device("cpu"))
+    trained_on = batcher.batch(torch.arange(50))
+    assert torch.equal(evaluation_images(data, "train", "static", 5), trained_on)
+    assert not torch.equal(evaluation_images(data, "test", "static", 5), trained_on)
+    assert not torch.equal(evaluation_images(data, "train", "dynamic", 5), trained_on)

@@ -87,7 +87,13 @@ EVAL_DRAW_OFFSET = {"valid": 2, "test": 3, "train": 4}
 
 
 def evaluation_images(dataset: ImageDataset, split: str, binarization: str, binarization_seed: int) -> Tensor:
-    """The float images of ``split`` that training, evaluate, diagnose and reproduce all score."""
+    """The float images of ``split`` that training, evaluate, diagnose and reproduce all score.
+
+    Under static binarization the training split is the one draw the model trained on (the
+    Batcher's, seeded by ``binarization_seed``): a statically binarized training set is that
+    draw, and scoring another would read a static model's fit to its own data as worse."""
+    if binarization == "static" and split == "train":
+        return dataset.as_float(split, binarization, binarization_seed)
     return dataset.as_float(split, binarization, binarization_seed + EVAL_DRAW_OFFSET.get(split, 3))
 
 
