@@ -72,11 +72,12 @@ class AVBConfig:
     adversary_lr_ratio: float = 2.0
     #: noise draws that estimate E[v_i] and Var[v_i] for r(z|x) outside training (AIS start)
     moment_draws: int = 4096
-    #: AIS evaluation of the log-likelihood: intermediate distributions, chains per image,
-    #: leapfrog steps per HMC transition (small, so `elbolab train`'s test evaluation stays
-    #: affordable on a CPU; the reproduction row sets the paper's 1000, 5, 10)
+    #: AIS evaluation of the log-likelihood: intermediate distributions (small, so `elbolab
+    #: train`'s test evaluation stays affordable on a CPU; the reproduction row sets the paper's 1000)
     ais_steps: int = 100
+    #: AIS: independent chains per test image (the reproduction row: 5)
     ais_chains: int = 4
+    #: AIS: leapfrog steps per HMC transition (the reproduction row: 10)
     ais_leapfrog: int = 5
 
     def validate(self, key: str) -> None:
