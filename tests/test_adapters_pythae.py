@@ -157,6 +157,7 @@ def test_missing_pythae_is_one_line_naming_the_extra(monkeypatch) -> None:
         from_pythae(nn.Linear(1, 1))
 
 
+@pytest.mark.slow
 def test_a_pythae_vamp_run_folder_resumes_bit_exact_with_the_monitor(tmp_path, monkeypatch) -> None:
     """train_model with out=: a pythae model killed mid-run continues, on the same call, to the bits
     of an uninterrupted run; metrics.jsonl carries the monitor's numbers, and the weights reload

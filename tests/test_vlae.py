@@ -258,6 +258,7 @@ def test_the_vampprior_table_has_a_vlae_row_at_every_budget(budget):
 # --- a short training on the embedded data ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_short_training_beats_independent_pixels():
     """60 Adam steps (batch 50, lr 1e-2) of a small VLAE (8 latents, AF prior of width 32, 2 masked
     layers of 8 channels) on the embedded binarized MNIST, then the ELBO on 300 test images.
