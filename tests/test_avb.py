@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from trainhelp import fit
+from trainhelp import fit, register_tiny_embedded
 
 from elbolab.cli import main
 from elbolab.config import ConfigError, RunConfig
-from elbolab.data import DATASETS, DatasetSpec, ImageDataset, load
+from elbolab.data import ImageDataset, load
 from elbolab.diagnostics.ais import implicit_log_likelihood
 from elbolab.diagnostics.surgery import SurgeryError, elbo_surgery
 from elbolab.distributions import log_normal_diag, log_standard_normal
@@ -249,12 +249,7 @@ def test_avb_config_is_checked(tmp_path):
 def test_the_avb_row_trains_and_is_scored_by_ais_through_reproduce(tmp_path, monkeypatch):
     """Row mnist-avb-ac on 200 embedded images, tiny sizes: it trains through the one loop, is
     scored by AIS with the budget's settings, and its table note states them."""
-    full = load("binarized-mnist-embedded")
-    small = ImageDataset(name="tiny-embedded", image_shape=full.image_shape, binary=True, source="test subset",
-                         splits={"train": full.splits["train"][:200], "valid": full.splits["valid"][:50],
-                                 "test": full.splits["test"][:100]})
-    monkeypatch.setitem(DATASETS, "tiny-embedded", DatasetSpec("tiny-embedded", "test", lambda _d: small,
-                                                               embedded=True))
+    register_tiny_embedded(monkeypatch, train=200)
     over = {**{k: v for k, v in TINY.items() if k.startswith("model.")}, "data.name": "tiny-embedded",
             "train.epochs": 1, "eval.test_images": 10, "model.avb.ais_steps": 10, "model.avb.ais_chains": 2,
             "train.threads": 1}

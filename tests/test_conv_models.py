@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Independent, Normal
-from trainhelp import fit
+from trainhelp import fit, register_tiny_embedded
 
 from elbolab.config import RunConfig
-from elbolab.data import DATASETS, DatasetSpec, ImageDataset, load
+from elbolab.data import load
 from elbolab.diagnostics.prior_figures import choose_components, component_grid, component_usage, plot_components
 from elbolab.evaluation import evaluate_bounds, random_subset
 from elbolab.likelihoods import make_likelihood
@@ -468,12 +468,7 @@ def test_random_subset_is_the_diagnose_points_subset():
 
 
 def test_pixel_row_saves_its_figure_beside_the_table(tmp_path, monkeypatch):
-    full = load("binarized-mnist-embedded")
-    small = ImageDataset(name="tiny-embedded", image_shape=full.image_shape, binary=True, source="test subset",
-                         splits={"train": full.splits["train"][:200], "valid": full.splits["valid"][:50],
-                                 "test": full.splits["test"][:100]})
-    monkeypatch.setitem(DATASETS, "tiny-embedded", DatasetSpec("tiny-embedded", "test", lambda _d: small,
-                                                               embedded=True))
+    register_tiny_embedded(monkeypatch, train=200)
     over = {**tiny_overrides("pixel-hierarchical"), "data.name": "tiny-embedded", "train.batch_size": 100,
             "eval.k_importance": 5, "eval.test_images": 10, "model.prior.components": 10, "train.eval_every": 0,
             "train.threads": 1}

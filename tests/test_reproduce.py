@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from trainhelp import register_tiny_embedded
 
 from elbolab.cli import main
 from elbolab.config import PRESETS, ConfigError
@@ -159,13 +160,7 @@ def test_a_row_the_config_cannot_express_is_named(monkeypatch) -> None:
 @pytest.fixture
 def tiny_data(monkeypatch):
     """A 500/100/100 subset of the embedded data, registered as 'tiny-embedded'."""
-    full = load("binarized-mnist-embedded")
-    small = ImageDataset(name="tiny-embedded", image_shape=full.image_shape, binary=True, source="test subset",
-                         splits={"train": full.splits["train"][:500], "valid": full.splits["valid"][:100],
-                                 "test": full.splits["test"][:100]})
-    monkeypatch.setitem(DATASETS, "tiny-embedded", DatasetSpec("tiny-embedded", "test", lambda _d: small,
-                                                               embedded=True))
-    return small
+    return register_tiny_embedded(monkeypatch, train=500, valid=100)
 
 
 TINY = {"data.name": "tiny-embedded", "train.epochs": 1, "train.batch_size": 100, "eval.k_importance": 20}
