@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elbolab.data import evaluation_images, load
-from elbolab.evaluation import log_likelihood
+from elbolab.evaluation import log_likelihood, random_subset
 
 ROW = "mnist-hierarchical-vampprior"
 TABLE = "vampprior-table"
@@ -186,15 +186,17 @@ def train(model: PeerHVAE, x_train: Tensor, epochs: int, warmup_epochs: int, see
           ) -> list[list[float]]:
     """Returns [epoch, mean training ELBO at the epoch's KL weights] per epoch. With
     ``checkpoint`` the state is saved after every epoch and a rerun continues from it;
-    ``max_steps`` cuts every epoch short (timing only)."""
+    ``max_steps`` cuts every epoch short (timing only). The random streams stay on the CPU
+    whatever the model's device, so a run draws the same batches and noise anywhere."""
     g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     opt = NormGradAdam(model.parameters(), lr=lr)
     curve: list[list[float]] = []
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        g.set_state(state["generator"])
+        g.set_state(state["generator"].cpu())
         curve = state["curve"]
         log(f"resumed after epoch {len(curve)} from {checkpoint}")
     n = x_train.shape[0]
@@ -203,9 +205,9 @@ def train(model: PeerHVAE, x_train: Tensor, epochs: int, warmup_epochs: int, see
         t0, total, seen = time.perf_counter(), 0.0, 0
         order = torch.randperm(n, generator=g)
         for i in range(steps if max_steps is None else min(steps, max_steps)):
-            x = x_train[order[i * batch:(i + 1) * batch]]
-            eps2 = torch.randn(1, x.shape[0], model.z2, generator=g)
-            eps1 = torch.randn(1, x.shape[0], model.z1, generator=g)
+            x = x_train[order[i * batch:(i + 1) * batch]].to(device)
+            eps2 = torch.randn(1, x.shape[0], model.z2, generator=g).to(device)
+            eps1 = torch.randn(1, x.shape[0], model.z1, generator=g).to(device)
             bound = model.log_weights_from_noise(x, eps1, eps2, warmup(epoch, i, steps, warmup_epochs)).mean(0)
             opt.zero_grad()
             (-bound.mean()).backward()
@@ -229,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="results")
     p.add_argument("--k-eval", type=int, default=5000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--test-images", type=int, default=0,
+                   help="score this many test images chosen as elbolab's eval.test_images chooses them (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-steps", type=int, default=0,
                    help="only time this many training steps (no results written)")
@@ -245,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     x_train = data.as_float("train")
     model = PeerHVAE(data.data_dim)
     model.start_at_mean_image(x_train)
+    model.to(args.device)
     epochs, warm = BUDGETS[args.budget]
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.time_steps:
@@ -259,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     curve = train(model, x_train, epochs, warm, args.seed, log=log, checkpoint=ckpt)
     t1 = time.perf_counter()
-    x_test = evaluation_images(data, "test", "static", 0)
-    ll = log_likelihood(model, x_test, k=args.k_eval, seed=1)
+    x_test = random_subset(evaluation_images(data, "test", "static", 0), args.test_images)
+    ll = log_likelihood(model, x_test, k=args.k_eval, seed=1, device=args.device)
     doc = json.loads(path.read_text()) if path.exists() else {"implementation": "benchmarks/peer/vampprior_peer.py",
                                                               "rows": {}}
     doc["rows"][ROW] = {
