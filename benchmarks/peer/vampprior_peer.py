@@ -184,7 +184,7 @@ def warmup(epoch: int, step: int, steps_per_epoch: int, warmup_epochs: int) -> f
 def train(model: PeerHVAE, x_train: Tensor, epochs: int, warmup_epochs: int, seed: int, lr: float = 5e-4,
           batch: int = 100, log=print, checkpoint: Path | None = None, max_steps: int | None = None
           ) -> list[list[float]]:
-    """Returns [epoch, mean training ELBO at the epoch's KL weights] per epoch. With
+    """Returns [epoch, mean training ELBO (at KL weight 1, as elbolab reports it)] per epoch. With
     ``checkpoint`` the state is saved after every epoch and a rerun continues from it;
     ``max_steps`` cuts every epoch short (timing only). The random streams stay on the CPU
     whatever the model's device, so a run draws the same batches and noise anywhere."""
@@ -208,11 +208,12 @@ def train(model: PeerHVAE, x_train: Tensor, epochs: int, warmup_epochs: int, see
             x = x_train[order[i * batch:(i + 1) * batch]].to(device)
             eps2 = torch.randn(1, x.shape[0], model.z2, generator=g).to(device)
             eps1 = torch.randn(1, x.shape[0], model.z1, generator=g).to(device)
-            bound = model.log_weights_from_noise(x, eps1, eps2, warmup(epoch, i, steps, warmup_epochs)).mean(0)
+            log_px, log_ratio = model.terms_from_noise(x, eps1, eps2)
+            tempered = (log_px + warmup(epoch, i, steps, warmup_epochs) * log_ratio).mean(0)
             opt.zero_grad()
-            (-bound.mean()).backward()
+            (-tempered.mean()).backward()
             opt.step()
-            total, seen = total + float(bound.detach().sum()), seen + x.shape[0]
+            total, seen = total + float((log_px + log_ratio).detach().sum()), seen + x.shape[0]
         curve.append([epoch + 1, total / seen])
         log(f"epoch {epoch + 1}: train bound {curve[-1][1]:.2f}, {time.perf_counter() - t0:.0f} s")
         if checkpoint is not None:
