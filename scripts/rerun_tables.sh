@@ -24,6 +24,9 @@ step $R surgery-table $S
 step $R vampprior-table --only mnist-hierarchical-standard mnist-hierarchical-mog mnist-hierarchical-vampprior-data \
     mnist-hierarchical-vampprior mnist-1layer-standard mnist-1layer-vampprior mnist-1layer-planar-flow \
     mnist-1layer-iaf $S
+# and the hierarchical VampPrior row's equal-budget peer (its IS evaluation is the long part: K = 5000
+# on 10,000 test images, hours of one core)
+step python benchmarks/peer/vampprior_peer.py --data-dir $DATA
 # the rest of the IWAE table, the other VampPrior datasets, the medium surgery table
 step $R iwae-table $S
 step $R vampprior-table --only omniglot-hierarchical-vampprior caltech-hierarchical-vampprior \
