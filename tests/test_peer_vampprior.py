@@ -95,6 +95,7 @@ def test_the_peer_log_weights_equal_elbolabs_on_the_same_weights_and_noise(dtype
     assert torch.allclose(theirs, log_w, rtol=rtol, atol=atol), (theirs - log_w).abs().max()
 
 
+@pytest.mark.slow  # about 10 s: the paper-size model
 def test_the_peer_is_scored_by_the_same_estimator_with_the_same_noise() -> None:
     """Equal weights give the same IS log-likelihood: the peer draws its noise as elbolab does."""
     _, ours, model = _twins(torch.float64)
@@ -119,6 +120,7 @@ def test_the_peer_starts_as_elbolab_does() -> None:
     assert abs(float(pseudo.mean()) - 0.05) < 1e-3 and abs(float(pseudo.std()) - 0.01) < 1e-3
 
 
+@pytest.mark.slow  # about 10 s: the paper-size model
 def test_the_peer_adamnormgrad_step_equals_elbolabs() -> None:
     peer = _peer()
     torch.manual_seed(0)
