@@ -497,6 +497,12 @@ def test_rows_without_a_cache_keep_the_committed_table(tiny_data, tmp_path, monk
     assert {e.row: e.cells["nll"].ours for e in table.entries if e.row in ROWS} == before
     md = table.outputs["markdown"].read_text()
     assert "| mnist-1layer-iwae-k5 | tiny-embedded |" in md and "‡" not in md
+    # a row that recorded no K (an AIS-scored row records none) keeps none
+    recorded = json.loads((out / "table.json").read_text())
+    next(r for r in recorded["rows"] if r["row"] == ROWS[0])["k_importance"] = None
+    (out / "table.json").write_text(json.dumps(recorded))
+    kept = reproduce("iwae-table", budget="quick", results=tmp_path, overrides=TINY, train=False)
+    assert {e.row: e.k_importance for e in kept.entries}[ROWS[0]] is None
     # a table.json written before rows recorded K and their config key: K filled in, the rows marked ‡
     older = json.loads((out / "table.json").read_text())
     for r in older["rows"]:

@@ -239,11 +239,12 @@ def _unpack(unit: RowTask | PackTask, result: dict[str, Any] | None, error: Base
 
 def _fill_k(spec, budget: str, committed: dict[str, Entry], data_dir: str | None, overrides) -> None:
     """K of committed rows whose table.json predates the K field: the one the protocol sets
-    for this budget and these overrides, which that table was made with."""
+    for this budget and these overrides, which that table was made with (a row that recorded
+    no K, scored by AIS, keeps none)."""
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for row_id, entry in committed.items():
-        if entry.k_importance is None:
+        if entry.k_importance is None and not entry.k_recorded:
             with contextlib.suppress(ConfigError):
                 plan = row_config(spec, spec.row(row_id), budget, data_dir, overrides)
                 entry.k_importance = plan.config.eval.k_importance

@@ -70,10 +70,13 @@ class Entry:
     peer: dict[str, Any] | None = None
     #: read from the table.json already in the folder (not computed in this call); not saved
     from_table: bool = False
+    #: that table.json had the K field (an AIS-scored row records none); not saved
+    k_recorded: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d.pop("from_table")
+        d.pop("k_recorded")
         d["cells"] = {k: c.to_dict() for k, c in self.cells.items()}
         return d
 
@@ -168,6 +171,7 @@ def read_committed(path: Path, table: TableSpec, budget: str, overrides: list[st
             row_dir=r.get("row_dir"), k_importance=r.get("k_importance"), figures=dict(r.get("figures") or {}),
             key=r.get("key"), binarization=r.get("binarization"), split=r.get("split"),
             curve=list(r.get("curve") or []), peer=r.get("peer"), from_table=True,
+            k_recorded="k_importance" in r,
         )
     return out, [str(n) for n in doc.get("overrides") or []]
 
