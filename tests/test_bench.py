@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from scripthelp import load_script
 
 from elbolab.cli import build_parser, main
 from elbolab.config import ModelConfig, ObjectiveConfig
@@ -171,14 +172,7 @@ def test_stacked_row_times_the_stack_against_runs_one_by_one_and_processes(tmp_p
 
 
 def _demo_time():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_time.py"
-    spec = importlib.util.spec_from_file_location("demo_time", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/demo_time.py")
 
 
 def test_demo_time_reads_the_commands_last_timing_line_and_flags_a_busy_run() -> None:

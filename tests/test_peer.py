@@ -4,12 +4,12 @@ objectives and trainer, and computing the same bound as elbolab on the same weig
 from __future__ import annotations
 
 import ast
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from scripthelp import load_script
 
 from elbolab.bounds import elbo, iwae
 from elbolab.config import RunConfig
@@ -19,10 +19,7 @@ PEER = Path(__file__).resolve().parents[1] / "benchmarks" / "peer" / "iwae_peer.
 
 
 def _peer():
-    spec = importlib.util.spec_from_file_location("iwae_peer", PEER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/peer/iwae_peer.py")
 
 
 def test_the_peer_imports_only_elbolabs_data_loading_and_estimator() -> None:

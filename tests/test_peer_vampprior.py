@@ -5,11 +5,11 @@ optimizer update and warm-up as elbolab on the same weights, gradients and noise
 from __future__ import annotations
 
 import ast
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from scripthelp import load_script
 
 from elbolab.config.presets import preset
 from elbolab.evaluation import log_likelihood
@@ -21,10 +21,7 @@ PEER = Path(__file__).resolve().parents[1] / "benchmarks" / "peer" / "vampprior_
 
 
 def _peer():
-    spec = importlib.util.spec_from_file_location("vampprior_peer", PEER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/peer/vampprior_peer.py")
 
 
 #: elbolab's parameter prefix -> the peer's (gated layers: .h / .g alike)

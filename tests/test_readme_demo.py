@@ -4,12 +4,12 @@ and scripts/check_readme_demo.py's comparison able to fail."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+from scripthelp import load_script
 
 from elbolab.cli.train import header
 from elbolab.config import RunConfig
@@ -21,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def check():
-    spec = importlib.util.spec_from_file_location("check_readme_demo", ROOT / "scripts" / "check_readme_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/check_readme_demo.py")
 
 
 @pytest.fixture(scope="module")
