@@ -1,4 +1,5 @@
-"""Train one run as every entry point does (train.train_runs), for tests that hold its RunState."""
+"""For tests that train: one run trained as every entry point trains it (train.train_runs), and a
+tiny head of the embedded data registered as a dataset."""
 
 from __future__ import annotations
 
