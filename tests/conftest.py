@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# train.fused_backend=auto stays on the torch-op fused step here: the fast tier never compiles the
+# C++ step (tests/test_fused_cpp.py, in the slow tier, asks for it with fused_backend=cpp)
+os.environ["ELBOLAB_FUSED_CPP"] = "0"
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ELBOLAB_TEST_DATA", REPO.parent / "shared" / "data"))
 

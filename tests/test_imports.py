@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("version", "startup", "errors", "limits", "registry", "config", "bounds", "distributions", "fastpaths", "files",
      "devices", "rng", "sweep", "progress"),
     ("priors", "likelihoods", "flows", "models", "data", "adapters"),
-    ("objectives", "evaluation", "optimizers", "schedules", "fused"),
+    ("objectives", "evaluation", "optimizers", "schedules", "fused", "fused_cpp"),
     ("runs", "preflight", "sinks", "training"),
     ("diagnostics", "reproduce", "speed", "api"),
     ("cli",),

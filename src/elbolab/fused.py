@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import fused_cpp
 from .config import ConfigError, RunConfig
 from .distributions import standard_normal
 from .fastpaths import Tanh
@@ -142,7 +143,8 @@ def fused_step_for(model: LatentVariableModel, optimizer: torch.optim.Optimizer,
         if mode == "on":
             raise ConfigError(f"train.fused=on: the fused step cannot run this config: {reason}")
         return None
-    return FusedStep(model, optimizer, cfg.objective.name, cfg.objective.k, cfg.objective.estimator)
+    return FusedStep(model, optimizer, cfg.objective.name, cfg.objective.k, cfg.objective.estimator,
+                     backend=cfg.train.fused_backend)
 
 
 @dataclass
@@ -518,12 +520,17 @@ class FusedStep(_FusedCore):
     (loss, bound, log weights and terms, valid until the next step), the batch's summed bound
     and whether the optimizer stepped (not when the loss or a gradient is non-finite).
     Gradients live in one flat buffer; each parameter's ``.grad`` is a view of it.
+    ``backend`` (``train.fused_backend``): ``torch`` runs the forward and backward as torch ops;
+    ``cpp`` and ``auto`` (:func:`elbolab.fused_cpp.wanted`) as the compiled step where it builds.
     """
 
     def __init__(self, model: LatentVariableModel, optimizer: torch.optim.Optimizer, objective: str, k: int,
-                 estimator: str = "standard") -> None:
+                 estimator: str = "standard", backend: str = "torch") -> None:
         self.lins = self._configure(model, objective, k, estimator)
         self.runs, self.generators = 1, None
+        #: the compiled module (elbolab.fused_cpp), or None: the torch-op step
+        self.compiled = fused_cpp.load() if fused_cpp.wanted(backend) else None
+        self._cpp = None
         self.model, self.optimizer = model, optimizer
         self.params = list(model.parameters())
         self.flat = self.params[0].new_zeros(sum(p.numel() for p in self.params))
@@ -545,6 +552,11 @@ class FusedStep(_FusedCore):
                                     [by_id[id(lin.bias)].unsqueeze(0) for lin in lins])
                        for role, lins in self.lins.items()}
         self._bound_to = self.params[0].data_ptr()
+        if self.compiled is not None:
+            self._cpp = self.compiled.Step(
+                [[[lin.weight.detach() for lin in lins], [lin.bias.detach() for lin in lins],
+                  [by_id[id(lin.weight)] for lin in lins], [by_id[id(lin.bias)] for lin in lins]]
+                 for lins in self.lins.values()], self.k, self.iwae, self.stl, self.dreg)
 
     def _attach_grads(self) -> None:
         for p, g in zip(self.params, self.grads, strict=True):
@@ -581,9 +593,24 @@ class FusedStep(_FusedCore):
             self._attach_grads()
         if self.params[0].data_ptr() != self._bound_to:
             self._bind()
+        if self._cpp is not None:
+            return self._compiled_gradients(x, float(beta))
         bound, log_w, loss, terms = self._forward_backward(x.unsqueeze(0), float(beta))
         res = ObjectiveResult(loss=loss[0], bound=bound[0], log_w=log_w[0], terms=_run_terms(terms, 0))
         return res, loss[0]
+
+
+    def _compiled_gradients(self, x: Tensor, beta: float) -> tuple[ObjectiveResult, Tensor]:
+        """:meth:`gradients` through the compiled step, on noise drawn here as the torch-op step draws it."""
+        k, b = self.k, x.shape[0]
+        eps1 = standard_normal((k, b, self.d1), x)
+        eps2 = standard_normal((k, b, self.d2), x) if self.two_layer else eps1
+        bound, log_w, loss, log_px, lp1, lp2, lq1, lq2, z1, z2 = self._cpp.run(x.contiguous(), eps1, eps2, beta)
+        if self.two_layer:
+            terms = LogWeightTerms(log_px, {"z1": lp1, "z2": lp2}, {"z1": lq1, "z2": lq2}, {"z1": z1, "z2": z2})
+        else:
+            terms = LogWeightTerms(log_px, {"z": lp1}, {"z": lq1}, {"z": z1})
+        return ObjectiveResult(loss=loss, bound=bound, log_w=log_w, terms=terms), loss
 
 
 class StackedFusedStep(_FusedCore):

@@ -341,11 +341,17 @@ class TrainConfig:
     #: one objective, k and estimator stack into one fused step (fused.StackedFusedStep), each run's
     #: bits those of the run alone; the iwae-paper presets set auto
     fused: str = "off"
+    #: auto | torch | cpp: how a fused run's step runs: torch ops, or one call into the compiled
+    #: step (elbolab.fused_cpp: built on first use, cached; where it cannot build, one line and the
+    #: torch-op step). auto is cpp unless the environment sets ELBOLAB_FUSED_CPP=0
+    fused_backend: str = "auto"
 
     def validate(self, key: str) -> None:
         require(self.epochs >= 1, f"{key}.epochs", f"must be >= 1, got {self.epochs}")
         require(self.fused in ("auto", "on", "off"), f"{key}.fused",
                 f"must be auto, on or off, got {self.fused!r}")
+        require(self.fused_backend in ("auto", "torch", "cpp"), f"{key}.fused_backend",
+                f"must be auto, torch or cpp, got {self.fused_backend!r}")
         check_name("precision", self.precision, f"{key}.precision")
         in_range(self.epochs, 1, MAX_EPOCHS, f"{key}.epochs")
         require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")

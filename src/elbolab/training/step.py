@@ -334,17 +334,19 @@ class FusedStackStep:
     """Several runs of one shape through one fused step (elbolab.fused.StackedFusedStep): batched
     products over the runs, each run's noise from its own generator, one Adam kernel call. Each
     run's numbers are those of its fused step alone: where the batched kernels would not give
-    them at a batch's shape (StackedFusedStep.exact_at), the runs step one after another
-    through their own fused steps."""
+    them at a batch's shape (StackedFusedStep.exact_at), or where the runs' fused steps are
+    compiled (elbolab.fused_cpp: one call per run, the stack's torch ops would not give its
+    bits), the runs step one after another through their own fused steps."""
 
     def __init__(self, runs: Sequence[StepRun]) -> None:
         self.members = list(runs)
         self.fused = StackedFusedStep([r.fused for r in self.members], [r.generator for r in self.members])
         self.model = self.members[0].model
         self.alone = [FusedRunStep(r) for r in self.members]
+        self.compiled = any(r.fused.compiled is not None for r in self.members)
 
     def step(self, x: Tensor, betas: Sequence[float]) -> list[StepOutcome]:
-        if self.fused.exact_at(x):
+        if not self.compiled and self.fused.exact_at(x):
             return [StepOutcome(*out) for out in self.fused.step(x, list(betas))]
         return [out for i, one in enumerate(self.alone) for out in one.step(x[i:i + 1], betas[i:i + 1])]
 

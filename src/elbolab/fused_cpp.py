@@ -1,0 +1,57 @@
+"""The compiled fused step: fused_step.cpp, built on first use with torch.utils.cpp_extension.
+
+Why: at batch 20 the torch-op fused step (elbolab.fused) still spends much of a step dispatching its
+100-190 ATen operations from Python; the compiled step makes one call for the forward and backward,
+its elementwise work in fused loops, the matrix products ATen's. It is the same computation on the
+same noise (tests/test_fused_cpp.py checks it against the torch-op step and autograd).
+
+The build lands in torch's extension cache (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``)
+and is reused while the source is unchanged. A build that fails (no compiler, no ninja, a compile
+error) prints one line and the torch-op fused step runs instead: training never fails for it.
+
+``train.fused_backend``: ``torch`` never builds it; ``cpp`` always uses it where it builds; ``auto``
+uses it too, unless the environment sets ``ELBOLAB_FUSED_CPP=0`` (the test suite does, so its fast tier
+never compiles; tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+#: ``train.fused_backend`` values
+BACKENDS = ("auto", "torch", "cpp")
+#: set to 0 to keep ``auto`` on the torch-op step (no build)
+ENV = "ELBOLAB_FUSED_CPP"
+SOURCE = Path(__file__).with_name("fused_step.cpp")
+
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def wanted(backend: str) -> bool:
+    """Whether ``train.fused_backend=backend`` asks for the compiled step."""
+    if backend == "torch":
+        return False
+    if backend == "cpp":
+        return True
+    return os.environ.get(ENV, "1") != "0"
+
+
+def load() -> ModuleType | None:
+    """The compiled module, built once per process (and cached on disk); None, after one line on
+    stderr, where it cannot be built."""
+    if "mod" not in _loaded:
+        try:
+            from torch.utils.cpp_extension import load as build
+
+            _loaded["mod"] = build(name="elbolab_fused_step", sources=[str(SOURCE)], extra_cflags=["-O3"],
+                                   verbose=False)
+        except Exception as err:  # any build failure falls back, it never fails a training
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            why = f"{type(err).__name__}: {lines[0] if lines else ''}"[:200]
+            print(f"elbolab: compiled fused step unavailable ({why}); using the torch-op fused step",
+                  file=sys.stderr)
+            _loaded["mod"] = None
+    return _loaded["mod"]

@@ -1,0 +1,510 @@
+// The fused training step of elbolab.fused (FusedStep) compiled: the same forward and hand-written
+// backward for one run, as one call from Python instead of a hundred or more ATen dispatches.
+//
+// It computes what fused._FusedCore._one_layer / _two_layer compute, on the noise the caller drew
+// (so a seed gives the same samples), writing the gradients into the tensors it was given (views of
+// the step's flat gradient buffer). Matrix products stay ATen's (addmm_out / mm_out: MKL); tanh, exp
+// and log1p over the large buffers stay ATen's vectorized kernels; everything else (the Gaussian
+// log-densities and reparameterization, the Bernoulli log-likelihood and its gradient, the IWAE
+// weights, tanh's backward, bias gradients) is plain loops in one pass each.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+struct Chain {
+  // input -> (Linear, tanh)* -> Linear; weights [out, in]
+  std::vector<Tensor> w, b, gw, gb;
+  std::vector<Tensor> wt;
+  std::vector<Tensor> acts, deltas;  // tanh outputs and gradients at the hidden pre-activations
+  Tensor out, grad_in;               // the head's output (its gradient in the backward), grad at input
+  int64_t rows = -1;
+
+  void buffers(int64_t n, const Tensor& like) {
+    if (rows == n) return;
+    rows = n;
+    acts.clear();
+    deltas.clear();
+    for (size_t i = 0; i + 1 < w.size(); ++i) {
+      acts.push_back(at::empty({n, w[i].size(0)}, like.options()));
+      deltas.push_back(at::empty({n, w[i].size(0)}, like.options()));
+    }
+    out = at::empty({n, w.back().size(0)}, like.options());
+    grad_in = at::empty({n, w[0].size(1)}, like.options());
+  }
+
+  const Tensor& forward(const Tensor& x) {
+    const Tensor* h = &x;
+    for (size_t i = 0; i + 1 < w.size(); ++i) {
+      at::addmm_out(acts[i], b[i], *h, wt[i]);
+      acts[i].tanh_();
+      h = &acts[i];
+    }
+    at::addmm_out(out, b.back(), *h, wt.back());
+    return out;
+  }
+
+  template <typename T>
+  static void bias_grad(const Tensor& d, Tensor& gb) {
+    const int64_t n = d.size(0), m = d.size(1);
+    const T* dp = d.data_ptr<T>();
+    T* g = gb.data_ptr<T>();
+    std::vector<double> acc(m, 0.0);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < m; ++j) acc[j] += dp[r * m + j];
+    for (int64_t j = 0; j < m; ++j) g[j] = static_cast<T>(acc[j]);
+  }
+
+  // Gradients of the parameters (written over theirs) from the gradient at the head's output
+  // ``d`` (the ``out`` buffer), and, if asked, at the input (the ``grad_in`` buffer).
+  template <typename T>
+  void backward(const Tensor& x, const Tensor& dout, bool params, bool input_grad) {
+    const Tensor* d = &dout;
+    for (int64_t i = static_cast<int64_t>(w.size()) - 1; i >= 0; --i) {
+      const Tensor& inp = i > 0 ? acts[i - 1] : x;
+      if (params) {
+        at::mm_out(gw[i], d->t(), inp);
+        bias_grad<T>(*d, gb[i]);
+      }
+      if (i == 0) {
+        if (input_grad) at::mm_out(grad_in, *d, w[0]);
+        return;
+      }
+      Tensor& nxt = deltas[i - 1];
+      at::mm_out(nxt, *d, w[i]);
+      T* np = nxt.data_ptr<T>();
+      const T* ap = inp.data_ptr<T>();
+      const int64_t n = nxt.numel();
+      for (int64_t j = 0; j < n; ++j) np[j] *= T(1) - ap[j] * ap[j];
+      d = &nxt;
+    }
+  }
+};
+
+class Step {
+ public:
+  // chains: per role (q1, px for the one-layer model; q1, q2, p1, px for the two-layer), the
+  // weights, biases, weight gradients and bias gradients of its Linear layers in order.
+  Step(std::vector<std::vector<std::vector<Tensor>>> chains, int64_t k, bool iwae, bool stl, bool dreg)
+      : k_(k), iwae_(iwae), stl_(stl), dreg_(dreg) {
+    for (auto& c : chains) {
+      Chain ch;
+      ch.w = c[0];
+      ch.b = c[1];
+      ch.gw = c[2];
+      ch.gb = c[3];
+      for (auto& wi : ch.w) ch.wt.push_back(wi.t());
+      chains_.push_back(std::move(ch));
+    }
+    two_layer_ = chains_.size() == 4;
+    d1_ = chains_[0].w.back().size(0) / 2;
+    d2_ = two_layer_ ? chains_[1].w.back().size(0) / 2 : 0;
+  }
+
+  // Forward and backward on x [B, D] with noise eps1 [K, B, D1] (and eps2 [K, B, D2]) at KL weight
+  // beta: (bound [B], log_w [K, B], loss [], log p(x|z), log p(z) (z1, z2), log q (z1, z2), z1, z2).
+  std::vector<Tensor> run(const Tensor& x, const Tensor& eps1, const Tensor& eps2, double beta) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fused step: x must be a contiguous [B, D] tensor");
+    std::vector<Tensor> res;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_step", [&] {
+      res = two_layer_ ? two_layer<scalar_t>(x, eps1.contiguous(), eps2.contiguous(), beta)
+                       : one_layer<scalar_t>(x, eps1.contiguous(), beta);
+    });
+    return res;
+  }
+
+ private:
+  std::vector<Chain> chains_;
+  int64_t k_, d1_, d2_;
+  bool iwae_, stl_, dreg_, two_layer_;
+  int64_t b_ = -1;
+  // per-batch-size buffers
+  Tensor std1_, z1_, std2_, z2_, u_, uip_, lpx_, lp1_, lp2_, lq1_, lq2_, logw_, bound_, loss_, g_, a_, e_, l1p_;
+
+  void buffers(int64_t b, const Tensor& x) {
+    if (b == b_) return;
+    b_ = b;
+    const int64_t kb = k_ * b;
+    auto o = x.options();
+    chains_[0].buffers(b, x);
+    for (size_t i = 1; i < chains_.size(); ++i) chains_[i].buffers(kb, x);
+    std1_ = at::empty({b, d1_}, o);
+    z1_ = at::empty({k_, b, d1_}, o);
+    if (two_layer_) {
+      std2_ = at::empty({kb, d2_}, o);
+      z2_ = at::empty({k_, b, d2_}, o);
+      u_ = at::empty({kb, d1_}, o);
+      uip_ = at::empty({kb, d1_}, o);
+      lp2_ = at::empty({k_, b}, o);
+      lq2_ = at::empty({k_, b}, o);
+    }
+    for (Tensor* t : {&lpx_, &lp1_, &lq1_, &logw_, &g_, &a_}) *t = at::empty({k_, b}, o);
+    bound_ = at::empty({b}, o);
+    loss_ = at::empty({}, o);
+    e_ = at::empty({kb, x.size(1)}, o);
+    l1p_ = at::empty({kb, x.size(1)}, o);
+  }
+
+  // log p(x|z) per row from the logits [KB, D] (Bernoulli on logits: x l - softplus(l)); leaves
+  // sigmoid(l) in e_ for the backward. softplus(l) = max(l, 0) + log1p(exp(-|l|)).
+  template <typename T>
+  void log_bernoulli(const Tensor& x, const Tensor& logits, T* lpx) {
+    const int64_t kb = logits.size(0), dim = logits.size(1), b = x.size(0);
+    const T* l = logits.data_ptr<T>();
+    T* e = e_.data_ptr<T>();
+    const int64_t n = kb * dim;
+    for (int64_t j = 0; j < n; ++j) e[j] = -std::abs(l[j]);
+    e_.exp_();
+    at::log1p_out(l1p_, e_);
+    const T* lp = l1p_.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    for (int64_t r = 0; r < kb; ++r) {
+      const T* xr = xp + (r % b) * dim;
+      const T* lr = l + r * dim;
+      const T* pr = lp + r * dim;
+      T* er = e + r * dim;
+      double acc = 0;
+      for (int64_t j = 0; j < dim; ++j) {
+        const T v = lr[j];
+        acc += static_cast<double>(xr[j] * v - (std::max(v, T(0)) + pr[j]));
+        const T s = T(1) / (T(1) + er[j]);
+        er[j] = v >= T(0) ? s : er[j] * s;
+      }
+      lpx[r] = static_cast<T>(acc);
+    }
+  }
+
+  // dLoss/dlogits = G (x - sigmoid(l)), written over the logits.
+  template <typename T>
+  void likelihood_backward(const Tensor& x, Tensor& logits) {
+    const int64_t kb = logits.size(0), dim = logits.size(1), b = x.size(0);
+    T* l = logits.data_ptr<T>();
+    const T* e = e_.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    const T* g = g_.data_ptr<T>();
+    for (int64_t r = 0; r < kb; ++r) {
+      const T* xr = xp + (r % b) * dim;
+      const T gr = g[r];
+      for (int64_t j = 0; j < dim; ++j) l[r * dim + j] = gr * (xr[j] - e[r * dim + j]);
+    }
+  }
+
+  // The bound, log w, loss, G = dLoss/dlog w_train and A = r G (DReG's path weights) from
+  // log p(x|z) and log p(z) - log q (fused._FusedCore._weights).
+  template <typename T>
+  void weights(const T* lpx, const T* ratio, int64_t b, double beta) {
+    const int64_t k = k_;
+    const bool unit = beta == 1.0;
+    T* lw = logw_.data_ptr<T>();
+    T* bound = bound_.data_ptr<T>();
+    T* g = g_.data_ptr<T>();
+    T* a = a_.data_ptr<T>();
+    const T tb = static_cast<T>(beta);
+    for (int64_t i = 0; i < k * b; ++i) lw[i] = lpx[i] + ratio[i];
+    // the training log weights go to g first
+    for (int64_t i = 0; i < k * b; ++i) g[i] = unit ? lw[i] : lpx[i] + tb * ratio[i];
+    double train_sum = 0;
+    const T logk = static_cast<T>(std::log(static_cast<double>(k)));
+    for (int64_t c = 0; c < b; ++c) {
+      T train, rep;
+      if (iwae_) {
+        T m = -INFINITY, mr = -INFINITY;
+        for (int64_t i = 0; i < k; ++i) {
+          m = std::max(m, g[i * b + c]);
+          mr = std::max(mr, lw[i * b + c]);
+        }
+        if (!std::isfinite(m)) m = 0;
+        if (!std::isfinite(mr)) mr = 0;
+        T s = 0, sr = 0;
+        for (int64_t i = 0; i < k; ++i) {
+          s += std::exp(g[i * b + c] - m);
+          sr += std::exp(lw[i * b + c] - mr);
+        }
+        const T lse = m + std::log(s);
+        for (int64_t i = 0; i < k; ++i) g[i * b + c] = std::exp(g[i * b + c] - lse);
+        train = lse - logk;
+        rep = unit ? train : mr + std::log(sr) - logk;
+      } else {
+        double s = 0, sr = 0;
+        for (int64_t i = 0; i < k; ++i) {
+          s += g[i * b + c];
+          sr += lw[i * b + c];
+        }
+        train = static_cast<T>(s / static_cast<double>(k));
+        rep = unit ? train : static_cast<T>(sr / static_cast<double>(k));
+        for (int64_t i = 0; i < k; ++i) g[i * b + c] = T(1) / static_cast<T>(k);
+      }
+      bound[c] = rep;
+      train_sum += train;
+    }
+    loss_.fill_(-train_sum / static_cast<double>(b));
+    const T scale = T(-1) / static_cast<T>(b);
+    for (int64_t i = 0; i < k * b; ++i) {
+      const T c = g[i];
+      g[i] = c * scale;
+      a[i] = dreg_ ? g[i] * (T(1) - tb + tb * c) : g[i];
+    }
+  }
+
+  // q(z1|x)'s head gradient from dLoss/dz1 ([K, B, D1], the reparameterized sample).
+  template <typename T>
+  void encoder_head_grad(const T* gz, const T* eps, const T* std1, int64_t b, double beta, Tensor& gout) {
+    const int64_t d = d1_, k = k_;
+    T* go = gout.data_ptr<T>();
+    const T* a = a_.data_ptr<T>();
+    const T hb = static_cast<T>(0.5 * beta);
+    for (int64_t c = 0; c < b; ++c) {
+      T* gm = go + c * 2 * d;
+      T* gl = gm + d;
+      std::fill(gm, gm + 2 * d, T(0));
+      for (int64_t i = 0; i < k; ++i) {
+        const T* gr = gz + (i * b + c) * d;
+        const T* er = eps + (i * b + c) * d;
+        for (int64_t j = 0; j < d; ++j) {
+          gm[j] += gr[j];
+          gl[j] += gr[j] * er[j];
+        }
+      }
+      T asum = 0;
+      if (!stl_)
+        for (int64_t i = 0; i < k; ++i) asum += a[i * b + c];
+      for (int64_t j = 0; j < d; ++j) gl[j] = gl[j] * (std1[c * d + j] * T(0.5)) + (stl_ ? T(0) : asum * hb);
+    }
+  }
+
+  template <typename T>
+  std::vector<Tensor> one_layer(const Tensor& x, const Tensor& eps, double beta) {
+    const int64_t b = x.size(0), k = k_, d = d1_, kb = k * b;
+    buffers(b, x);
+    Chain& enc = chains_[0];
+    Chain& dec = chains_[1];
+    const T tb = static_cast<T>(beta);
+    const T half = static_cast<T>(0.5 * d * std::log(2 * M_PI));
+    const Tensor& out = enc.forward(x);
+    const T* op = out.data_ptr<T>();
+    T* sd = std1_.data_ptr<T>();
+    T* lq = lq1_.data_ptr<T>();
+    T* lp = lp1_.data_ptr<T>();
+    T* z = z1_.data_ptr<T>();
+    const T* ep = eps.data_ptr<T>();
+    std::vector<double> lvsum(b);
+    for (int64_t c = 0; c < b; ++c) {
+      double s = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        const T lv = op[c * 2 * d + d + j];
+        sd[c * d + j] = std::exp(lv * T(0.5));
+        s += lv;
+      }
+      lvsum[c] = s;
+    }
+    for (int64_t r = 0; r < kb; ++r) {
+      const int64_t c = r % b;
+      double zz = 0, ee = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        const T e = ep[r * d + j];
+        const T v = op[c * 2 * d + j] + sd[c * d + j] * e;
+        z[r * d + j] = v;
+        zz += v * v;
+        ee += e * e;
+      }
+      lp[r] = static_cast<T>(-0.5 * zz) - half;
+      lq[r] = static_cast<T>(-0.5 * (lvsum[c] + ee)) - half;
+    }
+    Tensor zf = z1_.view({kb, d});
+    Tensor& logits = const_cast<Tensor&>(dec.forward(zf));
+    T* lpx = lpx_.data_ptr<T>();
+    log_bernoulli<T>(x, logits, lpx);
+    std::vector<T> ratio(kb);
+    for (int64_t r = 0; r < kb; ++r) ratio[r] = lp[r] - lq[r];
+    weights<T>(lpx, ratio.data(), b, beta);
+
+    likelihood_backward<T>(x, logits);
+    dec.backward<T>(zf, logits, true, true);
+    T* gz = dec.grad_in.data_ptr<T>();
+    const T* g = g_.data_ptr<T>();
+    const T* a = a_.data_ptr<T>();
+    for (int64_t r = 0; r < kb; ++r) {
+      const int64_t c = r % b;
+      const T rr = dreg_ ? T(1) - tb + tb * (g[r] * static_cast<T>(-b)) : T(1);
+      const T ab = a[r] * tb;
+      for (int64_t j = 0; j < d; ++j) {
+        T v = gz[r * d + j];
+        if (dreg_) v *= rr;
+        v -= ab * z[r * d + j];
+        if (stl_) v += ab * (ep[r * d + j] / sd[c * d + j]);
+        gz[r * d + j] = v;
+      }
+    }
+    encoder_head_grad<T>(gz, ep, sd, b, beta, enc.out);
+    enc.backward<T>(x, enc.out, true, false);
+    return {bound_, logw_, loss_, lpx_, lp1_, Tensor(), lq1_, Tensor(), z1_, Tensor()};
+  }
+
+  template <typename T>
+  std::vector<Tensor> two_layer(const Tensor& x, const Tensor& eps1, const Tensor& eps2, double beta) {
+    const int64_t b = x.size(0), k = k_, d1 = d1_, d2 = d2_, kb = k * b;
+    buffers(b, x);
+    Chain& q1 = chains_[0];
+    Chain& q2 = chains_[1];
+    Chain& p1 = chains_[2];
+    Chain& px = chains_[3];
+    const T tb = static_cast<T>(beta);
+    const T half1 = static_cast<T>(0.5 * d1 * std::log(2 * M_PI));
+    const T half2 = static_cast<T>(0.5 * d2 * std::log(2 * M_PI));
+    // q(z1 | x)
+    const Tensor& out1 = q1.forward(x);
+    const T* o1 = out1.data_ptr<T>();
+    T* sd1 = std1_.data_ptr<T>();
+    T* z1 = z1_.data_ptr<T>();
+    T* lq1 = lq1_.data_ptr<T>();
+    const T* e1 = eps1.data_ptr<T>();
+    std::vector<double> lvsum(b);
+    for (int64_t c = 0; c < b; ++c) {
+      double s = 0;
+      for (int64_t j = 0; j < d1; ++j) {
+        const T lv = o1[c * 2 * d1 + d1 + j];
+        sd1[c * d1 + j] = std::exp(lv * T(0.5));
+        s += lv;
+      }
+      lvsum[c] = s;
+    }
+    for (int64_t r = 0; r < kb; ++r) {
+      const int64_t c = r % b;
+      double ee = 0;
+      for (int64_t j = 0; j < d1; ++j) {
+        const T e = e1[r * d1 + j];
+        z1[r * d1 + j] = o1[c * 2 * d1 + j] + sd1[c * d1 + j] * e;
+        ee += e * e;
+      }
+      lq1[r] = static_cast<T>(-0.5 * (lvsum[c] + ee)) - half1;
+    }
+    Tensor z1f = z1_.view({kb, d1});
+    // q(z2 | z1)
+    const Tensor& out2 = q2.forward(z1f);
+    const T* o2 = out2.data_ptr<T>();
+    T* sd2 = std2_.data_ptr<T>();
+    T* z2 = z2_.data_ptr<T>();
+    T* lq2 = lq2_.data_ptr<T>();
+    T* lp2 = lp2_.data_ptr<T>();
+    const T* e2 = eps2.data_ptr<T>();
+    for (int64_t r = 0; r < kb; ++r) {
+      double lvs = 0, ee = 0, zz = 0;
+      for (int64_t j = 0; j < d2; ++j) {
+        const T lv = o2[r * 2 * d2 + d2 + j];
+        const T s = std::exp(lv * T(0.5));
+        const T e = e2[r * d2 + j];
+        const T v = o2[r * 2 * d2 + j] + s * e;
+        sd2[r * d2 + j] = s;
+        z2[r * d2 + j] = v;
+        lvs += lv;
+        ee += e * e;
+        zz += v * v;
+      }
+      lq2[r] = static_cast<T>(-0.5 * (lvs + ee)) - half2;
+      lp2[r] = static_cast<T>(-0.5 * zz) - half2;
+    }
+    Tensor z2f = z2_.view({kb, d2});
+    // p(z1 | z2) and p(x | z1)
+    const Tensor& outp = p1.forward(z2f);
+    const T* opp = outp.data_ptr<T>();
+    T* u = u_.data_ptr<T>();
+    T* uip = uip_.data_ptr<T>();
+    T* lp1 = lp1_.data_ptr<T>();
+    for (int64_t r = 0; r < kb; ++r) {
+      double lvs = 0, q = 0;
+      for (int64_t j = 0; j < d1; ++j) {
+        const T plv = opp[r * 2 * d1 + d1 + j];
+        const T uu = z1[r * d1 + j] - opp[r * 2 * d1 + j];
+        const T w = uu * std::exp(-plv);
+        u[r * d1 + j] = uu;
+        uip[r * d1 + j] = w;
+        lvs += plv;
+        q += uu * w;
+      }
+      lp1[r] = static_cast<T>(-0.5 * (lvs + q)) - half1;
+    }
+    Tensor& logits = const_cast<Tensor&>(px.forward(z1f));
+    T* lpx = lpx_.data_ptr<T>();
+    log_bernoulli<T>(x, logits, lpx);
+    std::vector<T> ratio(kb);
+    for (int64_t r = 0; r < kb; ++r) ratio[r] = lp2[r] + lp1[r] - lq1[r] - lq2[r];
+    weights<T>(lpx, ratio.data(), b, beta);
+
+    // decoder side: weights G
+    const T* g = g_.data_ptr<T>();
+    const T* a = a_.data_ptr<T>();
+    likelihood_backward<T>(x, logits);
+    px.backward<T>(z1f, logits, true, true);
+    T* gz1 = px.grad_in.data_ptr<T>();
+    T* gp = p1.out.data_ptr<T>();
+    for (int64_t r = 0; r < kb; ++r) {
+      const T gb = g[r] * tb;
+      for (int64_t j = 0; j < d1; ++j) {
+        const T w = uip[r * d1 + j];
+        const T gm = w * gb;  // d log p1 / d mean = (z1 - m) / var
+        gp[r * 2 * d1 + j] = gm;
+        gp[r * 2 * d1 + d1 + j] = (u[r * d1 + j] * w - T(1)) * (gb * T(0.5));
+        gz1[r * d1 + j] -= gm;
+      }
+    }
+    p1.backward<T>(z2f, p1.out, true, true);
+    T* gz2 = p1.grad_in.data_ptr<T>();
+    // encoder side: weights A = r G
+    T* gq2 = q2.out.data_ptr<T>();
+    for (int64_t r = 0; r < kb; ++r) {
+      const T ab = a[r] * tb;
+      const T rr = dreg_ ? T(1) - tb + tb * (g[r] * static_cast<T>(-b)) : T(1);
+      if (dreg_)
+        for (int64_t j = 0; j < d1; ++j) gz1[r * d1 + j] *= rr;
+      for (int64_t j = 0; j < d2; ++j) {
+        T v = gz2[r * d2 + j];
+        if (dreg_) v *= rr;
+        v -= ab * z2[r * d2 + j];
+        const T h2 = sd2[r * d2 + j] * e2[r * d2 + j] * T(0.5);
+        gq2[r * 2 * d2 + j] = v;
+        gq2[r * 2 * d2 + d2 + j] = v * h2 + ab * T(0.5);
+      }
+    }
+    if (!stl_) {
+      q2.backward<T>(z1f, q2.out, true, true);
+      const T* gi = q2.grad_in.data_ptr<T>();
+      for (int64_t i = 0; i < kb * d1; ++i) gz1[i] += gi[i];
+    } else {
+      q2.backward<T>(z1f, q2.out, false, true);
+      const T* gi = q2.grad_in.data_ptr<T>();
+      for (int64_t i = 0; i < kb * d1; ++i) gz1[i] += gi[i];
+      // q(z2|z1)'s own parameters: log q2 at fixed parameters, + beta eps2 / std2 through z2
+      for (int64_t r = 0; r < kb; ++r) {
+        const T ab = a[r] * tb;
+        for (int64_t j = 0; j < d2; ++j) {
+          const T s = sd2[r * d2 + j], e = e2[r * d2 + j];
+          const T m = gq2[r * 2 * d2 + j] + ab * (e / s);
+          gq2[r * 2 * d2 + j] = m;
+          gq2[r * 2 * d2 + d2 + j] = m * (s * e * T(0.5));
+        }
+      }
+      q2.backward<T>(z1f, q2.out, true, false);
+      for (int64_t r = 0; r < kb; ++r) {  // log q1 at fixed parameters
+        const int64_t c = r % b;
+        const T ab = a[r] * tb;
+        for (int64_t j = 0; j < d1; ++j) gz1[r * d1 + j] += ab * (e1[r * d1 + j] / sd1[c * d1 + j]);
+      }
+    }
+    encoder_head_grad<T>(gz1, e1, sd1, b, beta, q1.out);
+    q1.backward<T>(x, q1.out, true, false);
+    return {bound_, logw_, loss_, lpx_, lp1_, lp2_, lq1_, lq2_, z1_, z2_};
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Step>(m, "Step")
+      .def(pybind11::init<std::vector<std::vector<std::vector<Tensor>>>, int64_t, bool, bool, bool>())
+      .def("run", &Step::run, pybind11::call_guard<pybind11::gil_scoped_release>());
+}

@@ -1,0 +1,214 @@
+"""The compiled fused step (elbolab.fused_cpp, fused_step.cpp) is the torch-op fused step's training.
+
+Tests that build the extension are in the slow tier (the build takes about a minute once, then
+it is cached); the fallback and the setting are checked in the fast tier without a build.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from test_fused import MODELS, _autograd, _batch, _float32_noise, _model
+
+from elbolab import fused_cpp
+from elbolab.config import ConfigError, RunConfig
+from elbolab.fused import FusedStep, fused_step_for
+from elbolab.optimizers import make_optimizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    mod = fused_cpp.load()
+    if mod is None:
+        pytest.fail("the compiled fused step did not build here (see the line on stderr)")
+    return mod
+
+
+def _terms(res):
+    t = res.terms
+    return {"log_px": t.log_likelihood, **{f"prior {n}": v for n, v in t.log_prior.items()},
+            **{f"post {n}": v for n, v in t.log_posterior.items()}, **{f"z {n}": v for n, v in t.z.items()}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compiled_gradients_equal_autograd_and_the_torch_step_in_float64(compiled, name: str) -> None:
+    """Every (objective, estimator, k, KL weight) in float64: the compiled step's gradients, bound,
+    loss, log weights and terms are autograd's to 1e-12 (a wrong term of any size shows), and the
+    torch-op fused step's on the same noise."""
+    x = _batch()
+    for obj, est, k, beta in itertools.product(("vae", "iwae"), ("standard", "stl", "dreg"), (1, 4), (1.0, 0.3)):
+        where = f"{name} {obj} {est} k={k} beta={beta}"
+        model = _model(name)
+        torch.manual_seed(5)
+        ref_res, ref = _autograd(model, x, obj, k, est, beta)
+        ref_terms = {key: v.detach().clone() for key, v in _terms(ref_res).items()}
+        torch_step = FusedStep(copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=0.0), obj, k, est)
+        torch.manual_seed(5)
+        t_res, _ = torch_step.gradients(x, beta)
+        step = FusedStep(model, torch.optim.SGD(model.parameters(), lr=0.0), obj, k, est, backend="cpp")
+        assert step._cpp is not None
+        torch.manual_seed(5)
+        res, loss = step.gradients(x, beta)
+        for g, r, t in zip(step.grads, ref, torch_step.grads, strict=True):
+            tol = 1e-12 * float(r.abs().max())
+            assert torch.allclose(g, r, rtol=1e-10, atol=tol), where
+            assert torch.allclose(g, t, rtol=1e-10, atol=tol), where
+        assert abs(float(loss) - float(ref_res.loss.detach())) < 1e-12, where
+        assert res.bound.shape == ref_res.bound.shape and torch.allclose(res.bound, ref_res.bound, atol=1e-12), where
+        assert res.log_w.shape == ref_res.log_w.shape and torch.allclose(res.log_w, ref_res.log_w, atol=1e-12), where
+        got, want = _terms(res), ref_terms
+        assert got.keys() == want.keys(), where
+        for key in want:
+            assert got[key].shape == want[key].shape, (where, key)
+            assert torch.allclose(got[key], want[key], atol=1e-12), (where, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("est", ["standard", "dreg"])
+def test_compiled_float32_gradients_as_close_to_float64_as_the_torch_step(compiled, name: str, est: str) -> None:
+    """In float32 the compiled step's gradients are float64's truth to float32 rounding, as the
+    torch-op fused step's are (the same samples)."""
+    x64 = _batch()
+    model64 = _model(name)
+    model32 = copy.deepcopy(model64).float()
+    with _float32_noise():
+        _, truth = _autograd(model64, x64, "iwae", 5, est, 1.0)
+    torch_step = FusedStep(copy.deepcopy(model32), torch.optim.SGD(model32.parameters(), lr=0.0), "iwae", 5, est)
+    step = FusedStep(model32, torch.optim.SGD(model32.parameters(), lr=0.0), "iwae", 5, est, backend="cpp")
+    with _float32_noise():
+        torch_step.gradients(x64.float())
+    with _float32_noise():
+        step.gradients(x64.float())
+    for g, t, r in zip(step.grads, torch_step.grads, truth, strict=True):
+        scale = float(r.abs().max())
+        assert float((t.double() - r).abs().max()) / scale < 5e-6
+        assert float((g.double() - r).abs().max()) / scale < 5e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compiled_steps_at_paper_size_train_as_the_torch_step(compiled, name: str) -> None:
+    """The paper's layer sizes at batch 20, IWAE k = 5, Adam: 3 steps from one seed draw the same
+    noise (the global stream ends in the same state), give the same bounds and land on the same
+    parameters as the torch-op fused step. Adam steps about lr whatever a gradient's size, so an
+    entry whose gradient is rounding noise around 0 may move either way: a handful of entries
+    (< 0.1%) may differ by up to the three steps' 2 x 3 lr, the rest agree to 1e-5."""
+    from elbolab.models import build_model
+
+    over = {"one-layer": [], "two-layer": ["model.name=two-layer"]}[name]
+    cfg = RunConfig().with_overrides([*over, "objective.name=iwae", "objective.k=5", "train.lr=1e-3"])
+    torch.manual_seed(0)
+    model_t = build_model(cfg.model, 784)
+    model_c = copy.deepcopy(model_t)
+    opt_t, opt_c = make_optimizer(model_t, cfg.train, "cpu"), make_optimizer(model_c, cfg.train, "cpu")
+    steps = {"torch": FusedStep(model_t, opt_t, "iwae", 5), "cpp": FusedStep(model_c, opt_c, "iwae", 5, backend="cpp")}
+    x = (torch.rand(20, 784, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    bounds, rng = {}, {}
+    for name_, step in steps.items():
+        torch.manual_seed(11)
+        bounds[name_] = [step.step(x)[1] for _ in range(3)]
+        rng[name_] = torch.get_rng_state()
+    assert torch.equal(rng["torch"], rng["cpp"])
+    assert bounds["cpp"] == pytest.approx(bounds["torch"], rel=1e-5)
+    with torch.no_grad():
+        for a, b in zip(model_t.parameters(), model_c.parameters(), strict=True):
+            diff = (a - b).abs()
+            assert float(diff.max()) <= 6 * 1e-3 * (1 + 1e-3)
+            assert int((diff > 1e-5).sum()) <= max(1, diff.numel() // 1000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compiled_float32_gradients_at_paper_size_as_accurate_as_the_torch_step(compiled, name: str) -> None:
+    """784-200-200-50 (two-layer: -100-100-50), batch 20, IWAE k = 5, the same float32 noise: the
+    compiled step's float32 gradients are the float64 truth's to float32 rounding over sums of 784
+    pixels (its sums accumulate in float64), no worse than the torch-op step's."""
+    from elbolab.models import build_model
+
+    over = {"one-layer": [], "two-layer": ["model.name=two-layer"]}[name]
+    cfg = RunConfig().with_overrides([*over, "objective.name=iwae", "objective.k=5"])
+    torch.manual_seed(0)
+    model32 = build_model(cfg.model, 784)
+    model64 = copy.deepcopy(model32).double()
+    x = (torch.rand(20, 784, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    steps = {"truth": FusedStep(model64, torch.optim.SGD(model64.parameters(), lr=0.0), "iwae", 5),
+             "torch": FusedStep(copy.deepcopy(model32), torch.optim.SGD(model32.parameters(), lr=0.0), "iwae", 5),
+             "cpp": FusedStep(model32, torch.optim.SGD(model32.parameters(), lr=0.0), "iwae", 5, backend="cpp")}
+    for key, step in steps.items():
+        with _float32_noise():
+            step.gradients(x.double() if key == "truth" else x)
+    err = {key: max(float((g.double() - t).abs().max() / t.abs().max())
+                    for g, t in zip(steps[key].grads, steps["truth"].grads, strict=True)) for key in ("torch", "cpp")}
+    assert err["torch"] < 1e-4
+    assert err["cpp"] < max(err["torch"], 3e-5), err
+
+
+@pytest.mark.slow
+def test_a_compile_error_falls_back_with_one_line(monkeypatch, tmp_path, capsys) -> None:
+    """A source that does not compile: one line on stderr, and the torch-op fused step trains."""
+    bad = tmp_path / "fused_step.cpp"
+    bad.write_text("#include <torch/extension.h>\nthis does not compile;\n")
+    monkeypatch.setattr(fused_cpp, "SOURCE", bad)
+    monkeypatch.setattr(fused_cpp, "_loaded", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    model = _model("one-layer", torch.float32)
+    step = FusedStep(model, torch.optim.SGD(model.parameters(), lr=0.0), "iwae", 2, backend="cpp")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("elbolab: compiled fused step unavailable (")
+    assert err[0].endswith("; using the torch-op fused step")
+    assert step._cpp is None and torch.isfinite(step.gradients(_batch(torch.float32))[1])
+
+
+def test_a_failed_build_falls_back_with_one_line_and_the_torch_step(monkeypatch, capsys) -> None:
+    """No compiler (the build raises): one line on stderr, once per process; the step is the
+    torch-op fused step, its gradients those of backend=torch."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    calls = []
+
+    def no_compiler(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("Error building extension: c++: command not found\nmore lines")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(fused_cpp, "_loaded", {})
+    x = _batch()
+    grads = {}
+    for backend in ("cpp", "cpp", "torch"):
+        model = _model("two-layer")
+        step = FusedStep(model, torch.optim.SGD(model.parameters(), lr=0.0), "iwae", 3, backend=backend)
+        assert step._cpp is None
+        torch.manual_seed(2)
+        step.gradients(x)
+        grads[backend] = torch.cat([g.flatten() for g in step.grads])
+    assert len(calls) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["elbolab: compiled fused step unavailable (RuntimeError: Error building extension: c++: command "
+                   "not found); using the torch-op fused step"]
+    assert torch.equal(grads["cpp"], grads["torch"])
+
+
+def test_the_backend_setting(monkeypatch) -> None:
+    """train.fused_backend: a bad value is refused naming the key; auto builds only where the
+    environment allows it (the test suite sets ELBOLAB_FUSED_CPP=0), torch never, cpp always."""
+    with pytest.raises(ConfigError, match=r"train\.fused_backend.*auto, torch or cpp.*'gpu'"):
+        RunConfig().with_overrides(["train.fused_backend=gpu"])
+    assert not fused_cpp.wanted("auto") and not fused_cpp.wanted("torch") and fused_cpp.wanted("cpp")
+    monkeypatch.setenv(fused_cpp.ENV, "1")
+    assert fused_cpp.wanted("auto")
+    # the trainer's choice passes the setting on: torch builds nothing
+    monkeypatch.setattr(fused_cpp, "load", lambda: pytest.fail("train.fused_backend=torch built the extension"))
+    cfg = RunConfig().with_overrides(["objective.name=iwae", "objective.k=2", "train.fused=on",
+                                      "train.fused_backend=torch", "model.hidden=[5,4]", "model.latent_dim=3"])
+    from elbolab.models import build_model
+
+    model = build_model(cfg.model, 12)
+    step = fused_step_for(model, make_optimizer(model, cfg.train, "cpu"), cfg)
+    assert step is not None and step.compiled is None
