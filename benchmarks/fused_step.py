@@ -1,15 +1,18 @@
-"""The batch-20 training step, plain against fused (elbolab.fused), on one thread.
+"""The batch-20 training step, plain against fused (elbolab.fused) and compiled fused (elbolab.fused_cpp), one thread.
 
     python benchmarks/fused_step.py                  # the full table (a few minutes)
     python benchmarks/fused_step.py --ks 1 --models one-layer --seconds 0.2 --repeats 3
     python benchmarks/fused_step.py --stacks 1,2,4 --ks 1,5 --objectives iwae   # fused stacks
 
 For each dense model of the IWAE paper, objective and k: ms per step of the trainer's plain
-step (training.take_step) and of the fused step, pythae's step on the one-layer model, all in
+step (training.take_step), of the fused step (torch ops) and of the compiled fused step
+(train.fused_backend=cpp; the column is left out, saying why, where it does not build), pythae's
+step on the one-layer model, all in
 this process with their repeats interleaved beside a 1024 x 1024 float32 matrix product whose
 best rate is the one-thread FLOP peak; "of peak" is the step's matrix-product FLOPs (torch's
 FLOP counter on the plain step) per second over that peak. "hours/row" is a paper-budget table
-row at the measured step: 3,280 epochs x 50,000 / 20 steps. Timings are the minimum over the
+row at the measured step: 3,280 epochs x 60,000 / 20 steps (the iwae-paper preset trains on MNIST's
+60,000 training images). Timings are the minimum over the
 repeats (CPU clock by default: a shared machine's waiting is not counted); the CPU share of
 each reported repeat is kept. Prints the table and writes JSON to benchmarks/results/.
 
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from elbolab import fused_cpp
 from elbolab.cli.bench import run_script
 from elbolab.config import ConfigError, RunConfig, TrainConfig
 from elbolab.data import load
@@ -41,14 +45,17 @@ from elbolab.speed.suite import trainer_step
 from elbolab.training import NonFiniteError
 
 BATCH = 20
-#: steps in one table row at the IWAE paper's budget: 3,280 epochs of 50,000 / 20 batches
-PAPER_STEPS = 3280 * 50_000 // BATCH
+#: steps in one table row at the IWAE paper's budget: 3,280 epochs of 60,000 / 20 batches (the
+#: iwae-paper preset: data.name=mnist, every training image, no validation split held out)
+PAPER_STEPS = 3280 * 60_000 // BATCH
 MODELS = {"one-layer": [], "two-layer": ["model.name=two-layer"]}
 
 
-def fused_step(model, cfg: RunConfig, x: torch.Tensor):
+def fused_step(model, cfg: RunConfig, x: torch.Tensor, backend: str = "torch"):
     opt = make_optimizer(model, TrainConfig(lr=1e-4), x.device)
-    step = FusedStep(model, opt, cfg.objective.name, cfg.objective.k, cfg.objective.estimator)
+    step = FusedStep(model, opt, cfg.objective.name, cfg.objective.k, cfg.objective.estimator, backend=backend)
+    if backend == "cpp" and step.compiled is None:
+        raise RuntimeError("the compiled fused step did not build")
 
     def run() -> None:
         if not step.step(x)[2]:
@@ -57,7 +64,8 @@ def fused_step(model, cfg: RunConfig, x: torch.Tensor):
     return run
 
 
-def _fused(mname: str, obj: str, k: int, data_dim: int, train: torch.Tensor, widths: bool = False) -> FusedStep:
+def _fused(mname: str, obj: str, k: int, data_dim: int, train: torch.Tensor, widths: bool = False,
+           backend: str = "torch") -> FusedStep:
     over = [*MODELS[mname], f"objective.name={obj}", f"objective.k={k}"]
     if widths:  # every layer 8 wide: the same operations on almost no data
         over += (["model.hidden=[8,8]", "model.latent_dim=4"] if mname == "one-layer" else
@@ -67,7 +75,7 @@ def _fused(mname: str, obj: str, k: int, data_dim: int, train: torch.Tensor, wid
     torch.manual_seed(0)
     model = build_model(cfg.model, data_dim, train).train()
     opt = make_optimizer(model, TrainConfig(lr=1e-4), train.device)
-    return FusedStep(model, opt, obj, k)
+    return FusedStep(model, opt, obj, k, backend=backend)
 
 
 def _aten_ops(fn) -> int:
@@ -120,11 +128,26 @@ def profile(mname: str, obj: str, k: int, x: torch.Tensor, data_dim: int, train:
     parts = {"step": (lambda: step.step(x), 1), "matrix products": (products, 1), "Adam update": (step._adam_direct, 1),
              "finiteness probe (gradient norm)": ((lambda: step.flat.norm()), 1),
              "dispatch floor (all layers 8 wide)": ((lambda: tiny.step(x8)), 1), "matmul": (peak_step, peak_flops)}
+    compiled = _fused(mname, obj, k, data_dim, train, backend="cpp") if fused_cpp.load() is not None else None
+    if compiled is not None:
+        compiled.step(x)
+        compiled.step(x)
+        parts["compiled step"] = ((lambda: compiled.step(x)), 1)
+        parts["compiled forward+backward"] = ((lambda: compiled.gradients(x)), 1)
     with torch.no_grad():
         res = compare(parts, x.device, repeats, seconds)
     out = {name: 1e3 / tp.median for name, (tp, _) in res.items() if name != "matmul"}
     flops = count_flops(products)
-    out["elementwise (the rest)"] = out["step"] - sum(v for n, v in out.items() if n != "step")
+    torch_parts = ("matrix products", "Adam update", "finiteness probe (gradient norm)",
+                   "dispatch floor (all layers 8 wide)")
+    out["elementwise (the rest)"] = out["step"] - sum(out[n] for n in torch_parts)
+    if compiled is not None:
+        # the compiled step's forward+backward beyond its products: its elementwise loops and one call;
+        # its step beyond that and Adam and the probe: Python's share of the step
+        out["compiled: elementwise and call"] = out["compiled forward+backward"] - out["matrix products"]
+        out["compiled: rest of the step"] = (out["compiled step"] - out["compiled forward+backward"]
+                                             - out["Adam update"] - out["finiteness probe (gradient norm)"])
+        out["compiled step of peak"] = flops / (out["compiled step"] / 1e3) / res["matmul"][0].median
     out["aten ops per step"] = _aten_ops(lambda: step.step(x))
     out["products of peak"] = flops / (out["matrix products"] / 1e3) / res["matmul"][0].median
     out["step of peak"] = flops / (out["step"] / 1e3) / res["matmul"][0].median
@@ -169,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     p.add_argument("--no-pythae", action="store_true")
+    p.add_argument("--no-compiled", action="store_true", help="leave out the compiled fused step (no build)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fused-step-cpu-1thread.json"))
     p.add_argument("--profile", action="store_true", help="instead of the table: where a fused step's time goes")
     p.add_argument("--stacks", default="", help="instead of the table: per-run ms of fused stacks of these sizes")
@@ -217,7 +241,15 @@ def main(argv: list[str] | None = None) -> int:
                     parts = profile(mname, obj, k, x, data.data_dim, train, args.repeats, args.seconds)
                     step_ms = parts["step"]
                     shown = [f"{n} {v:.3f} ms ({100 * v / step_ms:.0f}%)" for n, v in parts.items()
-                             if n not in ("step", "aten ops per step", "products of peak", "step of peak")]
+                             if n not in ("step", "aten ops per step", "products of peak", "step of peak",
+                                          "compiled step of peak") and not n.startswith("compiled")]
+                    if "compiled step" in parts:
+                        c_ms = parts["compiled step"]
+                        c_peak = 100 * parts["compiled step of peak"]
+                        shown.append(f"COMPILED step {c_ms:.3f} ms ({c_peak:.0f}% of peak): "
+                                     + "; ".join(f"{n} {parts[n]:.3f} ms ({100 * parts[n] / c_ms:.0f}%)" for n in
+                                                 ("compiled forward+backward", "matrix products", "Adam update",
+                                                  "compiled: elementwise and call", "compiled: rest of the step")))
                     print(f"{mname} {obj.upper()} k={k}: step {step_ms:.3f} ms, {parts['aten ops per step']} aten ops, "
                           f"{100 * parts['step of peak']:.0f}% of peak (its products alone: "
                           f"{100 * parts['products of peak']:.0f}%): " + "; ".join(shown), flush=True)
@@ -226,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
                    args.out.with_name("fused-step-profile-cpu-1thread.json"))
         return 0
     rows, peak_seen = [], 0.0
+    compiled_reason = "--no-compiled" if args.no_compiled else (
+        None if fused_cpp.load() is not None else "it does not build here")
+    if compiled_reason:
+        print(f"compiled fused step: left out ({compiled_reason})")
     print(f"{'row':<28} {'plain ms':>9} {'fused ms':>9} {'speed-up':>8} {'plain':>6} {'fused':>6} "
-          f"{'pythae ms':>9} {'hours/row':>9} {'share':>5}")
+          f"{'pythae ms':>9} {'hours/row':>9} {'share':>5}  compiled: median ms, vs fused median, of peak, hours/row")
     for mname in models:
         for obj in objectives:
             for k in ks:
@@ -242,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
                 plain = trainer_step(make_objective(cfg.objective), plain_model, x)
                 flops = count_flops(plain)
                 steps = {"plain": (plain, 1), "fused": (fused_step(fused_model, cfg, x), 1)}
+                if compiled_reason is None:
+                    compiled_model = build_model(cfg.model, data.data_dim, train).train()
+                    compiled_model.load_state_dict(plain_model.state_dict())
+                    steps["compiled"] = (fused_step(compiled_model, cfg, x, backend="cpp"), 1)
                 if mname == "one-layer" and pythae_reason is None:
                     torch.manual_seed(0)
                     pm = pythae_models.build(obj, k)
@@ -256,27 +296,39 @@ def main(argv: list[str] | None = None) -> int:
                 ms = {name: 1e3 / tp.best for name, (tp, _) in res.items() if name != "matmul"}
                 median_ms = {name: 1e3 / tp.median for name, (tp, _) in res.items() if name != "matmul"}
                 of_peak = {name: flops / (v / 1e3) / peak for name, v in ms.items() if name != "pythae"}
+                peak_median = res["matmul"][0].median
+                of_peak_median = {name: flops / (v / 1e3) / peak_median for name, v in median_ms.items()
+                                  if name != "pythae"}
                 row = {
                     "name": f"{mname} {obj.upper()} k={k}", "model": mname, "objective": obj, "k": k,
                     "batch": BATCH, "ms_per_step": ms, "ms_per_step_median": median_ms,
                     "flops_per_step": flops, "peak_flops": peak, "of_peak": of_peak,
+                    "peak_flops_median": peak_median, "of_peak_median": of_peak_median,
                     "hours_per_paper_row": {n: v * PAPER_STEPS / 3.6e6 for n, v in ms.items()},
+                    "hours_per_paper_row_median": {n: v * PAPER_STEPS / 3.6e6 for n, v in median_ms.items()},
                     "cpu_share": {n: tp.best_cpu_share for n, (tp, _) in res.items()},
                     "speedup": ms["plain"] / ms["fused"],
                 }
                 rows.append(row)
                 py = f"{ms['pythae']:9.3f}" if "pythae" in ms else f"{'-':>9}"
                 share = row["cpu_share"]["fused"]
+                comp = ""
+                if "compiled" in ms:
+                    row["compiled_vs_fused_median"] = median_ms["fused"] / median_ms["compiled"]
+                    comp = (f"  {median_ms['compiled']:.3f} {row['compiled_vs_fused_median']:.2f}x "
+                            f"{100 * of_peak_median['compiled']:.0f}% "
+                            f"{row['hours_per_paper_row_median']['compiled']:.2f}")
                 print(f"{row['name']:<28} {ms['plain']:9.3f} {ms['fused']:9.3f} {row['speedup']:7.2f}x "
                       f"{100 * of_peak['plain']:5.0f}% {100 * of_peak['fused']:5.0f}% {py} "
-                      f"{row['hours_per_paper_row']['fused']:9.2f} {share:5.2f}", flush=True)
+                      f"{row['hours_per_paper_row']['fused']:9.2f} {share:5.2f}{comp}", flush=True)
                 write_json({"machine": info, "clock": args.clock, "threads": 1, "paper_steps": PAPER_STEPS,
                             "pythae": pythae_reason or "0.1.2", "peak_flops_seen": peak_seen, "rows": rows,
-                            "finished": False}, args.out)
+                            "compiled": compiled_reason or "built", "finished": False}, args.out)
     if hasattr(os, "getloadavg"):
         info["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     write_json({"machine": info, "clock": args.clock, "threads": 1, "paper_steps": PAPER_STEPS,
-                "pythae": pythae_reason or "0.1.2", "peak_flops_seen": peak_seen, "rows": rows, "finished": True},
+                "pythae": pythae_reason or "0.1.2", "peak_flops_seen": peak_seen, "rows": rows, "finished": True,
+                "compiled": compiled_reason or "built"},
                args.out)
     print(f"matmul peak (1 thread, {args.clock} clock): {peak_seen / 1e9:.1f} GFLOP/s; wrote {args.out}")
     return 0

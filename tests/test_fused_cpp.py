@@ -151,6 +151,31 @@ def test_compiled_float32_gradients_at_paper_size_as_accurate_as_the_torch_step(
 
 
 @pytest.mark.slow
+def test_a_compiled_step_takes_finite_steps_only(compiled) -> None:
+    """A NaN weight: the step is not taken and the parameters stay. Gradients so large that their
+    float32 sum of squares overflows, all finite: the step is taken (as the torch-op step takes it)."""
+    model = _model("one-layer", torch.float32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = FusedStep(model, opt, "iwae", 3, backend="cpp")
+    x = _batch(torch.float32)
+    with torch.no_grad():
+        model.encoder[0].weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    _, _, taken = step.step(x)
+    assert not taken
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a.nan_to_num(), b.detach().nan_to_num())
+    for backend in ("torch", "cpp"):
+        model = _model("one-layer", torch.float32)
+        with torch.no_grad():
+            model.likelihood.head.weight.mul_(1e21)  # gradients past 1e19: their squares overflow
+        step = FusedStep(model, torch.optim.SGD(model.parameters(), lr=0.0), "iwae", 3, backend=backend)
+        _, bound_sum, taken = step.step(x)
+        assert torch.isfinite(step.flat).all() and float(step.flat.square().sum()) == float("inf")
+        assert taken, backend
+
+
+@pytest.mark.slow
 def test_a_compile_error_falls_back_with_one_line(monkeypatch, tmp_path, capsys) -> None:
     """A source that does not compile: one line on stderr, and the torch-op fused step trains."""
     bad = tmp_path / "fused_step.cpp"

@@ -556,7 +556,7 @@ class FusedStep(_FusedCore):
             self._cpp = self.compiled.Step(
                 [[[lin.weight.detach() for lin in lins], [lin.bias.detach() for lin in lins],
                   [by_id[id(lin.weight)] for lin in lins], [by_id[id(lin.bias)] for lin in lins]]
-                 for lins in self.lins.values()], self.k, self.iwae, self.stl, self.dreg)
+                 for lins in self.lins.values()], self.flat, self.k, self.iwae, self.stl, self.dreg)
 
     def _attach_grads(self) -> None:
         for p, g in zip(self.params, self.grads, strict=True):
@@ -565,10 +565,14 @@ class FusedStep(_FusedCore):
     @torch.no_grad()
     def step(self, x: Tensor, beta: float = 1.0) -> tuple[ObjectiveResult, float, bool]:
         res, loss = self.gradients(x, beta)
-        bound_sum, probe = torch.stack([res.bound.sum(), loss + self.flat.norm()]).tolist()
-        if not math.isfinite(probe) and (bool(torch.isfinite(loss)) and bool(torch.isfinite(self.flat).all())):
-            probe = 0.0  # only the norm overflowed
-        if math.isfinite(probe):
+        if self._cpp is not None:  # the compiled step summed the bound and checked the gradients
+            bound_sum, finite = self._compiled_probe
+        else:
+            bound_sum, probe = torch.stack([res.bound.sum(), loss + self.flat.norm()]).tolist()
+            if not math.isfinite(probe) and (bool(torch.isfinite(loss)) and bool(torch.isfinite(self.flat).all())):
+                probe = 0.0  # only the norm overflowed
+            finite = math.isfinite(probe)
+        if finite:
             if self.params[0].grad is not self.grads[0]:
                 self._attach_grads()
             if not self._adam_direct():
@@ -605,7 +609,10 @@ class FusedStep(_FusedCore):
         k, b = self.k, x.shape[0]
         eps1 = standard_normal((k, b, self.d1), x)
         eps2 = standard_normal((k, b, self.d2), x) if self.two_layer else eps1
-        bound, log_w, loss, log_px, lp1, lp2, lq1, lq2, z1, z2 = self._cpp.run(x.contiguous(), eps1, eps2, beta)
+        out, bound_sum, finite = self._cpp.run(x.contiguous(), eps1, eps2, beta)
+        bound, log_w, loss, log_px, lp1, lp2, lq1, lq2, z1, z2 = out
+        #: for :meth:`step`: the batch's summed bound, and whether the loss and gradients are finite
+        self._compiled_probe = (bound_sum, finite)
         if self.two_layer:
             terms = LogWeightTerms(log_px, {"z1": lp1, "z2": lp2}, {"z1": lq1, "z2": lq2}, {"z1": z1, "z2": z2})
         else:

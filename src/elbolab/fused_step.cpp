@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -89,9 +90,11 @@ struct Chain {
 class Step {
  public:
   // chains: per role (q1, px for the one-layer model; q1, q2, p1, px for the two-layer), the
-  // weights, biases, weight gradients and bias gradients of its Linear layers in order.
-  Step(std::vector<std::vector<std::vector<Tensor>>> chains, int64_t k, bool iwae, bool stl, bool dreg)
-      : k_(k), iwae_(iwae), stl_(stl), dreg_(dreg) {
+  // weights, biases, weight gradients and bias gradients of its Linear layers in order; flat: the
+  // one buffer every gradient is a view of.
+  Step(std::vector<std::vector<std::vector<Tensor>>> chains, Tensor flat, int64_t k, bool iwae, bool stl,
+       bool dreg)
+      : flat_(std::move(flat)), k_(k), iwae_(iwae), stl_(stl), dreg_(dreg) {
     for (auto& c : chains) {
       Chain ch;
       ch.w = c[0];
@@ -107,19 +110,28 @@ class Step {
   }
 
   // Forward and backward on x [B, D] with noise eps1 [K, B, D1] (and eps2 [K, B, D2]) at KL weight
-  // beta: (bound [B], log_w [K, B], loss [], log p(x|z), log p(z) (z1, z2), log q (z1, z2), z1, z2).
-  std::vector<Tensor> run(const Tensor& x, const Tensor& eps1, const Tensor& eps2, double beta) {
+  // beta: (bound [B], log_w [K, B], loss [], log p(x|z), log p(z) (z1, z2), log q (z1, z2), z1, z2),
+  // the batch's summed bound, and whether the loss and every gradient are finite (the step's
+  // condition for the optimizer step).
+  std::tuple<std::vector<Tensor>, double, bool> run(const Tensor& x, const Tensor& eps1, const Tensor& eps2,
+                                                     double beta) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fused step: x must be a contiguous [B, D] tensor");
     std::vector<Tensor> res;
+    double bound_sum = 0;
+    bool finite = false;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_step", [&] {
       res = two_layer_ ? two_layer<scalar_t>(x, eps1.contiguous(), eps2.contiguous(), beta)
                        : one_layer<scalar_t>(x, eps1.contiguous(), beta);
+      const scalar_t* bp = bound_.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < b_; ++c) bound_sum += static_cast<double>(bp[c]);
+      finite = std::isfinite(loss_.item<double>()) && all_finite<scalar_t>();
     });
-    return res;
+    return {res, bound_sum, finite};
   }
 
  private:
   std::vector<Chain> chains_;
+  Tensor flat_;
   int64_t k_, d1_, d2_;
   bool iwae_, stl_, dreg_, two_layer_;
   int64_t b_ = -1;
@@ -150,8 +162,29 @@ class Step {
     l1p_ = at::empty({kb, x.size(1)}, o);
   }
 
+  // Whether every gradient is finite: a sum of squares on independent lanes (a vectorized pass);
+  // where it overflows, each entry is checked.
+  template <typename T>
+  bool all_finite() const {
+    const T* g = flat_.data_ptr<T>();
+    const int64_t n = flat_.numel();
+    constexpr int L = 16;
+    T acc[L] = {};
+    int64_t j = 0;
+    for (; j + L <= n; j += L)
+      for (int l = 0; l < L; ++l) acc[l] += g[j + l] * g[j + l];
+    T total = 0;
+    for (int l = 0; l < L; ++l) total += acc[l];
+    for (; j < n; ++j) total += g[j] * g[j];
+    if (std::isfinite(total)) return true;
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(g[i])) return false;
+    return true;
+  }
+
   // log p(x|z) per row from the logits [KB, D] (Bernoulli on logits: x l - softplus(l)); leaves
-  // sigmoid(l) in e_ for the backward. softplus(l) = max(l, 0) + log1p(exp(-|l|)).
+  // sigmoid(l) in e_ for the backward. softplus(l) = max(l, 0) + log1p(exp(-|l|)). Each loop is
+  // one simple pass the compiler vectorizes; the row sums run in float64 on independent lanes.
   template <typename T>
   void log_bernoulli(const Tensor& x, const Tensor& logits, T* lpx) {
     const int64_t kb = logits.size(0), dim = logits.size(1), b = x.size(0);
@@ -161,22 +194,32 @@ class Step {
     for (int64_t j = 0; j < n; ++j) e[j] = -std::abs(l[j]);
     e_.exp_();
     at::log1p_out(l1p_, e_);
-    const T* lp = l1p_.data_ptr<T>();
+    T* t = l1p_.data_ptr<T>();  // becomes the per-pixel term x l - softplus(l)
     const T* xp = x.data_ptr<T>();
     for (int64_t r = 0; r < kb; ++r) {
       const T* xr = xp + (r % b) * dim;
       const T* lr = l + r * dim;
-      const T* pr = lp + r * dim;
+      T* tr = t + r * dim;
       T* er = e + r * dim;
-      double acc = 0;
       for (int64_t j = 0; j < dim; ++j) {
         const T v = lr[j];
-        acc += static_cast<double>(xr[j] * v - (std::max(v, T(0)) + pr[j]));
+        tr[j] = xr[j] * v - (std::max(v, T(0)) + tr[j]);
         const T s = T(1) / (T(1) + er[j]);
         er[j] = v >= T(0) ? s : er[j] * s;
       }
-      lpx[r] = static_cast<T>(acc);
+      lpx[r] = static_cast<T>(row_sum(tr, dim));
     }
+  }
+
+  template <typename T>
+  static double row_sum(const T* v, int64_t n) {
+    constexpr int L = 8;
+    double acc[L] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + L <= n; j += L)
+      for (int l = 0; l < L; ++l) acc[l] += static_cast<double>(v[j + l]);
+    for (; j < n; ++j) acc[0] += static_cast<double>(v[j]);
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   }
 
   // dLoss/dlogits = G (x - sigmoid(l)), written over the logits.
@@ -392,14 +435,16 @@ class Step {
     T* lq2 = lq2_.data_ptr<T>();
     T* lp2 = lp2_.data_ptr<T>();
     const T* e2 = eps2.data_ptr<T>();
+    for (int64_t r = 0; r < kb; ++r)
+      for (int64_t j = 0; j < d2; ++j) sd2[r * d2 + j] = o2[r * 2 * d2 + d2 + j] * T(0.5);
+    std2_.exp_();
     for (int64_t r = 0; r < kb; ++r) {
       double lvs = 0, ee = 0, zz = 0;
       for (int64_t j = 0; j < d2; ++j) {
         const T lv = o2[r * 2 * d2 + d2 + j];
-        const T s = std::exp(lv * T(0.5));
+        const T s = sd2[r * d2 + j];
         const T e = e2[r * d2 + j];
         const T v = o2[r * 2 * d2 + j] + s * e;
-        sd2[r * d2 + j] = s;
         z2[r * d2 + j] = v;
         lvs += lv;
         ee += e * e;
@@ -415,12 +460,15 @@ class Step {
     T* u = u_.data_ptr<T>();
     T* uip = uip_.data_ptr<T>();
     T* lp1 = lp1_.data_ptr<T>();
+    for (int64_t r = 0; r < kb; ++r)
+      for (int64_t j = 0; j < d1; ++j) uip[r * d1 + j] = -opp[r * 2 * d1 + d1 + j];
+    uip_.exp_();  // 1 / var, then (z1 - m) / var
     for (int64_t r = 0; r < kb; ++r) {
       double lvs = 0, q = 0;
       for (int64_t j = 0; j < d1; ++j) {
         const T plv = opp[r * 2 * d1 + d1 + j];
         const T uu = z1[r * d1 + j] - opp[r * 2 * d1 + j];
-        const T w = uu * std::exp(-plv);
+        const T w = uu * uip[r * d1 + j];
         u[r * d1 + j] = uu;
         uip[r * d1 + j] = w;
         lvs += plv;
@@ -505,6 +553,6 @@ class Step {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Step>(m, "Step")
-      .def(pybind11::init<std::vector<std::vector<std::vector<Tensor>>>, int64_t, bool, bool, bool>())
+      .def(pybind11::init<std::vector<std::vector<std::vector<Tensor>>>, Tensor, int64_t, bool, bool, bool>())
       .def("run", &Step::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
