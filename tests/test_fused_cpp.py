@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
@@ -151,6 +152,37 @@ def test_compiled_float32_gradients_at_paper_size_as_accurate_as_the_torch_step(
 
 
 @pytest.mark.slow
+def test_compiled_runs_of_a_stack_step_each_as_alone_bit_for_bit(compiled) -> None:
+    """Runs whose fused steps are compiled, stacked by make_step, step one after another through
+    their own compiled steps: each run's parameters and Adam state after 3 steps are the run's
+    alone, bit for bit."""
+    from test_fused_stack import _fused_runs
+
+    from elbolab.distributions import noise_source
+    from elbolab.training import make_step
+    from elbolab.training.step import FusedStackStep
+
+    lrs, betas = [1e-3, 3e-3], [1.0, 0.5]
+    xs = (torch.rand(2, 20, 784, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    alone = _fused_runs("two-layer", "iwae", 3, "dreg", lrs, backend="cpp")
+    stacked = _fused_runs("two-layer", "iwae", 3, "dreg", lrs, backend="cpp")
+    for i, r in enumerate(alone):
+        with noise_source(lambda shape, dtype, device, g=r.generator: torch.randn(shape, generator=g)):
+            outs = [r.fused.step(xs[i], betas[i]) for _ in range(3)]
+        r.bound = outs[-1][1]
+    step = make_step(stacked)
+    assert isinstance(step, FusedStackStep) and step.compiled
+    for _ in range(3):
+        outs = step.step(xs, betas)
+    for a, s, o in zip(alone, stacked, outs, strict=True):
+        assert o.taken and o.bound_sum == a.bound
+        for p, q in zip(a.model.parameters(), s.model.parameters(), strict=True):
+            assert torch.equal(p, q)
+        for sa, ss in zip(a.optimizer.state.values(), s.optimizer.state.values(), strict=True):
+            assert all(torch.equal(v, ss[key]) for key, v in sa.items() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.slow
 def test_a_compiled_step_takes_finite_steps_only(compiled) -> None:
     """A NaN weight: the step is not taken and the parameters stay. Gradients so large that their
     float32 sum of squares overflows, all finite: the step is taken (as the torch-op step takes it)."""
@@ -237,3 +269,41 @@ def test_the_backend_setting(monkeypatch) -> None:
     model = build_model(cfg.model, 12)
     step = fused_step_for(model, make_optimizer(model, cfg.train, "cpu"), cfg)
     assert step is not None and step.compiled is None
+
+
+@pytest.mark.slow
+def test_a_training_run_takes_the_compiled_step_under_auto(compiled, monkeypatch, tmp_path) -> None:
+    """train.fused_backend=auto, where the environment allows the build, trains through the compiled
+    step (torch never does); the run's metrics are the torch-op run's to float32 rounding."""
+    from test_fused_stack import BASE
+    from trainhelp import fit
+
+    from elbolab.data import load
+    from elbolab.training import RunState
+
+    seen = []
+    real = FusedStep._compiled_gradients
+
+    def spy(self, x, beta):
+        seen.append(beta)
+        return real(self, x, beta)
+
+    monkeypatch.setattr(FusedStep, "_compiled_gradients", spy)
+    monkeypatch.setenv(fused_cpp.ENV, "1")
+    data = load("binarized-mnist-embedded")
+    rows = {}
+    for backend in ("torch", "auto"):
+        seen.clear()
+        cfg = RunConfig().with_overrides({**BASE, "train.seed": 0, "train.fused_backend": backend})
+        fit(RunState(cfg, tmp_path / backend, data))
+        rows[backend] = [json.loads(line) for line in (tmp_path / backend / "metrics.jsonl").read_text().splitlines()]
+        assert bool(seen) == (backend == "auto"), backend
+    assert len(rows["auto"]) == len(rows["torch"]) > 0
+    compared = 0
+    for a, t in zip(rows["auto"], rows["torch"], strict=True):
+        assert a.keys() == t.keys()
+        for key, v in t.items():
+            if isinstance(v, float) and "seconds" not in key:
+                assert a[key] == pytest.approx(v, rel=1e-4, abs=1e-4), key
+                compared += 1
+    assert compared >= 2  # the epoch's train and validation bounds at least

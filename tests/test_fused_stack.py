@@ -76,7 +76,8 @@ def test_two_latents_of_one_size_keep_their_own_noise() -> None:
             assert torch.allclose(p.grad, r, rtol=1e-10, atol=1e-12 * float(r.abs().max()))
 
 
-def _fused_runs(name: str, obj: str, k: int, est: str, lrs: list[float], optimizer: str = "adam"):
+def _fused_runs(name: str, obj: str, k: int, est: str, lrs: list[float], optimizer: str = "adam",
+                backend: str = "torch"):
     """Float32 runs of one shape with Adam, each its own model and generator."""
     cfg = RunConfig().with_overrides(["model.name=two-layer"] if name == "two-layer" else [])
     from elbolab.models import build_model
@@ -89,7 +90,7 @@ def _fused_runs(name: str, obj: str, k: int, est: str, lrs: list[float], optimiz
         ocfg = ObjectiveConfig(name=obj, k=k, estimator=est)
         plan, estimator = objective_plan(ocfg)
         runs.append(StepRun(m, opt, make_objective(ocfg), plan, estimator, torch.Generator().manual_seed(10 + i),
-                            fused=FusedStep(m, opt, obj, k, est)))
+                            fused=FusedStep(m, opt, obj, k, est, backend=backend)))
     return runs
 
 
