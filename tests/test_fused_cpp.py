@@ -208,18 +208,25 @@ def test_a_compiled_step_takes_finite_steps_only(compiled) -> None:
 
 
 @pytest.mark.slow
-def test_a_compile_error_falls_back_with_one_line(monkeypatch, tmp_path, capsys) -> None:
-    """A source that does not compile: one line on stderr, and the torch-op fused step trains."""
-    bad = tmp_path / "fused_step.cpp"
-    bad.write_text("#include <torch/extension.h>\nthis does not compile;\n")
-    monkeypatch.setattr(fused_cpp, "SOURCE", bad)
+@pytest.mark.parametrize("broken", ["source", "compiler"])
+def test_a_compile_error_falls_back_with_one_line(monkeypatch, tmp_path, capfd, broken: str) -> None:
+    """A source that does not compile, or no compiler: one line on stderr (torch's own warnings about
+    the compiler silenced) naming why, and the torch-op fused step trains."""
+    if broken == "source":
+        bad = tmp_path / "fused_step.cpp"
+        bad.write_text("#include <torch/extension.h>\nthis does not compile;\n")
+        monkeypatch.setattr(fused_cpp, "SOURCE", bad)
+    else:
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(fused_cpp, "_loaded", {})
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     model = _model("one-layer", torch.float32)
     step = FusedStep(model, torch.optim.SGD(model.parameters(), lr=0.0), "iwae", 2, backend="cpp")
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("elbolab: compiled fused step unavailable (")
-    assert err[0].endswith("; using the torch-op fused step")
+    out, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("elbolab: compiled fused step unavailable (RuntimeError: ")
+    assert lines[0].endswith("; using the torch-op fused step")
+    assert ("error:" if broken == "source" else "not found") in lines[0]
     assert step._cpp is None and torch.isfinite(step.gradients(_batch(torch.float32))[1])
 
 

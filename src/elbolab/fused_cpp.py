@@ -16,8 +16,11 @@ never compiles; tests/conftest.py).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +31,8 @@ ENV = "ELBOLAB_FUSED_CPP"
 SOURCE = Path(__file__).with_name("fused_step.cpp")
 
 _loaded: dict[str, ModuleType | None] = {}
+#: the line of a failed build that says why (the compiler's error, a missing program or file)
+_WHY = re.compile(r"error:|not found|No such file|[Pp]ermission denied|Ninja is required|[Nn]o space")
 
 
 def wanted(backend: str) -> bool:
@@ -43,15 +48,28 @@ def load() -> ModuleType | None:
     """The compiled module, built once per process (and cached on disk); None, after one line on
     stderr, where it cannot be built."""
     if "mod" not in _loaded:
+        # torch's own warnings about the compiler would add lines: a failure is reported in one
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)
         try:
-            from torch.utils.cpp_extension import load as build
+            from torch.utils import cpp_extension
 
-            _loaded["mod"] = build(name="elbolab_fused_step", sources=[str(SOURCE)], extra_cflags=["-O3"],
-                                   verbose=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _loaded["mod"] = cpp_extension.load(name="elbolab_fused_step", sources=[str(SOURCE)],
+                                                    extra_cflags=["-O3"], verbose=False)
         except Exception as err:  # any build failure falls back, it never fails a training
-            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-            why = f"{type(err).__name__}: {lines[0] if lines else ''}"[:200]
-            print(f"elbolab: compiled fused step unavailable ({why}); using the torch-op fused step",
+            print(f"elbolab: compiled fused step unavailable ({_why(err)}); using the torch-op fused step",
                   file=sys.stderr)
             _loaded["mod"] = None
+        finally:
+            log.setLevel(level)
     return _loaded["mod"]
+
+
+def _why(err: Exception) -> str:
+    """The line of a build error that says why, shortened."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    line = next((ln for ln in lines if _WHY.search(ln)), lines[0] if lines else "")
+    return f"{type(err).__name__}: {line}"[:200]
