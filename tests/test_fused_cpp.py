@@ -276,6 +276,10 @@ def test_the_backend_setting(monkeypatch) -> None:
     model = build_model(cfg.model, 12)
     step = fused_step_for(model, make_optimizer(model, cfg.train, "cpu"), cfg)
     assert step is not None and step.compiled is None
+    # a run may resume under another backend (float rounding only), not under another fused choice
+    from elbolab.runs import resume_free
+
+    assert resume_free("train.fused_backend") and not resume_free("train.fused")
 
 
 @pytest.mark.slow

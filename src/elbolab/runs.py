@@ -81,6 +81,9 @@ WEIGHTS = {"final": "model.safetensors", "best": "best.safetensors", "last": CHE
 #: only on the device it stopped on; other thread counts or compiling change float rounding
 #: only (reproduce sets the threads from --workers, which a rerun may change).
 RESUME_FREE_KEYS = ("data.data_dir", "train.progress", "train.compile", "train.device", "train.threads")
+#: the fused step compiled or as torch ops: the same training to float rounding (and ``auto`` already
+#: falls back to the torch ops on a machine where the compiled step does not build)
+RESUME_FREE_KEYS += ("train.fused_backend",)
 #: where metrics go and what is monitored: never what is trained (the monitor restores every RNG)
 RESUME_FREE_KEYS += ("train.tensorboard", "train.wandb", "train.wandb_mode", "train.wandb_project",
                      "train.monitor_every", "train.monitor_points")
