@@ -29,6 +29,7 @@ BACKENDS = ("auto", "torch", "cpp")
 #: set to 0 to keep ``auto`` on the torch-op step (no build)
 ENV = "ELBOLAB_FUSED_CPP"
 SOURCE = Path(__file__).with_name("fused_step.cpp")
+NAME = "elbolab_fused_step"
 
 _loaded: dict[str, ModuleType | None] = {}
 #: the line of a failed build that says why (the compiler's error, a missing program or file)
@@ -55,9 +56,12 @@ def load() -> ModuleType | None:
         try:
             from torch.utils import cpp_extension
 
+            if not _built(cpp_extension):  # a minute of silence would look like a hang
+                print("elbolab: building the compiled fused step (about a minute, once per machine)",
+                      file=sys.stderr)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _loaded["mod"] = cpp_extension.load(name="elbolab_fused_step", sources=[str(SOURCE)],
+                _loaded["mod"] = cpp_extension.load(name=NAME, sources=[str(SOURCE)],
                                                     extra_cflags=["-O3"], verbose=False)
         except Exception as err:  # any build failure falls back, it never fails a training
             print(f"elbolab: compiled fused step unavailable ({_why(err)}); using the torch-op fused step",
@@ -66,6 +70,15 @@ def load() -> ModuleType | None:
         finally:
             log.setLevel(level)
     return _loaded["mod"]
+
+
+def _built(cpp_extension: ModuleType) -> bool:
+    """Whether torch's extension cache already holds a build (of this or an older source)."""
+    try:
+        folder = Path(cpp_extension._get_build_directory(NAME, verbose=False))
+    except Exception:  # a private helper: if it moves, the only loss is the line above
+        return True
+    return any(folder.glob(f"{NAME}*.so"))
 
 
 def _why(err: Exception) -> str:
