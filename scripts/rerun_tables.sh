@@ -18,7 +18,7 @@ step $PEER mnist-1layer-vae-k1
 step $PEER mnist-1layer-iwae-k5
 # the surgery table (the 10-latent row and its peer first)
 step $R surgery-table --only mnist-vae-10latents $S
-step $PEER mnist-vae-10latents
+step $PEER mnist-vae-10latents --seeds 0-7
 step $R surgery-table $S
 # the VampPrior table's MLP rows on MNIST
 step $R vampprior-table --only mnist-hierarchical-standard mnist-hierarchical-mog mnist-hierarchical-vampprior-data \

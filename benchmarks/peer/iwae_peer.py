@@ -3,7 +3,7 @@ trained by a short plain-PyTorch loop that shares no code with elbolab's models,
 trainer.
 
     python benchmarks/peer/iwae_peer.py mnist-1layer-vae-k1 --budget quick --data-dir /work/shared/data
-    python benchmarks/peer/iwae_peer.py mnist-vae-10latents --budget quick --data-dir /work/shared/data
+    python benchmarks/peer/iwae_peer.py mnist-vae-10latents --budget quick --seeds 0-7 --data-dir /work/shared/data
 
 IWAE table rows: Burda et al.'s one-layer MNIST model (784-200-200 tanh -> 50 Gaussian latents
 -> 200-200 tanh -> Bernoulli logits), the IWAE (or k-sample VAE) bound, Adam (0.9, 0.999, eps
@@ -15,7 +15,9 @@ ELBO, Adam lr 1e-3 (eps 1e-8), batch 100, 10 / 100 / 1000 epochs, scored by the 
 60,000 training images as the surgery table computes it (one z per image, the KL in closed
 form). Only the data loading and the IS estimator are elbolab's. The result goes into
 ``<results>/<table>/<budget>/peer.json``, which ``elbolab reproduce`` prints as the table's
-peer column.
+peer column. With ``--seeds`` one run is trained per seed: the row holds their mean, each seed's
+value and their standard deviation (``seed_sd``), the spread one training run has, without which
+a gap between ours (one run) and the peer cannot be told from chance.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -152,6 +155,50 @@ def surgery_elbo(model: PeerVAE, x: Tensor, seed: int = 1, batch: int = 100) -> 
     return float(v.mean()), float(v.std() / math.sqrt(v.numel()))
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0-7"`` or ``"0,1,5"`` -> the seeds, in order, each once."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds: {text!r} is not a list such as 0-7 or 0,1,5") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds: no seed given")
+    return list(dict.fromkeys(seeds))
+
+
+def run_seed(row: str, budget: str, data, x_train: Tensor, seed: int, out: Path, k_eval: int) -> dict:
+    """Train the row from ``seed`` and score it: value, stderr (over the images), curve, seconds."""
+    torch.manual_seed(seed)
+    # beside the row folders (not committed): a killed run continues from its last epoch
+    ckpt = out / "rows" / f"peer-{row}-seed{seed}" / "checkpoint.pt"
+    log = lambda m: print(f"seed {seed}: {m}", flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    if row in SURGERY_ROWS:
+        model = PeerVAE(data.data_dim, latent=SURGERY_ROWS[row])
+        model.start_at_mean_image(x_train)
+        curve = train(model, x_train, "vae", 1, 0, seed, batch=100, log=log, checkpoint=ckpt,
+                      schedule=[1e-3] * SURGERY_EPOCHS[budget], adam_eps=1e-8)
+    else:
+        objective, k = ROWS[row]
+        model = PeerVAE(data.data_dim)
+        model.start_at_mean_image(x_train)
+        curve = train(model, x_train, objective, k, BUDGET_PASSES[budget], seed, log=log, checkpoint=ckpt)
+    t1 = time.perf_counter()
+    if row in SURGERY_ROWS:  # the fixed draw of the training images the surgery table scores
+        x_eval = evaluation_images(data, "train", "dynamic", 0)
+        value, stderr = surgery_elbo(model, x_eval)
+    else:  # the fixed draw of the test images every elbolab row is scored on
+        x_eval = evaluation_images(data, "test", "dynamic", 0)
+        ll = log_likelihood(model, x_eval, k=k_eval, seed=1)
+        value, stderr = -ll.mean, ll.stderr
+    log(f"{value:.3f} ± {stderr:.3f}")
+    return {"value": value, "stderr": stderr, "curve": curve, "n_images": int(x_eval.shape[0]),
+            "train_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("row", choices=sorted(ROWS) + sorted(SURGERY_ROWS))
@@ -160,11 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="results")
     p.add_argument("--k-eval", type=int, default=5000)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument("--seeds", type=parse_seeds, default=None,
+                       help="train one run per seed (0-7 or 0,1,5): the value is their mean and the row "
+                            "records their spread, which the table's gap test needs")
     p.add_argument("--again", action="store_true", help="run a row that peer.json already holds")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     surgery = args.row in SURGERY_ROWS
     table = "surgery-table" if surgery else "iwae-table"
     out = Path(args.results) / table / args.budget
@@ -174,41 +224,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     data = load("mnist", args.data_dir)
     x_train = data.as_float("train")
-    # beside the row folders (not committed): a killed run continues from its last epoch
-    ckpt = out / "rows" / f"peer-{args.row}-seed{args.seed}" / "checkpoint.pt"
-    log = lambda m: print(m, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
-    if surgery:
-        model = PeerVAE(data.data_dim, latent=SURGERY_ROWS[args.row])
-        model.start_at_mean_image(x_train)
-        curve = train(model, x_train, "vae", 1, 0, args.seed, batch=100, log=log, checkpoint=ckpt,
-                      schedule=[1e-3] * SURGERY_EPOCHS[args.budget], adam_eps=1e-8)
-    else:
-        objective, k = ROWS[args.row]
-        model = PeerVAE(data.data_dim)
-        model.start_at_mean_image(x_train)
-        curve = train(model, x_train, objective, k, BUDGET_PASSES[args.budget], args.seed, log=log, checkpoint=ckpt)
-    t1 = time.perf_counter()
-    if surgery:  # the fixed draw of the training images the surgery table scores
-        x_eval = evaluation_images(data, "train", "dynamic", 0)
-        value, stderr = surgery_elbo(model, x_eval)
-        scored = {"metric": "elbo over the training images"}
-    else:  # the fixed draw of the test images every elbolab row is scored on
-        x_eval = evaluation_images(data, "test", "dynamic", 0)
-        ll = log_likelihood(model, x_eval, k=args.k_eval, seed=1)
-        value, stderr = -ll.mean, ll.stderr
-        scored = {"metric": "nll", "k_importance": args.k_eval}
+    seed_list = args.seeds or [args.seed]
+    runs = {s: run_seed(args.row, args.budget, data, x_train, s, out, args.k_eval) for s in seed_list}
+    values = [r["value"] for r in runs.values()]
+    first = runs[seed_list[0]]
+    scored = ({"metric": "elbo over the training images"} if surgery
+              else {"metric": "nll", "k_importance": args.k_eval})
+    spread = {}
+    if len(values) > 1:  # one run per seed: their mean, and the spread one run has
+        spread = {"seeds": {str(s): round(r["value"], 4) for s, r in runs.items()},
+                  "seed_sd": round(statistics.stdev(values), 4)}
     doc = json.loads(path.read_text()) if path.exists() else {"implementation": "benchmarks/peer/iwae_peer.py",
                                                               "rows": {}}
     doc["rows"][args.row] = {
-        "value": round(value, 4), "stderr": round(stderr, 4), **scored, "n_images": int(x_eval.shape[0]),
-        "epochs": len(curve), "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
-        "curve": curve, "command": "python benchmarks/peer/iwae_peer.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                     else argv),
+        "value": round(statistics.fmean(values), 4),
+        "stderr": round(statistics.fmean(r["stderr"] for r in runs.values()), 4), **scored, **spread,
+        "n_images": first["n_images"], "epochs": len(first["curve"]),
+        "train_seconds": round(sum(r["train_seconds"] for r in runs.values()), 1),
+        "eval_seconds": round(sum(r["eval_seconds"] for r in runs.values()), 1),
+        "curve": first["curve"], "command": "python benchmarks/peer/iwae_peer.py " + " ".join(
+            sys.argv[1:] if argv is None else argv),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"{args.row}: peer {scored['metric']} {value:.2f} ± {stderr:.2f} -> {path}")
+    sd = f", seed-to-seed sd {spread['seed_sd']:.2f} over {len(values)} seeds" if spread else ""
+    print(f"{args.row}: peer {scored['metric']} {doc['rows'][args.row]['value']:.2f}{sd} -> {path}")
     return 0
 
 

@@ -248,7 +248,8 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
         "Δ = ours − paper (NLL: positive is worse than the paper; log-likelihood and ELBO: negative is worse; "
         "active units: difference in total units). Ours ± one Monte Carlo standard error where one exists.",
         *(["peer: the same architecture and schedule trained by an independent plain-PyTorch implementation "
-           "(benchmarks/peer/), scored by the same estimator on the same images."] if with_peer else []),
+           "(benchmarks/peer/), scored by the same estimator on the same images; \"n seeds, sd\": the mean of n "
+           "runs and the standard deviation of one run's value over seeds."] if with_peer else []),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|",
@@ -282,7 +283,8 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
         lines += ["", f"{DAGGER} paper value not verified against a copy of the paper (see papers.yaml)."]
     if with_peer and any(_peer_gap(e.cells[table.metrics[0].name], e.peer) for e in entries):
         lines += ["", f"{PEER_GAP} ours and the peer differ by more than 3 standard errors of the difference: a "
-                      "defect to find (or a seed-to-seed spread to measure) before the row is read."]
+                      "defect to find before the row is read; where the peer ran one seed, the spread of "
+                      "training is not in that error yet (run the peer with --seeds)."]
     shown = [r for r in stand_ins if any(e.row == r for e in entries)]
     if shown:
         lines += [""] + [f"{STAND_IN} {r}: stand-in architecture: {stand_ins[r]}.  " for r in shown]
@@ -303,19 +305,33 @@ def to_markdown(table: TableSpec, budget: str, entries: list[Entry], overrides: 
     return "\n".join(lines) + "\n"
 
 
+def peer_gap_stderr(cell: Cell, peer: dict[str, Any]) -> float:
+    """The standard error of ours minus the peer's: both values' Monte Carlo errors and, where the
+    peer ran several seeds (``seeds``, ``seed_sd``), the spread of training itself: ours is one run,
+    which spreads as one peer run does (the same model and schedule), the peer's value a mean of n."""
+    se2 = (cell.ours_stderr or 0.0) ** 2 + (peer.get("stderr") or 0.0) ** 2
+    sd, seeds = peer.get("seed_sd"), peer.get("seeds")
+    if isinstance(sd, int | float) and isinstance(seeds, dict) and len(seeds) > 1:
+        se2 += sd**2 * (1.0 + 1.0 / len(seeds))
+    return math.sqrt(se2)
+
+
 def _peer_gap(cell: Cell, peer: dict[str, Any] | None) -> bool:
     """Ours and the peer's further apart than 3 standard errors of their difference."""
     if not peer or not isinstance(cell.ours, int | float) or not isinstance(peer.get("value"), int | float):
         return False
-    se = math.hypot(cell.ours_stderr or 0.0, peer.get("stderr") or 0.0)
-    return abs(cell.ours - peer["value"]) > 3 * se
+    return abs(cell.ours - peer["value"]) > 3 * peer_gap_stderr(cell, peer)
 
 
 def _peer_cell(peer: dict[str, Any] | None) -> str:
     if not peer:
         return ""
     se = peer.get("stderr")
-    return f"{peer['value']:.2f}" + (f" ± {se:.2f}" if isinstance(se, int | float) else "")
+    cell = f"{peer['value']:.2f}" + (f" ± {se:.2f}" if isinstance(se, int | float) else "")
+    seeds, sd = peer.get("seeds"), peer.get("seed_sd")
+    if isinstance(seeds, dict) and len(seeds) > 1 and isinstance(sd, int | float):
+        cell += f" ({len(seeds)} seeds, sd {sd:.2f})"
+    return cell
 
 
 def write_outputs(table: TableSpec, budget: str, entries: list[Entry], out_dir: Path,
