@@ -424,6 +424,7 @@ def _plain_key(cfg) -> str:
     d = cfg.to_dict()
     for section, key in (("train", "threads"), ("train", "progress"), ("train", "device"), ("train", "compile"),
                          ("data", "data_dir"), ("eval", "gpu_chunk_size"), ("train", "fused"),
+                         ("train", "fused_backend"),
                          # logging and monitoring keys, added later, leave every key as it was
                          ("train", "monitor_every"), ("train", "monitor_points"), ("train", "wandb"),
                          ("train", "wandb_mode"), ("train", "wandb_project")):

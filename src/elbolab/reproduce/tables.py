@@ -321,7 +321,7 @@ class RowPlan:
 
 #: keys that do not change what a row computes, left out of its cache key
 _KEY_IGNORED = {("train", "threads"), ("train", "progress"), ("train", "device"), ("train", "compile"),
-                ("train", "fused"), ("data", "data_dir"), ("eval", "gpu_chunk_size"),
+                ("train", "fused"), ("train", "fused_backend"), ("data", "data_dir"), ("eval", "gpu_chunk_size"),
                 # logging and monitoring never change what is trained
                 ("train", "monitor_every"), ("train", "monitor_points"), ("train", "wandb"),
                 ("train", "wandb_mode"), ("train", "wandb_project")}
