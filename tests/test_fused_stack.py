@@ -112,13 +112,7 @@ def test_a_fused_stack_steps_each_run_as_its_fused_step_alone_bit_for_bit(name, 
     assert isinstance(step, FusedStackStep)
     for _ in range(4):
         outs = step.step(xs, betas)
-    for a, s, o in zip(alone, stacked, outs, strict=True):
-        assert o.taken and o.bound_sum == a.bound
-        for p, q in zip(a.model.parameters(), s.model.parameters(), strict=True):
-            assert torch.equal(p, q)
-        for sa, ss in zip(a.optimizer.state.values(), s.optimizer.state.values(), strict=True):
-            assert sa.keys() == ss.keys()
-            assert all(torch.equal(v, ss[key]) for key, v in sa.items() if isinstance(v, torch.Tensor))
+    assert_stack_equals_alone(alone, stacked, outs)
 
 
 def test_batched_path_within_float32_rounding_on_odd_shapes() -> None:
@@ -263,3 +257,14 @@ def test_a_fused_stack_killed_mid_epoch_resumes_to_the_bits_of_each_run_alone(tm
     for i, v in enumerate(VARIANTS):
         fit(RunState(RunConfig().with_overrides({**BASE, **v}), tmp_path / f"alone{i}", data))
         assert _outcome(tmp_path / f"stack{i}") == _outcome(tmp_path / f"alone{i}"), f"run {i}"
+
+
+def assert_stack_equals_alone(alone, stacked, outs) -> None:
+    """Each stacked run's last step was taken with the bound, parameters and Adam state of the run alone."""
+    for a, s, o in zip(alone, stacked, outs, strict=True):
+        assert o.taken and o.bound_sum == a.bound
+        for p, q in zip(a.model.parameters(), s.model.parameters(), strict=True):
+            assert torch.equal(p, q)
+        for sa, ss in zip(a.optimizer.state.values(), s.optimizer.state.values(), strict=True):
+            assert sa.keys() == ss.keys()
+            assert all(torch.equal(v, ss[key]) for key, v in sa.items() if isinstance(v, torch.Tensor))

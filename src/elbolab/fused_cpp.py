@@ -6,8 +6,9 @@ its elementwise work in fused loops, the matrix products ATen's. It is the same 
 same noise (tests/test_fused_cpp.py checks it against the torch-op step and autograd).
 
 The build lands in torch's extension cache (``$TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``)
-and is reused while the source is unchanged. A build that fails (no compiler, no ninja, a compile
-error) prints one line and the torch-op fused step runs instead: training never fails for it.
+and is reused while the source is unchanged; a first build (about a minute) says so in one line.
+A build that fails (no compiler, no ninja, a compile error) prints one line and the torch-op fused
+step runs instead: training never fails for it.
 
 ``train.fused_backend``: ``torch`` never builds it; ``cpp`` always uses it where it builds; ``auto``
 uses it too, unless the environment sets ``ELBOLAB_FUSED_CPP=0`` (the test suite does, so its fast tier
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -30,6 +32,8 @@ BACKENDS = ("auto", "torch", "cpp")
 ENV = "ELBOLAB_FUSED_CPP"
 SOURCE = Path(__file__).with_name("fused_step.cpp")
 NAME = "elbolab_fused_step"
+#: the line before a first build
+BUILDING = "elbolab: building the compiled fused step (about a minute, once per machine)"
 
 _loaded: dict[str, ModuleType | None] = {}
 #: the line of a failed build that says why (the compiler's error, a missing program or file)
@@ -56,9 +60,8 @@ def load() -> ModuleType | None:
         try:
             from torch.utils import cpp_extension
 
-            if not _built(cpp_extension):  # a minute of silence would look like a hang
-                print("elbolab: building the compiled fused step (about a minute, once per machine)",
-                      file=sys.stderr)
+            if _compiler() and not _built(cpp_extension):  # a minute of silence would look like a hang
+                print(BUILDING, file=sys.stderr)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 _loaded["mod"] = cpp_extension.load(name=NAME, sources=[str(SOURCE)],
@@ -70,6 +73,11 @@ def load() -> ModuleType | None:
         finally:
             log.setLevel(level)
     return _loaded["mod"]
+
+
+def _compiler() -> bool:
+    """Whether the C++ compiler torch will call exists (without one the build fails at once)."""
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
 def _built(cpp_extension: ModuleType) -> bool:

@@ -87,6 +87,23 @@ struct Chain {
   }
 };
 
+// A Gaussian head's [b, 2d] output (means, then log-variances): the standard deviations into sd
+// and each row's log-variance sum (float64, as the log-density's row sums)
+template <typename T>
+std::vector<double> std_from_logvar(const T* out, int64_t b, int64_t d, T* sd) {
+  std::vector<double> lvsum(b);
+  for (int64_t c = 0; c < b; ++c) {
+    double s = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      const T lv = out[c * 2 * d + d + j];
+      sd[c * d + j] = std::exp(lv * T(0.5));
+      s += lv;
+    }
+    lvsum[c] = s;
+  }
+  return lvsum;
+}
+
 class Step {
  public:
   // chains: per role (q1, px for the one-layer model; q1, q2, p1, px for the two-layer), the
@@ -335,16 +352,7 @@ class Step {
     T* lp = lp1_.data_ptr<T>();
     T* z = z1_.data_ptr<T>();
     const T* ep = eps.data_ptr<T>();
-    std::vector<double> lvsum(b);
-    for (int64_t c = 0; c < b; ++c) {
-      double s = 0;
-      for (int64_t j = 0; j < d; ++j) {
-        const T lv = op[c * 2 * d + d + j];
-        sd[c * d + j] = std::exp(lv * T(0.5));
-        s += lv;
-      }
-      lvsum[c] = s;
-    }
+    const std::vector<double> lvsum = std_from_logvar(op, b, d, sd);
     for (int64_t r = 0; r < kb; ++r) {
       const int64_t c = r % b;
       double zz = 0, ee = 0;
@@ -406,16 +414,7 @@ class Step {
     T* z1 = z1_.data_ptr<T>();
     T* lq1 = lq1_.data_ptr<T>();
     const T* e1 = eps1.data_ptr<T>();
-    std::vector<double> lvsum(b);
-    for (int64_t c = 0; c < b; ++c) {
-      double s = 0;
-      for (int64_t j = 0; j < d1; ++j) {
-        const T lv = o1[c * 2 * d1 + d1 + j];
-        sd1[c * d1 + j] = std::exp(lv * T(0.5));
-        s += lv;
-      }
-      lvsum[c] = s;
-    }
+    const std::vector<double> lvsum = std_from_logvar(o1, b, d1, sd1);
     for (int64_t r = 0; r < kb; ++r) {
       const int64_t c = r % b;
       double ee = 0;
