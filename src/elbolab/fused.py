@@ -603,7 +603,6 @@ class FusedStep(_FusedCore):
         res = ObjectiveResult(loss=loss[0], bound=bound[0], log_w=log_w[0], terms=_run_terms(terms, 0))
         return res, loss[0]
 
-
     def _compiled_gradients(self, x: Tensor, beta: float) -> tuple[ObjectiveResult, Tensor]:
         """:meth:`gradients` through the compiled step, on noise drawn here as the torch-op step draws it."""
         k, b = self.k, x.shape[0]

@@ -340,13 +340,15 @@ class FusedStackStep:
 
     def __init__(self, runs: Sequence[StepRun]) -> None:
         self.members = list(runs)
-        self.fused = StackedFusedStep([r.fused for r in self.members], [r.generator for r in self.members])
+        self.compiled = any(r.fused.compiled is not None for r in self.members)
+        #: the batched step, not built for compiled runs (it would restack their parameters unused)
+        self.fused = None if self.compiled else StackedFusedStep([r.fused for r in self.members],
+                                                                 [r.generator for r in self.members])
         self.model = self.members[0].model
         self.alone = [FusedRunStep(r) for r in self.members]
-        self.compiled = any(r.fused.compiled is not None for r in self.members)
 
     def step(self, x: Tensor, betas: Sequence[float]) -> list[StepOutcome]:
-        if not self.compiled and self.fused.exact_at(x):
+        if self.fused is not None and self.fused.exact_at(x):
             return [StepOutcome(*out) for out in self.fused.step(x, list(betas))]
         return [out for i, one in enumerate(self.alone) for out in one.step(x[i:i + 1], betas[i:i + 1])]
 
