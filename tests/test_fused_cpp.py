@@ -151,6 +151,98 @@ def test_compiled_float32_gradients_at_paper_size_as_accurate_as_the_torch_step(
     assert err["cpp"] < max(err["torch"], 3e-5), err
 
 
+def _adam_runs(name: str, dtype: torch.dtype, lr: float = 1e-2):
+    """The same model and fused Adam twice: the torch-op step with torch's Adam, and the compiled
+    step taking Adam's step inside its call."""
+    model_t = _model(name, dtype)
+    model_c = copy.deepcopy(model_t)
+    opts = [torch.optim.Adam(m.parameters(), lr=lr, fused=True) for m in (model_t, model_c)]
+    steps = [FusedStep(model_t, opts[0], "iwae", 3, "dreg"),
+             FusedStep(model_c, opts[1], "iwae", 3, "dreg", backend="cpp")]
+    return [model_t, model_c], opts, steps
+
+
+def _close_state(opt_a, opt_b, tol: float) -> None:
+    a, b = opt_a.state_dict(), opt_b.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for i, st in a["state"].items():
+        assert st.keys() == b["state"][i].keys()
+        for key, v in st.items():
+            assert v.dtype == b["state"][i][key].dtype
+            assert torch.allclose(v, b["state"][i][key], rtol=tol, atol=tol), (i, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compiled_adam_in_the_call_is_torchs_adam_in_float64(compiled, name: str) -> None:
+    """Six steps at two KL weights and a learning rate changed halfway (as a schedule changes it):
+    the compiled step's own Adam update (it takes every step after Adam's first) lands on the
+    parameters and Adam state (exp_avg, exp_avg_sq, step) of the torch-op step followed by torch's
+    fused Adam, to 1e-12 in float64; the first step is torch's, the rest the call's."""
+    models, opts, steps = _adam_runs(name, torch.float64)
+    x = _batch()
+    taken = []
+    for i, beta in enumerate([1.0, 0.3, 1.0, 1.0, 0.3, 1.0]):
+        if i == 3:
+            for opt in opts:
+                opt.param_groups[0]["lr"] = 3e-3
+        for step in steps:
+            torch.manual_seed(20 + i)
+            assert step.step(x, beta)[2]
+        taken.append(steps[1]._compiled_probe[2])
+    assert taken == [False] + [True] * 5
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    _close_state(opts[0], opts[1], 1e-12)
+    assert float(opts[1].state_dict()["state"][0]["step"]) == 6.0
+
+
+@pytest.mark.slow
+def test_compiled_adam_follows_a_loaded_state_and_resumes_bit_exact(compiled) -> None:
+    """Adam's state replaced by load_state_dict (a resume) is the state the call updates next:
+    a run saved after 3 steps and loaded into a fresh model and optimizer (state written by the
+    torch-op step's Adam, or by the compiled call) continues exactly as the run that went on, bit
+    for bit within the compiled step; resumed from the torch-op run's state it agrees with it to
+    float32 rounding."""
+    x = _batch(torch.float32)
+
+    def steps_from(state, n: int, seed: int):
+        models, opts, steps = _adam_runs("two-layer", torch.float32)
+        if state is not None:
+            models[1].load_state_dict(state[0])
+            opts[1].load_state_dict(state[1])
+        for i in range(n):
+            torch.manual_seed(seed + i)
+            steps[1].step(x)
+        return models[1], opts[1], steps[1]
+
+    model, opt, step = steps_from(None, 3, 0)
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    for i in range(2):
+        torch.manual_seed(3 + i)
+        step.step(x)
+    resumed, opt_r, step_r = steps_from(saved, 2, 3)
+    assert step_r._compiled_probe[2]  # the call took the steps after the resume
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    _close_state(opt, opt_r, 0.0)
+    # a checkpoint of the torch-op step's Adam resumes in the compiled step, and the other way round
+    models, opts, steps = _adam_runs("two-layer", torch.float32)
+    for i in range(3):
+        for st in steps:
+            torch.manual_seed(i)
+            st.step(x)
+    for src, dst in ((0, 1), (1, 0)):
+        models[dst].load_state_dict(models[src].state_dict())
+        opts[dst].load_state_dict(copy.deepcopy(opts[src].state_dict()))  # as from a file: its own tensors
+        for st in steps:
+            torch.manual_seed(9 + src)
+            st.step(x)
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        _close_state(opts[0], opts[1], 1e-5)
+
+
 @pytest.mark.slow
 def test_compiled_runs_of_a_stack_step_each_as_alone_bit_for_bit(compiled) -> None:
     """Runs whose fused steps are compiled, stacked by make_step, step one after another through
@@ -192,6 +284,23 @@ def test_a_compiled_step_takes_finite_steps_only(compiled) -> None:
     assert not taken
     for a, b in zip(before, model.parameters(), strict=True):
         assert torch.equal(a.nan_to_num(), b.detach().nan_to_num())
+    # once Adam has state the call takes its steps; a NaN step leaves parameters and state as they are
+    model = _model("one-layer", torch.float32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    step = FusedStep(model, opt, "iwae", 3, backend="cpp")
+    for _ in range(2):
+        assert step.step(x)[2]
+    assert step._compiled_probe[2]
+    with torch.no_grad():
+        model.encoder[0].weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    assert not step.step(x)[2] and not step._compiled_probe[2]
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a.nan_to_num(), b.detach().nan_to_num())
+    for i, st in state["state"].items():
+        for key, v in st.items():
+            assert torch.equal(v, opt.state_dict()["state"][i][key]), (i, key)
     for backend in ("torch", "cpp"):
         model = _model("one-layer", torch.float32)
         with torch.no_grad():
@@ -293,9 +402,9 @@ def test_a_training_run_takes_the_compiled_step_under_auto(compiled, monkeypatch
     seen = []
     real = FusedStep._compiled_gradients
 
-    def spy(self, x, beta):
+    def spy(self, x, beta, *adam):
         seen.append(beta)
-        return real(self, x, beta)
+        return real(self, x, beta, *adam)
 
     monkeypatch.setattr(FusedStep, "_compiled_gradients", spy)
     monkeypatch.setenv(fused_cpp.ENV, "1")

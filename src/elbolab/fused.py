@@ -213,19 +213,28 @@ class _Chain:
         return None
 
 
+def _adam_plain(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt`` is a plain fused ``torch.optim.Adam`` with one parameter group (no hooks,
+    no weight decay, amsgrad, maximize or capturable variants): the update the direct kernel call
+    (:func:`_fused_adam`) and the compiled step's own make."""
+    if (type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or opt._optimizer_step_pre_hooks
+            or opt._optimizer_step_post_hooks):
+        return False
+    group = opt.param_groups[0]
+    return bool(group.get("fused")) and not (
+        group["amsgrad"] or group["weight_decay"] or group["maximize"] or group.get("capturable")
+        or group.get("differentiable") or group.get("decoupled_weight_decay"))
+
+
 def _adam_lists(opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]
                 ) -> tuple[tuple[float, ...], list[list[Tensor]]] | None:
     """What torch's fused Adam kernel needs to step ``params`` as ``opt.step()`` would: the
     settings (lr, beta1, beta2, eps) and the tensor lists; None unless ``opt`` is a plain fused
-    ``torch.optim.Adam`` over exactly ``params`` whose state exists (its first step made it)."""
-    if (type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or opt._optimizer_step_pre_hooks
-            or opt._optimizer_step_post_hooks):
+    ``torch.optim.Adam`` (:func:`_adam_plain`) over exactly ``params`` whose state exists (its first step made it)."""
+    if not _adam_plain(opt):
         return None
     group = opt.param_groups[0]
-    if (not group.get("fused") or group["amsgrad"] or group["weight_decay"] or group["maximize"]
-            or group.get("capturable") or group.get("differentiable")
-            or group.get("decoupled_weight_decay") or len(group["params"]) != len(params)
-            or any(a is not b for a, b in zip(group["params"], params, strict=True))):
+    if len(group["params"]) != len(params) or any(a is not b for a, b in zip(group["params"], params, strict=True)):
         return None
     states = [opt.state.get(p) for p in params]
     if not all(states):
@@ -531,6 +540,8 @@ class FusedStep(_FusedCore):
         #: the compiled module (elbolab.fused_cpp), or None: the torch-op step
         self.compiled = fused_cpp.load() if fused_cpp.wanted(backend) else None
         self._cpp = None
+        #: what the compiled step's Adam state was taken from (:meth:`_compiled_adam`)
+        self._adam_for: tuple | None = None
         self.model, self.optimizer = model, optimizer
         self.params = list(model.parameters())
         self.flat = self.params[0].new_zeros(sum(p.numel() for p in self.params))
@@ -557,6 +568,11 @@ class FusedStep(_FusedCore):
                 [[[lin.weight.detach() for lin in lins], [lin.bias.detach() for lin in lins],
                   [by_id[id(lin.weight)] for lin in lins], [by_id[id(lin.bias)] for lin in lins]]
                  for lins in self.lins.values()], self.flat, self.k, self.iwae, self.stl, self.dreg)
+            self._adam_for = None
+            # Adam updates the tensors whose gradients the backward wrote last first (still in cache)
+            first = {id(p): i for i, p in enumerate(self.params)}
+            self._update_order = [first[id(p)] for lins in reversed(list(self.lins.values())) for lin in lins
+                                  for p in (lin.weight, lin.bias)]
 
     def _attach_grads(self) -> None:
         for p, g in zip(self.params, self.grads, strict=True):
@@ -564,21 +580,51 @@ class FusedStep(_FusedCore):
 
     @torch.no_grad()
     def step(self, x: Tensor, beta: float = 1.0) -> tuple[ObjectiveResult, float, bool]:
+        if self._cpp is not None:
+            self._ready()
+            # the compiled call sums the bound, checks the loss and gradients and, once Adam has
+            # state, takes its step too; else (Adam's first step, another optimizer) it runs here
+            res, _ = self._compiled_gradients(x, float(beta), self._compiled_adam())
+            bound_sum, finite, updated = self._compiled_probe
+            if finite and not updated and not self._adam_direct():
+                self.optimizer.step()
+            return res, bound_sum, finite
         res, loss = self.gradients(x, beta)
-        if self._cpp is not None:  # the compiled step summed the bound and checked the gradients
-            bound_sum, finite = self._compiled_probe
-        else:
-            bound_sum, probe = torch.stack([res.bound.sum(), loss + self.flat.norm()]).tolist()
-            if not math.isfinite(probe) and (bool(torch.isfinite(loss)) and bool(torch.isfinite(self.flat).all())):
-                probe = 0.0  # only the norm overflowed
-            finite = math.isfinite(probe)
-        if finite:
+        bound_sum, probe = torch.stack([res.bound.sum(), loss + self.flat.norm()]).tolist()
+        if not math.isfinite(probe) and (bool(torch.isfinite(loss)) and bool(torch.isfinite(self.flat).all())):
+            probe = 0.0  # only the norm overflowed
+        if math.isfinite(probe):
             if self.params[0].grad is not self.grads[0]:
                 self._attach_grads()
             if not self._adam_direct():
                 self.optimizer.step()
             return res, bound_sum, True
         return res, bound_sum, False
+
+    #: Adam settings that tell the compiled call to leave the update to Python
+    _NO_ADAM = (-1.0, 0.0, 0.0, 0.0)
+
+    def _compiled_adam(self) -> tuple[float, float, float, float]:
+        """(lr, beta1, beta2, eps) for the compiled call's own Adam step, after handing it the
+        optimizer's state tensors (again whenever the state was replaced, as ``load_state_dict``
+        replaces it): torch's Adam keeps the state and the compiled call updates it in place,
+        so ``state_dict`` and checkpoints are the torch-op step's. :attr:`_NO_ADAM` where the
+        optimizer is not a plain fused Adam with state (:func:`_adam_lists`)."""
+        opt = self.optimizer
+        if not _adam_plain(opt):
+            return self._NO_ADAM
+        group = opt.param_groups[0]
+        got = self._adam_for
+        if got is None or got[0] is not opt.state or got[1] is not group or got[2] != len(opt.state):
+            found = _adam_lists(opt, self.params, self.grads)
+            ok = found is not None and all(t.dtype == torch.float32 and t.numel() == 1 for t in found[1][4])
+            lists = [[lst[i] for i in self._update_order] for lst in found[1]] if ok else [[]] * 5
+            self._cpp.set_adam(*lists)
+            self._adam_for = got = (opt.state, group, len(opt.state), ok)
+        if not got[3]:
+            return self._NO_ADAM
+        beta1, beta2 = group["betas"]
+        return float(group["lr"]), float(beta1), float(beta2), float(group["eps"])
 
     def _adam_direct(self) -> bool:
         """torch's fused Adam kernel on this run's tensors (:func:`_fused_adam`); False (nothing
@@ -589,29 +635,36 @@ class FusedStep(_FusedCore):
         _fused_adam(*found)
         return True
 
-    @torch.no_grad()
-    def gradients(self, x: Tensor, beta: float = 1.0) -> tuple[ObjectiveResult, Tensor]:
-        """Forward and backward on ``x`` ([B, D]): the result, and the loss; gradients land in
-        ``self.flat`` (and the parameters' ``.grad`` views of it)."""
+    def _ready(self) -> None:
+        """The gradients attached and the chains on the parameters' current storage."""
         if self.params[0].grad is not self.grads[0]:
             self._attach_grads()
         if self.params[0].data_ptr() != self._bound_to:
             self._bind()
+
+    @torch.no_grad()
+    def gradients(self, x: Tensor, beta: float = 1.0) -> tuple[ObjectiveResult, Tensor]:
+        """Forward and backward on ``x`` ([B, D]): the result, and the loss; gradients land in
+        ``self.flat`` (and the parameters' ``.grad`` views of it)."""
+        self._ready()
         if self._cpp is not None:
             return self._compiled_gradients(x, float(beta))
         bound, log_w, loss, terms = self._forward_backward(x.unsqueeze(0), float(beta))
         res = ObjectiveResult(loss=loss[0], bound=bound[0], log_w=log_w[0], terms=_run_terms(terms, 0))
         return res, loss[0]
 
-    def _compiled_gradients(self, x: Tensor, beta: float) -> tuple[ObjectiveResult, Tensor]:
-        """:meth:`gradients` through the compiled step, on noise drawn here as the torch-op step draws it."""
+    def _compiled_gradients(self, x: Tensor, beta: float, adam: tuple[float, float, float, float] = _NO_ADAM
+                            ) -> tuple[ObjectiveResult, Tensor]:
+        """:meth:`gradients` through the compiled step, on noise drawn here as the torch-op step draws
+        it; with ``adam`` (:meth:`_compiled_adam`) it also takes Adam's step where the gradients are finite."""
         k, b = self.k, x.shape[0]
         eps1 = standard_normal((k, b, self.d1), x)
         eps2 = standard_normal((k, b, self.d2), x) if self.two_layer else eps1
-        out, bound_sum, finite = self._cpp.run(x.contiguous(), eps1, eps2, beta)
+        out, bound_sum, finite, updated = self._cpp.run(x.contiguous(), eps1, eps2, beta, *adam)
         bound, log_w, loss, log_px, lp1, lp2, lq1, lq2, z1, z2 = out
-        #: for :meth:`step`: the batch's summed bound, and whether the loss and gradients are finite
-        self._compiled_probe = (bound_sum, finite)
+        #: for :meth:`step`: the batch's summed bound, whether the loss and gradients are finite,
+        #: and whether the call took Adam's step
+        self._compiled_probe = (bound_sum, finite, updated)
         if self.two_layer:
             terms = LogWeightTerms(log_px, {"z1": lp1, "z2": lp2}, {"z1": lq1, "z2": lq2}, {"z1": z1, "z2": z2})
         else:

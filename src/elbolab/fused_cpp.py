@@ -65,7 +65,7 @@ def load() -> ModuleType | None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 _loaded["mod"] = cpp_extension.load(name=NAME, sources=[str(SOURCE)],
-                                                    extra_cflags=["-O3"], verbose=False)
+                                                    extra_cflags=["-O3", "-fno-math-errno"], verbose=False)
         except Exception as err:  # any build failure falls back, it never fails a training
             print(f"elbolab: compiled fused step unavailable ({_why(err)}); using the torch-op fused step",
                   file=sys.stderr)

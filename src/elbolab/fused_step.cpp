@@ -1,5 +1,6 @@
 // The fused training step of elbolab.fused (FusedStep) compiled: the same forward and hand-written
-// backward for one run, as one call from Python instead of a hundred or more ATen dispatches.
+// backward for one run, as one call from Python instead of a hundred or more ATen dispatches, and
+// (once the run's torch.optim.Adam has state) the Adam update in the same call.
 //
 // It computes what fused._FusedCore._one_layer / _two_layer compute, on the noise the caller drew
 // (so a seed gives the same samples), writing the gradients into the tensors it was given (views of
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -104,6 +106,56 @@ std::vector<double> std_from_logvar(const T* out, int64_t b, int64_t d, T* sd) {
   return lvsum;
 }
 
+// Adam's update of one tensor as torch's fused Adam kernel computes it (its bias corrections in
+// double, folded into step_size and bc2_sqrt): m <- lerp(m, g, 1 - beta1), v <- beta2 v + (1 - beta2) g^2,
+// p <- p - step_size m / (sqrt(v) / bc2_sqrt + eps). The same arithmetic, in one pass per tensor;
+// the compiler may round a product-sum as one fused multiply-add, so it agrees with torch's kernel
+// to float rounding.
+template <typename T>
+struct AdamArgs {
+  T step_size, c1, beta2, c2, bc2_sqrt, eps;
+};
+
+template <typename T>
+__attribute__((always_inline)) inline void adam_loop(T* __restrict p, T* __restrict m, T* __restrict v,
+                                                     const T* __restrict g, int64_t n, AdamArgs<T> a) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T gj = g[j];
+    const T mj = m[j] + a.c1 * (gj - m[j]);
+    const T vj = v[j] * a.beta2 + a.c2 * gj * gj;
+    m[j] = mj;
+    v[j] = vj;
+    p[j] -= a.step_size * mj / (std::sqrt(vj) / a.bc2_sqrt + a.eps);
+  }
+}
+
+// The float loop for the widest vectors the CPU has (the build itself targets baseline x86-64, so
+// that a cached build runs on any machine this torch runs on)
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void adam_avx512(float* p, float* m, float* v, const float* g, int64_t n,
+                                                    AdamArgs<float> a) {
+  adam_loop(p, m, v, g, n, a);
+}
+__attribute__((target("avx2,fma"))) void adam_avx2(float* p, float* m, float* v, const float* g, int64_t n,
+                                                   AdamArgs<float> a) {
+  adam_loop(p, m, v, g, n, a);
+}
+#endif
+void adam_base(float* p, float* m, float* v, const float* g, int64_t n, AdamArgs<float> a) {
+  adam_loop(p, m, v, g, n, a);
+}
+
+using AdamFn = void (*)(float*, float*, float*, const float*, int64_t, AdamArgs<float>);
+
+AdamFn pick_adam() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return adam_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return adam_avx2;
+#endif
+  return adam_base;
+}
+
 class Step {
  public:
   // chains: per role (q1, px for the one-layer model; q1, q2, p1, px for the two-layer), the
@@ -128,22 +180,50 @@ class Step {
 
   // Forward and backward on x [B, D] with noise eps1 [K, B, D1] (and eps2 [K, B, D2]) at KL weight
   // beta: (bound [B], log_w [K, B], loss [], log p(x|z), log p(z) (z1, z2), log q (z1, z2), z1, z2),
-  // the batch's summed bound, and whether the loss and every gradient are finite (the step's
-  // condition for the optimizer step).
-  std::tuple<std::vector<Tensor>, double, bool> run(const Tensor& x, const Tensor& eps1, const Tensor& eps2,
-                                                     double beta) {
+  // the batch's summed bound, whether the loss and every gradient are finite (the step's condition
+  // for the optimizer step), and whether this call took Adam's step: with lr >= 0 and the state
+  // set_adam gave, where the loss and gradients are finite.
+  std::tuple<std::vector<Tensor>, double, bool, bool> run(const Tensor& x, const Tensor& eps1, const Tensor& eps2,
+                                                           double beta, double lr, double beta1, double beta2,
+                                                           double eps) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fused step: x must be a contiguous [B, D] tensor");
     std::vector<Tensor> res;
     double bound_sum = 0;
-    bool finite = false;
+    bool finite = false, updated = false;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_step", [&] {
       res = two_layer_ ? two_layer<scalar_t>(x, eps1.contiguous(), eps2.contiguous(), beta)
                        : one_layer<scalar_t>(x, eps1.contiguous(), beta);
       const scalar_t* bp = bound_.data_ptr<scalar_t>();
       for (int64_t c = 0; c < b_; ++c) bound_sum += static_cast<double>(bp[c]);
       finite = std::isfinite(loss_.item<double>()) && all_finite<scalar_t>();
+      if (finite && lr >= 0 && !adam_.empty()) {
+        adam<scalar_t>(lr, beta1, beta2, eps);
+        updated = true;
+      }
     });
-    return {res, bound_sum, finite};
+    return {res, bound_sum, finite, updated};
+  }
+
+  // The run's Adam state for run's update: per parameter (in the order to update them) the
+  // parameter, its gradient, exp_avg, exp_avg_sq and step (torch.optim.Adam's own state tensors,
+  // updated in place, so its state_dict stays the truth); empty lists: no update in run.
+  void set_adam(std::vector<Tensor> params, std::vector<Tensor> grads, std::vector<Tensor> avgs,
+                std::vector<Tensor> sqs, std::vector<Tensor> steps) {
+    const size_t n = params.size();
+    TORCH_CHECK(grads.size() == n && avgs.size() == n && sqs.size() == n && steps.size() == n,
+                "fused step: set_adam needs one of each per parameter");
+    std::vector<AdamSlot> slots;
+    for (size_t i = 0; i < n; ++i) {
+      const Tensor* all[] = {&params[i], &grads[i], &avgs[i], &sqs[i]};
+      for (const Tensor* t : all)
+        TORCH_CHECK(t->is_contiguous() && t->scalar_type() == params[i].scalar_type() &&
+                        t->numel() == params[i].numel(),
+                    "fused step: Adam's tensors must be contiguous and of the parameter's size and type");
+      TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat,
+                  "fused step: Adam's step must be a float32 scalar tensor");
+      slots.push_back({params[i], grads[i], avgs[i], sqs[i], steps[i]});
+    }
+    adam_ = std::move(slots);
   }
 
  private:
@@ -152,6 +232,32 @@ class Step {
   int64_t k_, d1_, d2_;
   bool iwae_, stl_, dreg_, two_layer_;
   int64_t b_ = -1;
+  struct AdamSlot {
+    Tensor p, g, m, v, step;
+  };
+  std::vector<AdamSlot> adam_;
+  AdamFn adam_float_ = pick_adam();
+
+  // Adam's step on every slot: step += 1, then the update with that step's bias corrections
+  template <typename T>
+  void adam(double lr, double beta1, double beta2, double eps) {
+    for (AdamSlot& s : adam_) {
+      float* st = s.step.data_ptr<float>();
+      *st += 1.0f;
+      const double step = static_cast<double>(*st);
+      const double bc1 = 1 - std::pow(beta1, step), bc2 = 1 - std::pow(beta2, step);
+      const AdamArgs<T> a{static_cast<T>(lr / bc1), static_cast<T>(1 - beta1), static_cast<T>(beta2),
+                          static_cast<T>(1 - beta2), static_cast<T>(std::sqrt(bc2)), static_cast<T>(eps)};
+      T* p = s.p.data_ptr<T>();
+      T* m = s.m.data_ptr<T>();
+      T* v = s.v.data_ptr<T>();
+      const T* g = s.g.data_ptr<T>();
+      if constexpr (std::is_same_v<T, float>)
+        adam_float_(p, m, v, g, s.p.numel(), a);
+      else
+        adam_loop(p, m, v, g, s.p.numel(), a);
+    }
+  }
   // per-batch-size buffers
   Tensor std1_, z1_, std2_, z2_, u_, uip_, lpx_, lp1_, lp2_, lq1_, lq2_, logw_, bound_, loss_, g_, a_, e_, l1p_;
 
@@ -553,5 +659,6 @@ class Step {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Step>(m, "Step")
       .def(pybind11::init<std::vector<std::vector<std::vector<Tensor>>>, Tensor, int64_t, bool, bool, bool>())
-      .def("run", &Step::run, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("run", &Step::run, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("set_adam", &Step::set_adam);
 }
