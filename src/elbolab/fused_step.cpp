@@ -8,10 +8,12 @@
 // and log1p over the large buffers stay ATen's vectorized kernels; everything else (the Gaussian
 // log-densities and reparameterization, the Bernoulli log-likelihood and its gradient, the IWAE
 // weights, tanh's backward, bias gradients) is plain loops in one pass each.
+#include <dlfcn.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -19,6 +21,28 @@
 namespace {
 
 using at::Tensor;
+
+// The BLAS sgemm_ ATen's own float matrix products call (torch's MKL exports it), found at load
+// time: called directly, a product gives the bits of at::addmm_out / at::mm_out on the same
+// buffers (the same routine, operands and transposes) without their dispatch, checks and views,
+// a microsecond or more of each of a k = 1 step's 17-35 small products. Where torch has no
+// sgemm_, ATen's calls run.
+using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*);
+const Sgemm sgemm = reinterpret_cast<Sgemm>(dlsym(RTLD_DEFAULT, "sgemm_"));
+
+// Column-major C (m x n) = alpha op(A) op(B) + beta C
+inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  sgemm(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+}
+
+template <typename T>
+constexpr bool direct() {
+  return std::is_same_v<T, float>;
+}
 
 struct Chain {
   // input -> (Linear, tanh)* -> Linear; weights [out, in]
@@ -41,14 +65,52 @@ struct Chain {
     grad_in = at::empty({n, w[0].size(1)}, like.options());
   }
 
+  // y [n, out] = b + h [n, in] W^T (at::addmm_out: the bias copied into y, then y += h W^T)
+  template <typename T>
+  void linear(size_t i, const Tensor& h, Tensor& y) {
+    if (direct<T>() && sgemm) {
+      const int64_t n = h.size(0), in = w[i].size(1), o = w[i].size(0);
+      float* c = y.data_ptr<float>();
+      const float* bp = b[i].data_ptr<float>();
+      for (int64_t r = 0; r < n; ++r) std::memcpy(c + r * o, bp, o * sizeof(float));
+      gemm('T', 'N', o, n, in, 1.f, w[i].data_ptr<float>(), in, h.data_ptr<float>(), in, 1.f, c, o);
+    } else {
+      at::addmm_out(y, b[i], h, wt[i]);
+    }
+  }
+
+  // gw[i] [out, in] = d [n, out]^T inp [n, in]
+  template <typename T>
+  void weight_grad(size_t i, const Tensor& d, const Tensor& inp) {
+    if (direct<T>() && sgemm) {
+      const int64_t n = d.size(0), o = d.size(1), in = inp.size(1);
+      gemm('N', 'T', in, o, n, 1.f, inp.data_ptr<float>(), in, d.data_ptr<float>(), o, 0.f, gw[i].data_ptr<float>(),
+           in);
+    } else {
+      at::mm_out(gw[i], d.t(), inp);
+    }
+  }
+
+  // g [n, in] = d [n, out] W [out, in]
+  template <typename T>
+  void in_grad(size_t i, const Tensor& d, Tensor& g) {
+    if (direct<T>() && sgemm) {
+      const int64_t n = d.size(0), o = d.size(1), in = w[i].size(1);
+      gemm('N', 'N', in, n, o, 1.f, w[i].data_ptr<float>(), in, d.data_ptr<float>(), o, 0.f, g.data_ptr<float>(), in);
+    } else {
+      at::mm_out(g, d, w[i]);
+    }
+  }
+
+  template <typename T>
   const Tensor& forward(const Tensor& x) {
     const Tensor* h = &x;
     for (size_t i = 0; i + 1 < w.size(); ++i) {
-      at::addmm_out(acts[i], b[i], *h, wt[i]);
+      linear<T>(i, *h, acts[i]);
       acts[i].tanh_();
       h = &acts[i];
     }
-    at::addmm_out(out, b.back(), *h, wt.back());
+    linear<T>(w.size() - 1, *h, out);
     return out;
   }
 
@@ -71,15 +133,15 @@ struct Chain {
     for (int64_t i = static_cast<int64_t>(w.size()) - 1; i >= 0; --i) {
       const Tensor& inp = i > 0 ? acts[i - 1] : x;
       if (params) {
-        at::mm_out(gw[i], d->t(), inp);
+        weight_grad<T>(i, *d, inp);
         bias_grad<T>(*d, gb[i]);
       }
       if (i == 0) {
-        if (input_grad) at::mm_out(grad_in, *d, w[0]);
+        if (input_grad) in_grad<T>(0, *d, grad_in);
         return;
       }
       Tensor& nxt = deltas[i - 1];
-      at::mm_out(nxt, *d, w[i]);
+      in_grad<T>(i, *d, nxt);
       T* np = nxt.data_ptr<T>();
       const T* ap = inp.data_ptr<T>();
       const int64_t n = nxt.numel();
@@ -451,7 +513,7 @@ class Step {
     Chain& dec = chains_[1];
     const T tb = static_cast<T>(beta);
     const T half = static_cast<T>(0.5 * d * std::log(2 * M_PI));
-    const Tensor& out = enc.forward(x);
+    const Tensor& out = enc.template forward<T>(x);
     const T* op = out.data_ptr<T>();
     T* sd = std1_.data_ptr<T>();
     T* lq = lq1_.data_ptr<T>();
@@ -473,7 +535,7 @@ class Step {
       lq[r] = static_cast<T>(-0.5 * (lvsum[c] + ee)) - half;
     }
     Tensor zf = z1_.view({kb, d});
-    Tensor& logits = const_cast<Tensor&>(dec.forward(zf));
+    Tensor& logits = const_cast<Tensor&>(dec.template forward<T>(zf));
     T* lpx = lpx_.data_ptr<T>();
     log_bernoulli<T>(x, logits, lpx);
     std::vector<T> ratio(kb);
@@ -514,7 +576,7 @@ class Step {
     const T half1 = static_cast<T>(0.5 * d1 * std::log(2 * M_PI));
     const T half2 = static_cast<T>(0.5 * d2 * std::log(2 * M_PI));
     // q(z1 | x)
-    const Tensor& out1 = q1.forward(x);
+    const Tensor& out1 = q1.template forward<T>(x);
     const T* o1 = out1.data_ptr<T>();
     T* sd1 = std1_.data_ptr<T>();
     T* z1 = z1_.data_ptr<T>();
@@ -533,7 +595,7 @@ class Step {
     }
     Tensor z1f = z1_.view({kb, d1});
     // q(z2 | z1)
-    const Tensor& out2 = q2.forward(z1f);
+    const Tensor& out2 = q2.template forward<T>(z1f);
     const T* o2 = out2.data_ptr<T>();
     T* sd2 = std2_.data_ptr<T>();
     T* z2 = z2_.data_ptr<T>();
@@ -560,7 +622,7 @@ class Step {
     }
     Tensor z2f = z2_.view({kb, d2});
     // p(z1 | z2) and p(x | z1)
-    const Tensor& outp = p1.forward(z2f);
+    const Tensor& outp = p1.template forward<T>(z2f);
     const T* opp = outp.data_ptr<T>();
     T* u = u_.data_ptr<T>();
     T* uip = uip_.data_ptr<T>();
@@ -581,7 +643,7 @@ class Step {
       }
       lp1[r] = static_cast<T>(-0.5 * (lvs + q)) - half1;
     }
-    Tensor& logits = const_cast<Tensor&>(px.forward(z1f));
+    Tensor& logits = const_cast<Tensor&>(px.template forward<T>(z1f));
     T* lpx = lpx_.data_ptr<T>();
     log_bernoulli<T>(x, logits, lpx);
     std::vector<T> ratio(kb);
