@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -44,6 +45,42 @@ constexpr bool direct() {
   return std::is_same_v<T, float>;
 }
 
+// The sum of |v| over a buffer, on independent lanes (a vectorized pass); inf or NaN where an
+// entry is, or where the float sum overflows.
+template <typename T>
+double abs_sum(const Tensor& t) {
+  const T* v = t.data_ptr<T>();
+  const int64_t n = t.numel();
+  constexpr int L = 16;
+  T acc[L] = {};
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int l = 0; l < L; ++l) acc[l] += std::abs(v[j + l]);
+  double total = 0;
+  for (int l = 0; l < L; ++l) total += acc[l];
+  for (; j < n; ++j) total += std::abs(v[j]);
+  return total;
+}
+
+// A proof, from the small operands of the gradient products, that every gradient is finite,
+// so that the step need not read its (larger) gradients again to check: a weight gradient is
+// d^T inp, a bias gradient d's column sums, and where d and inp are finite with
+// sum|d| sum|inp| and sum|d| below a quarter of the type's largest value, no product, partial
+// sum or result can overflow or be NaN. It holds or it does not; where it does not (an
+// operand not finite, or so large), the gradients are checked entry by entry.
+struct Proof {
+  bool on = false;  // collecting this step
+  bool ok = true;
+
+  template <typename T>
+  void add(const Tensor& d, const Tensor& inp) {
+    if (!on || !ok) return;
+    const double sd = abs_sum<T>(d), si = abs_sum<T>(inp);
+    const double lim = static_cast<double>(std::numeric_limits<T>::max()) / 4;
+    ok = std::isfinite(sd) && std::isfinite(si) && sd < lim && sd * si < lim;
+  }
+};
+
 struct Chain {
   // input -> (Linear, tanh)* -> Linear; weights [out, in]
   std::vector<Tensor> w, b, gw, gb;
@@ -51,6 +88,7 @@ struct Chain {
   std::vector<Tensor> acts, deltas;  // tanh outputs and gradients at the hidden pre-activations
   Tensor out, grad_in;               // the head's output (its gradient in the backward), grad at input
   int64_t rows = -1;
+  Proof* proof = nullptr;            // the step's finiteness proof, given each weight gradient's operands
 
   void buffers(int64_t n, const Tensor& like) {
     if (rows == n) return;
@@ -133,6 +171,7 @@ struct Chain {
     for (int64_t i = static_cast<int64_t>(w.size()) - 1; i >= 0; --i) {
       const Tensor& inp = i > 0 ? acts[i - 1] : x;
       if (params) {
+        proof->add<T>(*d, inp);
         weight_grad<T>(i, *d, inp);
         bias_grad<T>(*d, gb[i]);
       }
@@ -235,6 +274,7 @@ class Step {
       for (auto& wi : ch.w) ch.wt.push_back(wi.t());
       chains_.push_back(std::move(ch));
     }
+    for (Chain& ch : chains_) ch.proof = &proof_;
     two_layer_ = chains_.size() == 4;
     d1_ = chains_[0].w.back().size(0) / 2;
     d2_ = two_layer_ ? chains_[1].w.back().size(0) / 2 : 0;
@@ -253,11 +293,13 @@ class Step {
     double bound_sum = 0;
     bool finite = false, updated = false;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_step", [&] {
+      proof_.ok = true;
+      proof_.on = proof_cost(x) < flat_.numel();
       res = two_layer_ ? two_layer<scalar_t>(x, eps1.contiguous(), eps2.contiguous(), beta)
                        : one_layer<scalar_t>(x, eps1.contiguous(), beta);
       const scalar_t* bp = bound_.data_ptr<scalar_t>();
       for (int64_t c = 0; c < b_; ++c) bound_sum += static_cast<double>(bp[c]);
-      finite = std::isfinite(loss_.item<double>()) && all_finite<scalar_t>();
+      finite = std::isfinite(loss_.item<double>()) && ((proof_.on && proof_.ok) || all_finite<scalar_t>());
       if (finite && lr >= 0 && !adam_.empty()) {
         adam<scalar_t>(lr, beta1, beta2, eps);
         updated = true;
@@ -299,6 +341,16 @@ class Step {
   };
   std::vector<AdamSlot> adam_;
   AdamFn adam_float_ = pick_adam();
+  Proof proof_;
+
+  // Entries the finiteness proof reads at batch x's size: each weight gradient's two operands
+  int64_t proof_cost(const Tensor& x) const {
+    const int64_t b = x.size(0);
+    int64_t n = 0;
+    for (size_t c = 0; c < chains_.size(); ++c)
+      for (const Tensor& wi : chains_[c].w) n += (c == 0 ? b : k_ * b) * (wi.size(0) + wi.size(1));
+    return n;
+  }
 
   // Adam's step on every slot: step += 1, then the update with that step's bias corrections
   template <typename T>
