@@ -151,14 +151,17 @@ def test_compiled_float32_gradients_at_paper_size_as_accurate_as_the_torch_step(
     assert err["cpp"] < max(err["torch"], 3e-5), err
 
 
-def _adam_runs(name: str, dtype: torch.dtype, lr: float = 1e-2):
-    """The same model and fused Adam twice: the torch-op step with torch's Adam, and the compiled
-    step taking Adam's step inside its call."""
-    model_t = _model(name, dtype)
+def _adam_runs(name: str, dtype: torch.dtype, lr: float = 1e-2, model=None, reference: str = "torch"):
+    """The same model and fused Adam twice: the reference step (``torch``: the torch-op step;
+    ``cpp``: the compiled step's gradients) followed by torch's fused Adam, and the compiled step
+    taking Adam's step inside its call."""
+    model_t = _model(name, dtype) if model is None else model
     model_c = copy.deepcopy(model_t)
     opts = [torch.optim.Adam(m.parameters(), lr=lr, fused=True) for m in (model_t, model_c)]
-    steps = [FusedStep(model_t, opts[0], "iwae", 3, "dreg"),
+    steps = [FusedStep(model_t, opts[0], "iwae", 3, "dreg", backend=reference),
              FusedStep(model_c, opts[1], "iwae", 3, "dreg", backend="cpp")]
+    if reference == "cpp":  # its gradients, torch's Adam kernel after the call
+        steps[0]._compiled_adam = lambda: FusedStep._NO_ADAM
     return [model_t, model_c], opts, steps
 
 
@@ -174,13 +177,27 @@ def _close_state(opt_a, opt_b, tol: float) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
-def test_compiled_adam_in_the_call_is_torchs_adam_in_float64(compiled, name: str) -> None:
+@pytest.mark.parametrize("size", ["tiny", "paper"])
+def test_compiled_adam_in_the_call_is_torchs_adam_in_float64(compiled, name: str, size: str) -> None:
     """Six steps at two KL weights and a learning rate changed halfway (as a schedule changes it):
     the compiled step's own Adam update (it takes every step after Adam's first) lands on the
-    parameters and Adam state (exp_avg, exp_avg_sq, step) of the torch-op step followed by torch's
-    fused Adam, to 1e-12 in float64; the first step is torch's, the rest the call's."""
-    models, opts, steps = _adam_runs(name, torch.float64)
-    x = _batch()
+    parameters and Adam state (exp_avg, exp_avg_sq, step) of the same gradients followed by torch's
+    fused Adam, to 1e-12 in float64; the first step is torch's, the rest the call's. Tiny models
+    (against the torch-op step) check all gradients, then step; at the paper's sizes and batch 20
+    (against the compiled step's gradients: an entry whose gradient is rounding noise around 0
+    moves by lr either way under Adam) the gradients are proven finite first and each layer steps
+    right after its gradient."""
+    if size == "tiny":
+        models, opts, steps = _adam_runs(name, torch.float64)
+        x = _batch()
+    else:
+        from elbolab.models import build_model
+
+        over = {"one-layer": [], "two-layer": ["model.name=two-layer"]}[name]
+        torch.manual_seed(0)
+        model = build_model(RunConfig().with_overrides(over).model, 784).double()
+        models, opts, steps = _adam_runs(name, torch.float64, model=model, reference="cpp")
+        x = (torch.rand(20, 784, generator=torch.Generator().manual_seed(1)) < 0.3).double()
     taken = []
     for i, beta in enumerate([1.0, 0.3, 1.0, 1.0, 0.3, 1.0]):
         if i == 3:
@@ -190,6 +207,7 @@ def test_compiled_adam_in_the_call_is_torchs_adam_in_float64(compiled, name: str
             torch.manual_seed(20 + i)
             assert step.step(x, beta)[2]
         taken.append(steps[1]._compiled_probe[2])
+        assert steps[1]._cpp.layerwise() == (taken[-1] and size == "paper")
     assert taken == [False] + [True] * 5
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
