@@ -419,6 +419,36 @@ def test_the_backend_setting(monkeypatch) -> None:
     assert resume_free("train.fused_backend") and not resume_free("train.fused")
 
 
+@pytest.mark.parametrize("preset_name", ["iwae-paper", "iwae-paper-two-layer"])
+def test_the_paper_presets_train_through_the_compiled_step_and_its_adam(monkeypatch, tmp_path,
+                                                                          preset_name: str) -> None:
+    """`elbolab train --preset iwae-paper` (and -two-layer) as configured, where the environment allows
+    the build: the trainer's run (RunState) takes the fused step through the compiled module
+    (train.fused=auto, train.fused_backend=auto), and its optimizer (Adam, eps 1e-4) is one whose
+    step the compiled call takes itself. No build here: the module is a stand-in."""
+    from elbolab.config import preset
+    from elbolab.data import load
+    from elbolab.fused import _adam_plain
+    from elbolab.training import RunState
+
+    made = []
+
+    class Module:
+        class Step:
+            def __init__(self, *args) -> None:
+                made.append(args)
+
+    monkeypatch.setenv(fused_cpp.ENV, "1")
+    monkeypatch.setattr(fused_cpp, "load", lambda: Module)
+    cfg = preset(preset_name)
+    assert (cfg.train.fused, cfg.train.fused_backend, cfg.train.optimizer) == ("auto", "auto", "adam")
+    data = load("binarized-mnist-embedded")
+    run = RunState(cfg.with_overrides(["data.name=binarized-mnist-embedded"]), tmp_path / "run", data)
+    step = run.fused_step()
+    assert step is not None and step.compiled is Module and len(made) == 1
+    assert _adam_plain(run.optimizer) and run.optimizer.param_groups[0]["eps"] == 1e-4
+
+
 @pytest.mark.slow
 def test_a_training_run_takes_the_compiled_step_under_auto(compiled, monkeypatch, tmp_path) -> None:
     """train.fused_backend=auto, where the environment allows the build, trains through the compiled
