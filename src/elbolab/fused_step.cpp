@@ -89,15 +89,6 @@ struct Chain {
   Tensor out, grad_in;               // the head's output (its gradient in the backward), grad at input
   int64_t rows = -1;
   Proof* proof = nullptr;            // the step's finiteness proof, given each weight gradient's operands
-  // the weight gradients the backward leaves for the step to compute (Step::weight_grads): layer,
-  // the gradient at its output and its input
-  struct Pending {
-    Chain* chain;
-    size_t layer;
-    Tensor d, inp;
-  };
-  std::vector<Pending>* pending = nullptr;
-  std::vector<int64_t> slot_w, slot_b;  // each layer's weight and bias in the step's Adam slots, or -1
 
   void buffers(int64_t n, const Tensor& like) {
     if (rows == n) return;
@@ -172,9 +163,8 @@ struct Chain {
     for (int64_t j = 0; j < m; ++j) g[j] = static_cast<T>(acc[j]);
   }
 
-  // The backward from the gradient at the head's output ``d`` (the ``out`` buffer): the gradient
-  // at the input, if asked (the ``grad_in`` buffer), and, if asked, the parameters' gradients,
-  // left pending (each layer's operands stay in its buffers until the step computes them).
+  // Gradients of the parameters (written over theirs) from the gradient at the head's output
+  // ``d`` (the ``out`` buffer), and, if asked, at the input (the ``grad_in`` buffer).
   template <typename T>
   void backward(const Tensor& x, const Tensor& dout, bool params, bool input_grad) {
     const Tensor* d = &dout;
@@ -182,7 +172,8 @@ struct Chain {
       const Tensor& inp = i > 0 ? acts[i - 1] : x;
       if (params) {
         proof->add<T>(*d, inp);
-        pending->push_back({this, static_cast<size_t>(i), *d, inp});
+        weight_grad<T>(i, *d, inp);
+        bias_grad<T>(*d, gb[i]);
       }
       if (i == 0) {
         if (input_grad) in_grad<T>(0, *d, grad_in);
@@ -283,10 +274,7 @@ class Step {
       for (auto& wi : ch.w) ch.wt.push_back(wi.t());
       chains_.push_back(std::move(ch));
     }
-    for (Chain& ch : chains_) {
-      ch.proof = &proof_;
-      ch.pending = &pending_;
-    }
+    for (Chain& ch : chains_) ch.proof = &proof_;
     two_layer_ = chains_.size() == 4;
     d1_ = chains_[0].w.back().size(0) / 2;
     d2_ = two_layer_ ? chains_[1].w.back().size(0) / 2 : 0;
@@ -307,33 +295,21 @@ class Step {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_step", [&] {
       proof_.ok = true;
       proof_.on = proof_cost(x) < flat_.numel();
-      pending_.clear();
       res = two_layer_ ? two_layer<scalar_t>(x, eps1.contiguous(), eps2.contiguous(), beta)
                        : one_layer<scalar_t>(x, eps1.contiguous(), beta);
       const scalar_t* bp = bound_.data_ptr<scalar_t>();
       for (int64_t c = 0; c < b_; ++c) bound_sum += static_cast<double>(bp[c]);
-      const bool loss_ok = std::isfinite(loss_.item<double>());
-      const bool want = lr >= 0 && !adam_.empty();
-      // finite proven before any weight gradient exists: each layer's Adam step right after its
-      // gradient, while that is in cache
-      const bool early = want && loss_ok && proof_.on && proof_.ok && slots_mapped_;
-      weight_grads<scalar_t>(early, lr, beta1, beta2, eps);
-      layerwise_ = early;
-      if (early) {
-        finite = updated = true;
-        return;
-      }
-      finite = loss_ok && ((proof_.on && proof_.ok) || all_finite<scalar_t>());
-      if (finite && want) {
-        for (AdamSlot& slot : adam_) adam_step<scalar_t>(slot, lr, beta1, beta2, eps);
+      finite = std::isfinite(loss_.item<double>()) && ((proof_.on && proof_.ok) || all_finite<scalar_t>());
+      if (finite && lr >= 0 && !adam_.empty()) {
+        adam<scalar_t>(lr, beta1, beta2, eps);
         updated = true;
       }
     });
     return {res, bound_sum, finite, updated};
   }
 
-  // Whether the last run took Adam's step layer by layer, its gradients proven finite beforehand
-  bool layerwise() const { return layerwise_; }
+  // Whether the last run proved its gradients finite from their operands (no entry-by-entry check)
+  bool proved() const { return proof_.on && proof_.ok; }
 
   // The run's Adam state for run's update: per parameter (in the order to update them) the
   // parameter, its gradient, exp_avg, exp_avg_sq and step (torch.optim.Adam's own state tensors,
@@ -355,25 +331,6 @@ class Step {
       slots.push_back({params[i], grads[i], avgs[i], sqs[i], steps[i]});
     }
     adam_ = std::move(slots);
-    // each layer's slots: every slot a layer's weight or bias, every layer's weight and bias a slot
-    size_t mapped = 0;
-    auto find = [&](const Tensor& t) {
-      for (size_t j = 0; j < adam_.size(); ++j)
-        if (adam_[j].p.data_ptr() == t.data_ptr() && adam_[j].p.numel() == t.numel()) return static_cast<int64_t>(j);
-      return static_cast<int64_t>(-1);
-    };
-    slots_mapped_ = true;
-    for (Chain& ch : chains_) {
-      ch.slot_w.clear();
-      ch.slot_b.clear();
-      for (size_t i = 0; i < ch.w.size(); ++i) {
-        ch.slot_w.push_back(find(ch.w[i]));
-        ch.slot_b.push_back(find(ch.b[i]));
-        slots_mapped_ = slots_mapped_ && ch.slot_w.back() >= 0 && ch.slot_b.back() >= 0;
-        mapped += 2;
-      }
-    }
-    slots_mapped_ = slots_mapped_ && mapped == adam_.size();
   }
 
  private:
@@ -398,45 +355,26 @@ class Step {
     return n;
   }
 
-  bool slots_mapped_ = false;
-  bool layerwise_ = false;
-  std::vector<Chain::Pending> pending_;
-
-  // Adam's step on one slot: step += 1, then the update with that step's bias corrections
+  // Adam's step on every slot: step += 1, then the update with that step's bias corrections
   template <typename T>
-  void adam_step(AdamSlot& s, double lr, double beta1, double beta2, double eps) {
-    float* st = s.step.data_ptr<float>();
-    *st += 1.0f;
-    const double step = static_cast<double>(*st);
-    const double bc1 = 1 - std::pow(beta1, step), bc2 = 1 - std::pow(beta2, step);
-    const AdamArgs<T> a{static_cast<T>(lr / bc1), static_cast<T>(1 - beta1), static_cast<T>(beta2),
-                        static_cast<T>(1 - beta2), static_cast<T>(std::sqrt(bc2)), static_cast<T>(eps)};
-    T* p = s.p.data_ptr<T>();
-    T* m = s.m.data_ptr<T>();
-    T* v = s.v.data_ptr<T>();
-    const T* g = s.g.data_ptr<T>();
-    if constexpr (std::is_same_v<T, float>)
-      adam_float_(p, m, v, g, s.p.numel(), a);
-    else
-      adam_loop(p, m, v, g, s.p.numel(), a);
-  }
-
-  // The pending weight and bias gradients, the last the backward left first (its operands are
-  // the freshest in cache); with ``update``, each layer's Adam step right after its gradients
-  template <typename T>
-  void weight_grads(bool update, double lr, double beta1, double beta2, double eps) {
-    for (auto it = pending_.rbegin(); it != pending_.rend(); ++it) {
-      Chain& ch = *it->chain;
-      const size_t i = it->layer;
-      ch.weight_grad<T>(i, it->d, it->inp);
-      Chain::bias_grad<T>(it->d, ch.gb[i]);
-      if (update) {
-        adam_step<T>(adam_[ch.slot_w[i]], lr, beta1, beta2, eps);
-        adam_step<T>(adam_[ch.slot_b[i]], lr, beta1, beta2, eps);
-      }
+  void adam(double lr, double beta1, double beta2, double eps) {
+    for (AdamSlot& s : adam_) {
+      float* st = s.step.data_ptr<float>();
+      *st += 1.0f;
+      const double step = static_cast<double>(*st);
+      const double bc1 = 1 - std::pow(beta1, step), bc2 = 1 - std::pow(beta2, step);
+      const AdamArgs<T> a{static_cast<T>(lr / bc1), static_cast<T>(1 - beta1), static_cast<T>(beta2),
+                          static_cast<T>(1 - beta2), static_cast<T>(std::sqrt(bc2)), static_cast<T>(eps)};
+      T* p = s.p.data_ptr<T>();
+      T* m = s.m.data_ptr<T>();
+      T* v = s.v.data_ptr<T>();
+      const T* g = s.g.data_ptr<T>();
+      if constexpr (std::is_same_v<T, float>)
+        adam_float_(p, m, v, g, s.p.numel(), a);
+      else
+        adam_loop(p, m, v, g, s.p.numel(), a);
     }
   }
-
   // per-batch-size buffers
   Tensor std1_, z1_, std2_, z2_, u_, uip_, lpx_, lp1_, lp2_, lq1_, lq2_, logw_, bound_, loss_, g_, a_, e_, l1p_;
 
@@ -840,5 +778,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<std::vector<std::vector<Tensor>>>, Tensor, int64_t, bool, bool, bool>())
       .def("run", &Step::run, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("set_adam", &Step::set_adam)
-      .def("layerwise", &Step::layerwise);
+      .def("proved", &Step::proved);
 }
