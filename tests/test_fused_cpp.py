@@ -215,6 +215,28 @@ def test_compiled_adam_in_the_call_is_torchs_adam_in_float64(compiled, name: str
 
 
 @pytest.mark.slow
+def test_compiled_step_leaves_adamnormgrad_to_its_optimizer(compiled) -> None:
+    """AdamNormGrad (the VampPrior preset's optimizer) is not stepped inside the call: it steps after
+    it, on the compiled gradients, landing where it lands after the torch-op step, to 1e-12 in float64."""
+    from elbolab.config import TrainConfig
+
+    model_t = _model("two-layer", torch.float64)
+    model_c = copy.deepcopy(model_t)
+    train = TrainConfig(optimizer="adamnormgrad", lr=1e-2)
+    steps = [FusedStep(m, make_optimizer(m, train, "cpu"), "iwae", 3, "stl", backend=b)
+             for m, b in ((model_t, "torch"), (model_c, "cpp"))]
+    x = _batch()
+    for i in range(3):
+        for step in steps:
+            torch.manual_seed(i)
+            assert step.step(x)[2]
+        assert not steps[1]._compiled_probe[2]
+    for a, b in zip(model_t.parameters(), model_c.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert steps[1].optimizer.state[next(model_c.parameters())]["step"] == 3
+
+
+@pytest.mark.slow
 def test_compiled_adam_follows_a_loaded_state_and_resumes_bit_exact(compiled) -> None:
     """Adam's state replaced by load_state_dict (a resume) is the state the call updates next:
     a run saved after 3 steps and loaded into a fresh model and optimizer (state written by the
