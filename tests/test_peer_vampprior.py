@@ -179,3 +179,20 @@ def test_the_peer_imports_only_elbolabs_data_loading_and_estimator() -> None:
     used = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     used |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert {m for m in used if m.startswith("elbolab")} == {"elbolab.data", "elbolab.evaluation"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_peers_mixture_density_equals_the_per_component_gaussian(dtype) -> None:
+    """The expanded-square mixture density (two products, no [..., C, D] tensor) against the
+    direct per-component form in float64, with log-variances over the whole hardtanh range."""
+    peer = _peer()
+    g = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(7, 5, 40, generator=g, dtype=torch.float64)
+    mean = 2 * torch.randn(30, 40, generator=g, dtype=torch.float64)
+    log_var = torch.empty(30, 40, dtype=torch.float64).uniform_(-6.0, 2.0, generator=g)
+    direct = peer.log_normal(z.unsqueeze(-2), mean, log_var)
+    fast = peer.mixture_components(z.to(dtype), mean.to(dtype), log_var.to(dtype))
+    assert fast.shape == (7, 5, 30) and fast.dtype == dtype
+    # float32: the inputs' own rounding, relative to the largest density
+    tol = 1e-9 if dtype == torch.float64 else 1e-6 * direct.abs().max().item()
+    assert torch.allclose(fast.double(), direct, rtol=0, atol=tol), (fast.double() - direct).abs().max()
