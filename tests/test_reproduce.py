@@ -382,6 +382,25 @@ def test_every_mlp_row_evaluates_with_k_5000_at_every_budget() -> None:
             assert "K = 5000" in spec.protocol.budget_notes[budget]
 
 
+def test_every_row_the_fused_step_can_train_asks_for_it() -> None:
+    """A row whose model and objective fit the fused batch step trains through it (train.fused
+    auto: the same training, faster), and the rows it cannot train keep the plain step."""
+    from elbolab import fused
+    from elbolab.models import build_model
+
+    fitting = set()
+    for name in ("iwae-table", "surgery-table", "vampprior-table"):
+        for p in plan_rows(get_table(name), "quick"):
+            cfg = p.config
+            if cfg.model.name not in ("one-layer", "two-layer"):
+                assert fused.supports(build_model(cfg.model, 784), cfg) is not None, (name, p.row.id)
+                continue
+            if fused.supports(build_model(cfg.model, 784), cfg) is None:
+                assert cfg.train.fused == "auto", (name, p.row.id)
+                fitting.add(name)
+    assert fitting == {"iwae-table", "surgery-table"}
+
+
 def test_rows_record_the_validation_bound_per_epoch_where_a_split_exists() -> None:
     for name in ("surgery-table", "vampprior-table"):
         for budget in ("quick", "medium", "paper"):

@@ -179,6 +179,8 @@ PROTOCOLS: dict[str, Protocol] = {
         base={
             "objective.name": "vae", "objective.k": 1, "data.binarization": "dynamic",
             "model.hidden": [200, 200], "train.batch_size": 100, "train.lr": 1e-3, "train.eval_every": 1,
+            # the model fits the fused step (elbolab.fused): the same training, about 1.7x faster
+            "train.fused": "auto",
         },
         budgets={
             "quick": {"train.epochs": 10},
