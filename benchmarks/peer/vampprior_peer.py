@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-steps", type=int, default=0,
                    help="only time this many training steps (no results written)")
+    p.add_argument("--time-eval", type=int, default=0,
+                   help="only time the IS evaluation on this many test images (no training, no results)")
     p.add_argument("--again", action="store_true", help="rerun the row though peer.json already holds it")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -270,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         per_step = (time.perf_counter() - t0) / args.time_steps
         print(f"{per_step * 1e3:.0f} ms per step of 100, {per_step * math.ceil(x_train.shape[0] / 100) / 60:.1f} min "
               f"per epoch ({args.threads} thread(s))")
+        return 0
+    if args.time_eval:
+        x_test = random_subset(evaluation_images(data, "test", "static", 0), args.time_eval)
+        t0 = time.process_time()
+        log_likelihood(model, x_test, k=args.k_eval, seed=1, device=args.device)
+        per_image = (time.process_time() - t0) / x_test.shape[0]
+        print(f"{per_image:.3f} CPU-s per test image at K = {args.k_eval}, {per_image * 10_000 / 60:.0f} CPU-min "
+              f"for 10,000 ({args.threads} thread(s); the untrained model: the cost does not depend on the weights)")
         return 0
     # beside the row folders (not committed): a killed run continues from its last epoch
     ckpt = out / "rows" / f"peer-{ROW}-seed{args.seed}" / "checkpoint.pt"
