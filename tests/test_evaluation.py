@@ -133,3 +133,79 @@ def test_a_float64_model_scores_float32_data_as_its_own_dtype():
     want = log_likelihood(model, x32.double(), k=20, batch_size=4, chunk_size=8, seed=5)
     assert got.per_point.dtype == torch.float64 and torch.equal(got.per_point, want.per_point)
     assert evaluate_bounds(model, x32, k=5, seed=2) == evaluate_bounds(model, x32.double(), k=5, seed=2)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DiesAfter:
+    """Wraps a model; raises after ``calls`` log_weights calls, as a killed scoring would stop."""
+
+    def __init__(self, model, calls: int) -> None:
+        self.model, self.calls = model, calls
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def log_weights(self, x, k):
+        if self.calls == 0:
+            raise _Killed
+        self.calls -= 1
+        return self.model.log_weights(x, k)
+
+
+def _mismatched(seed: int = 2) -> LinearGaussian:
+    model = orthogonal_linear_gaussian(5, 2, seed=seed)
+    with torch.no_grad():  # q off the posterior, so every point's estimate is random
+        model.c.add_(0.3)
+        model.q_log_var.add_(math.log(1.5))
+    return model
+
+
+def test_a_killed_scoring_continues_from_its_file_to_the_same_numbers(tmp_path):
+    model = _mismatched()
+    x = data_from(model, 23, seed=1)
+    settings = dict(k=40, batch_size=4, chunk_size=15, seed=5)
+    whole = log_likelihood(model, x, **settings).per_point
+    keep = tmp_path / "scores.partial.pt"
+    # 3 chunks per batch: dies inside the 4th batch, after 3 whole batches were kept
+    with pytest.raises(_Killed):
+        log_likelihood(_DiesAfter(model, 10), x, **settings, partial_file=keep, save_every_s=0)
+    kept = torch.load(keep, weights_only=True)
+    assert kept["done"] == 12 and torch.equal(kept["scores"], whole[:12])
+    calls = _DiesAfter(model, 10**6)
+    resumed = log_likelihood(calls, x, **settings, partial_file=keep, save_every_s=0).per_point
+    assert torch.equal(resumed, whole)
+    assert 10**6 - calls.calls == 3 * 3  # only the 3 unscored batches (4 + 4 + 3 points) ran
+    assert not keep.exists()
+
+
+@pytest.mark.parametrize("change", ["k", "seed", "weights", "data"])
+def test_a_kept_file_from_another_scoring_is_not_continued(tmp_path, change):
+    model = _mismatched()
+    x = data_from(model, 12, seed=1)
+    settings = dict(k=30, batch_size=4, chunk_size=100, seed=5)
+    keep = tmp_path / "scores.partial.pt"
+    with pytest.raises(_Killed):
+        log_likelihood(_DiesAfter(model, 2), x, **settings, partial_file=keep, save_every_s=0)
+    assert keep.exists()
+    if change == "weights":
+        model = _mismatched(seed=3)
+    elif change == "data":
+        x = x + 0.5
+    else:
+        settings[change] += 1
+    whole = log_likelihood(model, x, **settings).per_point
+    calls = _DiesAfter(model, 10**6)
+    again = log_likelihood(calls, x, **settings, partial_file=keep, save_every_s=0).per_point
+    assert torch.equal(again, whole) and 10**6 - calls.calls == 3
+
+
+def test_a_damaged_kept_file_is_scored_afresh(tmp_path):
+    model = _mismatched()
+    x = data_from(model, 8, seed=1)
+    keep = tmp_path / "scores.partial.pt"
+    keep.write_bytes(b"not a torch file")
+    whole = log_likelihood(model, x, k=20, batch_size=4, seed=5).per_point
+    assert torch.equal(log_likelihood(model, x, k=20, batch_size=4, seed=5, partial_file=keep).per_point, whole)

@@ -6,19 +6,28 @@ bounded by ``batch_size * chunk_size`` log weights (plus the model's activations
 many samples) at any K, and the estimate does not depend on the chunking beyond rounding.
 On a CPU a small chunk keeps the decoder's activations in cache (docs/bench.md measures
 the chunk sizes). Also here: the seeding and eval-mode helpers every evaluation shares.
+
+An estimate over a whole test set at K = 5000 can take an hour of a CPU core, so
+``log_likelihood`` can keep its finished points and the RNG state in a file: a killed
+scoring continues from there and gives the same numbers bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import pickle
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from . import bounds
+from .files import atomic_torch_save
 from .models.base import HasLogWeights, model_input
 from .progress import Progress
 
@@ -132,6 +141,8 @@ def log_likelihood(
     seed: int | None = 0,
     device: str | torch.device | None = None,
     progress: str | None = None,
+    partial_file: str | Path | None = None,
+    save_every_s: float = 60.0,
 ) -> LikelihoodResult:
     """L_K estimate of log p(x) for every row of ``data`` ([N, D] floats), in nats.
 
@@ -144,6 +155,9 @@ def log_likelihood(
     to halve it; the benchmark reports the peak).
     ``seed`` makes the estimate reproducible without touching the caller's RNG stream.
     ``progress``: show a progress bar with this description (:func:`progress_bar`).
+    ``partial_file``: keep the finished points there (atomically, at most every
+    ``save_every_s`` seconds) and continue from it when it holds the same scoring (same
+    weights, data, k, batches, chunks and seed); removed once every point is scored.
     """
     if data.dim() >= 2:  # uint8 or [N, H, W] images as the data hands them out
         data = model_input(data, getattr(model, "data_dim", None))
@@ -151,15 +165,73 @@ def log_likelihood(
     device = torch.device(device) if device is not None else model_device(model)
     dtype = model_dtype(model) or data.dtype
     out = torch.empty(data.shape[0], dtype=torch.float64)
+    keep = _PartialScores(Path(partial_file), model, data, (k, batch_size, chunk_size, seed), device,
+                          save_every_s) if partial_file is not None and seed is not None else None
     with seeded(seed, device), eval_mode(model), progress_bar(data.shape[0], progress) as bar:
+        done = keep.restore(out) if keep is not None else 0
+        bar.update(done)
         for sl in batches(data.shape[0], batch_size):
+            if sl.stop <= done:
+                continue
             x = data[sl].to(device, dtype, non_blocking=True)
             acc = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=device)
             for lw in log_weight_chunks(model, x, k, chunk_size):
                 acc = torch.logaddexp(acc, torch.logsumexp(lw, dim=0))
             out[sl] = (acc - math.log(k)).cpu()
             bar.update(x.shape[0])
+            if keep is not None:
+                keep.save(out, sl.stop)
+    if keep is not None:
+        keep.remove()
     return LikelihoodResult(out, k)
+
+
+class _PartialScores:
+    """The points a scoring has finished, with the RNG state after them, in one file.
+
+    A file from another scoring (other weights, data or settings) is ignored and later
+    replaced; its fingerprint is a digest of all of them, so a retrained model never
+    continues an old model's scores.
+    """
+
+    def __init__(self, path: Path, model: object, data: Tensor, settings: tuple, device: torch.device,
+                 save_every_s: float) -> None:
+        self.path, self.device, self.save_every_s = path, device, save_every_s
+        self.last_save = time.monotonic()
+        h = hashlib.sha256(repr((settings, tuple(data.shape), str(data.dtype))).encode())
+        h.update(data.detach().cpu().contiguous().numpy().tobytes())
+        for name, t in model.state_dict().items() if hasattr(model, "state_dict") else ():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        self.fingerprint = h.hexdigest()
+
+    def restore(self, out: Tensor) -> int:
+        """Fill ``out`` with the kept points and set the RNG where they stopped; how many."""
+        try:
+            kept = torch.load(self.path, weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):  # none, or damaged
+            return 0
+        if not isinstance(kept, dict) or kept.get("fingerprint") != self.fingerprint:
+            return 0
+        done = int(kept["done"])
+        out[:done] = kept["scores"]
+        torch.set_rng_state(kept["rng"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(kept["cuda_rng"], self.device)
+        return done
+
+    def save(self, out: Tensor, done: int) -> None:
+        if done == out.shape[0] or time.monotonic() - self.last_save < self.save_every_s:
+            return
+        kept = {"fingerprint": self.fingerprint, "done": done, "scores": out[:done].clone(),
+                "rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            kept["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        atomic_torch_save(kept, self.path)
+        self.last_save = time.monotonic()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 @torch.no_grad()

@@ -46,6 +46,8 @@ from .figures import ROW_FIGURES, TABLE_FIGURES
 from .tables import config_key
 
 RESULT_FILE = "result.json"
+#: in a row's run folder while its test set is being scored: the points already scored
+PARTIAL_SCORES = "scores.partial.pt"
 
 log = logging.getLogger("elbolab")
 
@@ -68,9 +70,9 @@ class RowTask:
 # --- evaluations: run folder + data -> the paper's metrics ---------------------------
 
 
-def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
+def evaluate_likelihood(model, dataset, cfg: RunConfig, device, partial_file: Path | None = None) -> dict[str, Any]:
     """IS log-likelihood (K = eval.k_importance) and active units on the test set (or the
-    random subset of eval.test_images of it)."""
+    random subset of eval.test_images of it); a killed scoring continues from ``partial_file``."""
     e = cfg.eval
     x = evaluation_images(dataset, "test", cfg.data.binarization, cfg.data.binarization_seed)
     x = random_subset(x, e.test_images).to(device)
@@ -85,7 +87,8 @@ def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any
             "active_units": str(au), "active_units_counts": au.counts,
         }
     ll = log_likelihood(model, x, k=e.k_importance, batch_size=e.batch_size, chunk_size=e.chunk_for(device),
-                        seed=e.seed, progress=f"test log p(x), IS K={e.k_importance}" if cfg.train.progress else None)
+                        seed=e.seed, progress=f"test log p(x), IS K={e.k_importance}" if cfg.train.progress else None,
+                        partial_file=partial_file)
     au = active_units(model, x, threshold=e.active_unit_threshold, batch_size=e.batch_size, seed=e.seed)
     return {
         "log_likelihood": ll.mean, "log_likelihood_stderr": ll.stderr,
@@ -94,7 +97,7 @@ def evaluate_likelihood(model, dataset, cfg: RunConfig, device) -> dict[str, Any
     }
 
 
-def evaluate_surgery(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
+def evaluate_surgery(model, dataset, cfg: RunConfig, device, partial_file: Path | None = None) -> dict[str, Any]:
     """ELBO surgery over the whole training split (N = 60,000 for MNIST: log N = 11.0021)."""
     x = evaluation_images(dataset, "train", cfg.data.binarization, cfg.data.binarization_seed).to(device)
     s = elbo_surgery(model, x, seed=cfg.eval.seed)
@@ -103,7 +106,7 @@ def evaluate_surgery(model, dataset, cfg: RunConfig, device) -> dict[str, Any]:
     return out
 
 
-#: evaluation name -> fn(model, dataset, config, device) -> metrics
+#: evaluation name -> fn(model, dataset, config, device, partial_file) -> metrics
 EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {
     "likelihood": evaluate_likelihood,
     "surgery": evaluate_surgery,
@@ -256,7 +259,7 @@ def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> d
     log.info("%s %s: evaluating (%s)", task.table, task.row_id, task.evaluation)
     t1 = time.perf_counter()
     with torch.no_grad():
-        metrics = EVALUATORS[task.evaluation](model, dataset, cfg, device)
+        metrics = EVALUATORS[task.evaluation](model, dataset, cfg, device, run_dir / PARTIAL_SCORES)
     figures = {}
     for name in task.figures:
         path = Path(task.figure_dir or row_dir) / f"{task.row_id}-{name}.png"
