@@ -287,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     curve = train(model, x_train, epochs, warm, args.seed, log=log, checkpoint=ckpt)
     t1 = time.perf_counter()
     x_test = random_subset(evaluation_images(data, "test", "static", 0), args.test_images)
-    ll = log_likelihood(model, x_test, k=args.k_eval, seed=1, device=args.device)
+    # a killed scoring continues from the points it kept there
+    ll = log_likelihood(model, x_test, k=args.k_eval, seed=1, device=args.device,
+                        progress=f"peer test log p(x), IS K={args.k_eval}",
+                        partial_file=ckpt.parent / "scores.partial.pt")
     doc = json.loads(path.read_text()) if path.exists() else {"implementation": "benchmarks/peer/vampprior_peer.py",
                                                               "rows": {}}
     doc["rows"][ROW] = {
