@@ -45,21 +45,24 @@ constexpr bool direct() {
   return std::is_same_v<T, float>;
 }
 
-// The sum of |v| over a buffer, on independent lanes (a vectorized pass); inf or NaN where an
-// entry is, or where the float sum overflows.
-template <typename T>
-double abs_sum(const Tensor& t) {
-  const T* v = t.data_ptr<T>();
-  const int64_t n = t.numel();
+// The sum of f(v) over a buffer, on independent lanes (a vectorized pass) summed in float64;
+// inf or NaN where an f(v) is, or where a lane's sum overflows.
+template <typename T, typename F>
+double lane_sum(const T* v, int64_t n, F f) {
   constexpr int L = 16;
   T acc[L] = {};
   int64_t j = 0;
   for (; j + L <= n; j += L)
-    for (int l = 0; l < L; ++l) acc[l] += std::abs(v[j + l]);
+    for (int l = 0; l < L; ++l) acc[l] += f(v[j + l]);
   double total = 0;
   for (int l = 0; l < L; ++l) total += acc[l];
-  for (; j < n; ++j) total += std::abs(v[j]);
+  for (; j < n; ++j) total += f(v[j]);
   return total;
+}
+
+template <typename T>
+double abs_sum(const Tensor& t) {
+  return lane_sum(t.data_ptr<T>(), t.numel(), [](T v) { return std::abs(v); });
 }
 
 // A proof, from the small operands of the gradient products, that every gradient is finite,
@@ -402,21 +405,13 @@ class Step {
     l1p_ = at::empty({kb, x.size(1)}, o);
   }
 
-  // Whether every gradient is finite: a sum of squares on independent lanes (a vectorized pass);
-  // where it overflows, each entry is checked.
+  // Whether every gradient is finite: a sum of squares (lane_sum); where it overflows, each
+  // entry is checked.
   template <typename T>
   bool all_finite() const {
     const T* g = flat_.data_ptr<T>();
     const int64_t n = flat_.numel();
-    constexpr int L = 16;
-    T acc[L] = {};
-    int64_t j = 0;
-    for (; j + L <= n; j += L)
-      for (int l = 0; l < L; ++l) acc[l] += g[j + l] * g[j + l];
-    T total = 0;
-    for (int l = 0; l < L; ++l) total += acc[l];
-    for (; j < n; ++j) total += g[j] * g[j];
-    if (std::isfinite(total)) return true;
+    if (std::isfinite(lane_sum(g, n, [](T v) { return v * v; }))) return true;
     for (int64_t i = 0; i < n; ++i)
       if (!std::isfinite(g[i])) return false;
     return true;
