@@ -12,7 +12,7 @@ from trainhelp import register_tiny_embedded
 from elbolab.cli import main
 from elbolab.config import PRESETS, ConfigError
 from elbolab.data import DATASETS, DatasetSpec, ImageDataset, load
-from elbolab.reproduce import load_tables, reproduce
+from elbolab.reproduce import load_tables, reproduce, rows
 from elbolab.reproduce.executors import LocalExecutor, RayExecutor
 from elbolab.reproduce.rows import RowTask
 from elbolab.reproduce.tables import get_table, plan_rows, row_config, select_rows
@@ -769,8 +769,18 @@ def test_a_new_evaluation_k_reevaluates_the_saved_weights(tiny_data, tmp_path, m
     fits = _count_fits(monkeypatch)
     row = ROWS[:1]
     reproduce("iwae-table", budget="quick", only=row, results=tmp_path, overrides=TINY)
-    more = reproduce("iwae-table", budget="quick", only=row, results=tmp_path,
-                     overrides={**TINY, "eval.k_importance": 40})
+    # the scoring alone keeps train.threads, though no training sets it
+    threads = []
+    scorer = rows.EVALUATORS["likelihood"]
+    monkeypatch.setitem(rows.EVALUATORS, "likelihood", lambda *a: threads.append(torch.get_num_threads()) or scorer(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        more = reproduce("iwae-table", budget="quick", only=row, results=tmp_path,
+                         overrides={**TINY, "eval.k_importance": 40, "train.threads": 1})
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [1]
     assert len(fits) == 1 and more.trained == row and more.entries[0].k_importance == 40
     assert len(list((tmp_path / "iwae-table" / "quick" / "rows").iterdir())) == 1  # the same folder
 
