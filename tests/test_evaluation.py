@@ -209,3 +209,21 @@ def test_a_damaged_kept_file_is_scored_afresh(tmp_path):
     keep.write_bytes(b"not a torch file")
     whole = log_likelihood(model, x, k=20, batch_size=4, seed=5).per_point
     assert torch.equal(log_likelihood(model, x, k=20, batch_size=4, seed=5, partial_file=keep).per_point, whole)
+
+
+def test_a_killed_summary_continues_its_is_scoring_from_the_kept_points(tmp_path, monkeypatch):
+    from elbolab import evaluation
+    from elbolab.diagnostics.summary import summarize
+
+    monkeypatch.setattr(evaluation, "SAVE_EVERY_S", 0.0)
+    model = _mismatched()
+    x = data_from(model, 20, seed=1).float()
+    whole = summarize(model, x, k_train=5, k_importance=30, batch_size=5, chunk_size=30, seed=3)
+    keep = tmp_path / "scores.partial.pt"
+    # the bounds take 4 calls (one per batch of 5), then IS dies inside its 3rd batch
+    with pytest.raises(_Killed):
+        summarize(_DiesAfter(model, 6), x, k_train=5, k_importance=30, batch_size=5, chunk_size=30, seed=3,
+                  partial_file=keep)
+    assert torch.load(keep, weights_only=True)["done"] == 10
+    again = summarize(model, x, k_train=5, k_importance=30, batch_size=5, chunk_size=30, seed=3, partial_file=keep)
+    assert again["log_likelihood"] == whole["log_likelihood"] and not keep.exists()

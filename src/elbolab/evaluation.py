@@ -31,6 +31,10 @@ from .files import atomic_torch_save
 from .models.base import HasLogWeights, model_input
 from .progress import Progress
 
+#: how often a scoring with a partial_file writes it, in seconds: losing up to a minute is cheap,
+#: and the write (the scores so far) is small
+SAVE_EVERY_S = 60.0
+
 
 @dataclass
 class LikelihoodResult:
@@ -142,7 +146,7 @@ def log_likelihood(
     device: str | torch.device | None = None,
     progress: str | None = None,
     partial_file: str | Path | None = None,
-    save_every_s: float = 60.0,
+    save_every_s: float | None = None,
 ) -> LikelihoodResult:
     """L_K estimate of log p(x) for every row of ``data`` ([N, D] floats), in nats.
 
@@ -156,7 +160,7 @@ def log_likelihood(
     ``seed`` makes the estimate reproducible without touching the caller's RNG stream.
     ``progress``: show a progress bar with this description (:func:`progress_bar`).
     ``partial_file``: keep the finished points there (atomically, at most every
-    ``save_every_s`` seconds) and continue from it when it holds the same scoring (same
+    ``save_every_s`` seconds, default :data:`SAVE_EVERY_S`) and continue from it when it holds the same scoring (same
     weights, data, k, batches, chunks and seed); removed once every point is scored.
     """
     if data.dim() >= 2:  # uint8 or [N, H, W] images as the data hands them out
@@ -165,8 +169,10 @@ def log_likelihood(
     device = torch.device(device) if device is not None else model_device(model)
     dtype = model_dtype(model) or data.dtype
     out = torch.empty(data.shape[0], dtype=torch.float64)
-    keep = _PartialScores(Path(partial_file), model, data, (k, batch_size, chunk_size, seed), device,
-                          save_every_s) if partial_file is not None and seed is not None else None
+    keep = None
+    if partial_file is not None and seed is not None:  # unseeded draws cannot be continued alike
+        every = SAVE_EVERY_S if save_every_s is None else save_every_s
+        keep = _PartialScores(Path(partial_file), model, data, (k, batch_size, chunk_size, seed), device, every)
     with seeded(seed, device), eval_mode(model), progress_bar(data.shape[0], progress) as bar:
         done = keep.restore(out) if keep is not None else 0
         bar.update(done)

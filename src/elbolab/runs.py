@@ -66,6 +66,8 @@ log = logging.getLogger("elbolab")
 
 CONFIG, INFO, ENVIRONMENT, METRICS = "config.yaml", "run.json", "environment.json", "metrics.jsonl"
 CHECKPOINT, REPORT, LOCK = "checkpoint.pt", "report.json", ".lock"
+#: while a run's test set is being scored: the points already scored (evaluation.log_likelihood)
+PARTIAL_SCORES = "scores.partial.pt"
 #: metrics lines that could not be read, kept here when a resume rewrites metrics.jsonl
 BAD_LINES = METRICS + ".bad-lines"
 #: checkpoint key / safetensors metadata key holding the SHA-256 of the contents

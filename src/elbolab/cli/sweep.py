@@ -23,6 +23,7 @@ from ..runs import (
     CONFIG,
     INFO,
     LOCK,
+    PARTIAL_SCORES,
     REPORT,
     RunError,
     RunLock,
@@ -249,7 +250,8 @@ def _evaluate(run_dir: Path, cfg: RunConfig, dataset) -> str:
                               e.test_images).to(device)
             t1 = time.perf_counter()
             report = summarize(model, x, cfg.objective.k, e.k_importance, e.batch_size, e.chunk_for(device),
-                               e.active_unit_threshold, e.seed, progress=True)
+                               e.active_unit_threshold, e.seed, progress=True,
+                               partial_file=run_dir / PARTIAL_SCORES)
             report["eval_seconds"] = round(time.perf_counter() - t1, 1)
             write_json(run_dir / REPORT, report)
         finally:

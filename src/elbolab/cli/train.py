@@ -21,6 +21,7 @@ from ..preflight import preflight
 from ..runs import (
     CONFIG,
     METRICS,
+    PARTIAL_SCORES,
     REPORT,
     RunError,
     config_differences,
@@ -178,7 +179,8 @@ def _report(model, device, dataset, cfg: RunConfig, run_dir: Path, train_seconds
                            e.test_images)
     t1 = time.perf_counter()
     report = summarize(model, x_test.to(device), cfg.objective.k, e.k_importance, e.batch_size,
-                       e.chunk_for(device), e.active_unit_threshold, e.seed, progress=True)
+                       e.chunk_for(device), e.active_unit_threshold, e.seed, progress=True,
+                       partial_file=run_dir / PARTIAL_SCORES)
     report["train_seconds"] = round(train_seconds, 1)
     report["eval_seconds"] = round(time.perf_counter() - t1, 1)
     fault_point("report")

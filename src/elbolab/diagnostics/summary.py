@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,9 +24,11 @@ def summarize(
     threshold: float = 0.01,
     seed: int = 1,
     progress: bool = False,
+    partial_file: Path | None = None,
 ) -> dict[str, Any]:
     """Test L_1 (ELBO), L_k at the training k, IS log-likelihood at K, active units
-    (``progress``: a progress bar on the long stages)."""
+    (``progress``: a progress bar on the long stages; ``partial_file``: where the IS scoring
+    keeps its finished points, so a killed evaluation continues from them)."""
     out: dict[str, Any] = {"n_test": int(x_test.shape[0])}
     if getattr(model, "implicit_posterior", False):
         return _summarize_implicit(model, x_test, batch_size, threshold, seed, progress, out)
@@ -34,7 +37,8 @@ def summarize(
     out["iwae_k"] = k_train
     out[f"iwae_{k_train}"] = b[f"iwae_{k_train}"]
     ll = log_likelihood(model, x_test, k=k_importance, batch_size=batch_size, chunk_size=chunk_size, seed=seed,
-                        progress=f"test log p(x), IS K={k_importance}" if progress else None)
+                        progress=f"test log p(x), IS K={k_importance}" if progress else None,
+                        partial_file=partial_file)
     out["log_likelihood"] = ll.to_dict()
     try:
         au = active_units(model, x_test, threshold=threshold, batch_size=batch_size, seed=seed,

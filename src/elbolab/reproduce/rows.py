@@ -32,6 +32,7 @@ from ..evaluation import log_likelihood, random_subset
 from ..fastpaths import retain_freed_memory
 from ..runs import (
     NO_RUN,
+    PARTIAL_SCORES,
     WEIGHTS,
     RunError,
     environment_info,
@@ -46,8 +47,6 @@ from .figures import ROW_FIGURES, TABLE_FIGURES
 from .tables import config_key
 
 RESULT_FILE = "result.json"
-#: in a row's run folder while its test set is being scored: the points already scored
-PARTIAL_SCORES = "scores.partial.pt"
 
 log = logging.getLogger("elbolab")
 
