@@ -167,9 +167,11 @@ def test_the_peer_trains_with_that_warmup_and_continues_after_a_kill(tmp_path, m
     assert betas == [kl_weight(e + i / 3, 2) for e in range(3) for i in range(3)]
     assert [c[0] for c in curve] == [1, 2, 3]
     ckpt = tmp_path / "c.pt"
-    peer.train(fresh(), x, 1, 2, seed=0, batch=4, log=lambda m: None, checkpoint=ckpt)  # epoch 1, then "killed"
+    first, total = {}, {}
+    peer.train(fresh(), x, 1, 2, seed=0, batch=4, log=lambda m: None, checkpoint=ckpt, timing=first)  # then "killed"
     resumed = fresh()
-    assert peer.train(resumed, x, 3, 2, seed=0, batch=4, log=lambda m: None, checkpoint=ckpt) == curve
+    assert peer.train(resumed, x, 3, 2, seed=0, batch=4, log=lambda m: None, checkpoint=ckpt, timing=total) == curve
+    assert 0 < first["seconds"] < total["seconds"]  # the earlier sitting's epoch counts too
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
 

@@ -192,22 +192,26 @@ def warmup(epoch: int, step: int, steps_per_epoch: int, warmup_epochs: int) -> f
 
 
 def train(model: PeerHVAE, x_train: Tensor, epochs: int, warmup_epochs: int, seed: int, lr: float = 5e-4,
-          batch: int = 100, log=print, checkpoint: Path | None = None, max_steps: int | None = None
-          ) -> list[list[float]]:
+          batch: int = 100, log=print, checkpoint: Path | None = None, max_steps: int | None = None,
+          timing: dict[str, float | None] | None = None) -> list[list[float]]:
     """Returns [epoch, mean training ELBO (at KL weight 1, as elbolab reports it)] per epoch. With
     ``checkpoint`` the state is saved after every epoch and a rerun continues from it;
-    ``max_steps`` cuts every epoch short (timing only). The random streams stay on the CPU
-    whatever the model's device, so a run draws the same batches and noise anywhere."""
+    ``max_steps`` cuts every epoch short (timing only). ``timing["seconds"]``: the training time of
+    every epoch, earlier sittings' included (None after a checkpoint that did not keep it). The
+    random streams stay on the CPU whatever the model's device, so a run draws the same batches and
+    noise anywhere."""
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     opt = NormGradAdam(model.parameters(), lr=lr)
     curve: list[list[float]] = []
+    spent: float | None = 0.0
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         g.set_state(state["generator"].cpu())
         curve = state["curve"]
+        spent = state.get("seconds")
         log(f"resumed after epoch {len(curve)} from {checkpoint}")
     n = x_train.shape[0]
     steps = math.ceil(n / batch)
@@ -225,13 +229,16 @@ def train(model: PeerHVAE, x_train: Tensor, epochs: int, warmup_epochs: int, see
             opt.step()
             total, seen = total + float((log_px + log_ratio).detach().sum()), seen + x.shape[0]
         curve.append([epoch + 1, total / seen])
+        spent = None if spent is None else spent + time.perf_counter() - t0
         log(f"epoch {epoch + 1}: train bound {curve[-1][1]:.2f}, {time.perf_counter() - t0:.0f} s")
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "generator": g.get_state(),
-                        "curve": curve}, tmp)
+                        "curve": curve, "seconds": spent}, tmp)
             tmp.replace(checkpoint)
+    if timing is not None:
+        timing["seconds"] = spent
     return curve
 
 
@@ -283,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # beside the row folders (not committed): a killed run continues from its last epoch
     ckpt = out / "rows" / f"peer-{ROW}-seed{args.seed}" / "checkpoint.pt"
-    t0 = time.perf_counter()
-    curve = train(model, x_train, epochs, warm, args.seed, log=log, checkpoint=ckpt)
+    timing: dict[str, float | None] = {}
+    curve = train(model, x_train, epochs, warm, args.seed, log=log, checkpoint=ckpt, timing=timing)
     t1 = time.perf_counter()
     x_test = random_subset(evaluation_images(data, "test", "static", 0), args.test_images)
     # a killed scoring continues from the points it kept there
@@ -296,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     doc["rows"][ROW] = {
         "value": round(ll.mean, 4), "stderr": round(ll.stderr, 4), "metric": "log_likelihood",
         "k_importance": args.k_eval, "n_images": int(x_test.shape[0]), "epochs": len(curve),
-        "warmup_epochs": warm, "train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
+        "warmup_epochs": warm, "train_seconds": None if timing["seconds"] is None else round(timing["seconds"], 1),
+        "eval_seconds": round(time.perf_counter() - t1, 1),
         "curve": curve,
         "command": "python benchmarks/peer/vampprior_peer.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
