@@ -192,6 +192,11 @@ def log_likelihood(
     return LikelihoodResult(out, k)
 
 
+def _raw_bytes(t: Tensor) -> bytes:
+    """A tensor's bytes as stored, whatever its dtype (numpy has no bfloat16)."""
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
 class _PartialScores:
     """The points a scoring has finished, with the RNG state after them, in one file.
 
@@ -205,10 +210,10 @@ class _PartialScores:
         self.path, self.device, self.save_every_s = path, device, save_every_s
         self.last_save = time.monotonic()
         h = hashlib.sha256(repr((settings, tuple(data.shape), str(data.dtype))).encode())
-        h.update(data.detach().cpu().contiguous().numpy().tobytes())
+        h.update(_raw_bytes(data))
         for name, t in model.state_dict().items() if hasattr(model, "state_dict") else ():
             h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            h.update(_raw_bytes(t))
         self.fingerprint = h.hexdigest()
 
     def restore(self, out: Tensor) -> int:
