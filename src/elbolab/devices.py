@@ -27,3 +27,11 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{key}: {name!r} but MPS is not available on this machine; use cpu")
     return device
+
+
+def use_threads(threads: int) -> None:
+    """torch's intra-op threads for a run (``train.threads``; 0 keeps torch's default, one per
+    core): its training and its scoring alike, so a scoring in a later process gives the same
+    numbers and does not oversubscribe a CPU shared with other runs."""
+    if threads:
+        torch.set_num_threads(threads)

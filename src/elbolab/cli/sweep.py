@@ -8,11 +8,9 @@ import shlex
 import time
 from pathlib import Path
 
-import torch
-
 from ..config import ConfigError, RunConfig, load_config, preset
 from ..data import ImageDataset, evaluation_images, load
-from ..devices import resolve_device
+from ..devices import resolve_device, use_threads
 from ..diagnostics.monitor import run_monitor
 from ..diagnostics.summary import summarize
 from ..evaluation import random_subset
@@ -241,8 +239,7 @@ def _evaluate(run_dir: Path, cfg: RunConfig, dataset) -> str:
             dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
         lock = lock_run(run_dir)  # one owner at a time, as train holds a run through its evaluation
         try:
-            if cfg.train.threads:  # as the run's training set them: an uninterrupted sweep's numbers
-                torch.set_num_threads(cfg.train.threads)
+            use_threads(cfg.train.threads)  # as the run's training set them: an uninterrupted sweep's numbers
             device = resolve_device(cfg.train.device)
             model = load_run(run_dir, device=str(device)).model
             e = cfg.eval

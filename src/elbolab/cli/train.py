@@ -8,11 +8,9 @@ import shlex
 import time
 from pathlib import Path
 
-import torch
-
 from ..config import PRESETS, ConfigError, RunConfig, load_config, preset
 from ..data import evaluation_images, load
-from ..devices import resolve_device
+from ..devices import resolve_device, use_threads
 from ..diagnostics.monitor import CollapseMonitor
 from ..diagnostics.summary import format_summary, summarize
 from ..evaluation import random_subset
@@ -117,8 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"elbolab: {run_dir} finished training but its evaluation did not; evaluating it", flush=True)
         lock = lock_run(run_dir)
         try:
-            if cfg.train.threads:  # as training set them: the numbers of an uninterrupted run
-                torch.set_num_threads(cfg.train.threads)
+            use_threads(cfg.train.threads)  # as training set them: the numbers of an uninterrupted run
             device = resolve_device(cfg.train.device)
             model = load_run(run_dir, device=str(device)).model
             _report(model, device, dataset, cfg, run_dir, trained_seconds(run_dir, 0.0))

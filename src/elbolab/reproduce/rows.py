@@ -23,7 +23,7 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..data import evaluation_images, load
 from ..data.dataset import file_sha256
-from ..devices import resolve_device
+from ..devices import resolve_device, use_threads
 from ..diagnostics import active_units
 from ..diagnostics.ais import implicit_log_likelihood
 from ..diagnostics.monitor import run_monitor
@@ -132,13 +132,6 @@ def _finished(run_dir: Path) -> tuple[bool, bool]:
     return status == "finished", status != NO_RUN
 
 
-def use_threads(cfg: RunConfig) -> None:
-    """train.threads for the whole row, its scoring too: a row trained earlier is only scored,
-    and torch's default (every core) beside other rows' processes would oversubscribe the CPU."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-
-
 def _trained_model(cfg: RunConfig, run_dir: Path):
     device = str(resolve_device(cfg.train.device))
     return load_run(run_dir, device=device, weights=_weights(cfg)).model
@@ -226,7 +219,7 @@ def run_row(task: RowTask) -> dict[str, Any]:
     if cached is not None:
         return {**cached, "cached": True}
     cfg = RunConfig.from_dict(task.config)
-    use_threads(cfg)
+    use_threads(cfg.train.threads)  # a row trained earlier is only scored: no trainer sets them
     row_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dataset = load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
@@ -326,7 +319,7 @@ def run_pack(pack: PackTask) -> dict[str, Any]:
             todo.append((task, RunConfig.from_dict(task.config)))
     if not todo:
         return {"rows": out}
-    use_threads(todo[0][1])
+    use_threads(todo[0][1].train.threads)
     d = todo[0][1].data
     dataset = load(d.name, d.data_dir, validation=d.validation)
     train_now = [(task, cfg) for task, cfg in todo if not _finished(Path(task.row_dir) / "run")[0]]

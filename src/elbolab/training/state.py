@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import rng
 from ..config import ConfigError, RunConfig
 from ..data import DATASETS, Batcher, ImageDataset, evaluation_images, load
-from ..devices import resolve_device
+from ..devices import resolve_device, use_threads
 from ..evaluation import evaluate_bounds, seeded
 from ..fastpaths import compile_objective, with_precision
 from ..files import OutputError, append_line
@@ -147,8 +147,7 @@ class RunState:
         #: measures the model every ``monitor.every`` epochs (train.monitor_every; see EpochMonitor)
         self.monitor = monitor
         self.run_dir = Path(run_dir)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        use_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device)
         self.dataset = (
             dataset if dataset is not None else load(cfg.data.name, cfg.data.data_dir, validation=cfg.data.validation)
