@@ -213,7 +213,7 @@ def test_a_damaged_kept_file_is_scored_afresh(tmp_path):
 
 def test_a_killed_summary_continues_its_is_scoring_from_the_kept_points(tmp_path, monkeypatch):
     from elbolab import evaluation
-    from elbolab.diagnostics.summary import summarize
+    from elbolab.diagnostics.summary import earlier_seconds, summarize
 
     monkeypatch.setattr(evaluation, "SAVE_EVERY_S", 0.0)
     model = _mismatched()
@@ -226,4 +226,51 @@ def test_a_killed_summary_continues_its_is_scoring_from_the_kept_points(tmp_path
                   partial_file=keep)
     assert torch.load(keep, weights_only=True)["done"] == 10
     again = summarize(model, x, k_train=5, k_importance=30, batch_size=5, chunk_size=30, seed=3, partial_file=keep)
+    assert earlier_seconds(whole) == 0.0 and earlier_seconds(again) > 0.0  # the killed sitting's time
+    again["log_likelihood"].pop("earlier_seconds")
+    whole["log_likelihood"].pop("earlier_seconds")
     assert again["log_likelihood"] == whole["log_likelihood"] and not keep.exists()
+
+
+class _Clock:
+    """A monotonic clock for evaluation that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class _Slow(_DiesAfter):
+    """Each log_weights call takes ``seconds`` on the clock."""
+
+    def __init__(self, model, calls: int, clock: _Clock, seconds: float) -> None:
+        super().__init__(model, calls)
+        self.clock, self.seconds = clock, seconds
+
+    def log_weights(self, x, k):
+        self.clock.now += self.seconds
+        return super().log_weights(x, k)
+
+
+def test_a_continued_scoring_counts_the_seconds_of_its_earlier_sittings(tmp_path, monkeypatch):
+    from elbolab import evaluation
+
+    clock = _Clock()
+    monkeypatch.setattr(evaluation, "time", clock)
+    model = _mismatched()
+    x = data_from(model, 23, seed=1)
+    settings = dict(k=40, batch_size=4, chunk_size=15, seed=5, save_every_s=0)
+    keep = tmp_path / "scores.partial.pt"
+    # 3 chunks per batch, 2 s each: the 3 batches kept took 18 s; the 4th dies after 2 s unsaved
+    with pytest.raises(_Killed):
+        log_likelihood(_Slow(model, 10, clock, 2.0), x, **settings, partial_file=keep)
+    assert torch.load(keep, weights_only=True)["seconds"] == 18.0
+    # killed again after one more batch (saved at 18 + 6 s), then finished
+    with pytest.raises(_Killed):
+        log_likelihood(_Slow(model, 4, clock, 2.0), x, **settings, partial_file=keep)
+    assert torch.load(keep, weights_only=True)["seconds"] == 24.0
+    done = log_likelihood(_Slow(model, 10**6, clock, 2.0), x, **settings, partial_file=keep)
+    assert done.earlier_seconds == 24.0 and done.to_dict()["earlier_seconds"] == 24.0
+    assert log_likelihood(model, x, **settings, partial_file=keep).earlier_seconds == 0.0  # nothing kept

@@ -785,6 +785,44 @@ def test_a_new_evaluation_k_reevaluates_the_saved_weights(tiny_data, tmp_path, m
     assert len(list((tmp_path / "iwae-table" / "quick" / "rows").iterdir())) == 1  # the same folder
 
 
+class _KilledScoring:
+    """A row's model whose IS scoring takes 500 s per call on evaluation's clock and is
+    interrupted at call ``calls + 1``, as a killed process would stop."""
+
+    def __init__(self, model, calls: int, clock: list[float]) -> None:
+        self.model, self.calls, self.clock = model, calls, clock
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def log_weights(self, x, k):
+        self.clock[0] += 500.0
+        if self.calls == 0:
+            raise KeyboardInterrupt
+        self.calls -= 1
+        return self.model.log_weights(x, k)
+
+
+def test_a_row_scored_over_two_sittings_counts_both_in_its_eval_seconds(tiny_data, tmp_path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from elbolab import evaluation
+
+    clock = [0.0]
+    monkeypatch.setattr(evaluation, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(evaluation, "SAVE_EVERY_S", 0.0)
+    scorer = rows.EVALUATORS["likelihood"]
+    monkeypatch.setitem(rows.EVALUATORS, "likelihood", lambda model, *a: scorer(_KilledScoring(model, 2, clock), *a))
+    args = dict(budget="quick", only=ROWS[:1], results=tmp_path, overrides={**TINY, "eval.batch_size": 20})
+    with pytest.raises(KeyboardInterrupt):  # 2 of 5 batches of 20 kept, at 1,000 s on the clock
+        reproduce("iwae-table", **args)
+    monkeypatch.setitem(rows.EVALUATORS, "likelihood", scorer)
+    rep = reproduce("iwae-table", **args)
+    result = json.loads((_row_folder(tmp_path, ROWS[0]) / "result.json").read_text())
+    assert rep.cached == [] and 1000.0 <= result["eval_seconds"] < 1500.0
+    assert "earlier_seconds" not in result["metrics"]
+
+
 def test_bad_results_paths_and_files_are_one_line_exit_2(tiny_data, tmp_path, capsys) -> None:
     (tmp_path / "file").write_text("x")
     assert main(["reproduce", "surgery-table", "--table-only", "--results", str(tmp_path / "file")]) == 2

@@ -41,6 +41,9 @@ class LikelihoodResult:
     #: [N] float64 estimates of log p(x_n), nats
     per_point: Tensor
     k: int
+    #: wall seconds that earlier sittings spent on the points this one continued from
+    #: (a killed scoring's kept file): add it to this sitting's time for the whole scoring's
+    earlier_seconds: float = 0.0
 
     @property
     def mean(self) -> float:
@@ -53,7 +56,8 @@ class LikelihoodResult:
         return float(self.per_point.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
 
     def to_dict(self) -> dict:
-        return {"k": self.k, "mean": self.mean, "stderr": self.stderr, "n": self.per_point.numel()}
+        return {"k": self.k, "mean": self.mean, "stderr": self.stderr, "n": self.per_point.numel(),
+                "earlier_seconds": self.earlier_seconds}
 
 
 @contextlib.contextmanager
@@ -189,7 +193,7 @@ def log_likelihood(
                 keep.save(out, sl.stop)
     if keep is not None:
         keep.remove()
-    return LikelihoodResult(out, k)
+    return LikelihoodResult(out, k, keep.earlier_seconds if keep is not None else 0.0)
 
 
 def _raw_bytes(t: Tensor) -> bytes:
@@ -208,7 +212,8 @@ class _PartialScores:
     def __init__(self, path: Path, model: object, data: Tensor, settings: tuple, device: torch.device,
                  save_every_s: float) -> None:
         self.path, self.device, self.save_every_s = path, device, save_every_s
-        self.last_save = time.monotonic()
+        self.started = self.last_save = time.monotonic()
+        self.earlier_seconds = 0.0
         h = hashlib.sha256(repr((settings, tuple(data.shape), str(data.dtype))).encode())
         h.update(_raw_bytes(data))
         for name, t in model.state_dict().items() if hasattr(model, "state_dict") else ():
@@ -226,6 +231,7 @@ class _PartialScores:
             return 0
         done = int(kept["done"])
         out[:done] = kept["scores"]
+        self.earlier_seconds = float(kept.get("seconds", 0.0))
         torch.set_rng_state(kept["rng"])
         if self.device.type == "cuda":
             torch.cuda.set_rng_state(kept["cuda_rng"], self.device)
@@ -235,7 +241,7 @@ class _PartialScores:
         if done == out.shape[0] or time.monotonic() - self.last_save < self.save_every_s:
             return
         kept = {"fingerprint": self.fingerprint, "done": done, "scores": out[:done].clone(),
-                "rng": torch.get_rng_state()}
+                "rng": torch.get_rng_state(), "seconds": self.earlier_seconds + time.monotonic() - self.started}
         if self.device.type == "cuda":
             kept["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         atomic_torch_save(kept, self.path)

@@ -12,7 +12,7 @@ from ..config import ConfigError, RunConfig, load_config, preset
 from ..data import ImageDataset, evaluation_images, load
 from ..devices import resolve_device, use_threads
 from ..diagnostics.monitor import run_monitor
-from ..diagnostics.summary import summarize
+from ..diagnostics.summary import earlier_seconds, summarize
 from ..evaluation import random_subset
 from ..files import OutputError, check_writable_folder
 from ..models import build_model
@@ -249,7 +249,7 @@ def _evaluate(run_dir: Path, cfg: RunConfig, dataset) -> str:
             report = summarize(model, x, cfg.objective.k, e.k_importance, e.batch_size, e.chunk_for(device),
                                e.active_unit_threshold, e.seed, progress=True,
                                partial_file=run_dir / PARTIAL_SCORES)
-            report["eval_seconds"] = round(time.perf_counter() - t1, 1)
+            report["eval_seconds"] = round(time.perf_counter() - t1 + earlier_seconds(report), 1)
             write_json(run_dir / REPORT, report)
         finally:
             lock.release()

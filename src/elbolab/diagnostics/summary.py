@@ -51,6 +51,12 @@ def summarize(
     return out
 
 
+def earlier_seconds(report: dict[str, Any]) -> float:
+    """Seconds that earlier sittings of a killed evaluation spent on its IS scoring (0 when none)."""
+    ll = report.get("log_likelihood")
+    return float(ll.get("earlier_seconds", 0.0)) if isinstance(ll, dict) else 0.0
+
+
 def _summarize_implicit(model, x_test: Tensor, batch_size: int, threshold: float, seed: int, progress: bool,
                         out: dict[str, Any]) -> dict[str, Any]:
     """No log q(z|x) (models.avb): the ELBO with the adversary's KL estimate, log p(x) by AIS from

@@ -68,6 +68,10 @@ class RowTask:
 
 # --- evaluations: run folder + data -> the paper's metrics ---------------------------
 
+#: the metric an evaluator may add for the seconds a killed scoring spent before this sitting; not
+#: kept among the metrics, but added to the row's eval_seconds
+EARLIER_SECONDS = "earlier_seconds"
+
 
 def evaluate_likelihood(model, dataset, cfg: RunConfig, device, partial_file: Path | None = None) -> dict[str, Any]:
     """IS log-likelihood (K = eval.k_importance) and active units on the test set (or the
@@ -92,7 +96,7 @@ def evaluate_likelihood(model, dataset, cfg: RunConfig, device, partial_file: Pa
     return {
         "log_likelihood": ll.mean, "log_likelihood_stderr": ll.stderr,
         "nll": -ll.mean, "nll_stderr": ll.stderr, "k_importance": e.k_importance, "n_test": int(x.shape[0]),
-        "active_units": str(au), "active_units_counts": au.counts,
+        "active_units": str(au), "active_units_counts": au.counts, EARLIER_SECONDS: ll.earlier_seconds,
     }
 
 
@@ -260,6 +264,7 @@ def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> d
     t1 = time.perf_counter()
     with torch.no_grad():
         metrics = EVALUATORS[task.evaluation](model, dataset, cfg, device, run_dir / PARTIAL_SCORES)
+    eval_seconds = time.perf_counter() - t1 + metrics.pop(EARLIER_SECONDS, 0.0)
     figures = {}
     for name in task.figures:
         path = Path(task.figure_dir or row_dir) / f"{task.row_id}-{name}.png"
@@ -278,7 +283,7 @@ def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> d
         "weights": _weights(cfg),
         # summed over every epoch actually run, so a resumed row counts its earlier runs too
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in metrics_rows), 1),
-        "eval_seconds": round(time.perf_counter() - t1, 1),
+        "eval_seconds": round(eval_seconds, 1),
         "session_seconds": round(time.perf_counter() - t0, 1),
         "hardware": hardware(),
         "figures": figures,
