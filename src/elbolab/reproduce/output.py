@@ -405,7 +405,10 @@ def plot_curves(table: TableSpec, entries: list[Entry], path: Path) -> Path | No
 
     sign = -1.0 if metric.kind == "nll" else 1.0
     datasets = list(dict.fromkeys(rows[0].data for rows, _ in series))
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(8, 4.2 * len(datasets)), squeeze=False)
+    from matplotlib.ticker import LogFormatter
+
+    # constrained layout keeps the two-line title clear of the first panel's
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(8, 4.2 * len(datasets)), squeeze=False, layout="constrained")
     paper_epochs = table.protocol.budgets.get("paper", {}).get("train.epochs")
     for ax, data in zip(axes[:, 0], datasets, strict=True):
         drawn = [(rows, pts) for rows, pts in series if rows[0].data == data]
@@ -428,13 +431,15 @@ def plot_curves(table: TableSpec, entries: list[Entry], path: Path) -> Path | No
             ax.annotate("paper's budget", (paper_epochs, 0.5), xycoords=("data", "axes fraction"),
                         rotation=90, fontsize=7, ha="right", va="center")
         ax.set_xscale("log")
+        # epochs as plain numbers ("3", not "3 x 10^0") on a panel spanning under a decade
+        ax.xaxis.set_major_formatter(LogFormatter())
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
         ax.set_xlabel("epoch")
         ax.set_ylabel("−bound, nats (lower is better)" if sign < 0 else "bound, nats (higher is better)")
         ax.set_title(data, fontsize=8)
         ax.legend(fontsize=6)
     ours = "our test NLL" if metric.kind == "nll" else f"our {metric.label}"
     fig.suptitle(f"{table.title}\nper epoch; dot: {ours}; dashed: the paper's value", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return path
