@@ -42,7 +42,7 @@ class LikelihoodResult:
     per_point: Tensor
     k: int
     #: wall seconds that earlier sittings spent on the points this one continued from
-    #: (a killed scoring's kept file): add it to this sitting's time for the whole scoring's
+    #: (a killed scoring's kept file): this sitting's time plus it is the whole scoring's
     earlier_seconds: float = 0.0
 
     @property

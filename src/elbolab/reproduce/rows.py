@@ -264,7 +264,7 @@ def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> d
     t1 = time.perf_counter()
     with torch.no_grad():
         metrics = EVALUATORS[task.evaluation](model, dataset, cfg, device, run_dir / PARTIAL_SCORES)
-    eval_seconds = time.perf_counter() - t1 + metrics.pop(EARLIER_SECONDS, 0.0)
+    earlier = metrics.pop(EARLIER_SECONDS, 0.0)
     figures = {}
     for name in task.figures:
         path = Path(task.figure_dir or row_dir) / f"{task.row_id}-{name}.png"
@@ -283,7 +283,7 @@ def _evaluate_row(task: RowTask, cfg: RunConfig, model, dataset, t0: float) -> d
         "weights": _weights(cfg),
         # summed over every epoch actually run, so a resumed row counts its earlier runs too
         "train_seconds": round(sum(float(r.get("seconds", 0.0)) for r in metrics_rows), 1),
-        "eval_seconds": round(eval_seconds, 1),
+        "eval_seconds": round(time.perf_counter() - t1 + earlier, 1),
         "session_seconds": round(time.perf_counter() - t0, 1),
         "hardware": hardware(),
         "figures": figures,
