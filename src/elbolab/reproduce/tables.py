@@ -118,7 +118,7 @@ _CONV_QUICK: dict[str, Any] = {
     "train.epochs": 1, "objective.warmup_epochs": 0, "eval.k_importance": 100, "eval.test_images": 500,
 }
 _CONV_QUICK_NOTE = ("1 epoch, no warm-up, test LL from K = 100 on 500 test images chosen at random (seed 0): "
-                    "one epoch takes 33-36 min of a CPU core, K = 1000 10-11 s per test image")
+                    "one epoch takes 26-36 min of a CPU core, K = 1000 9-11 s per test image")
 
 #: the VLAE row (issue 29): a PixelCNN over 28 x 28 maps of 64 channels per importance sample, so
 #: its quick budget is one epoch scored on 500 test images, as the convolutional rows'
@@ -214,7 +214,7 @@ PROTOCOLS: dict[str, Protocol] = {
         },
         # ConvHVAE and PixelHVAE cost ~100x the MLP model per image (convolutions at 28 x 28
         # with 64 channels, and 500 pseudo-inputs through a conv encoder every step): one
-        # epoch is over half an hour of a CPU core and K = 1000 about 10 s per test image
+        # epoch is about half an hour of a CPU core and K = 1000 about 10 s per test image
         # (docs/priors.md), so their quick budget is one epoch scored on 500 test images
         row_budgets={**{row: {"quick": _CONV_QUICK} for row in _CONV_ROWS}, **_VLAE_ROW_BUDGETS,
                      _AVB_ROW: _AVB_BUDGETS},
